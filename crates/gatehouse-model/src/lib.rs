@@ -1,0 +1,14 @@
+//! Gatehouse's domain: the configuration objects, the rules they obey, the
+//! declarative file format, and the deterministic state they are stored in.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod file;
+pub mod object;
+pub mod selector;
+pub mod state;
+pub mod validate;
+
+pub use error::ErrorCode;
+pub use object::{Kind, Object, ObjectRef};
+pub use state::{Command, ConfigState, Op, WriteError, WriteOk};
