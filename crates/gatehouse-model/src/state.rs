@@ -208,6 +208,15 @@ impl ConfigState {
         serde_json::to_vec(self).expect("configuration state serializes")
     }
 
+    pub fn history_limit(&self) -> usize {
+        self.history_limit
+    }
+
+    /// Changes how many changes are kept (a restored snapshot starts with the default).
+    pub fn set_history_limit(&mut self, limit: usize) {
+        self.history_limit = limit;
+    }
+
     /// The revision of the last change; 0 for an empty, never written state.
     pub fn revision(&self) -> u64 {
         self.revision

@@ -1,0 +1,174 @@
+//! Generated gRPC code for `proto/gatehouse/v1`, and the conversions between
+//! its messages and the domain types of `gatehouse-model`.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use gatehouse_model::{ErrorCode, Kind, Object, ObjectRef};
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("gatehouse.v1");
+}
+
+pub use v1 as pb;
+
+/// The metadata entry that carries the leader's admin address on UNAVAILABLE.
+pub const LEADER_HINT: &str = "x-gatehouse-leader";
+/// Set on a request one node forwards to the leader, so it is never forwarded twice.
+pub const FORWARDED: &str = "x-gatehouse-forwarded";
+/// The largest gRPC message accepted by the admin and raft services.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A proto message that does not describe a valid domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("{field}: is required")]
+    Missing { field: &'static str },
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+pub fn parse_kind(field: &str, kind: &str) -> Result<Kind, InvalidMessage> {
+    kind.parse().map_err(|e: gatehouse_model::object::UnknownKind| InvalidMessage::Field {
+        field: field.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl TryFrom<pb::Object> for Object {
+    type Error = InvalidMessage;
+
+    fn try_from(o: pb::Object) -> Result<Self, Self::Error> {
+        let kind = parse_kind("object.kind", &o.kind)?;
+        let spec: serde_json::Value = if o.spec_json.trim().is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_str(&o.spec_json).map_err(|e| InvalidMessage::Field {
+                field: "object.spec_json".into(),
+                message: format!("is not JSON: {e}"),
+            })?
+        };
+        let serde_json::Value::Object(mut map) = spec else {
+            return Err(InvalidMessage::Field {
+                field: "object.spec_json".into(),
+                message: "must be a JSON object".into(),
+            });
+        };
+        for reserved in ["kind", "name", "labels", "revision"] {
+            if map.contains_key(reserved) {
+                return Err(InvalidMessage::Field {
+                    field: "object.spec_json".into(),
+                    message: format!("must not hold \"{reserved}\"; it is a field of the object message"),
+                });
+            }
+        }
+        map.insert("kind".into(), kind.as_str().into());
+        map.insert("name".into(), o.name.into());
+        map.insert("revision".into(), o.revision.into());
+        let labels: serde_json::Map<_, _> = o
+            .labels
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        map.insert("labels".into(), labels.into());
+        serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| InvalidMessage::Field {
+            field: format!("{kind} spec"),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl From<&Object> for pb::Object {
+    fn from(o: &Object) -> Self {
+        let mut value = serde_json::to_value(o).expect("objects serialize to JSON");
+        if let Some(map) = value.as_object_mut() {
+            for reserved in ["kind", "name", "labels", "revision"] {
+                map.remove(reserved);
+            }
+        }
+        pb::Object {
+            kind: o.kind().as_str().to_string(),
+            name: o.name().to_string(),
+            labels: o.labels().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            revision: o.revision(),
+            spec_json: value.to_string(),
+        }
+    }
+}
+
+impl TryFrom<pb::ObjectRef> for ObjectRef {
+    type Error = InvalidMessage;
+
+    fn try_from(r: pb::ObjectRef) -> Result<Self, Self::Error> {
+        Ok(ObjectRef {
+            kind: parse_kind("target.kind", &r.kind)?,
+            name: r.name,
+        })
+    }
+}
+
+impl From<&ObjectRef> for pb::ObjectRef {
+    fn from(r: &ObjectRef) -> Self {
+        pb::ObjectRef {
+            kind: r.kind.as_str().to_string(),
+            name: r.name.clone(),
+        }
+    }
+}
+
+/// The gRPC status code for a domain error code.
+pub fn grpc_code(code: ErrorCode) -> tonic::Code {
+    match code {
+        ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorCode::NotFound => tonic::Code::NotFound,
+        ErrorCode::Conflict => tonic::Code::Aborted,
+        ErrorCode::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorCode::Unavailable => tonic::Code::Unavailable,
+        ErrorCode::Internal => tonic::Code::Internal,
+    }
+}
+
+/// The labels of a message as the domain's ordered map.
+pub fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_model::object::Consumer;
+
+    #[test]
+    fn objects_round_trip_through_the_message() {
+        let consumer = Object::Consumer(Consumer {
+            name: "acme".into(),
+            labels: [("team".to_string(), "pay".to_string())].into(),
+            revision: 7,
+            groups: vec!["gold".into()],
+            metadata: Default::default(),
+        });
+        let msg = pb::Object::from(&consumer);
+        assert_eq!(msg.kind, "consumer");
+        assert!(!msg.spec_json.contains("acme"), "name travels outside the spec");
+        assert_eq!(Object::try_from(msg).unwrap(), consumer);
+    }
+
+    #[test]
+    fn bad_messages_name_the_field() {
+        let msg = |kind: &str, spec: &str| pb::Object {
+            kind: kind.into(),
+            name: "x".into(),
+            spec_json: spec.into(),
+            ..Default::default()
+        };
+        let e = Object::try_from(msg("router", "{}")).unwrap_err();
+        assert!(e.to_string().starts_with("object.kind: unknown kind \"router\""), "{e}");
+        let e = Object::try_from(msg("consumer", "[1]")).unwrap_err();
+        assert_eq!(e.to_string(), "object.spec_json: must be a JSON object");
+        let e = Object::try_from(msg("consumer", r#"{"name":"y"}"#)).unwrap_err();
+        assert!(e.to_string().contains("must not hold \"name\""), "{e}");
+        let e = Object::try_from(msg("consumer", r#"{"grups":[]}"#)).unwrap_err();
+        assert!(e.to_string().contains("unknown field `grups`"), "{e}");
+    }
+}

@@ -1,0 +1,597 @@
+//! The admin API: reads and writes of configuration objects, and cluster
+//! membership. Every node serves it; writes and linearizable reads that
+//! reach a follower are forwarded to the leader once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_model::selector::Selector;
+use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk};
+use gatehouse_proto::pb::admin_client::AdminClient;
+use gatehouse_proto::pb::raft_client::RaftClient;
+use gatehouse_proto::{pb, FORWARDED, LEADER_HINT, MAX_MESSAGE_BYTES};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::identity::Identity;
+use crate::network::Channels;
+use crate::store::Shared;
+use crate::types::{NodeId, NodeInfo, Raft};
+
+/// How long a forwarded call or a status probe of another node may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The admin service of one node.
+pub struct AdminService {
+    pub raft: Raft,
+    pub sm: Arc<Shared>,
+    pub identity: Arc<Identity>,
+    pub info: NodeInfo,
+    pub channels: Channels,
+    /// Makes the identity durable before a join is acknowledged.
+    pub flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>,
+}
+
+/// Why a call could not be served here.
+enum Failure {
+    /// Only the leader can serve it; here is what is known of the leader.
+    NotLeader(Option<NodeId>, Option<NodeInfo>),
+    Status(Status),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Status(s)
+    }
+}
+
+impl Failure {
+    fn into_status(self) -> Status {
+        match self {
+            Failure::Status(s) => s,
+            Failure::NotLeader(id, node) => {
+                let mut status = Status::unavailable(match id {
+                    Some(id) => format!("node {id} is the leader; ask it directly"),
+                    None => "no leader is known yet (an election may be in progress); retry shortly".to_string(),
+                });
+                if let Some(addr) = node.and_then(|n| n.admin_addr.parse().ok()) {
+                    status.metadata_mut().insert(LEADER_HINT, addr);
+                }
+                status
+            }
+        }
+    }
+}
+
+pub fn write_status(e: &WriteError) -> Status {
+    Status::new(gatehouse_proto::grpc_code(e.code()), e.to_string())
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("raft is not running on this node: {e}"))
+}
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED)
+}
+
+fn put_op(msg: pb::PutRequest) -> Result<Op, Status> {
+    let object = msg
+        .object
+        .ok_or_else(|| Status::invalid_argument("object: is required"))?;
+    Ok(Op::Put {
+        object: Object::try_from(object).map_err(invalid)?,
+        expected_revision: msg.expected_revision,
+    })
+}
+
+fn delete_op(msg: pb::DeleteRequest) -> Result<Op, Status> {
+    let target = msg
+        .target
+        .ok_or_else(|| Status::invalid_argument("target: is required"))?;
+    Ok(Op::Delete {
+        target: ObjectRef::try_from(target).map_err(invalid)?,
+        expected_revision: msg.expected_revision,
+    })
+}
+
+fn write_response(ok: WriteOk) -> Response<pb::WriteResponse> {
+    Response::new(pb::WriteResponse {
+        revision: ok.revision,
+        changed: ok.changed as u32,
+    })
+}
+
+fn member(id: NodeId, n: &NodeInfo) -> pb::Member {
+    pb::Member {
+        id,
+        raft_addr: n.raft_addr.clone(),
+        admin_addr: n.admin_addr.clone(),
+    }
+}
+
+fn membership_response(log_index: u64, m: &Membership<NodeId, NodeInfo>) -> pb::MembershipResponse {
+    let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+    let (mut v, mut l) = (Vec::new(), Vec::new());
+    for (id, node) in m.nodes() {
+        if voters.contains(id) {
+            v.push(member(*id, node));
+        } else {
+            l.push(member(*id, node));
+        }
+    }
+    pb::MembershipResponse {
+        log_index,
+        voters: v,
+        learners: l,
+    }
+}
+
+fn check_member(m: &pb::Member) -> Result<(), Status> {
+    for (field, addr) in [("raft_addr", &m.raft_addr), ("admin_addr", &m.admin_addr)] {
+        addr.parse::<std::net::SocketAddr>()
+            .map(|_| ())
+            .or_else(|_| {
+                addr.rsplit_once(':')
+                    .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    .map(|_| ())
+                    .ok_or(())
+            })
+            .map_err(|_| {
+                Status::invalid_argument(format!("member {}: {field}: {addr:?} is not host:port", m.id))
+            })?;
+    }
+    Ok(())
+}
+
+fn role(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl AdminService {
+    fn metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// `Ok` when this node is the leader, or what is known of the leader.
+    fn ensure_leader(&self) -> Result<(), Failure> {
+        let m = self.metrics();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.identity.node_id) {
+            return Ok(());
+        }
+        let node = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        Err(Failure::NotLeader(m.current_leader, node))
+    }
+
+    async fn client(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
+        Ok(AdminClient::new(self.channels.get(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Sends the call to the leader, marked so that it is not forwarded again.
+    async fn forward<T, R, F, Fut>(&self, leader: &NodeInfo, msg: T, call: F) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(AdminClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let client = self.client(&leader.admin_addr).await?;
+        let mut request = Request::new(msg);
+        request.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+        request.set_timeout(FORWARD_TIMEOUT);
+        call(client, request).await
+    }
+
+    /// Commits a command through Raft on this node, which must be the leader.
+    async fn write(&self, cmd: Command) -> Result<WriteOk, Failure> {
+        cmd.validate_standalone().map_err(|e| write_status(&e))?;
+        self.ensure_leader()?;
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => resp.data.map_err(|e| write_status(&e).into()),
+            // Leadership moved after the entry was proposed: it may yet commit,
+            // so forwarding could apply it twice. Tell the truth instead.
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Status::unavailable(
+                "leadership changed while the write was in flight; its outcome is unknown: read before retrying",
+            )
+            .into()),
+            Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string()).into()),
+            Err(RaftError::Fatal(e)) => Err(fatal(e).into()),
+        }
+    }
+
+    /// Waits until this node's state is current (a linearizable read), unless `stale`.
+    async fn read_barrier(&self, stale: bool) -> Result<(), Failure> {
+        if stale {
+            return Ok(());
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(Failure::NotLeader(f.leader_id, f.leader_node))
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(Status::unavailable(
+                format!("the leader cannot reach a quorum: {e}"),
+            )
+            .into()),
+            Err(RaftError::Fatal(e)) => Err(fatal(e).into()),
+        }
+    }
+
+    fn local_status(&self) -> pb::NodeStatus {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let initialized = membership.nodes().next().is_some();
+        let mut error = String::new();
+        if let Err(e) = &m.running_state {
+            error = format!("raft stopped: {e}");
+        } else if let Some(refusal) = self.identity.last_refusal() {
+            error = format!("refusing raft traffic: {refusal}");
+        } else if !initialized {
+            error = "not a member of any cluster yet".to_string();
+        }
+        pb::NodeStatus {
+            id: self.identity.node_id,
+            raft_addr: self.info.raft_addr.clone(),
+            admin_addr: self.info.admin_addr.clone(),
+            role: role(m.state).to_string(),
+            voter: membership.voter_ids().any(|v| v == self.identity.node_id),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or_default(),
+            last_log_index: m.last_log_index.unwrap_or_default(),
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or_default(),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or_default(),
+            config_revision: self.sm.read(|d| d.config.revision()),
+            initialized,
+            error,
+        }
+    }
+
+    /// Asks `node` to join this cluster and returns what the cluster will know of it.
+    async fn join(&self, m: &pb::Member, cluster_id: &str) -> Result<NodeInfo, Status> {
+        check_member(m)?;
+        let mut client = RaftClient::new(self.channels.get(&m.raft_addr)?);
+        let mut request = Request::new(pb::JoinRequest {
+            cluster_id: cluster_id.to_string(),
+            node_id: m.id,
+        });
+        request.set_timeout(PROBE_TIMEOUT);
+        let reply = client.join(request).await.map_err(|s| {
+            Status::new(
+                s.code(),
+                format!("node {} at {} cannot join: {}", m.id, m.raft_addr, s.message()),
+            )
+        })?;
+        Ok(NodeInfo {
+            raft_addr: m.raft_addr.clone(),
+            admin_addr: m.admin_addr.clone(),
+            incarnation: reply.into_inner().incarnation,
+        })
+    }
+
+    fn cluster_id(&self) -> Result<String, Status> {
+        self.identity
+            .cluster_id()
+            .ok_or_else(|| Status::failed_precondition("this node has no cluster id; initialize the cluster first"))
+    }
+
+    async fn change(&self, change: ChangeMembers<NodeId, NodeInfo>) -> Result<pb::MembershipResponse, Status> {
+        match self.raft.change_membership(change, false).await {
+            Ok(resp) => {
+                let m = resp
+                    .membership
+                    .clone()
+                    .unwrap_or_else(|| self.metrics().membership_config.membership().clone());
+                Ok(membership_response(resp.log_id.index, &m))
+            }
+            Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(fatal(e)),
+        }
+    }
+}
+
+/// Runs `$body` (which yields `Result<_, Failure>`); a `NotLeader` failure of a
+/// call that was not forwarded yet is sent on to the leader with `$method`.
+macro_rules! leader_or_forward {
+    ($self:ident, $fwd:expr, $msg:expr, $method:ident, $body:expr) => {{
+        match $body {
+            Ok(r) => Ok(r),
+            Err(Failure::NotLeader(_, Some(leader))) if !$fwd => {
+                $self
+                    .forward(&leader, $msg, |mut c, r| async move { c.$method(r).await })
+                    .await
+            }
+            Err(f) => Err(f.into_status()),
+        }
+    }};
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let kind = gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?;
+        leader_or_forward!(self, fwd, msg.clone(), get, async {
+            self.read_barrier(msg.stale).await?;
+            let (object, revision) = self.sm.read(|d| (d.config.get(kind, &msg.name).cloned(), d.config.revision()));
+            let object = object.ok_or_else(|| {
+                Status::not_found(format!("{} not found", ObjectRef { kind, name: msg.name.clone() }))
+            })?;
+            Ok(Response::new(pb::GetResponse {
+                object: Some(pb::Object::from(&object)),
+                config_revision: revision,
+            }))
+        }
+        .await)
+    }
+
+    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let kinds: Vec<Kind> = if msg.kind.is_empty() {
+            Kind::ALL.to_vec()
+        } else {
+            vec![gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?]
+        };
+        let selector = Selector::parse(&msg.selector).map_err(invalid)?;
+        leader_or_forward!(self, fwd, msg.clone(), list, async {
+            self.read_barrier(msg.stale).await?;
+            let (objects, revision) = self.sm.read(|d| {
+                let objects: Vec<pb::Object> = kinds
+                    .iter()
+                    .flat_map(|k| d.config.list(*k))
+                    .filter(|o| selector.matches(o.labels()))
+                    .map(pb::Object::from)
+                    .collect();
+                (objects, d.config.revision())
+            });
+            Ok(Response::new(pb::ListResponse {
+                objects,
+                config_revision: revision,
+            }))
+        }
+        .await)
+    }
+
+    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let op = put_op(msg.clone())?;
+        leader_or_forward!(self, fwd, msg, put, async {
+            let cmd = Command { ops: vec![op], expected_config_revision: None };
+            self.write(cmd).await.map(write_response)
+        }
+        .await)
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let op = delete_op(msg.clone())?;
+        leader_or_forward!(self, fwd, msg, delete, async {
+            let cmd = Command { ops: vec![op], expected_config_revision: None };
+            self.write(cmd).await.map(write_response)
+        }
+        .await)
+    }
+
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let ops = msg
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| match op.op.clone() {
+                Some(pb::operation::Op::Put(p)) => put_op(p),
+                Some(pb::operation::Op::Delete(d)) => delete_op(d),
+                None => Err(Status::invalid_argument("op: is required")),
+            }
+            .map_err(|s| Status::invalid_argument(format!("ops[{i}]: {}", s.message()))))
+            .collect::<Result<Vec<_>, _>>()?;
+        leader_or_forward!(self, fwd, msg.clone(), apply, async {
+            let cmd = Command { ops, expected_config_revision: msg.expected_config_revision };
+            self.write(cmd).await.map(write_response)
+        }
+        .await)
+    }
+
+    async fn cluster_init(
+        &self,
+        request: Request<pb::ClusterInitRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        if self.raft.is_initialized().await.map_err(fatal)? {
+            return Err(Status::already_exists("the cluster is already initialized"));
+        }
+        let mut members = request.into_inner().members;
+        if members.is_empty() {
+            members.push(member(self.identity.node_id, &self.info));
+        }
+        if !members.iter().any(|m| m.id == self.identity.node_id) {
+            return Err(Status::invalid_argument(format!(
+                "members must include this node ({})",
+                self.identity.node_id
+            )));
+        }
+        let cluster_id = self
+            .identity
+            .found_cluster()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        (self.flush)().await.map_err(Status::internal)?;
+        let mut nodes = BTreeMap::new();
+        for m in &members {
+            let info = if m.id == self.identity.node_id {
+                self.info.clone()
+            } else {
+                self.join(m, &cluster_id).await?
+            };
+            if nodes.insert(m.id, info).is_some() {
+                return Err(Status::invalid_argument(format!("member {} is listed twice", m.id)));
+            }
+        }
+        match self.raft.initialize(nodes).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                return Err(Status::already_exists("the cluster is already initialized"))
+            }
+            Err(RaftError::APIError(e)) => return Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::Fatal(e)) => return Err(fatal(e)),
+        }
+        let m = self.metrics();
+        Ok(Response::new(membership_response(
+            m.last_log_index.unwrap_or_default(),
+            m.membership_config.membership(),
+        )))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        let m = msg
+            .member
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("member: is required"))?;
+        check_member(&m)?;
+        leader_or_forward!(self, fwd, msg.clone(), add_node, async {
+            self.ensure_leader()?;
+            let current = self.metrics().membership_config.membership().clone();
+            if current.get_node(&m.id).is_some() {
+                let is_voter = current.voter_ids().any(|v| v == m.id);
+                if is_voter || msg.learner_only {
+                    return Err(Status::already_exists(format!(
+                        "node {} is already a {}; to replace it, remove it first",
+                        m.id,
+                        if is_voter { "voter" } else { "learner" }
+                    ))
+                    .into());
+                }
+            } else {
+                let info = self.join(&m, &self.cluster_id()?).await?;
+                // Blocks until the learner has caught up (possibly through a snapshot).
+                self.raft
+                    .add_learner(m.id, info, true)
+                    .await
+                    .map_err(|e| Status::failed_precondition(format!("adding node {} as learner: {e}", m.id)))?;
+            }
+            let resp = if msg.learner_only {
+                let membership = self.metrics().membership_config.membership().clone();
+                membership_response(self.metrics().last_log_index.unwrap_or_default(), &membership)
+            } else {
+                self.change(ChangeMembers::AddVoterIds([m.id].into())).await?
+            };
+            Ok(Response::new(resp))
+        }
+        .await)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        leader_or_forward!(self, fwd, msg.clone(), remove_node, async {
+            self.ensure_leader()?;
+            let current = self.metrics().membership_config.membership().clone();
+            if current.get_node(&msg.id).is_none() {
+                return Err(Status::not_found(format!("node {} is not a member", msg.id)).into());
+            }
+            let voters: BTreeSet<NodeId> = current.voter_ids().collect();
+            let change = if voters.contains(&msg.id) {
+                if voters.len() == 1 {
+                    return Err(Status::failed_precondition(format!(
+                        "node {} is the only voter; a cluster cannot remove its last voter",
+                        msg.id
+                    ))
+                    .into());
+                }
+                ChangeMembers::RemoveVoters([msg.id].into())
+            } else {
+                ChangeMembers::RemoveNodes([msg.id].into())
+            };
+            Ok(Response::new(self.change(change).await?))
+        }
+        .await)
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let probes = membership.nodes().map(|(id, node)| {
+            let (id, node) = (*id, node.clone());
+            let voter = voters.contains(&id);
+            async move {
+                let mut status = if id == self.identity.node_id {
+                    self.local_status()
+                } else {
+                    let probe = async {
+                        let mut client = self.client(&node.admin_addr).await?;
+                        let mut req = Request::new(pb::NodeStatusRequest {});
+                        req.set_timeout(PROBE_TIMEOUT);
+                        client.local_status(req).await.map(Response::into_inner)
+                    };
+                    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => unreachable_status(id, &node, e.message()),
+                        Err(_) => unreachable_status(id, &node, "no answer in time"),
+                    }
+                };
+                if status.id != id {
+                    status = unreachable_status(id, &node, &format!("answered as node {}", status.id));
+                }
+                // The cluster's view of voting decides; a wiped node does not know it.
+                status.voter = voter;
+                status
+            }
+        });
+        let nodes = futures::future::join_all(probes).await;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            leader_id: m.current_leader.unwrap_or_default(),
+            term: m.current_term,
+            config_revision: self.sm.read(|d| d.config.revision()),
+            nodes,
+        }))
+    }
+
+    async fn local_status(
+        &self,
+        _request: Request<pb::NodeStatusRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        Ok(Response::new(self.local_status()))
+    }
+}
+
+fn unreachable_status(id: NodeId, node: &NodeInfo, why: &str) -> pb::NodeStatus {
+    pb::NodeStatus {
+        id,
+        raft_addr: node.raft_addr.clone(),
+        admin_addr: node.admin_addr.clone(),
+        role: "unreachable".into(),
+        error: why.to_string(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,238 @@
+//! Raft RPCs over gRPC: the client side openraft drives, and the service
+//! that hands incoming messages to the local Raft.
+//!
+//! openraft's messages travel as JSON inside `RaftRequest.data`, with the
+//! target's identity beside them (see [`crate::identity`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gatehouse_proto::pb;
+use gatehouse_proto::pb::raft_client::RaftClient;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::identity::Identity;
+use crate::types::{NodeId, NodeInfo, Raft, TypeConfig};
+
+/// Lazily connected channels, one per address, shared by all clients.
+#[derive(Clone, Default)]
+pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+
+impl Channels {
+    /// A channel to `addr` (host:port); connects on first use, reconnects after failures.
+    pub fn get(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Makes openraft's per-target clients.
+#[derive(Clone)]
+pub struct Network {
+    pub identity: Arc<Identity>,
+    pub channels: Channels,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Connection {
+        Connection {
+            target,
+            incarnation: node.incarnation.clone(),
+            cluster_id: self.identity.cluster_id().unwrap_or_default(),
+            channel: self.channels.get(&node.raft_addr),
+        }
+    }
+}
+
+/// A client for one target node.
+pub struct Connection {
+    target: NodeId,
+    incarnation: String,
+    cluster_id: String,
+    channel: Result<Channel, Status>,
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+
+impl Connection {
+    async fn call<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, option: RPCOption) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self
+            .channel
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = Request::new(pb::RaftRequest {
+            cluster_id: self.cluster_id.clone(),
+            target_id: self.target,
+            target_incarnation: self.incarnation.clone(),
+            data,
+        });
+        request.set_timeout(option.hard_ttl());
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES);
+        let reply = match rpc {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|status| match status.code() {
+            // Not reachable, or it refuses us as it is (wiped, another cluster): back off.
+            tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::FailedPrecondition => RPCError::Unreachable(Unreachable::new(&status)),
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply.into_inner().data)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call(Rpc::Append, &rpc, option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(Rpc::Snapshot, &rpc, option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call(Rpc::Vote, &rpc, option).await
+    }
+}
+
+/// The gRPC service that receives raft traffic for the local node.
+pub struct RaftService {
+    pub raft: Raft,
+    pub identity: Arc<Identity>,
+    /// Makes a join durable before it is acknowledged.
+    pub flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>,
+}
+
+fn decode<T: DeserializeOwned>(req: &pb::RaftRequest) -> Result<T, Status> {
+    serde_json::from_slice(&req.data)
+        .map_err(|e| Status::invalid_argument(format!("malformed raft message: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Response<pb::RaftReply>, Status> {
+    serde_json::to_vec(value)
+        .map(|data| Response::new(pb::RaftReply { data }))
+        .map_err(|e| Status::internal(format!("cannot encode raft reply: {e}")))
+}
+
+impl RaftService {
+    fn admit(&self, req: &pb::RaftRequest) -> Result<(), Status> {
+        self.identity
+            .check(&req.cluster_id, req.target_id, &req.target_incarnation)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "refusing raft traffic");
+                Status::failed_precondition(e.to_string())
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(&req)?;
+        let rpc: VoteRequest<NodeId> = decode(&req)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(&req)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(&req)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let req = request.into_inner();
+        if req.node_id != self.identity.node_id {
+            return Err(Status::failed_precondition(format!(
+                "this is node {}, not node {}",
+                self.identity.node_id, req.node_id
+            )));
+        }
+        if req.cluster_id.is_empty() {
+            return Err(Status::invalid_argument("cluster_id: is required"));
+        }
+        self.identity
+            .join(&req.cluster_id)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        (self.flush)().await.map_err(Status::internal)?;
+        Ok(Response::new(pb::JoinReply {
+            incarnation: self.identity.incarnation.clone(),
+        }))
+    }
+}

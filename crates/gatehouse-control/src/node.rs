@@ -1,0 +1,232 @@
+//! One control-plane node: storage, Raft, and the two gRPC listeners (raft
+//! and admin), started together and stopped together.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use gatehouse_proto::pb::admin_server::AdminServer;
+use gatehouse_proto::pb::raft_server::RaftServer;
+use gatehouse_proto::MAX_MESSAGE_BYTES;
+use openraft::{Config as RaftConfig, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::AdminService;
+use crate::identity::Identity;
+use crate::network::{Channels, Network, RaftService};
+use crate::store::engine::{Engine, SledEngine, Tree};
+use crate::store::{LogStore, Shared, StateMachineStore};
+use crate::types::{NodeId, NodeInfo, Raft};
+
+/// Raft timing and log retention.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries.
+    pub snapshot_every: u64,
+    /// Entries kept behind a snapshot for followers that are only a little behind.
+    pub keep_logs: u64,
+    /// Configuration changes kept for config-stream deltas.
+    pub history: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            history: gatehouse_model::state::DEFAULT_HISTORY,
+        }
+    }
+}
+
+/// What a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub admin_listen: SocketAddr,
+    pub raft_listen: SocketAddr,
+    /// The addresses other nodes use; the bound addresses when not set.
+    pub advertise_admin: Option<String>,
+    pub advertise_raft: Option<String>,
+    pub data_dir: PathBuf,
+    /// Initialize a one-node cluster on first start.
+    pub bootstrap: bool,
+    pub tuning: Tuning,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {path}: {message}")]
+    Storage { path: PathBuf, message: String },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+}
+
+/// A running node.
+pub struct ControlPlane {
+    pub node_id: NodeId,
+    pub admin_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub raft: Raft,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl ControlPlane {
+    pub async fn start(cfg: NodeConfig) -> Result<ControlPlane, StartError> {
+        let storage = |message: String| StartError::Storage {
+            path: cfg.data_dir.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| storage(e.to_string()))?;
+        let engine = SledEngine::open(&cfg.data_dir.join("store")).map_err(|e| storage(e.to_string()))?;
+        let identity = Arc::new(
+            Identity::open(&engine, cfg.node_id)
+                .await
+                .map_err(|e| storage(e.0))?,
+        );
+        let log = LogStore::open(&engine).map_err(|e| storage(e.to_string()))?;
+        let sm = StateMachineStore::open(&engine, cfg.tuning.history).map_err(|e| storage(e.to_string()))?;
+        let shared = sm.shared();
+
+        let bind = |addr, what| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let raft_listener = bind(cfg.raft_listen, "raft").await?;
+        let admin_listener = bind(cfg.admin_listen, "admin").await?;
+        let raft_addr = raft_listener.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
+        let admin_addr = admin_listener.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
+        let info = NodeInfo {
+            raft_addr: cfg.advertise_raft.clone().unwrap_or_else(|| raft_addr.to_string()),
+            admin_addr: cfg.advertise_admin.clone().unwrap_or_else(|| admin_addr.to_string()),
+            incarnation: identity.incarnation.clone(),
+        };
+
+        let t = &cfg.tuning;
+        let config = RaftConfig {
+            cluster_name: "gatehouse".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_timeout_min_ms,
+            election_timeout_max: t.election_timeout_max_ms,
+            // openraft bounds each append RPC by the heartbeat interval; chunks get longer.
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(t.snapshot_every),
+            max_in_snapshot_log_to_keep: t.keep_logs,
+            snapshot_max_chunk_size: 1024 * 1024,
+            max_payload_entries: 64,
+            ..RaftConfig::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let channels = Channels::default();
+        let network = Network {
+            identity: identity.clone(),
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(cfg.node_id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let flush_tree = engine.tree("identity").map_err(|e| storage(e.to_string()))?;
+        let flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync> =
+            Arc::new(move || {
+                let tree = flush_tree.clone();
+                async move { tree.flush().await.map_err(|e| e.to_string()) }.boxed()
+            });
+
+        if cfg.bootstrap && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            identity
+                .found_cluster()
+                .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+            flush().await.map_err(StartError::Bootstrap)?;
+            raft.initialize(BTreeMap::from([(cfg.node_id, info.clone())]))
+                .await
+                .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+            tracing::info!(node_id = cfg.node_id, "initialized a new one-node cluster");
+        }
+
+        let (shutdown, _) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let raft_service = RaftServer::new(RaftService {
+            raft: raft.clone(),
+            identity: identity.clone(),
+            flush: flush.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let admin_service = AdminServer::new(AdminService {
+            raft: raft.clone(),
+            sm: shared.clone(),
+            identity: identity.clone(),
+            info: info.clone(),
+            channels,
+            flush,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let servers = vec![
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(raft_service)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(raft_listener),
+                        stopped(shutdown.subscribe()),
+                    ),
+            ),
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(admin_service)
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(admin_listener),
+                        stopped(shutdown.subscribe()),
+                    ),
+            ),
+        ];
+        tracing::info!(node_id = cfg.node_id, %admin_addr, %raft_addr, "control plane node started");
+        Ok(ControlPlane {
+            node_id: cfg.node_id,
+            admin_addr,
+            raft_addr,
+            raft,
+            shared,
+            shutdown,
+            servers,
+        })
+    }
+
+    /// Stops serving and shuts Raft down.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for server in self.servers {
+            let _ = server.await;
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
