@@ -1,1 +1,202 @@
-fn main() {}
+//! `gatehouse`: the server binary. Parses flags and a config file, then
+//! runs the control plane from `gatehouse-control`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
+use gatehouse_telemetry::LogFormat;
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(name = "gatehouse", version, about = "Gatehouse: a distributed API gateway whose first job is security")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GATEHOUSE_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `gatehouse_control=debug,info` (RUST_LOG wins when set).
+    #[arg(long, global = true, default_value = "info", env = "GATEHOUSE_LOG_LEVEL")]
+    log_level: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a control-plane node: Raft replication of the configuration and the admin API.
+    ControlPlane(ControlPlaneArgs),
+}
+
+/// Flags of `gatehouse control-plane`. Each may also come from the config
+/// file (same names with `_`) or the environment; a flag wins over both.
+#[derive(Args, Default)]
+struct ControlPlaneArgs {
+    /// YAML config file with any of the settings below (unknown keys are errors).
+    #[arg(long, short = 'c', env = "GATEHOUSE_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's id, unique in the cluster and never reused for another data dir.
+    #[arg(long, env = "GATEHOUSE_NODE_ID")]
+    node_id: Option<u64>,
+    /// Address of the admin API (gRPC) [default: 127.0.0.1:9400].
+    #[arg(long, env = "GATEHOUSE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Address of Raft traffic between control-plane nodes [default: 127.0.0.1:9401].
+    #[arg(long, env = "GATEHOUSE_RAFT_LISTEN")]
+    raft_listen: Option<SocketAddr>,
+    /// Admin address other nodes and clients use, when not the listen address.
+    #[arg(long, env = "GATEHOUSE_ADVERTISE_ADMIN")]
+    advertise_admin: Option<String>,
+    /// Raft address other nodes use, when not the listen address.
+    #[arg(long, env = "GATEHOUSE_ADVERTISE_RAFT")]
+    advertise_raft: Option<String>,
+    /// Where the node keeps its Raft log and snapshots [default: ./gatehouse-data/node-<id>].
+    #[arg(long, env = "GATEHOUSE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// On first start, initialize a new one-node cluster with this node (ignored once initialized).
+    #[arg(long, env = "GATEHOUSE_BOOTSTRAP")]
+    bootstrap: bool,
+    /// Allow listening on non-loopback addresses without TLS (logs a warning).
+    #[arg(long, env = "GATEHOUSE_INSECURE")]
+    insecure: bool,
+    /// Build a Raft snapshot after this many log entries [default: 10000].
+    #[arg(long)]
+    snapshot_every: Option<u64>,
+    /// Log entries kept behind a snapshot for slightly lagging followers [default: 1000].
+    #[arg(long)]
+    keep_logs: Option<u64>,
+    /// Raft heartbeat interval in milliseconds [default: 150].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Minimum Raft election timeout in milliseconds; the maximum is twice it [default: 1000].
+    #[arg(long)]
+    election_timeout_ms: Option<u64>,
+}
+
+/// The config file of `gatehouse control-plane`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ControlPlaneFile {
+    node_id: Option<u64>,
+    admin_listen: Option<SocketAddr>,
+    raft_listen: Option<SocketAddr>,
+    advertise_admin: Option<String>,
+    advertise_raft: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    bootstrap: bool,
+    #[serde(default)]
+    insecure: bool,
+    snapshot_every: Option<u64>,
+    keep_logs: Option<u64>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+}
+
+fn read_config_file(path: &Path) -> Result<ControlPlaneFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
+    let file = match &args.config {
+        Some(path) => read_config_file(path)?,
+        None => ControlPlaneFile::default(),
+    };
+    let Some(node_id) = args.node_id.or(file.node_id) else {
+        bail!("--node-id is required (or node_id in the config file)");
+    };
+    let admin_listen = args
+        .admin_listen
+        .or(file.admin_listen)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9400)));
+    let raft_listen = args
+        .raft_listen
+        .or(file.raft_listen)
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9401)));
+    let insecure = args.insecure || file.insecure;
+    for (what, addr) in [("--admin-listen", admin_listen), ("--raft-listen", raft_listen)] {
+        if !addr.ip().is_loopback() {
+            if !insecure {
+                bail!("{what} {addr} is not a loopback address: without TLS this needs --insecure");
+            }
+            tracing::warn!(%addr, "{what} is not loopback and traffic is not encrypted (--insecure)");
+        }
+    }
+    let defaults = Tuning::default();
+    let election = args
+        .election_timeout_ms
+        .or(file.election_timeout_ms)
+        .unwrap_or(defaults.election_timeout_min_ms);
+    let heartbeat = args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(defaults.heartbeat_ms);
+    if heartbeat == 0 || election <= heartbeat {
+        bail!("--election-timeout-ms ({election}) must be greater than --heartbeat-ms ({heartbeat}), and both above 0");
+    }
+    let snapshot_every = args
+        .snapshot_every
+        .or(file.snapshot_every)
+        .unwrap_or(defaults.snapshot_every);
+    if snapshot_every == 0 {
+        bail!("--snapshot-every must be at least 1");
+    }
+    Ok(NodeConfig {
+        node_id,
+        admin_listen,
+        raft_listen,
+        advertise_admin: args.advertise_admin.or(file.advertise_admin),
+        advertise_raft: args.advertise_raft.or(file.advertise_raft),
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(format!("gatehouse-data/node-{node_id}"))),
+        bootstrap: args.bootstrap || file.bootstrap,
+        tuning: Tuning {
+            heartbeat_ms: heartbeat,
+            election_timeout_min_ms: election,
+            election_timeout_max_ms: election * 2,
+            snapshot_every,
+            keep_logs: args.keep_logs.or(file.keep_logs).unwrap_or(defaults.keep_logs),
+            history: defaults.history,
+        },
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
+    let cfg = node_config(args)?;
+    let node = ControlPlane::start(cfg).await?;
+    // One line on stdout that scripts and tests can wait for.
+    println!(
+        "ready node_id={} admin={} raft={}",
+        node.node_id, node.admin_addr, node.raft_addr
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    gatehouse_telemetry::init(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::ControlPlane(args) => run_control_plane(args).await,
+    }
+}

@@ -1,1 +1,478 @@
-fn main() {}
+//! `gatehousectl`: the operator's and CI's client of the admin API.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use gatehouse_model::file::{self, ConfigFile, Loaded};
+use gatehouse_model::{ConfigState, Kind, Object, ObjectRef, Op};
+use gatehouse_proto::pb;
+use gatehouse_proto::pb::admin_client::AdminClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Parser)]
+#[command(name = "gatehousectl", version, about = "Manage a Gatehouse cluster through its admin API")]
+struct Cli {
+    /// Admin API address of any control-plane node (host:port or http://host:port).
+    #[arg(long, short = 's', global = true, env = "GATEHOUSE_SERVER", default_value = "127.0.0.1:9400")]
+    server: String,
+    /// How long to wait for an answer, in seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update the objects in a file or directory, as one atomic change.
+    ///
+    /// Objects identical to the cluster's are left alone; the others are
+    /// written together, guarded by the revisions they were compared at, so a
+    /// concurrent change makes the whole apply fail instead of being overwritten.
+    Apply {
+        /// A YAML file, or a directory of them (read recursively, sorted).
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
+    /// Show objects of one kind, or one object.
+    Get {
+        /// upstream, route, policy, consumer, api_key, jwt_issuer, certificate, admin_token (singular or plural).
+        kind: String,
+        name: Option<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Label selector, e.g. `team=payments,tier!=dev`.
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
+        /// Answer from the node asked, without checking with the leader that it is current.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete one object. Refused while other objects reference it.
+    Delete {
+        kind: String,
+        name: String,
+        /// Only delete if the object is still at this revision.
+        #[arg(long)]
+        expected_revision: Option<u64>,
+    },
+    /// Check files offline, with the same rules the cluster applies. Needs no server.
+    ///
+    /// The files must be self-contained: a reference to an object that is not
+    /// in them is reported as unknown.
+    Validate {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
+    /// Inspect and change the control-plane cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every member with its role, term, log and applied index, as each node reports it.
+    Status {
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Initialize a new cluster on the node given by --server.
+    Init {
+        /// A member as ID=RAFT_ADDR,ADMIN_ADDR; repeat for each. None: the server alone.
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Add a node: it joins as a learner, catches up, then becomes a voter.
+    Add {
+        id: u64,
+        #[arg(long)]
+        raft_addr: String,
+        #[arg(long)]
+        admin_addr: String,
+        /// Keep it a non-voting learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the cluster.
+    Remove { id: u64 },
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient<Channel>> {
+    let url = if cli.server.contains("://") {
+        cli.server.clone()
+    } else {
+        format!("http://{}", cli.server)
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--server {:?} is not a valid address", cli.server))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(cli.timeout))
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES))
+}
+
+/// The server's error as the user should read it, with the leader hint.
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    let mut msg = status.message().to_string();
+    if let Some(leader) = status
+        .metadata()
+        .get(gatehouse_proto::LEADER_HINT)
+        .and_then(|v| v.to_str().ok())
+    {
+        msg.push_str(&format!(" (leader: {leader})"));
+    }
+    anyhow!(msg)
+}
+
+fn from_pb(objects: Vec<pb::Object>) -> Result<Vec<Object>> {
+    objects
+        .into_iter()
+        .map(|o| Object::try_from(o).map_err(|e| anyhow!("server sent an invalid object: {e}")))
+        .collect()
+}
+
+fn summary(o: &Object) -> String {
+    match o {
+        Object::Upstream(u) => u.targets.iter().map(|t| t.address.as_str()).collect::<Vec<_>>().join(","),
+        Object::Route(r) => {
+            let hosts = if r.hosts.is_empty() { "*".to_string() } else { r.hosts.join(",") };
+            let paths: Vec<String> = r
+                .paths
+                .iter()
+                .map(|p| match (&p.exact, &p.prefix, &p.regex) {
+                    (Some(e), _, _) => e.clone(),
+                    (_, Some(p), _) => format!("{p}*"),
+                    (_, _, Some(r)) => format!("~{r}"),
+                    _ => String::new(),
+                })
+                .collect();
+            format!("{hosts}{} -> {}", paths.join(","), r.upstream)
+        }
+        Object::Policy(p) => format!("auth={:?} limits={}", p.authentication, p.rate_limits.len()),
+        Object::Consumer(c) => format!("groups={}", c.groups.join(",")),
+        Object::ApiKey(k) => format!("consumer={}{}", k.consumer, if k.revoked { " revoked" } else { "" }),
+        Object::JwtIssuer(j) => j.issuer.clone(),
+        Object::Certificate(c) => c.server_names.join(","),
+        Object::AdminToken(t) => format!("{:?}", t.role),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_objects(objects: &[Object], output: Output) -> Result<()> {
+    match output {
+        Output::Yaml => print!("{}", ConfigFile::from_objects(objects).to_yaml()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(objects)?),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| vec![o.kind().to_string(), o.name().to_string(), o.revision().to_string(), summary(o)])
+                .collect();
+            print_table(&["KIND", "NAME", "REVISION", "SUMMARY"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// Appends the file an object came from to a server error that names it.
+fn with_source(err: anyhow::Error, loaded: &Loaded) -> anyhow::Error {
+    let msg = err.to_string();
+    for o in &loaded.objects {
+        let target = o.object_ref();
+        if msg.starts_with(&target.to_string()) {
+            if let Some(path) = loaded.source_of(&target) {
+                return anyhow!("{msg} (in {})", path.display());
+            }
+        }
+    }
+    err
+}
+
+async fn apply(cli: &Cli, path: &Path) -> Result<()> {
+    let loaded = Loaded::read(path)?;
+    // The rules that need no cluster state are checked before anything is sent.
+    loaded
+        .to_command()
+        .validate_standalone()
+        .map_err(|e| with_source(e.into(), &loaded))?;
+    let mut client = connect(cli).await?;
+    let current = from_pb(
+        client
+            .list(pb::ListRequest::default())
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .objects,
+    )?;
+    let ops = file::plan(&loaded.objects, |r| current.iter().find(|o| o.object_ref() == *r));
+    if ops.is_empty() {
+        println!("no changes: the cluster already matches {}", path.display());
+        return Ok(());
+    }
+    let request = pb::ApplyRequest {
+        ops: ops
+            .iter()
+            .map(|op| pb::Operation {
+                op: Some(match op {
+                    Op::Put { object, expected_revision } => pb::operation::Op::Put(pb::PutRequest {
+                        object: Some(pb::Object::from(object)),
+                        expected_revision: *expected_revision,
+                    }),
+                    Op::Delete { target, expected_revision } => pb::operation::Op::Delete(pb::DeleteRequest {
+                        target: Some(pb::ObjectRef::from(target)),
+                        expected_revision: *expected_revision,
+                    }),
+                }),
+            })
+            .collect(),
+        expected_config_revision: None,
+    };
+    let reply = client
+        .apply(request)
+        .await
+        .map_err(|s| with_source(status_error(s), &loaded))?
+        .into_inner();
+    for op in &ops {
+        let verb = match op {
+            Op::Put { expected_revision: Some(0), .. } => "created",
+            Op::Put { .. } => "updated",
+            Op::Delete { .. } => "deleted",
+        };
+        println!("{} {verb}", op.target());
+    }
+    println!("applied {} changes at revision {}", reply.changed, reply.revision);
+    Ok(())
+}
+
+fn validate(path: &Path) -> Result<()> {
+    let loaded = Loaded::read(path)?;
+    // The very function the state machine runs, over an empty configuration.
+    ConfigState::default()
+        .apply(1, &loaded.to_command())
+        .map_err(|e| with_source(e.into(), &loaded))?;
+    println!("ok: {} objects in {} are valid", loaded.objects.len(), path.display());
+    Ok(())
+}
+
+fn parse_member(s: &str) -> Result<pb::Member> {
+    let (id, addrs) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--member {s:?}: expected ID=RAFT_ADDR,ADMIN_ADDR"))?;
+    let (raft, admin) = addrs
+        .split_once(',')
+        .ok_or_else(|| anyhow!("--member {s:?}: expected ID=RAFT_ADDR,ADMIN_ADDR"))?;
+    Ok(pb::Member {
+        id: id.parse().map_err(|_| anyhow!("--member {s:?}: {id:?} is not a node id"))?,
+        raft_addr: raft.to_string(),
+        admin_addr: admin.to_string(),
+    })
+}
+
+fn print_membership(m: &pb::MembershipResponse) {
+    let list = |ms: &[pb::Member]| ms.iter().map(|m| m.id.to_string()).collect::<Vec<_>>().join(",");
+    println!(
+        "membership at log index {}: voters [{}] learners [{}]",
+        m.log_index,
+        list(&m.voters),
+        list(&m.learners)
+    );
+}
+
+async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
+    let mut client = connect(cli).await?;
+    match cmd {
+        ClusterCommand::Status { output } => {
+            let s = client
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match output {
+                Output::Json | Output::Yaml => {
+                    let nodes: Vec<serde_json::Value> = s
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            serde_json::json!({
+                                "id": n.id, "role": n.role, "voter": n.voter, "raft_addr": n.raft_addr,
+                                "admin_addr": n.admin_addr, "term": n.term, "leader_id": n.leader_id,
+                                "last_log_index": n.last_log_index, "last_applied": n.last_applied,
+                                "snapshot_index": n.snapshot_index, "config_revision": n.config_revision,
+                                "initialized": n.initialized, "error": n.error,
+                            })
+                        })
+                        .collect();
+                    let v = serde_json::json!({
+                        "leader_id": s.leader_id, "term": s.term,
+                        "config_revision": s.config_revision, "nodes": nodes,
+                    });
+                    if *output == Output::Json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        print!("{}", serde_yaml_ng::to_string(&v)?);
+                    }
+                }
+                Output::Table => {
+                    let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
+                    println!("leader: {leader}  term: {}  config revision: {}", s.term, s.config_revision);
+                    let rows: Vec<Vec<String>> = s
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            vec![
+                                n.id.to_string(),
+                                n.role.clone(),
+                                if n.voter { "yes" } else { "no" }.to_string(),
+                                n.admin_addr.clone(),
+                                n.raft_addr.clone(),
+                                n.term.to_string(),
+                                n.last_log_index.to_string(),
+                                n.last_applied.to_string(),
+                                n.error.clone(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["ID", "ROLE", "VOTER", "ADMIN", "RAFT", "TERM", "LOG", "APPLIED", "ERROR"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        ClusterCommand::Init { members } => {
+            let members = members.iter().map(|m| parse_member(m)).collect::<Result<_>>()?;
+            let m = client
+                .cluster_init(pb::ClusterInitRequest { members })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_membership(&m);
+        }
+        ClusterCommand::Add { id, raft_addr, admin_addr, learner } => {
+            eprintln!("adding node {id}: joining as a learner and waiting for it to catch up...");
+            let m = client
+                .add_node(pb::AddNodeRequest {
+                    member: Some(pb::Member {
+                        id: *id,
+                        raft_addr: raft_addr.clone(),
+                        admin_addr: admin_addr.clone(),
+                    }),
+                    learner_only: *learner,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_membership(&m);
+        }
+        ClusterCommand::Remove { id } => {
+            let m = client
+                .remove_node(pb::RemoveNodeRequest { id: *id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_membership(&m);
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Apply { file } => apply(cli, file).await,
+        Command::Validate { file } => validate(file),
+        Command::Get { kind, name, output, selector, stale } => {
+            let kind: Kind = kind.parse()?;
+            let mut client = connect(cli).await?;
+            let objects = match name {
+                Some(name) => {
+                    if !selector.is_empty() {
+                        bail!("--selector applies to lists, not to one named object");
+                    }
+                    let reply = client
+                        .get(pb::GetRequest {
+                            kind: kind.as_str().into(),
+                            name: name.clone(),
+                            stale: *stale,
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    from_pb(reply.object.into_iter().collect())?
+                }
+                None => from_pb(
+                    client
+                        .list(pb::ListRequest {
+                            kind: kind.as_str().into(),
+                            selector: selector.clone(),
+                            stale: *stale,
+                        })
+                        .await
+                        .map_err(status_error)?
+                        .into_inner()
+                        .objects,
+                )?,
+            };
+            print_objects(&objects, *output)
+        }
+        Command::Delete { kind, name, expected_revision } => {
+            let target = ObjectRef { kind: kind.parse()?, name: name.clone() };
+            let reply = connect(cli)
+                .await?
+                .delete(pb::DeleteRequest {
+                    target: Some(pb::ObjectRef::from(&target)),
+                    expected_revision: *expected_revision,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{target} deleted at revision {}", reply.revision);
+            Ok(())
+        }
+        Command::Cluster(cmd) => cluster(cli, cmd).await,
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
