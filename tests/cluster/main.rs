@@ -1,1 +1,6 @@
+//! End-to-end tests of the control plane with real `gatehouse` processes.
 
+mod bad_input;
+mod basic;
+mod durability;
+mod membership;

@@ -1,0 +1,343 @@
+//! A sandbox that runs real `gatehouse` processes on free loopback ports,
+//! for the end-to-end tests and the benchmark harness.
+//!
+//! The binaries are taken from the cargo target directory this test binary
+//! was built into, so run `cargo build --bins` first (`scripts/test.sh` does).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use gatehouse_model::{Kind, Object};
+use gatehouse_proto::pb;
+use gatehouse_proto::pb::admin_client::AdminClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// The path of a workspace binary next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `gatehousectl` with `args` against `server`.
+pub fn ctl(server: &str, args: &[&str]) -> Output {
+    Command::new(bin("gatehousectl"))
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .output()
+        .expect("run gatehousectl")
+}
+
+/// Options for the nodes of a sandbox cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub snapshot_every: u64,
+    pub keep_logs: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            heartbeat_ms: 100,
+            election_timeout_ms: 700,
+        }
+    }
+}
+
+/// One control-plane process.
+pub struct Node {
+    pub id: u64,
+    /// The admin address; fixed once the node first started on port 0.
+    pub admin: String,
+    pub raft: String,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The node's log (stderr) so far, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// A cluster of real processes in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub options: Options,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Connects to an admin API.
+pub async fn admin(addr: &str) -> Result<AdminClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Cluster {
+    /// Starts `n` nodes: node 1 bootstraps, the others are added through the admin API.
+    pub async fn start(n: u64, options: Options) -> Result<Cluster> {
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir()?,
+            nodes: Vec::new(),
+            options,
+        };
+        for id in 1..=n {
+            cluster.spawn_new(id, id == 1)?;
+        }
+        for id in 2..=n {
+            let (raft, admin_addr) = (cluster.node(id).raft.clone(), cluster.node(id).admin.clone());
+            let mut client = admin(&cluster.node(1).admin).await?;
+            client
+                .add_node(pb::AddNodeRequest {
+                    member: Some(pb::Member {
+                        id,
+                        raft_addr: raft,
+                        admin_addr,
+                    }),
+                    learner_only: false,
+                })
+                .await
+                .map_err(|s| anyhow!("add node {id}: {}", s.message()))?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).expect("node id")
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node id")
+    }
+
+    fn spawn_new(&mut self, id: u64, bootstrap: bool) -> Result<()> {
+        let data_dir = self.dir.path().join(format!("node-{id}"));
+        self.nodes.push(Node {
+            id,
+            admin: "127.0.0.1:0".into(),
+            raft: "127.0.0.1:0".into(),
+            data_dir,
+            log: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+        });
+        self.spawn(id, bootstrap)
+    }
+
+    /// Starts the node's process on its known ports (port 0 the first time)
+    /// and waits for its `ready` line.
+    fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
+        let o = self.options.clone();
+        let node = self.node_mut(id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let mut cmd = Command::new(bin("gatehouse"));
+        cmd.args(["control-plane", "--node-id", &id.to_string()])
+            .args(["--admin-listen", &node.admin, "--raft-listen", &node.raft])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--snapshot-every", &o.snapshot_every.to_string()])
+            .args(["--keep-logs", &o.keep_logs.to_string()])
+            .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
+            .args(["--election-timeout-ms", &o.election_timeout_ms.to_string()])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        let mut child = cmd.spawn().context("spawn gatehouse")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("ready ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("node {id} did not become ready:\n{}", node.log_tail());
+            }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("ready line {line:?} lacks {name}"))
+        };
+        node.admin = field("admin=")?;
+        node.raft = field("raft=")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a stopped node again on the same ports and data directory.
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        self.kill(id);
+        self.spawn(id, false)
+    }
+
+    /// Deletes a stopped node's data directory.
+    pub fn wipe(&mut self, id: u64) -> Result<()> {
+        assert!(!self.node(id).is_running(), "wipe a stopped node");
+        std::fs::remove_dir_all(&self.node(id).data_dir)?;
+        Ok(())
+    }
+
+    pub async fn client(&self, id: u64) -> Result<AdminClient<Channel>> {
+        admin(&self.node(id).admin).await
+    }
+
+    /// This node's own status.
+    pub async fn local_status(&self, id: u64) -> Result<pb::NodeStatus> {
+        Ok(self
+            .client(id)
+            .await?
+            .local_status(pb::NodeStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the running nodes agree on one leader, and returns it.
+    pub async fn leader(&self) -> Result<u64> {
+        eventually(Duration::from_secs(20), "a leader all running nodes agree on", || async {
+            let mut leaders = Vec::new();
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                leaders.push(self.local_status(n.id).await.ok()?.leader_id);
+            }
+            let first = *leaders.first()?;
+            let agreed = first != 0 && leaders.iter().all(|l| *l == first);
+            let leader_running = self.nodes.iter().any(|n| n.id == first && n.is_running());
+            (agreed && leader_running).then_some(first)
+        })
+        .await
+    }
+
+    /// Waits until every running node has applied at least `index`.
+    pub async fn converge(&self, index: u64) -> Result<()> {
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            eventually(Duration::from_secs(30), &format!("node {} to apply {index}", n.id), || async {
+                let s = self.local_status(n.id).await.ok()?;
+                (s.last_applied >= index).then_some(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Every object as one node holds it (a stale read of its own state).
+    pub async fn objects_on(&self, id: u64) -> Result<Vec<Object>> {
+        let reply = self
+            .client(id)
+            .await?
+            .list(pb::ListRequest {
+                kind: String::new(),
+                selector: String::new(),
+                stale: true,
+            })
+            .await?
+            .into_inner();
+        reply
+            .objects
+            .into_iter()
+            .map(|o| Object::try_from(o).map_err(|e| anyhow!("{e}")))
+            .collect()
+    }
+}
+
+/// A consumer object, the smallest valid object, for write streams.
+pub fn consumer(name: &str) -> pb::Object {
+    pb::Object {
+        kind: Kind::Consumer.as_str().into(),
+        name: name.into(),
+        labels: Default::default(),
+        revision: 0,
+        spec_json: r#"{"groups":["e2e"]}"#.into(),
+    }
+}
+
+/// Puts one object; `Ok(revision)` when the cluster acknowledged it.
+pub async fn put(addr: &str, object: pb::Object) -> Result<u64, tonic::Status> {
+    let mut client = admin(addr)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    client
+        .put(pb::PutRequest {
+            object: Some(object),
+            expected_revision: None,
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+}

@@ -257,6 +257,7 @@ impl AdminService {
             last_log_index: m.last_log_index.unwrap_or_default(),
             last_applied: m.last_applied.map(|l| l.index).unwrap_or_default(),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or_default(),
+            purged_index: m.purged.map(|l| l.index).unwrap_or_default(),
             config_revision: self.sm.read(|d| d.config.revision()),
             initialized,
             error,
