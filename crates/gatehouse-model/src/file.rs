@@ -112,6 +112,16 @@ impl ConfigFile {
                 Object::AdminToken(_) => {}
             }
         }
+        fn by_name<T>(items: &mut [T], name: impl Fn(&T) -> &str) {
+            items.sort_by(|a, b| name(a).cmp(name(b)));
+        }
+        by_name(&mut file.certificates, |o| &o.name);
+        by_name(&mut file.upstreams, |o| &o.name);
+        by_name(&mut file.jwt_issuers, |o| &o.name);
+        by_name(&mut file.policies, |o| &o.name);
+        by_name(&mut file.routes, |o| &o.name);
+        by_name(&mut file.consumers, |o| &o.name);
+        by_name(&mut file.api_keys, |o| &o.name);
         file
     }
 
@@ -227,10 +237,7 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
     for entry in entries {
         if entry.is_dir() {
             collect_files(&entry, out)?;
-        } else if entry
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml")
-        {
+        } else if entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             out.push(entry);
         }
     }
@@ -241,10 +248,7 @@ fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
 /// `desired`: new objects are created (`expected_revision: 0`), changed ones
 /// replaced at the revision they were read at, identical ones left alone. The
 /// expected revisions make the whole plan fail if anything changed meanwhile.
-pub fn plan<'a>(
-    desired: &[Object],
-    current: impl Fn(&ObjectRef) -> Option<&'a Object>,
-) -> Vec<Op> {
+pub fn plan<'a>(desired: &[Object], current: impl Fn(&ObjectRef) -> Option<&'a Object>) -> Vec<Op> {
     desired
         .iter()
         .filter_map(|want| {
@@ -267,3 +271,6 @@ pub fn plan<'a>(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,9 @@ pub mod selector;
 pub mod state;
 pub mod validate;
 
+#[cfg(test)]
+mod fixtures;
+
 pub use error::ErrorCode;
 pub use object::{Kind, Object, ObjectRef};
 pub use state::{Command, ConfigState, Op, WriteError, WriteOk};

@@ -154,7 +154,16 @@ macro_rules! object_kinds {
     };
 }
 
-object_kinds!(Upstream, Route, Policy, Consumer, ApiKey, JwtIssuer, Certificate, AdminToken);
+object_kinds!(
+    Upstream,
+    Route,
+    Policy,
+    Consumer,
+    ApiKey,
+    JwtIssuer,
+    Certificate,
+    AdminToken
+);
 
 /// A pool of backend targets.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -32,7 +32,10 @@ impl Selector {
             let term = if let Some((k, v)) = raw.split_once("!=") {
                 Term::NotEquals(k.trim().to_string(), v.trim().to_string())
             } else if let Some((k, v)) = raw.split_once('=') {
-                Term::Equals(k.trim().to_string(), v.trim_start_matches('=').trim().to_string())
+                Term::Equals(
+                    k.trim().to_string(),
+                    v.trim_start_matches('=').trim().to_string(),
+                )
             } else {
                 Term::Exists(raw.to_string())
             };
@@ -64,13 +67,20 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn terms_combine_as_and() {
         let s = Selector::parse("team=pay, tier!=dev,owner").unwrap();
-        assert!(s.matches(&labels(&[("team", "pay"), ("tier", "prod"), ("owner", "x")])));
+        assert!(s.matches(&labels(&[
+            ("team", "pay"),
+            ("tier", "prod"),
+            ("owner", "x")
+        ])));
         assert!(!s.matches(&labels(&[("team", "pay"), ("tier", "dev"), ("owner", "x")])));
         assert!(!s.matches(&labels(&[("team", "pay"), ("tier", "prod")])));
         assert!(Selector::parse("").unwrap().matches(&Labels::new()));

@@ -28,6 +28,9 @@ pub struct Command {
 }
 
 /// One operation of a command.
+// Ops are built and matched by value across the crates; boxing the object
+// would change that API for a size that does not matter here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
@@ -305,8 +308,7 @@ impl ConfigState {
             }
         }
         let exists = |r: &ObjectRef| {
-            !deletes.contains(r)
-                && (puts.contains_key(r) || self.get(r.kind, &r.name).is_some())
+            !deletes.contains(r) && (puts.contains_key(r) || self.get(r.kind, &r.name).is_some())
         };
 
         for object in puts.values() {
@@ -400,3 +402,8 @@ impl ConfigState {
         })
     }
 }
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

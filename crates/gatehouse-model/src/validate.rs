@@ -55,7 +55,13 @@ impl Check<'_> {
         check_name(value).map_err(|m| self.fail(field, m))
     }
 
-    fn range<T: PartialOrd + std::fmt::Display>(&self, field: &str, v: T, min: T, max: T) -> Result {
+    fn range<T: PartialOrd + std::fmt::Display>(
+        &self,
+        field: &str,
+        v: T,
+        min: T,
+        max: T,
+    ) -> Result {
         self.ensure(
             v >= min && v <= max,
             field,
@@ -145,7 +151,9 @@ fn is_method(s: &str) -> bool {
 }
 
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `host:port`, where host is a DNS name, an IPv4 address or a bracketed IPv6 address.
@@ -196,8 +204,7 @@ fn check_labels(c: &Check<'_>, labels: &Labels) -> Result {
             "label keys are 1 to 63 characters of a-z, A-Z, 0-9, '.', '_', '/' and '-'",
         )?;
         let value_ok = v.len() <= MAX_NAME
-            && v
-                .bytes()
+            && v.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         c.ensure(
             value_ok,
@@ -217,7 +224,23 @@ pub fn validate_object(object: &Object) -> Result {
     };
     check_name(object.name()).map_err(|m| c.fail("name", m))?;
     check_labels(&c, object.labels())?;
-    let size = serde_json::to_vec(object).map(|v| v.len()).unwrap_or(usize::MAX);
+    // Measuring the size serializes the object, and the RFC 3339 encoder of
+    // `expires_at` panics before 1970 and fails after 9999: refuse those first.
+    if let Object::ApiKey(ApiKey {
+        expires_at: Some(t),
+        ..
+    }) = object
+    {
+        let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs());
+        c.ensure(
+            secs.is_ok_and(|s| s < 253_402_300_800),
+            "expires_at",
+            "must be between 1970-01-01 and 9999-12-31",
+        )?;
+    }
+    let size = serde_json::to_vec(object)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     c.ensure(
         size <= MAX_OBJECT_BYTES,
         "(object)",
@@ -256,11 +279,16 @@ fn upstream(c: &Check<'_>, u: &Upstream) -> Result {
         (Balancer::ConsistentHash, None) => {
             return Err(c.fail("hash_header", "is required by the consistent_hash balancer"))
         }
-        (Balancer::ConsistentHash, Some(h)) => {
-            c.ensure(is_token(h), "hash_header", format!("{h:?} is not a header name"))?
-        }
+        (Balancer::ConsistentHash, Some(h)) => c.ensure(
+            is_token(h),
+            "hash_header",
+            format!("{h:?} is not a header name"),
+        )?,
         (_, Some(_)) => {
-            return Err(c.fail("hash_header", "is only used by the consistent_hash balancer"))
+            return Err(c.fail(
+                "hash_header",
+                "is only used by the consistent_hash balancer",
+            ))
         }
         (_, None) => {}
     }
@@ -273,8 +301,18 @@ fn upstream(c: &Check<'_>, u: &Upstream) -> Result {
         let ms = Duration::from_millis;
         c.duration("health_check.interval", h.interval, ms(100), ms(3_600_000))?;
         c.duration("health_check.timeout", h.timeout, ms(10), h.interval)?;
-        c.range("health_check.healthy_threshold", h.healthy_threshold, 1, 100)?;
-        c.range("health_check.unhealthy_threshold", h.unhealthy_threshold, 1, 100)?;
+        c.range(
+            "health_check.healthy_threshold",
+            h.healthy_threshold,
+            1,
+            100,
+        )?;
+        c.range(
+            "health_check.unhealthy_threshold",
+            h.unhealthy_threshold,
+            1,
+            100,
+        )?;
     }
     c.duration(
         "connect_timeout",
@@ -290,7 +328,12 @@ fn upstream(c: &Check<'_>, u: &Upstream) -> Result {
     )?;
     c.range("retries.attempts", u.retries.attempts, 0, 10)?;
     if let Some(cb) = &u.circuit_breaker {
-        c.range("circuit_breaker.consecutive_failures", cb.consecutive_failures, 1, 10_000)?;
+        c.range(
+            "circuit_breaker.consecutive_failures",
+            cb.consecutive_failures,
+            1,
+            10_000,
+        )?;
         c.duration(
             "circuit_breaker.open_for",
             cb.open_for,
@@ -300,7 +343,11 @@ fn upstream(c: &Check<'_>, u: &Upstream) -> Result {
     }
     if let Some(tls) = &u.tls {
         if let Some(sn) = &tls.server_name {
-            c.ensure(is_hostname(sn), "tls.server_name", format!("{sn:?} is not a host name"))?;
+            c.ensure(
+                is_hostname(sn),
+                "tls.server_name",
+                format!("{sn:?} is not a host name"),
+            )?;
         }
         if let Some(pem) = &tls.ca_pem {
             c.ensure(
@@ -347,7 +394,11 @@ fn route(c: &Check<'_>, r: &Route) -> Result {
         return Err(c.fail("strip_prefix", "needs every path to be a prefix match"));
     }
     for (i, m) in r.methods.iter().enumerate() {
-        c.ensure(is_method(m), format!("methods[{i}]"), format!("{m:?} is not an upper-case method name"))?;
+        c.ensure(
+            is_method(m),
+            format!("methods[{i}]"),
+            format!("{m:?} is not an upper-case method name"),
+        )?;
     }
     c.no_duplicates("methods", &r.methods)?;
     c.name_ref("upstream", &r.upstream)?;
@@ -365,32 +416,63 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
     c.no_duplicates("authentication", &p.authentication)?;
     let uses = |m| p.authentication.contains(&m);
     if let Some(k) = &p.api_key {
-        c.ensure(uses(AuthMethod::ApiKey), "api_key", "is set but authentication does not list api_key")?;
-        c.ensure(is_token(&k.header), "api_key.header", format!("{:?} is not a header name", k.header))?;
+        c.ensure(
+            uses(AuthMethod::ApiKey),
+            "api_key",
+            "is set but authentication does not list api_key",
+        )?;
+        c.ensure(
+            is_token(&k.header),
+            "api_key.header",
+            format!("{:?} is not a header name", k.header),
+        )?;
         if let Some(q) = &k.query_param {
-            c.ensure(is_token(q), "api_key.query_param", format!("{q:?} is not a parameter name"))?;
+            c.ensure(
+                is_token(q),
+                "api_key.query_param",
+                format!("{q:?} is not a parameter name"),
+            )?;
         }
     }
     match &p.jwt {
         Some(j) => {
-            c.ensure(uses(AuthMethod::Jwt), "jwt", "is set but authentication does not list jwt")?;
+            c.ensure(
+                uses(AuthMethod::Jwt),
+                "jwt",
+                "is set but authentication does not list jwt",
+            )?;
             c.count("jwt.issuers", &j.issuers, 1, 16)?;
             for (i, iss) in j.issuers.iter().enumerate() {
                 c.name_ref(&format!("jwt.issuers[{i}]"), iss)?;
             }
         }
-        None => c.ensure(!uses(AuthMethod::Jwt), "jwt", "is required when authentication lists jwt")?,
+        None => c.ensure(
+            !uses(AuthMethod::Jwt),
+            "jwt",
+            "is required when authentication lists jwt",
+        )?,
     }
     let a = &p.authorization;
-    for (field, items) in [("authorization.groups", &a.groups), ("authorization.scopes", &a.scopes)] {
+    for (field, items) in [
+        ("authorization.groups", &a.groups),
+        ("authorization.scopes", &a.scopes),
+    ] {
         c.count(field, items, 0, 64)?;
         for (i, g) in items.iter().enumerate() {
-            c.ensure(!g.is_empty() && g.len() <= 256, format!("{field}[{i}]"), "must be 1 to 256 characters")?;
+            c.ensure(
+                !g.is_empty() && g.len() <= 256,
+                format!("{field}[{i}]"),
+                "must be 1 to 256 characters",
+            )?;
         }
     }
     for (i, m) in a.claims.iter().enumerate() {
         let field = format!("authorization.claims[{i}]");
-        c.ensure(!m.claim.is_empty(), format!("{field}.claim"), "must not be empty")?;
+        c.ensure(
+            !m.claim.is_empty(),
+            format!("{field}.claim"),
+            "must not be empty",
+        )?;
         let set = [m.equals.is_some(), m.one_of.is_some(), m.contains.is_some()];
         c.ensure(
             set.iter().filter(|s| **s).count() == 1,
@@ -458,17 +540,30 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
         c.range("firewall.max_header_bytes", h, 256, 1 << 20)?;
     }
     for (i, m) in fw.allowed_methods.iter().enumerate() {
-        c.ensure(is_method(m), format!("firewall.allowed_methods[{i}]"), format!("{m:?} is not an upper-case method name"))?;
+        c.ensure(
+            is_method(m),
+            format!("firewall.allowed_methods[{i}]"),
+            format!("{m:?} is not an upper-case method name"),
+        )?;
     }
     if let Some(cors) = &fw.cors {
-        c.count("firewall.cors.allowed_origins", &cors.allowed_origins, 1, 256)?;
+        c.count(
+            "firewall.cors.allowed_origins",
+            &cors.allowed_origins,
+            1,
+            256,
+        )?;
         for (i, o) in cors.allowed_origins.iter().enumerate() {
             let ok = o == "*"
                 || o.split_once("://").is_some_and(|(scheme, rest)| {
                     (scheme == "https" || scheme == "http")
                         && check_address(rest).is_ok() | is_host_pattern(rest)
                 });
-            c.ensure(ok, format!("firewall.cors.allowed_origins[{i}]"), format!("{o:?} is not \"*\" or scheme://host[:port]"))?;
+            c.ensure(
+                ok,
+                format!("firewall.cors.allowed_origins[{i}]"),
+                format!("{o:?} is not \"*\" or scheme://host[:port]"),
+            )?;
         }
         if cors.allow_credentials {
             c.ensure(
@@ -478,10 +573,18 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
             )?;
         }
         for (i, m) in cors.allowed_methods.iter().enumerate() {
-            c.ensure(is_method(m), format!("firewall.cors.allowed_methods[{i}]"), format!("{m:?} is not an upper-case method name"))?;
+            c.ensure(
+                is_method(m),
+                format!("firewall.cors.allowed_methods[{i}]"),
+                format!("{m:?} is not an upper-case method name"),
+            )?;
         }
         for (i, h) in cors.allowed_headers.iter().enumerate() {
-            c.ensure(is_token(h), format!("firewall.cors.allowed_headers[{i}]"), format!("{h:?} is not a header name"))?;
+            c.ensure(
+                is_token(h),
+                format!("firewall.cors.allowed_headers[{i}]"),
+                format!("{h:?} is not a header name"),
+            )?;
         }
     }
     Ok(())
@@ -493,7 +596,11 @@ fn consumer(c: &Check<'_>, o: &Consumer) -> Result {
         check_name(g).map_err(|m| c.fail(format!("groups[{i}]"), m))?;
     }
     c.no_duplicates("groups", &o.groups)?;
-    c.ensure(o.metadata.len() <= 64, "metadata", "has more than 64 entries")?;
+    c.ensure(
+        o.metadata.len() <= 64,
+        "metadata",
+        "has more than 64 entries",
+    )?;
     for (k, v) in &o.metadata {
         c.ensure(
             !k.is_empty() && k.len() <= MAX_NAME && v.len() <= 1024,
@@ -505,14 +612,27 @@ fn consumer(c: &Check<'_>, o: &Consumer) -> Result {
 }
 
 fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
-    c.ensure(!j.issuer.is_empty() && j.issuer.len() <= 1024, "issuer", "must be 1 to 1024 characters")?;
+    c.ensure(
+        !j.issuer.is_empty() && j.issuer.len() <= 1024,
+        "issuer",
+        "must be 1 to 1024 characters",
+    )?;
     c.count("audiences", &j.audiences, 1, 32)?;
     for (i, a) in j.audiences.iter().enumerate() {
-        c.ensure(!a.is_empty() && a.len() <= 1024, format!("audiences[{i}]"), "must be 1 to 1024 characters")?;
+        c.ensure(
+            !a.is_empty() && a.len() <= 1024,
+            format!("audiences[{i}]"),
+            "must be 1 to 1024 characters",
+        )?;
     }
     c.count("algorithms", &j.algorithms, 1, 12)?;
     c.no_duplicates("algorithms", &j.algorithms)?;
-    let hmac = |a: &JwtAlgorithm| matches!(a, JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512);
+    let hmac = |a: &JwtAlgorithm| {
+        matches!(
+            a,
+            JwtAlgorithm::HS256 | JwtAlgorithm::HS384 | JwtAlgorithm::HS512
+        )
+    };
     match (&j.jwks_url, j.keys.is_empty()) {
         (Some(_), false) | (None, true) => {
             return Err(c.fail("keys", "needs exactly one of keys or jwks_url"))
@@ -520,7 +640,17 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
         (Some(url), true) => {
             let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
                 .iter()
-                .any(|p| url.strip_prefix(p).is_some_and(|r| r.is_empty() || r.starts_with([':', '/'])));
+                .any(|p| {
+                    // After the host only a port, then a path, query or fragment,
+                    // may follow: with `@` the loopback name would be user info in
+                    // front of another host.
+                    url.strip_prefix(p).is_some_and(|r| {
+                        let r = r
+                            .strip_prefix(':')
+                            .map_or(r, |r| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+                        r.is_empty() || r.starts_with(['/', '?', '#'])
+                    })
+                });
             c.ensure(
                 url.starts_with("https://") || loopback,
                 "jwks_url",
@@ -538,32 +668,58 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
     for (i, k) in j.keys.iter().enumerate() {
         let f = |s: &str| format!("keys[{i}]{s}");
         if let Some(kid) = &k.kid {
-            c.ensure(!kid.is_empty() && kid.len() <= 256, f(".kid"), "must be 1 to 256 characters")?;
+            c.ensure(
+                !kid.is_empty() && kid.len() <= 256,
+                f(".kid"),
+                "must be 1 to 256 characters",
+            )?;
         }
         match (&k.pem, &k.secret) {
             (Some(pem), None) => {
-                c.ensure(pem.contains("-----BEGIN PUBLIC KEY-----") || pem.contains("-----BEGIN RSA PUBLIC KEY-----"),
-                    f(".pem"), "holds no PEM public key")?;
-                c.ensure(j.algorithms.iter().any(|a| !hmac(a)), f(".pem"),
-                    "is a public key but algorithms lists only HMAC algorithms")?;
+                c.ensure(
+                    pem.contains("-----BEGIN PUBLIC KEY-----")
+                        || pem.contains("-----BEGIN RSA PUBLIC KEY-----"),
+                    f(".pem"),
+                    "holds no PEM public key",
+                )?;
+                c.ensure(
+                    j.algorithms.iter().any(|a| !hmac(a)),
+                    f(".pem"),
+                    "is a public key but algorithms lists only HMAC algorithms",
+                )?;
             }
             (None, Some(secret)) => {
-                c.ensure(secret.len() >= 32, f(".secret"), "is shorter than 32 bytes, too weak for HMAC")?;
-                c.ensure(j.algorithms.iter().any(hmac), f(".secret"),
-                    "is an HMAC secret but algorithms lists no HS256/HS384/HS512")?;
+                c.ensure(
+                    secret.len() >= 32,
+                    f(".secret"),
+                    "is shorter than 32 bytes, too weak for HMAC",
+                )?;
+                c.ensure(
+                    j.algorithms.iter().any(hmac),
+                    f(".secret"),
+                    "is an HMAC secret but algorithms lists no HS256/HS384/HS512",
+                )?;
             }
             _ => return Err(c.fail(f(""), "needs exactly one of pem or secret")),
         }
     }
     c.duration("leeway", j.leeway, Duration::ZERO, Duration::from_secs(300))?;
-    c.ensure(!j.consumer_claim.is_empty(), "consumer_claim", "must not be empty")?;
+    c.ensure(
+        !j.consumer_claim.is_empty(),
+        "consumer_claim",
+        "must not be empty",
+    )?;
     c.range("max_token_bytes", j.max_token_bytes, 256, 65_536)
 }
 
 fn certificate(c: &Check<'_>, cert: &Certificate) -> Result {
     c.count("server_names", &cert.server_names, 1, 100)?;
     for (i, n) in cert.server_names.iter().enumerate() {
-        c.ensure(is_host_pattern(n), format!("server_names[{i}]"), format!("{n:?} is not a lower-case host name or *. wildcard"))?;
+        c.ensure(
+            is_host_pattern(n),
+            format!("server_names[{i}]"),
+            format!("{n:?} is not a lower-case host name or *. wildcard"),
+        )?;
     }
     c.ensure(
         cert.certificate_pem.contains("-----BEGIN CERTIFICATE-----"),
@@ -616,3 +772,6 @@ pub fn referrer_kinds(kind: Kind) -> &'static [Kind] {
         _ => &[],
     }
 }
+
+#[cfg(test)]
+mod tests;

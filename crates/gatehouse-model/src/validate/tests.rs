@@ -1,0 +1,1116 @@
+//! `validate_object`: one valid example of every kind, then for each kind the
+//! cases a user gets wrong, checked down to the message they would read.
+
+use std::time::{Duration, SystemTime};
+
+use super::{
+    references, referrer_kinds, validate_object, InvalidObject, MAX_OBJECT_BYTES, MAX_PATH,
+    MAX_REGEX_BYTES,
+};
+use crate::fixtures::*;
+use crate::object::*;
+
+/// Validates `object`, which must fail, and checks that the error names the
+/// object itself, `field`, and reads exactly `display`.
+#[track_caller]
+fn assert_invalid(object: impl Into<Object>, field: &str, display: &str) -> InvalidObject {
+    let object = object.into();
+    let err = validate_object(&object).expect_err("object should be refused");
+    assert_eq!(err.kind, object.kind(), "kind of {err}");
+    assert_eq!(err.name, object.name(), "name of {err}");
+    assert_eq!(err.field, field, "field of {err}");
+    assert_eq!(err.to_string(), display);
+    err
+}
+
+#[track_caller]
+fn assert_valid(object: impl Into<Object>) {
+    let object = object.into();
+    if let Err(e) = validate_object(&object) {
+        panic!("{} should be valid, got: {e}", object.object_ref());
+    }
+}
+
+#[test]
+fn a_valid_example_of_every_kind_passes() {
+    let all = one_of_each();
+    let mut kinds: Vec<Kind> = all.iter().map(Object::kind).collect();
+    kinds.sort();
+    let mut every = Kind::ALL.to_vec();
+    every.sort();
+    assert_eq!(kinds, every, "the examples cover every kind");
+    for object in all {
+        assert_valid(object);
+    }
+}
+
+#[test]
+fn minimal_and_variant_examples_pass() {
+    assert_valid(upstream("u"));
+    assert_valid(route("r", "u"));
+    assert_valid(regex_route("r", "u"));
+    assert_valid(policy("p"));
+    assert_valid(jwks_issuer("j"));
+    assert_valid(Consumer {
+        groups: Vec::new(),
+        metadata: Default::default(),
+        labels: Labels::new(),
+        ..consumer("c")
+    });
+    assert_valid(ApiKey {
+        expires_at: None,
+        revoked: true,
+        ..api_key("k", "c")
+    });
+    for role in [AdminRole::Admin, AdminRole::Viewer, AdminRole::DataPlane] {
+        assert_valid(AdminToken {
+            role,
+            ..admin_token("t")
+        });
+    }
+    // Names at the edges of the rules.
+    for name in ["a", "0", "a.b-c", "x1.y2", &"a".repeat(63)] {
+        assert_valid(upstream(name));
+    }
+    // Plain http is fine for a JWKS on loopback.
+    for url in [
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://localhost",
+        "http://[::1]:9000/keys",
+        "http://localhost:8080?tenant=a",
+        "http://127.0.0.1/jwks?from=user@example.com",
+    ] {
+        assert_valid(JwtIssuer {
+            jwks_url: Some(url.to_string()),
+            ..jwks_issuer("j")
+        });
+    }
+}
+
+// ---------------------------------------------------------------- names, labels, size
+
+#[test]
+fn bad_names_are_refused_with_the_name_field() {
+    assert_invalid(
+        upstream("Billing"),
+        "name",
+        r#"upstream "Billing": name: name "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    let long = "a".repeat(64);
+    assert_invalid(
+        route(&long, "u"),
+        "name",
+        &format!(r#"route "{long}": name: name "{long}" must be 1 to 63 characters long"#),
+    );
+    assert_invalid(
+        policy("-strict"),
+        "name",
+        r#"policy "-strict": name: name "-strict" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    assert_invalid(
+        consumer("acme."),
+        "name",
+        r#"consumer "acme.": name: name "acme." may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    assert_invalid(
+        certificate("my_cert"),
+        "name",
+        r#"certificate "my_cert": name: name "my_cert" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    assert_invalid(
+        admin_token(""),
+        "name",
+        r#"admin_token "": name: name "" must be 1 to 63 characters long"#,
+    );
+    // Multi-byte characters count in bytes, and are refused anyway.
+    assert_invalid(
+        jwt_issuer("café"),
+        "name",
+        r#"jwt_issuer "café": name: name "café" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+}
+
+#[test]
+fn bad_labels_are_refused() {
+    let mut u = upstream("u");
+    u.labels = labels(&[("bad key", "x")]);
+    assert_invalid(
+        u,
+        "labels.bad key",
+        r#"upstream "u": labels.bad key: label keys are 1 to 63 characters of a-z, A-Z, 0-9, '.', '_', '/' and '-'"#,
+    );
+    let mut u = upstream("u");
+    u.labels = labels(&[("team", "pay ments")]);
+    assert_invalid(
+        u,
+        "labels.team",
+        r#"upstream "u": labels.team: label values are at most 63 characters of a-z, A-Z, 0-9, '.', '_' and '-'"#,
+    );
+    let mut u = upstream("u");
+    u.labels = (0..33).map(|i| (format!("k{i}"), String::new())).collect();
+    assert_invalid(
+        u,
+        "labels",
+        r#"upstream "u": labels: has 33 labels, at most 32 allowed"#,
+    );
+    // 32 labels with empty values are fine.
+    let mut u = upstream("u");
+    u.labels = (0..32).map(|i| (format!("k{i}"), String::new())).collect();
+    assert_valid(u);
+}
+
+#[test]
+fn an_object_over_the_size_limit_fails_as_a_whole() {
+    let mut cert = certificate("huge");
+    cert.certificate_pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        "A".repeat(70 * 1024)
+    );
+    let object = Object::from(cert);
+    let size = serde_json::to_vec(&object).unwrap().len();
+    assert!(size > MAX_OBJECT_BYTES);
+    assert_invalid(
+        object,
+        "(object)",
+        &format!(r#"certificate "huge": (object): is {size} bytes, at most 65536 allowed"#),
+    );
+
+    // Just under the limit is accepted: the limit is on the encoding, not a guess.
+    let mut cert = certificate("big");
+    let base = serde_json::to_vec(&Object::from(cert.clone()))
+        .unwrap()
+        .len();
+    cert.private_key_pem
+        .push_str(&"B".repeat(MAX_OBJECT_BYTES - base));
+    let object = Object::from(cert);
+    assert_eq!(serde_json::to_vec(&object).unwrap().len(), MAX_OBJECT_BYTES);
+    assert_valid(object.clone());
+    let Object::Certificate(mut cert) = object else {
+        unreachable!()
+    };
+    cert.private_key_pem.push('B');
+    assert_invalid(
+        cert,
+        "(object)",
+        r#"certificate "big": (object): is 65537 bytes, at most 65536 allowed"#,
+    );
+}
+
+// ---------------------------------------------------------------- upstream
+
+#[test]
+fn upstream_targets_need_host_and_port() {
+    let with_address = |address: &str| {
+        let mut u = upstream("billing");
+        u.targets.push(Target {
+            address: address.to_string(),
+            weight: 1,
+        });
+        u
+    };
+    assert_invalid(
+        with_address("backend"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "backend" is not host:port"#,
+    );
+    assert_invalid(
+        with_address("backend:0"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "backend:0" has port 0"#,
+    );
+    assert_invalid(
+        with_address("backend:70000"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "backend:70000" has an invalid port "70000""#,
+    );
+    assert_invalid(
+        with_address("backend:"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "backend:" has an invalid port """#,
+    );
+    assert_invalid(
+        with_address("bad_host:80"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "bad_host:80" has an invalid host "bad_host""#,
+    );
+    assert_invalid(
+        with_address(":80"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: ":80" has an invalid host """#,
+    );
+    // An IPv6 address must be bracketed.
+    assert_invalid(
+        with_address("2001:db8::1:443"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "2001:db8::1:443" has an invalid host "2001:db8::1""#,
+    );
+    assert_invalid(
+        with_address("[not-v6]:443"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "[not-v6]:443" has an invalid host "[not-v6]""#,
+    );
+    assert_invalid(
+        with_address("Backend.example.com:80"),
+        "targets[1].address",
+        r#"upstream "billing": targets[1].address: "Backend.example.com:80" has an invalid host "Backend.example.com""#,
+    );
+    for ok in [
+        "backend:1",
+        "backend:65535",
+        "[::1]:80",
+        "192.0.2.1:443",
+        "a-b.c:8080",
+    ] {
+        assert_valid(with_address(ok));
+    }
+}
+
+#[test]
+fn upstream_needs_targets_with_sane_weights() {
+    let mut u = upstream("billing");
+    u.targets.clear();
+    assert_invalid(
+        u,
+        "targets",
+        r#"upstream "billing": targets: needs at least 1 entries"#,
+    );
+    let mut u = upstream("billing");
+    u.targets[0].weight = 0;
+    assert_invalid(
+        u,
+        "targets[0].weight",
+        r#"upstream "billing": targets[0].weight: 0 is out of range (1 to 1000)"#,
+    );
+    let mut u = upstream("billing");
+    u.targets = (0..257)
+        .map(|i| Target {
+            address: format!("10.0.{}.{}:80", i / 256, i % 256),
+            weight: 1,
+        })
+        .collect();
+    assert_invalid(
+        u,
+        "targets",
+        r#"upstream "billing": targets: has 257 entries, at most 256 allowed"#,
+    );
+}
+
+#[test]
+fn consistent_hash_and_hash_header_go_together() {
+    let mut u = upstream("billing");
+    u.balancer = Balancer::ConsistentHash;
+    assert_invalid(
+        u.clone(),
+        "hash_header",
+        r#"upstream "billing": hash_header: is required by the consistent_hash balancer"#,
+    );
+    u.hash_header = Some("x user".to_string());
+    assert_invalid(
+        u,
+        "hash_header",
+        r#"upstream "billing": hash_header: "x user" is not a header name"#,
+    );
+    let mut u = upstream("billing");
+    u.balancer = Balancer::LeastRequests;
+    u.hash_header = Some("x-user".to_string());
+    assert_invalid(
+        u,
+        "hash_header",
+        r#"upstream "billing": hash_header: is only used by the consistent_hash balancer"#,
+    );
+}
+
+#[test]
+fn upstream_timeouts_are_bounded() {
+    let mut u = upstream("billing");
+    u.connect_timeout = Duration::ZERO;
+    assert_invalid(
+        u,
+        "connect_timeout",
+        r#"upstream "billing": connect_timeout: 0s is out of range (1ms to 1m)"#,
+    );
+    let mut u = upstream("billing");
+    u.connect_timeout = Duration::from_secs(61);
+    assert_invalid(
+        u,
+        "connect_timeout",
+        r#"upstream "billing": connect_timeout: 1m 1s is out of range (1ms to 1m)"#,
+    );
+    let mut u = upstream("billing");
+    u.request_timeout = Duration::from_secs(2 * 3600);
+    assert_invalid(
+        u,
+        "request_timeout",
+        r#"upstream "billing": request_timeout: 2h is out of range (1ms to 1h)"#,
+    );
+    let mut u = upstream("billing");
+    u.retries.attempts = 11;
+    assert_invalid(
+        u,
+        "retries.attempts",
+        r#"upstream "billing": retries.attempts: 11 is out of range (0 to 10)"#,
+    );
+    let mut u = full_upstream("billing");
+    u.circuit_breaker.as_mut().unwrap().open_for = Duration::from_millis(99);
+    assert_invalid(
+        u,
+        "circuit_breaker.open_for",
+        r#"upstream "billing": circuit_breaker.open_for: 99ms is out of range (100ms to 1h)"#,
+    );
+    // The bounds themselves are allowed.
+    let mut u = upstream("billing");
+    u.connect_timeout = Duration::from_millis(1);
+    u.request_timeout = Duration::from_secs(3600);
+    u.retries.attempts = 0;
+    assert_valid(u);
+}
+
+#[test]
+fn health_check_timeout_must_fit_in_the_interval() {
+    let mut u = full_upstream("billing");
+    let hc = u.health_check.as_mut().unwrap();
+    hc.interval = Duration::from_secs(1);
+    hc.timeout = Duration::from_secs(2);
+    assert_invalid(
+        u,
+        "health_check.timeout",
+        r#"upstream "billing": health_check.timeout: 2s is out of range (10ms to 1s)"#,
+    );
+    let mut u = full_upstream("billing");
+    u.health_check.as_mut().unwrap().path = "healthz".to_string();
+    assert_invalid(
+        u,
+        "health_check.path",
+        r#"upstream "billing": health_check.path: must start with '/'"#,
+    );
+    let mut u = full_upstream("billing");
+    u.health_check.as_mut().unwrap().unhealthy_threshold = 0;
+    assert_invalid(
+        u,
+        "health_check.unhealthy_threshold",
+        r#"upstream "billing": health_check.unhealthy_threshold: 0 is out of range (1 to 100)"#,
+    );
+}
+
+#[test]
+fn upstream_tls_is_checked() {
+    let mut u = full_upstream("billing");
+    u.tls.as_mut().unwrap().server_name = Some("Billing.example.com".to_string());
+    assert_invalid(
+        u,
+        "tls.server_name",
+        r#"upstream "billing": tls.server_name: "Billing.example.com" is not a host name"#,
+    );
+    let mut u = full_upstream("billing");
+    u.tls.as_mut().unwrap().ca_pem = Some("not a pem".to_string());
+    assert_invalid(
+        u,
+        "tls.ca_pem",
+        r#"upstream "billing": tls.ca_pem: holds no PEM certificate"#,
+    );
+}
+
+// ---------------------------------------------------------------- route
+
+fn route_with_path(path: PathMatch) -> Route {
+    Route {
+        paths: vec![path],
+        ..route("billing", "billing")
+    }
+}
+
+fn regex_path(re: &str) -> PathMatch {
+    PathMatch {
+        regex: Some(re.to_string()),
+        ..PathMatch::default()
+    }
+}
+
+#[test]
+fn an_invalid_regex_is_refused_with_the_parser_message_on_one_line() {
+    let err = assert_invalid_prefix(
+        route_with_path(regex_path("/billing/(")),
+        "paths[0].regex",
+        r#"route "billing": paths[0].regex: invalid regex: "#,
+    );
+    assert!(err.message.contains("unclosed group"), "{err}");
+    assert!(!err.message.contains('\n'), "one line: {err}");
+}
+
+/// Like [`assert_invalid`], for messages that quote a library's text.
+#[track_caller]
+fn assert_invalid_prefix(object: impl Into<Object>, field: &str, prefix: &str) -> InvalidObject {
+    let object = object.into();
+    let err = validate_object(&object).expect_err("object should be refused");
+    assert_eq!(
+        (err.kind, err.name.as_str(), err.field.as_str()),
+        (object.kind(), object.name(), field)
+    );
+    assert!(err.to_string().starts_with(prefix), "{err}");
+    err
+}
+
+#[test]
+fn a_regex_that_compiles_too_big_is_refused() {
+    // Short to write, enormous to compile: the size limit must catch it.
+    for re in [r"\w{1000}{1000}", r"a{1000}{1000}", r"[a-z]{100}{100}"] {
+        assert!(re.len() <= MAX_PATH);
+        let err = assert_invalid_prefix(
+            route_with_path(regex_path(re)),
+            "paths[0].regex",
+            r#"route "billing": paths[0].regex: invalid regex: "#,
+        );
+        // Refused for its size (the message names the limit), not its syntax.
+        assert!(
+            err.message
+                .contains(&format!("exceeds size limit of {MAX_REGEX_BYTES} bytes")),
+            "{err}"
+        );
+    }
+    // A modest bounded repetition is fine.
+    assert_valid(route_with_path(regex_path(r"^/[a-z]{1,64}/[0-9]{1,20}$")));
+}
+
+#[test]
+fn an_overlong_regex_is_refused_before_compiling() {
+    let re = format!("/{}", "a".repeat(MAX_PATH));
+    assert_invalid(
+        route_with_path(regex_path(&re)),
+        "paths[0].regex",
+        r#"route "billing": paths[0].regex: is longer than 1024"#,
+    );
+}
+
+#[test]
+fn a_path_match_needs_exactly_one_kind() {
+    let msg = r#"route "billing": paths[0]: needs exactly one of exact, prefix or regex"#;
+    assert_invalid(
+        route_with_path(PathMatch {
+            exact: Some("/a".to_string()),
+            prefix: Some("/a".to_string()),
+            regex: None,
+        }),
+        "paths[0]",
+        msg,
+    );
+    assert_invalid(
+        route_with_path(PathMatch {
+            exact: None,
+            prefix: Some("/a".to_string()),
+            regex: Some("^/a".to_string()),
+        }),
+        "paths[0]",
+        msg,
+    );
+    assert_invalid(route_with_path(PathMatch::default()), "paths[0]", msg);
+    // The index points at the bad entry.
+    let mut r = route("billing", "billing");
+    r.paths.push(PathMatch {
+        exact: Some("/x".to_string()),
+        regex: Some("/x".to_string()),
+        prefix: None,
+    });
+    assert_invalid(
+        r,
+        "paths[1]",
+        r#"route "billing": paths[1]: needs exactly one of exact, prefix or regex"#,
+    );
+}
+
+#[test]
+fn route_paths_must_be_absolute() {
+    assert_invalid(
+        route_with_path(PathMatch {
+            prefix: Some("billing".to_string()),
+            ..PathMatch::default()
+        }),
+        "paths[0]",
+        r#"route "billing": paths[0]: "billing" must start with '/', hold no control characters and be at most 1024 long"#,
+    );
+    assert_invalid(
+        route_with_path(PathMatch {
+            exact: Some("/bil\nling".to_string()),
+            ..PathMatch::default()
+        }),
+        "paths[0]",
+        r#"route "billing": paths[0]: "/bil\nling" must start with '/', hold no control characters and be at most 1024 long"#,
+    );
+    let mut r = route("billing", "billing");
+    r.paths.clear();
+    assert_invalid(
+        r,
+        "paths",
+        r#"route "billing": paths: needs at least 1 entries"#,
+    );
+}
+
+#[test]
+fn strip_prefix_needs_prefix_paths() {
+    let mut r = regex_route("billing", "billing");
+    r.strip_prefix = true;
+    assert_invalid(
+        r,
+        "strip_prefix",
+        r#"route "billing": strip_prefix: needs every path to be a prefix match"#,
+    );
+    let mut r = full_route("billing", "billing", "strict");
+    r.paths.push(PathMatch {
+        exact: Some("/exact".to_string()),
+        ..PathMatch::default()
+    });
+    assert_invalid(
+        r,
+        "strip_prefix",
+        r#"route "billing": strip_prefix: needs every path to be a prefix match"#,
+    );
+}
+
+#[test]
+fn route_hosts_methods_and_references_are_checked() {
+    let mut r = route("billing", "billing");
+    r.hosts = vec!["api.example.com".to_string(), "API.example.com".to_string()];
+    assert_invalid(
+        r,
+        "hosts[1]",
+        r#"route "billing": hosts[1]: "API.example.com" is not a lower-case host name or *. wildcard"#,
+    );
+    let mut r = route("billing", "billing");
+    r.hosts = vec!["a.example.com".to_string(), "a.example.com".to_string()];
+    assert_invalid(
+        r,
+        "hosts[1]",
+        r#"route "billing": hosts[1]: "a.example.com" is listed twice"#,
+    );
+    let mut r = route("billing", "billing");
+    r.hosts = vec!["*example.com".to_string()];
+    assert_invalid(
+        r,
+        "hosts[0]",
+        r#"route "billing": hosts[0]: "*example.com" is not a lower-case host name or *. wildcard"#,
+    );
+    let mut r = route("billing", "billing");
+    r.methods = vec!["get".to_string()];
+    assert_invalid(
+        r,
+        "methods[0]",
+        r#"route "billing": methods[0]: "get" is not an upper-case method name"#,
+    );
+    let mut r = route("billing", "billing");
+    r.methods = vec!["GET".to_string(), "GET".to_string()];
+    assert_invalid(
+        r,
+        "methods[1]",
+        r#"route "billing": methods[1]: "GET" is listed twice"#,
+    );
+    assert_invalid(
+        route("billing", "Billing"),
+        "upstream",
+        r#"route "billing": upstream: name "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    let mut r = route("billing", "billing");
+    r.policy = Some(String::new());
+    assert_invalid(
+        r,
+        "policy",
+        r#"route "billing": policy: name "" must be 1 to 63 characters long"#,
+    );
+}
+
+// ---------------------------------------------------------------- policy
+
+#[test]
+fn bad_cidrs_are_refused() {
+    let mut p = full_policy("strict", "corp");
+    p.firewall.allow_ips.push("10.0.0.0/33".to_string());
+    assert_invalid(
+        p,
+        "firewall.allow_ips[3]",
+        r#"policy "strict": firewall.allow_ips[3]: "10.0.0.0/33" is not an IP address or CIDR network"#,
+    );
+    let mut p = policy("strict");
+    p.firewall.deny_ips = vec!["192.168.1.1".to_string(), "not-an-ip".to_string()];
+    assert_invalid(
+        p,
+        "firewall.deny_ips[1]",
+        r#"policy "strict": firewall.deny_ips[1]: "not-an-ip" is not an IP address or CIDR network"#,
+    );
+    let mut p = policy("strict");
+    p.firewall.trusted_proxies = vec!["256.0.0.1/32".to_string()];
+    assert_invalid(
+        p,
+        "firewall.trusted_proxies[0]",
+        r#"policy "strict": firewall.trusted_proxies[0]: "256.0.0.1/32" is not an IP address or CIDR network"#,
+    );
+}
+
+#[test]
+fn policy_authentication_settings_must_agree() {
+    let mut p = policy("strict");
+    p.jwt = Some(JwtAuth {
+        issuers: vec!["corp".to_string()],
+    });
+    assert_invalid(
+        p,
+        "jwt",
+        r#"policy "strict": jwt: is set but authentication does not list jwt"#,
+    );
+    let mut p = policy("strict");
+    p.authentication = vec![AuthMethod::Jwt];
+    assert_invalid(
+        p,
+        "jwt",
+        r#"policy "strict": jwt: is required when authentication lists jwt"#,
+    );
+    let mut p = policy("strict");
+    p.api_key = Some(ApiKeyAuth {
+        header: "x-api-key".to_string(),
+        query_param: None,
+    });
+    assert_invalid(
+        p,
+        "api_key",
+        r#"policy "strict": api_key: is set but authentication does not list api_key"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.authentication.push(AuthMethod::ApiKey);
+    assert_invalid(
+        p,
+        "authentication[3]",
+        r#"policy "strict": authentication[3]: ApiKey is listed twice"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.jwt.as_mut().unwrap().issuers.clear();
+    assert_invalid(
+        p,
+        "jwt.issuers",
+        r#"policy "strict": jwt.issuers: needs at least 1 entries"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.jwt.as_mut().unwrap().issuers.push("Corp".to_string());
+    assert_invalid(
+        p,
+        "jwt.issuers[1]",
+        r#"policy "strict": jwt.issuers[1]: name "Corp" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+}
+
+#[test]
+fn authorization_needs_authentication() {
+    let mut p = policy("strict");
+    p.authorization.groups = vec!["admins".to_string()];
+    assert_invalid(
+        p,
+        "authorization",
+        r#"policy "strict": authorization: needs an authentication method to know who the caller is"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.authorization.claims[1].contains = Some("x".to_string());
+    assert_invalid(
+        p,
+        "authorization.claims[1]",
+        r#"policy "strict": authorization.claims[1]: needs exactly one of equals, one_of or contains"#,
+    );
+}
+
+#[test]
+fn rate_limits_are_checked() {
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[1].key = vec!["client_ip".to_string(), "user".to_string()];
+    assert_invalid(
+        p,
+        "rate_limits[1].key[1]",
+        r#"policy "strict": rate_limits[1].key[1]: "user" is not one of consumer, client_ip, route or header:NAME"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[1].name = "per-consumer".to_string();
+    assert_invalid(
+        p,
+        "rate_limits[1].name",
+        r#"policy "strict": rate_limits[1].name: "per-consumer" is used by another limit"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[0].window = Duration::from_millis(10);
+    assert_invalid(
+        p,
+        "rate_limits[0].window",
+        r#"policy "strict": rate_limits[0].window: 10ms is out of range (100ms to 1month 13h 26m 24s)"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[0].limit = 0;
+    assert_invalid(
+        p,
+        "rate_limits[0].limit",
+        r#"policy "strict": rate_limits[0].limit: 0 is out of range (1 to 1000000000)"#,
+    );
+    // Keyed by consumer on a policy that authenticates no one.
+    let mut p = policy("open");
+    p.rate_limits = full_policy("x", "corp").rate_limits;
+    assert_invalid(
+        p,
+        "rate_limits[0].key",
+        r#"policy "open": rate_limits[0].key: is keyed by consumer but the policy authenticates no one"#,
+    );
+}
+
+#[test]
+fn firewall_limits_and_cors_are_checked() {
+    let mut p = full_policy("strict", "corp");
+    p.firewall.max_header_bytes = Some(100);
+    assert_invalid(
+        p,
+        "firewall.max_header_bytes",
+        r#"policy "strict": firewall.max_header_bytes: 100 is out of range (256 to 1048576)"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall.allowed_methods.push("Patch".to_string());
+    assert_invalid(
+        p,
+        "firewall.allowed_methods[3]",
+        r#"policy "strict": firewall.allowed_methods[3]: "Patch" is not an upper-case method name"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall
+        .cors
+        .as_mut()
+        .unwrap()
+        .allowed_origins
+        .push("*".to_string());
+    assert_invalid(
+        p,
+        "firewall.cors.allow_credentials",
+        r#"policy "strict": firewall.cors.allow_credentials: cannot be combined with the "*" origin"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall.cors.as_mut().unwrap().allowed_origins = vec!["ftp://example.com".to_string()];
+    assert_invalid(
+        p,
+        "firewall.cors.allowed_origins[0]",
+        r#"policy "strict": firewall.cors.allowed_origins[0]: "ftp://example.com" is not "*" or scheme://host[:port]"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall.cors.as_mut().unwrap().allowed_origins = vec!["https://example.com/app".to_string()];
+    assert_invalid(
+        p,
+        "firewall.cors.allowed_origins[0]",
+        r#"policy "strict": firewall.cors.allowed_origins[0]: "https://example.com/app" is not "*" or scheme://host[:port]"#,
+    );
+}
+
+// ---------------------------------------------------------------- consumer, api key, admin token
+
+#[test]
+fn consumer_groups_and_metadata_are_checked() {
+    let mut c = consumer("acme");
+    c.groups.push("Admins".to_string());
+    assert_invalid(
+        c,
+        "groups[2]",
+        r#"consumer "acme": groups[2]: name "Admins" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    let mut c = consumer("acme");
+    c.groups.push("admins".to_string());
+    assert_invalid(
+        c,
+        "groups[2]",
+        r#"consumer "acme": groups[2]: "admins" is listed twice"#,
+    );
+    let mut c = consumer("acme");
+    c.metadata.insert("avatar".to_string(), "x".repeat(1025));
+    assert_invalid(
+        c,
+        "metadata.avatar",
+        r#"consumer "acme": metadata.avatar: keys are 1 to 63 characters and values at most 1024"#,
+    );
+    let mut c = consumer("acme");
+    c.metadata.insert(String::new(), "x".to_string());
+    assert_invalid(
+        c,
+        "metadata.",
+        r#"consumer "acme": metadata.: keys are 1 to 63 characters and values at most 1024"#,
+    );
+}
+
+#[test]
+fn api_key_and_admin_token_hashes_must_be_sha256_hex() {
+    let mut k = api_key("acme-key-1", "acme");
+    k.key_hash = HASH_A.to_uppercase();
+    assert_invalid(
+        k,
+        "key_hash",
+        r#"api_key "acme-key-1": key_hash: must be 64 lower-case hex digits (a SHA-256)"#,
+    );
+    let mut k = api_key("acme-key-1", "acme");
+    k.key_hash.pop();
+    assert_invalid(
+        k,
+        "key_hash",
+        r#"api_key "acme-key-1": key_hash: must be 64 lower-case hex digits (a SHA-256)"#,
+    );
+    assert_invalid(
+        api_key("acme-key-1", "ACME"),
+        "consumer",
+        r#"api_key "acme-key-1": consumer: name "ACME" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    let mut t = admin_token("ci");
+    t.token_hash = "secret".to_string();
+    assert_invalid(
+        t,
+        "token_hash",
+        r#"admin_token "ci": token_hash: must be 64 lower-case hex digits (a SHA-256)"#,
+    );
+}
+
+#[test]
+fn api_key_expiry_outside_the_encodable_range_is_refused_not_a_panic() {
+    // Before 1970 or after 9999 cannot be written as RFC 3339 by the
+    // serializer, so such a key could neither be stored nor sent anywhere.
+    let mut k = api_key("acme-key-1", "acme");
+    k.expires_at = Some(SystemTime::UNIX_EPOCH - Duration::from_secs(1));
+    assert_invalid(
+        k,
+        "expires_at",
+        r#"api_key "acme-key-1": expires_at: must be between 1970-01-01 and 9999-12-31"#,
+    );
+    let mut k = api_key("acme-key-1", "acme");
+    k.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800));
+    assert_invalid(
+        k,
+        "expires_at",
+        r#"api_key "acme-key-1": expires_at: must be between 1970-01-01 and 9999-12-31"#,
+    );
+    let mut k = api_key("acme-key-1", "acme");
+    k.expires_at = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799));
+    assert_valid(k);
+}
+
+// ---------------------------------------------------------------- jwt issuer
+
+#[test]
+fn a_jwt_issuer_needs_exactly_one_key_source() {
+    let mut j = jwt_issuer("corp");
+    j.jwks_url = Some("https://idp.example.com/jwks".to_string());
+    assert_invalid(
+        j,
+        "keys",
+        r#"jwt_issuer "corp": keys: needs exactly one of keys or jwks_url"#,
+    );
+    let mut j = jwks_issuer("corp");
+    j.jwks_url = None;
+    assert_invalid(
+        j,
+        "keys",
+        r#"jwt_issuer "corp": keys: needs exactly one of keys or jwks_url"#,
+    );
+}
+
+#[test]
+fn a_short_hmac_secret_is_refused() {
+    let mut j = jwt_issuer("corp");
+    j.keys[0].secret = Some("x".repeat(31));
+    assert_invalid(
+        j,
+        "keys[0].secret",
+        r#"jwt_issuer "corp": keys[0].secret: is shorter than 32 bytes, too weak for HMAC"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.algorithms = vec![JwtAlgorithm::RS256];
+    assert_invalid(
+        j,
+        "keys[0].secret",
+        r#"jwt_issuer "corp": keys[0].secret: is an HMAC secret but algorithms lists no HS256/HS384/HS512"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.algorithms = vec![JwtAlgorithm::HS512];
+    assert_invalid(
+        j,
+        "keys[1].pem",
+        r#"jwt_issuer "corp": keys[1].pem: is a public key but algorithms lists only HMAC algorithms"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.keys[1].pem = Some(CERT_PEM.to_string());
+    assert_invalid(
+        j,
+        "keys[1].pem",
+        r#"jwt_issuer "corp": keys[1].pem: holds no PEM public key"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.keys[1].secret = Some(HMAC_SECRET.to_string());
+    assert_invalid(
+        j,
+        "keys[1]",
+        r#"jwt_issuer "corp": keys[1]: needs exactly one of pem or secret"#,
+    );
+}
+
+#[test]
+fn a_plain_http_jwks_url_must_be_loopback() {
+    for url in [
+        "http://idp.example.com/jwks",
+        "http://localhost.example.com/jwks",
+        "http://127.0.0.1.nip.io/jwks",
+        "http://[::1].example.com/",
+        "ftp://idp.example.com/jwks",
+        "idp.example.com/jwks",
+        // A loopback-looking user name in front of a remote host.
+        "http://localhost:8080@idp.example.com/jwks",
+        "http://127.0.0.1:@idp.example.com/",
+        "http://[::1]:1@idp.example.com",
+    ] {
+        let mut j = jwks_issuer("corp");
+        j.jwks_url = Some(url.to_string());
+        assert_invalid(
+            j,
+            "jwks_url",
+            r#"jwt_issuer "corp": jwks_url: must be an https URL (plain http only on loopback)"#,
+        );
+    }
+}
+
+#[test]
+fn a_jwks_url_cannot_serve_hmac_keys() {
+    let mut j = jwks_issuer("corp");
+    j.algorithms.push(JwtAlgorithm::HS256);
+    assert_invalid(
+        j,
+        "algorithms",
+        r#"jwt_issuer "corp": algorithms: HMAC algorithms need static secret keys, not a JWKS URL"#,
+    );
+}
+
+#[test]
+fn jwt_issuer_fields_are_bounded() {
+    let mut j = jwt_issuer("corp");
+    j.leeway = Duration::from_secs(301);
+    assert_invalid(
+        j,
+        "leeway",
+        r#"jwt_issuer "corp": leeway: 5m 1s is out of range (0s to 5m)"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.max_token_bytes = 100;
+    assert_invalid(
+        j,
+        "max_token_bytes",
+        r#"jwt_issuer "corp": max_token_bytes: 100 is out of range (256 to 65536)"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.audiences.clear();
+    assert_invalid(
+        j,
+        "audiences",
+        r#"jwt_issuer "corp": audiences: needs at least 1 entries"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.algorithms.push(JwtAlgorithm::HS256);
+    assert_invalid(
+        j,
+        "algorithms[2]",
+        r#"jwt_issuer "corp": algorithms[2]: HS256 is listed twice"#,
+    );
+    let mut j = jwt_issuer("corp");
+    j.issuer.clear();
+    assert_invalid(
+        j,
+        "issuer",
+        r#"jwt_issuer "corp": issuer: must be 1 to 1024 characters"#,
+    );
+}
+
+// ---------------------------------------------------------------- certificate
+
+#[test]
+fn certificates_need_names_and_pem() {
+    let mut c = certificate("api-cert");
+    c.server_names.clear();
+    assert_invalid(
+        c,
+        "server_names",
+        r#"certificate "api-cert": server_names: needs at least 1 entries"#,
+    );
+    let mut c = certificate("api-cert");
+    c.server_names.push("bad name".to_string());
+    assert_invalid(
+        c,
+        "server_names[2]",
+        r#"certificate "api-cert": server_names[2]: "bad name" is not a lower-case host name or *. wildcard"#,
+    );
+    let mut c = certificate("api-cert");
+    c.certificate_pem = KEY_PEM.to_string();
+    assert_invalid(
+        c,
+        "certificate_pem",
+        r#"certificate "api-cert": certificate_pem: holds no PEM certificate"#,
+    );
+    let mut c = certificate("api-cert");
+    c.private_key_pem = CERT_PEM.to_string();
+    assert_invalid(
+        c,
+        "private_key_pem",
+        r#"certificate "api-cert": private_key_pem: holds no PEM private key"#,
+    );
+}
+
+// ---------------------------------------------------------------- references
+
+#[test]
+fn references_name_the_field_that_refers() {
+    let refs = |o: Object| {
+        references(&o)
+            .into_iter()
+            .map(|(f, r)| format!("{f} -> {r}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        refs(full_route("billing", "pool", "strict").into()),
+        [
+            r#"upstream -> upstream "pool""#,
+            r#"policy -> policy "strict""#
+        ]
+    );
+    assert_eq!(
+        refs(route("billing", "pool").into()),
+        [r#"upstream -> upstream "pool""#]
+    );
+    let mut p = full_policy("strict", "corp");
+    p.jwt.as_mut().unwrap().issuers.push("partner".to_string());
+    assert_eq!(
+        refs(p.into()),
+        [
+            r#"jwt.issuers[0] -> jwt_issuer "corp""#,
+            r#"jwt.issuers[1] -> jwt_issuer "partner""#
+        ]
+    );
+    assert_eq!(
+        refs(api_key("k", "acme").into()),
+        [r#"consumer -> consumer "acme""#]
+    );
+    for o in [
+        Object::from(upstream("u")),
+        consumer("c").into(),
+        certificate("c").into(),
+        jwt_issuer("j").into(),
+        admin_token("t").into(),
+    ] {
+        assert!(refs(o).is_empty());
+    }
+}
+
+#[test]
+fn referrer_kinds_agree_with_references() {
+    // Every reference an example makes is from a kind listed as a referrer of its target.
+    for object in one_of_each() {
+        for (_, target) in references(&object) {
+            assert!(
+                referrer_kinds(target.kind).contains(&object.kind()),
+                "{} references {target}",
+                object.object_ref()
+            );
+        }
+    }
+    assert_eq!(referrer_kinds(Kind::Upstream), [Kind::Route]);
+    assert_eq!(referrer_kinds(Kind::Policy), [Kind::Route]);
+    assert_eq!(referrer_kinds(Kind::JwtIssuer), [Kind::Policy]);
+    assert_eq!(referrer_kinds(Kind::Consumer), [Kind::ApiKey]);
+    assert!(referrer_kinds(Kind::Route).is_empty());
+}
