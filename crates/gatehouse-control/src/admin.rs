@@ -17,7 +17,7 @@ use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::identity::Identity;
+use crate::identity::{FlushFn, Identity};
 use crate::network::Channels;
 use crate::store::Shared;
 use crate::types::{NodeId, NodeInfo, Raft};
@@ -34,7 +34,7 @@ pub struct AdminService {
     pub info: NodeInfo,
     pub channels: Channels,
     /// Makes the identity durable before a join is acknowledged.
-    pub flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>,
+    pub flush: FlushFn,
 }
 
 /// Why a call could not be served here.
@@ -57,7 +57,10 @@ impl Failure {
             Failure::NotLeader(id, node) => {
                 let mut status = Status::unavailable(match id {
                     Some(id) => format!("node {id} is the leader; ask it directly"),
-                    None => "no leader is known yet (an election may be in progress); retry shortly".to_string(),
+                    None => {
+                        "no leader is known yet (an election may be in progress); retry shortly"
+                            .to_string()
+                    }
                 });
                 if let Some(addr) = node.and_then(|n| n.admin_addr.parse().ok()) {
                     status.metadata_mut().insert(LEADER_HINT, addr);
@@ -147,7 +150,10 @@ fn check_member(m: &pb::Member) -> Result<(), Status> {
                     .ok_or(())
             })
             .map_err(|_| {
-                Status::invalid_argument(format!("member {}: {field}: {addr:?} is not host:port", m.id))
+                Status::invalid_argument(format!(
+                    "member {}: {field}: {addr:?} is not host:port",
+                    m.id
+                ))
             })?;
     }
     Ok(())
@@ -187,14 +193,21 @@ impl AdminService {
     }
 
     /// Sends the call to the leader, marked so that it is not forwarded again.
-    async fn forward<T, R, F, Fut>(&self, leader: &NodeInfo, msg: T, call: F) -> Result<Response<R>, Status>
+    async fn forward<T, R, F, Fut>(
+        &self,
+        leader: &NodeInfo,
+        msg: T,
+        call: F,
+    ) -> Result<Response<R>, Status>
     where
         F: FnOnce(AdminClient<Channel>, Request<T>) -> Fut,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
         let client = self.client(&leader.admin_addr).await?;
         let mut request = Request::new(msg);
-        request.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert(FORWARDED, "1".parse().expect("ascii"));
         request.set_timeout(FORWARD_TIMEOUT);
         call(client, request).await
     }
@@ -226,10 +239,9 @@ impl AdminService {
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(Failure::NotLeader(f.leader_id, f.leader_node))
             }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(Status::unavailable(
-                format!("the leader cannot reach a quorum: {e}"),
-            )
-            .into()),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(Status::unavailable(format!("the leader cannot reach a quorum: {e}")).into())
+            }
             Err(RaftError::Fatal(e)) => Err(fatal(e).into()),
         }
     }
@@ -276,7 +288,12 @@ impl AdminService {
         let reply = client.join(request).await.map_err(|s| {
             Status::new(
                 s.code(),
-                format!("node {} at {} cannot join: {}", m.id, m.raft_addr, s.message()),
+                format!(
+                    "node {} at {} cannot join: {}",
+                    m.id,
+                    m.raft_addr,
+                    s.message()
+                ),
             )
         })?;
         Ok(NodeInfo {
@@ -287,12 +304,15 @@ impl AdminService {
     }
 
     fn cluster_id(&self) -> Result<String, Status> {
-        self.identity
-            .cluster_id()
-            .ok_or_else(|| Status::failed_precondition("this node has no cluster id; initialize the cluster first"))
+        self.identity.cluster_id().ok_or_else(|| {
+            Status::failed_precondition("this node has no cluster id; initialize the cluster first")
+        })
     }
 
-    async fn change(&self, change: ChangeMembers<NodeId, NodeInfo>) -> Result<pb::MembershipResponse, Status> {
+    async fn change(
+        &self,
+        change: ChangeMembers<NodeId, NodeInfo>,
+    ) -> Result<pb::MembershipResponse, Status> {
         match self.raft.change_membership(change, false).await {
             Ok(resp) => {
                 let m = resp
@@ -325,25 +345,45 @@ macro_rules! leader_or_forward {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
         let kind = gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?;
-        leader_or_forward!(self, fwd, msg.clone(), get, async {
-            self.read_barrier(msg.stale).await?;
-            let (object, revision) = self.sm.read(|d| (d.config.get(kind, &msg.name).cloned(), d.config.revision()));
-            let object = object.ok_or_else(|| {
-                Status::not_found(format!("{} not found", ObjectRef { kind, name: msg.name.clone() }))
-            })?;
-            Ok(Response::new(pb::GetResponse {
-                object: Some(pb::Object::from(&object)),
-                config_revision: revision,
-            }))
-        }
-        .await)
+        leader_or_forward!(
+            self,
+            fwd,
+            msg.clone(),
+            get,
+            async {
+                self.read_barrier(msg.stale).await?;
+                let (object, revision) = self
+                    .sm
+                    .read(|d| (d.config.get(kind, &msg.name).cloned(), d.config.revision()));
+                let object = object.ok_or_else(|| {
+                    Status::not_found(format!(
+                        "{} not found",
+                        ObjectRef {
+                            kind,
+                            name: msg.name.clone()
+                        }
+                    ))
+                })?;
+                Ok(Response::new(pb::GetResponse {
+                    object: Some(pb::Object::from(&object)),
+                    config_revision: revision,
+                }))
+            }
+            .await
+        )
     }
 
-    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
         let kinds: Vec<Kind> = if msg.kind.is_empty() {
@@ -352,66 +392,110 @@ impl pb::admin_server::Admin for AdminService {
             vec![gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?]
         };
         let selector = Selector::parse(&msg.selector).map_err(invalid)?;
-        leader_or_forward!(self, fwd, msg.clone(), list, async {
-            self.read_barrier(msg.stale).await?;
-            let (objects, revision) = self.sm.read(|d| {
-                let objects: Vec<pb::Object> = kinds
-                    .iter()
-                    .flat_map(|k| d.config.list(*k))
-                    .filter(|o| selector.matches(o.labels()))
-                    .map(pb::Object::from)
-                    .collect();
-                (objects, d.config.revision())
-            });
-            Ok(Response::new(pb::ListResponse {
-                objects,
-                config_revision: revision,
-            }))
-        }
-        .await)
+        leader_or_forward!(
+            self,
+            fwd,
+            msg.clone(),
+            list,
+            async {
+                self.read_barrier(msg.stale).await?;
+                let (objects, revision) = self.sm.read(|d| {
+                    let objects: Vec<pb::Object> = kinds
+                        .iter()
+                        .flat_map(|k| d.config.list(*k))
+                        .filter(|o| selector.matches(o.labels()))
+                        .map(pb::Object::from)
+                        .collect();
+                    (objects, d.config.revision())
+                });
+                Ok(Response::new(pb::ListResponse {
+                    objects,
+                    config_revision: revision,
+                }))
+            }
+            .await
+        )
     }
 
-    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
         let op = put_op(msg.clone())?;
-        leader_or_forward!(self, fwd, msg, put, async {
-            let cmd = Command { ops: vec![op], expected_config_revision: None };
-            self.write(cmd).await.map(write_response)
-        }
-        .await)
+        leader_or_forward!(
+            self,
+            fwd,
+            msg,
+            put,
+            async {
+                let cmd = Command {
+                    ops: vec![op],
+                    expected_config_revision: None,
+                };
+                self.write(cmd).await.map(write_response)
+            }
+            .await
+        )
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
         let op = delete_op(msg.clone())?;
-        leader_or_forward!(self, fwd, msg, delete, async {
-            let cmd = Command { ops: vec![op], expected_config_revision: None };
-            self.write(cmd).await.map(write_response)
-        }
-        .await)
+        leader_or_forward!(
+            self,
+            fwd,
+            msg,
+            delete,
+            async {
+                let cmd = Command {
+                    ops: vec![op],
+                    expected_config_revision: None,
+                };
+                self.write(cmd).await.map(write_response)
+            }
+            .await
+        )
     }
 
-    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
         let ops = msg
             .ops
             .iter()
             .enumerate()
-            .map(|(i, op)| match op.op.clone() {
-                Some(pb::operation::Op::Put(p)) => put_op(p),
-                Some(pb::operation::Op::Delete(d)) => delete_op(d),
-                None => Err(Status::invalid_argument("op: is required")),
-            }
-            .map_err(|s| Status::invalid_argument(format!("ops[{i}]: {}", s.message()))))
+            .map(|(i, op)| {
+                match op.op.clone() {
+                    Some(pb::operation::Op::Put(p)) => put_op(p),
+                    Some(pb::operation::Op::Delete(d)) => delete_op(d),
+                    None => Err(Status::invalid_argument("op: is required")),
+                }
+                .map_err(|s| Status::invalid_argument(format!("ops[{i}]: {}", s.message())))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        leader_or_forward!(self, fwd, msg.clone(), apply, async {
-            let cmd = Command { ops, expected_config_revision: msg.expected_config_revision };
-            self.write(cmd).await.map(write_response)
-        }
-        .await)
+        leader_or_forward!(
+            self,
+            fwd,
+            msg.clone(),
+            apply,
+            async {
+                let cmd = Command {
+                    ops,
+                    expected_config_revision: msg.expected_config_revision,
+                };
+                self.write(cmd).await.map(write_response)
+            }
+            .await
+        )
     }
 
     async fn cluster_init(
@@ -444,7 +528,10 @@ impl pb::admin_server::Admin for AdminService {
                 self.join(m, &cluster_id).await?
             };
             if nodes.insert(m.id, info).is_some() {
-                return Err(Status::invalid_argument(format!("member {} is listed twice", m.id)));
+                return Err(Status::invalid_argument(format!(
+                    "member {} is listed twice",
+                    m.id
+                )));
             }
         }
         match self.raft.initialize(nodes).await {
@@ -473,36 +560,45 @@ impl pb::admin_server::Admin for AdminService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("member: is required"))?;
         check_member(&m)?;
-        leader_or_forward!(self, fwd, msg.clone(), add_node, async {
-            self.ensure_leader()?;
-            let current = self.metrics().membership_config.membership().clone();
-            if current.get_node(&m.id).is_some() {
-                let is_voter = current.voter_ids().any(|v| v == m.id);
-                if is_voter || msg.learner_only {
-                    return Err(Status::already_exists(format!(
-                        "node {} is already a {}; to replace it, remove it first",
-                        m.id,
-                        if is_voter { "voter" } else { "learner" }
-                    ))
-                    .into());
+        leader_or_forward!(
+            self,
+            fwd,
+            msg.clone(),
+            add_node,
+            async {
+                self.ensure_leader()?;
+                let current = self.metrics().membership_config.membership().clone();
+                if current.get_node(&m.id).is_some() {
+                    let is_voter = current.voter_ids().any(|v| v == m.id);
+                    if is_voter || msg.learner_only {
+                        return Err(Status::already_exists(format!(
+                            "node {} is already a {}; to replace it, remove it first",
+                            m.id,
+                            if is_voter { "voter" } else { "learner" }
+                        ))
+                        .into());
+                    }
+                } else {
+                    let info = self.join(&m, &self.cluster_id()?).await?;
+                    // Blocks until the learner has caught up (possibly through a snapshot).
+                    self.raft.add_learner(m.id, info, true).await.map_err(|e| {
+                        Status::failed_precondition(format!("adding node {} as learner: {e}", m.id))
+                    })?;
                 }
-            } else {
-                let info = self.join(&m, &self.cluster_id()?).await?;
-                // Blocks until the learner has caught up (possibly through a snapshot).
-                self.raft
-                    .add_learner(m.id, info, true)
-                    .await
-                    .map_err(|e| Status::failed_precondition(format!("adding node {} as learner: {e}", m.id)))?;
+                let resp = if msg.learner_only {
+                    let membership = self.metrics().membership_config.membership().clone();
+                    membership_response(
+                        self.metrics().last_log_index.unwrap_or_default(),
+                        &membership,
+                    )
+                } else {
+                    self.change(ChangeMembers::AddVoterIds([m.id].into()))
+                        .await?
+                };
+                Ok(Response::new(resp))
             }
-            let resp = if msg.learner_only {
-                let membership = self.metrics().membership_config.membership().clone();
-                membership_response(self.metrics().last_log_index.unwrap_or_default(), &membership)
-            } else {
-                self.change(ChangeMembers::AddVoterIds([m.id].into())).await?
-            };
-            Ok(Response::new(resp))
-        }
-        .await)
+            .await
+        )
     }
 
     async fn remove_node(
@@ -511,28 +607,36 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let fwd = is_forwarded(&request);
         let msg = request.into_inner();
-        leader_or_forward!(self, fwd, msg.clone(), remove_node, async {
-            self.ensure_leader()?;
-            let current = self.metrics().membership_config.membership().clone();
-            if current.get_node(&msg.id).is_none() {
-                return Err(Status::not_found(format!("node {} is not a member", msg.id)).into());
-            }
-            let voters: BTreeSet<NodeId> = current.voter_ids().collect();
-            let change = if voters.contains(&msg.id) {
-                if voters.len() == 1 {
-                    return Err(Status::failed_precondition(format!(
-                        "node {} is the only voter; a cluster cannot remove its last voter",
-                        msg.id
-                    ))
-                    .into());
+        leader_or_forward!(
+            self,
+            fwd,
+            msg,
+            remove_node,
+            async {
+                self.ensure_leader()?;
+                let current = self.metrics().membership_config.membership().clone();
+                if current.get_node(&msg.id).is_none() {
+                    return Err(
+                        Status::not_found(format!("node {} is not a member", msg.id)).into(),
+                    );
                 }
-                ChangeMembers::RemoveVoters([msg.id].into())
-            } else {
-                ChangeMembers::RemoveNodes([msg.id].into())
-            };
-            Ok(Response::new(self.change(change).await?))
-        }
-        .await)
+                let voters: BTreeSet<NodeId> = current.voter_ids().collect();
+                let change = if voters.contains(&msg.id) {
+                    if voters.len() == 1 {
+                        return Err(Status::failed_precondition(format!(
+                            "node {} is the only voter; a cluster cannot remove its last voter",
+                            msg.id
+                        ))
+                        .into());
+                    }
+                    ChangeMembers::RemoveVoters([msg.id].into())
+                } else {
+                    ChangeMembers::RemoveNodes([msg.id].into())
+                };
+                Ok(Response::new(self.change(change).await?))
+            }
+            .await
+        )
     }
 
     async fn cluster_status(
@@ -562,7 +666,8 @@ impl pb::admin_server::Admin for AdminService {
                     }
                 };
                 if status.id != id {
-                    status = unreachable_status(id, &node, &format!("answered as node {}", status.id));
+                    status =
+                        unreachable_status(id, &node, &format!("answered as node {}", status.id));
                 }
                 // The cluster's view of voting decides; a wiped node does not know it.
                 status.voter = voter;

@@ -3,8 +3,9 @@
 //! three correctly, so a wiped node (new incarnation) or a node of another
 //! cluster refuses to take part until an operator re-adds it.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use futures::future::BoxFuture;
 use thiserror::Error;
 
 use crate::store::engine::{Batch, Engine, EngineError, Tree};
@@ -35,13 +36,18 @@ pub enum IdentityError {
     NotJoined { node: NodeId },
 }
 
+/// Makes the identity durable (flushes the engine) before a join is acknowledged.
+pub type FlushFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+type StoreFn = Box<dyn Fn(&str) -> Result<(), EngineError> + Send + Sync>;
+
 /// This node's identity, persisted in the engine.
 pub struct Identity {
     pub node_id: NodeId,
     pub incarnation: String,
     cluster_id: RwLock<Option<String>>,
     last_refusal: Mutex<Option<String>>,
-    store: Box<dyn Fn(&str) -> Result<(), EngineError> + Send + Sync>,
+    store: StoreFn,
 }
 
 impl std::fmt::Debug for Identity {
@@ -105,7 +111,10 @@ impl Identity {
     }
 
     pub fn cluster_id(&self) -> Option<String> {
-        self.cluster_id.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.cluster_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Joins a cluster: sets the cluster id once; the same id again is fine.
@@ -120,9 +129,8 @@ impl Identity {
                 actual: c.to_string(),
             }),
             None => {
-                (self.store)(cluster_id).map_err(|_| IdentityError::NotJoined {
-                    node: self.node_id,
-                })?;
+                (self.store)(cluster_id)
+                    .map_err(|_| IdentityError::NotJoined { node: self.node_id })?;
                 *current = Some(cluster_id.to_string());
                 Ok(())
             }
@@ -175,6 +183,9 @@ impl Identity {
 
     /// The reason the last raft request was refused, if the last one was.
     pub fn last_refusal(&self) -> Option<String> {
-        self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

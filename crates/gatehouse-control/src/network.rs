@@ -23,7 +23,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::identity::Identity;
+use crate::identity::{FlushFn, Identity};
 use crate::types::{NodeId, NodeInfo, Raft, TypeConfig};
 
 /// Lazily connected channels, one per address, shared by all clients.
@@ -85,7 +85,12 @@ enum Rpc {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl Connection {
-    async fn call<Req, Resp, E>(&mut self, rpc: Rpc, req: &Req, option: RPCOption) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -156,7 +161,7 @@ pub struct RaftService {
     pub raft: Raft,
     pub identity: Arc<Identity>,
     /// Makes a join durable before it is acknowledged.
-    pub flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>,
+    pub flush: FlushFn,
 }
 
 fn decode<T: DeserializeOwned>(req: &pb::RaftRequest) -> Result<T, Status> {

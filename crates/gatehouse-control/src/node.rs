@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminService;
-use crate::identity::Identity;
+use crate::identity::{FlushFn, Identity};
 use crate::network::{Channels, Network, RaftService};
 use crate::store::engine::{Engine, SledEngine, Tree};
 use crate::store::{LogStore, Shared, StateMachineStore};
@@ -100,14 +100,16 @@ impl ControlPlane {
             message,
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| storage(e.to_string()))?;
-        let engine = SledEngine::open(&cfg.data_dir.join("store")).map_err(|e| storage(e.to_string()))?;
+        let engine =
+            SledEngine::open(&cfg.data_dir.join("store")).map_err(|e| storage(e.to_string()))?;
         let identity = Arc::new(
             Identity::open(&engine, cfg.node_id)
                 .await
                 .map_err(|e| storage(e.0))?,
         );
         let log = LogStore::open(&engine).map_err(|e| storage(e.to_string()))?;
-        let sm = StateMachineStore::open(&engine, cfg.tuning.history).map_err(|e| storage(e.to_string()))?;
+        let sm = StateMachineStore::open(&engine, cfg.tuning.history)
+            .map_err(|e| storage(e.to_string()))?;
         let shared = sm.shared();
 
         let bind = |addr, what| async move {
@@ -117,11 +119,21 @@ impl ControlPlane {
         };
         let raft_listener = bind(cfg.raft_listen, "raft").await?;
         let admin_listener = bind(cfg.admin_listen, "admin").await?;
-        let raft_addr = raft_listener.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
-        let admin_addr = admin_listener.local_addr().map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft_addr = raft_listener
+            .local_addr()
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let info = NodeInfo {
-            raft_addr: cfg.advertise_raft.clone().unwrap_or_else(|| raft_addr.to_string()),
-            admin_addr: cfg.advertise_admin.clone().unwrap_or_else(|| admin_addr.to_string()),
+            raft_addr: cfg
+                .advertise_raft
+                .clone()
+                .unwrap_or_else(|| raft_addr.to_string()),
+            admin_addr: cfg
+                .advertise_admin
+                .clone()
+                .unwrap_or_else(|| admin_addr.to_string()),
             incarnation: identity.incarnation.clone(),
         };
 
@@ -150,14 +162,20 @@ impl ControlPlane {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
 
-        let flush_tree = engine.tree("identity").map_err(|e| storage(e.to_string()))?;
-        let flush: Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync> =
-            Arc::new(move || {
-                let tree = flush_tree.clone();
-                async move { tree.flush().await.map_err(|e| e.to_string()) }.boxed()
-            });
+        let flush_tree = engine
+            .tree("identity")
+            .map_err(|e| storage(e.to_string()))?;
+        let flush: FlushFn = Arc::new(move || {
+            let tree = flush_tree.clone();
+            async move { tree.flush().await.map_err(|e| e.to_string()) }.boxed()
+        });
 
-        if cfg.bootstrap && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+        if cfg.bootstrap
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?
+        {
             identity
                 .found_cluster()
                 .map_err(|e| StartError::Bootstrap(e.to_string()))?;

@@ -30,10 +30,12 @@ pub enum InvalidMessage {
 }
 
 pub fn parse_kind(field: &str, kind: &str) -> Result<Kind, InvalidMessage> {
-    kind.parse().map_err(|e: gatehouse_model::object::UnknownKind| InvalidMessage::Field {
-        field: field.to_string(),
-        message: e.to_string(),
-    })
+    kind.parse().map_err(
+        |e: gatehouse_model::object::UnknownKind| InvalidMessage::Field {
+            field: field.to_string(),
+            message: e.to_string(),
+        },
+    )
 }
 
 impl TryFrom<pb::Object> for Object {
@@ -59,7 +61,9 @@ impl TryFrom<pb::Object> for Object {
             if map.contains_key(reserved) {
                 return Err(InvalidMessage::Field {
                     field: "object.spec_json".into(),
-                    message: format!("must not hold \"{reserved}\"; it is a field of the object message"),
+                    message: format!(
+                        "must not hold \"{reserved}\"; it is a field of the object message"
+                    ),
                 });
             }
         }
@@ -90,7 +94,11 @@ impl From<&Object> for pb::Object {
         pb::Object {
             kind: o.kind().as_str().to_string(),
             name: o.name().to_string(),
-            labels: o.labels().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: o
+                .labels()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             revision: o.revision(),
             spec_json: value.to_string(),
         }
@@ -150,7 +158,10 @@ mod tests {
         });
         let msg = pb::Object::from(&consumer);
         assert_eq!(msg.kind, "consumer");
-        assert!(!msg.spec_json.contains("acme"), "name travels outside the spec");
+        assert!(
+            !msg.spec_json.contains("acme"),
+            "name travels outside the spec"
+        );
         assert_eq!(Object::try_from(msg).unwrap(), consumer);
     }
 
@@ -163,7 +174,11 @@ mod tests {
             ..Default::default()
         };
         let e = Object::try_from(msg("router", "{}")).unwrap_err();
-        assert!(e.to_string().starts_with("object.kind: unknown kind \"router\""), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("object.kind: unknown kind \"router\""),
+            "{e}"
+        );
         let e = Object::try_from(msg("consumer", "[1]")).unwrap_err();
         assert_eq!(e.to_string(), "object.spec_json: must be a JSON object");
         let e = Object::try_from(msg("consumer", r#"{"name":"y"}"#)).unwrap_err();

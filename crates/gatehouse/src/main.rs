@@ -11,7 +11,11 @@ use gatehouse_telemetry::LogFormat;
 use serde::Deserialize;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "Gatehouse: a distributed API gateway whose first job is security")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Gatehouse: a distributed API gateway whose first job is security"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,12 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GATEHOUSE_LOG_FORMAT")]
     log_format: LogFormat,
     /// Log filter, e.g. `info` or `gatehouse_control=debug,info` (RUST_LOG wins when set).
-    #[arg(long, global = true, default_value = "info", env = "GATEHOUSE_LOG_LEVEL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        env = "GATEHOUSE_LOG_LEVEL"
+    )]
     log_level: String,
 }
 
@@ -117,7 +126,10 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
         .or(file.raft_listen)
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9401)));
     let insecure = args.insecure || file.insecure;
-    for (what, addr) in [("--admin-listen", admin_listen), ("--raft-listen", raft_listen)] {
+    for (what, addr) in [
+        ("--admin-listen", admin_listen),
+        ("--raft-listen", raft_listen),
+    ] {
         if !addr.ip().is_loopback() {
             if !insecure {
                 bail!("{what} {addr} is not a loopback address: without TLS this needs --insecure");
@@ -130,7 +142,10 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
         .election_timeout_ms
         .or(file.election_timeout_ms)
         .unwrap_or(defaults.election_timeout_min_ms);
-    let heartbeat = args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(defaults.heartbeat_ms);
+    let heartbeat = args
+        .heartbeat_ms
+        .or(file.heartbeat_ms)
+        .unwrap_or(defaults.heartbeat_ms);
     if heartbeat == 0 || election <= heartbeat {
         bail!("--election-timeout-ms ({election}) must be greater than --heartbeat-ms ({heartbeat}), and both above 0");
     }
@@ -157,7 +172,10 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
             election_timeout_min_ms: election,
             election_timeout_max_ms: election * 2,
             snapshot_every,
-            keep_logs: args.keep_logs.or(file.keep_logs).unwrap_or(defaults.keep_logs),
+            keep_logs: args
+                .keep_logs
+                .or(file.keep_logs)
+                .unwrap_or(defaults.keep_logs),
             history: defaults.history,
         },
     })

@@ -13,10 +13,20 @@ use gatehouse_proto::pb::admin_client::AdminClient;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Parser)]
-#[command(name = "gatehousectl", version, about = "Manage a Gatehouse cluster through its admin API")]
+#[command(
+    name = "gatehousectl",
+    version,
+    about = "Manage a Gatehouse cluster through its admin API"
+)]
 struct Cli {
     /// Admin API address of any control-plane node (host:port or http://host:port).
-    #[arg(long, short = 's', global = true, env = "GATEHOUSE_SERVER", default_value = "127.0.0.1:9400")]
+    #[arg(
+        long,
+        short = 's',
+        global = true,
+        env = "GATEHOUSE_SERVER",
+        default_value = "127.0.0.1:9400"
+    )]
     server: String,
     /// How long to wait for an answer, in seconds.
     #[arg(long, global = true, default_value_t = 30)]
@@ -147,9 +157,18 @@ fn from_pb(objects: Vec<pb::Object>) -> Result<Vec<Object>> {
 
 fn summary(o: &Object) -> String {
     match o {
-        Object::Upstream(u) => u.targets.iter().map(|t| t.address.as_str()).collect::<Vec<_>>().join(","),
+        Object::Upstream(u) => u
+            .targets
+            .iter()
+            .map(|t| t.address.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
         Object::Route(r) => {
-            let hosts = if r.hosts.is_empty() { "*".to_string() } else { r.hosts.join(",") };
+            let hosts = if r.hosts.is_empty() {
+                "*".to_string()
+            } else {
+                r.hosts.join(",")
+            };
             let paths: Vec<String> = r
                 .paths
                 .iter()
@@ -164,7 +183,11 @@ fn summary(o: &Object) -> String {
         }
         Object::Policy(p) => format!("auth={:?} limits={}", p.authentication, p.rate_limits.len()),
         Object::Consumer(c) => format!("groups={}", c.groups.join(",")),
-        Object::ApiKey(k) => format!("consumer={}{}", k.consumer, if k.revoked { " revoked" } else { "" }),
+        Object::ApiKey(k) => format!(
+            "consumer={}{}",
+            k.consumer,
+            if k.revoked { " revoked" } else { "" }
+        ),
         Object::JwtIssuer(j) => j.issuer.clone(),
         Object::Certificate(c) => c.server_names.join(","),
         Object::AdminToken(t) => format!("{:?}", t.role),
@@ -199,7 +222,14 @@ fn print_objects(objects: &[Object], output: Output) -> Result<()> {
         Output::Table => {
             let rows: Vec<Vec<String>> = objects
                 .iter()
-                .map(|o| vec![o.kind().to_string(), o.name().to_string(), o.revision().to_string(), summary(o)])
+                .map(|o| {
+                    vec![
+                        o.kind().to_string(),
+                        o.name().to_string(),
+                        o.revision().to_string(),
+                        summary(o),
+                    ]
+                })
                 .collect();
             print_table(&["KIND", "NAME", "REVISION", "SUMMARY"], &rows);
         }
@@ -237,7 +267,9 @@ async fn apply(cli: &Cli, path: &Path) -> Result<()> {
             .into_inner()
             .objects,
     )?;
-    let ops = file::plan(&loaded.objects, |r| current.iter().find(|o| o.object_ref() == *r));
+    let ops = file::plan(&loaded.objects, |r| {
+        current.iter().find(|o| o.object_ref() == *r)
+    });
     if ops.is_empty() {
         println!("no changes: the cluster already matches {}", path.display());
         return Ok(());
@@ -247,11 +279,17 @@ async fn apply(cli: &Cli, path: &Path) -> Result<()> {
             .iter()
             .map(|op| pb::Operation {
                 op: Some(match op {
-                    Op::Put { object, expected_revision } => pb::operation::Op::Put(pb::PutRequest {
+                    Op::Put {
+                        object,
+                        expected_revision,
+                    } => pb::operation::Op::Put(pb::PutRequest {
                         object: Some(pb::Object::from(object)),
                         expected_revision: *expected_revision,
                     }),
-                    Op::Delete { target, expected_revision } => pb::operation::Op::Delete(pb::DeleteRequest {
+                    Op::Delete {
+                        target,
+                        expected_revision,
+                    } => pb::operation::Op::Delete(pb::DeleteRequest {
                         target: Some(pb::ObjectRef::from(target)),
                         expected_revision: *expected_revision,
                     }),
@@ -267,13 +305,19 @@ async fn apply(cli: &Cli, path: &Path) -> Result<()> {
         .into_inner();
     for op in &ops {
         let verb = match op {
-            Op::Put { expected_revision: Some(0), .. } => "created",
+            Op::Put {
+                expected_revision: Some(0),
+                ..
+            } => "created",
             Op::Put { .. } => "updated",
             Op::Delete { .. } => "deleted",
         };
         println!("{} {verb}", op.target());
     }
-    println!("applied {} changes at revision {}", reply.changed, reply.revision);
+    println!(
+        "applied {} changes at revision {}",
+        reply.changed, reply.revision
+    );
     Ok(())
 }
 
@@ -283,7 +327,11 @@ fn validate(path: &Path) -> Result<()> {
     ConfigState::default()
         .apply(1, &loaded.to_command())
         .map_err(|e| with_source(e.into(), &loaded))?;
-    println!("ok: {} objects in {} are valid", loaded.objects.len(), path.display());
+    println!(
+        "ok: {} objects in {} are valid",
+        loaded.objects.len(),
+        path.display()
+    );
     Ok(())
 }
 
@@ -295,14 +343,21 @@ fn parse_member(s: &str) -> Result<pb::Member> {
         .split_once(',')
         .ok_or_else(|| anyhow!("--member {s:?}: expected ID=RAFT_ADDR,ADMIN_ADDR"))?;
     Ok(pb::Member {
-        id: id.parse().map_err(|_| anyhow!("--member {s:?}: {id:?} is not a node id"))?,
+        id: id
+            .parse()
+            .map_err(|_| anyhow!("--member {s:?}: {id:?} is not a node id"))?,
         raft_addr: raft.to_string(),
         admin_addr: admin.to_string(),
     })
 }
 
 fn print_membership(m: &pb::MembershipResponse) {
-    let list = |ms: &[pb::Member]| ms.iter().map(|m| m.id.to_string()).collect::<Vec<_>>().join(",");
+    let list = |ms: &[pb::Member]| {
+        ms.iter()
+            .map(|m| m.id.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     println!(
         "membership at log index {}: voters [{}] learners [{}]",
         m.log_index,
@@ -346,8 +401,15 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                     }
                 }
                 Output::Table => {
-                    let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
-                    println!("leader: {leader}  term: {}  config revision: {}", s.term, s.config_revision);
+                    let leader = if s.leader_id == 0 {
+                        "none".to_string()
+                    } else {
+                        s.leader_id.to_string()
+                    };
+                    println!(
+                        "leader: {leader}  term: {}  config revision: {}",
+                        s.term, s.config_revision
+                    );
                     let rows: Vec<Vec<String>> = s
                         .nodes
                         .iter()
@@ -366,14 +428,20 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                         })
                         .collect();
                     print_table(
-                        &["ID", "ROLE", "VOTER", "ADMIN", "RAFT", "TERM", "LOG", "APPLIED", "ERROR"],
+                        &[
+                            "ID", "ROLE", "VOTER", "ADMIN", "RAFT", "TERM", "LOG", "APPLIED",
+                            "ERROR",
+                        ],
                         &rows,
                     );
                 }
             }
         }
         ClusterCommand::Init { members } => {
-            let members = members.iter().map(|m| parse_member(m)).collect::<Result<_>>()?;
+            let members = members
+                .iter()
+                .map(|m| parse_member(m))
+                .collect::<Result<_>>()?;
             let m = client
                 .cluster_init(pb::ClusterInitRequest { members })
                 .await
@@ -381,7 +449,12 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                 .into_inner();
             print_membership(&m);
         }
-        ClusterCommand::Add { id, raft_addr, admin_addr, learner } => {
+        ClusterCommand::Add {
+            id,
+            raft_addr,
+            admin_addr,
+            learner,
+        } => {
             eprintln!("adding node {id}: joining as a learner and waiting for it to catch up...");
             let m = client
                 .add_node(pb::AddNodeRequest {
@@ -413,7 +486,13 @@ async fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Apply { file } => apply(cli, file).await,
         Command::Validate { file } => validate(file),
-        Command::Get { kind, name, output, selector, stale } => {
+        Command::Get {
+            kind,
+            name,
+            output,
+            selector,
+            stale,
+        } => {
             let kind: Kind = kind.parse()?;
             let mut client = connect(cli).await?;
             let objects = match name {
@@ -447,8 +526,15 @@ async fn run(cli: &Cli) -> Result<()> {
             };
             print_objects(&objects, *output)
         }
-        Command::Delete { kind, name, expected_revision } => {
-            let target = ObjectRef { kind: kind.parse()?, name: name.clone() };
+        Command::Delete {
+            kind,
+            name,
+            expected_revision,
+        } => {
+            let target = ObjectRef {
+                kind: kind.parse()?,
+                name: name.clone(),
+            };
             let reply = connect(cli)
                 .await?
                 .delete(pb::DeleteRequest {

@@ -28,6 +28,9 @@ impl Batch {
     }
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// A database of named, ordered key-value trees.
 pub trait Engine: Clone + Send + Sync + 'static {
     type Tree: Tree;
@@ -38,9 +41,8 @@ pub trait Engine: Clone + Send + Sync + 'static {
 pub trait Tree: Clone + Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
     /// Entries with `start <= key < end` (no upper bound when `end` is `None`), in key order.
-    fn range(&self, start: &[u8], end: Option<&[u8]>)
-        -> Result<Vec<(Vec<u8>, Vec<u8>)>, EngineError>;
-    fn last(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError>;
+    fn range(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError>;
+    fn last(&self) -> Result<Option<KeyValue>, EngineError>;
     fn write(&self, batch: Batch) -> Result<(), EngineError>;
     /// Returns once every earlier write is on disk.
     fn flush(&self) -> impl Future<Output = Result<(), EngineError>> + Send;
@@ -80,11 +82,7 @@ impl Tree for SledTree {
         Ok(self.0.get(key).map_err(err)?.map(|v| v.to_vec()))
     }
 
-    fn range(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EngineError> {
+    fn range(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<KeyValue>, EngineError> {
         let iter = match end {
             Some(end) => self.0.range(start..end),
             None => self.0.range(start..),
@@ -93,7 +91,7 @@ impl Tree for SledTree {
             .collect()
     }
 
-    fn last(&self) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError> {
+    fn last(&self) -> Result<Option<KeyValue>, EngineError> {
         Ok(self
             .0
             .last()

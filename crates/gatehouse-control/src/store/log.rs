@@ -47,7 +47,9 @@ impl<E: Engine> LogStore<E> {
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
         match self.meta.get(key).map_err(|e| io_read(&e))? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| io_read(&e)),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| io_read(&e)),
         }
     }
 

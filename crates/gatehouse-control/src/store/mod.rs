@@ -1,5 +1,8 @@
 //! Raft storage: the log, the state machine, and the engine they sit on.
 
+// openraft's storage traits dictate `StorageError` as the error type.
+#![allow(clippy::result_large_err)]
+
 pub mod engine;
 pub mod log;
 pub mod sm;

@@ -69,7 +69,9 @@ impl<E: Engine> StateMachineStore<E> {
             config: ConfigState::with_history_limit(history_limit),
             ..SmData::default()
         };
-        if let (Some(meta), Some(bytes)) = (snapshots.get(SNAPSHOT_META)?, snapshots.get(SNAPSHOT_DATA)?) {
+        if let (Some(meta), Some(bytes)) =
+            (snapshots.get(SNAPSHOT_META)?, snapshots.get(SNAPSHOT_DATA)?)
+        {
             let meta: SnapshotMeta<NodeId, NodeInfo> = serde_json::from_slice(&meta)
                 .map_err(|e| EngineError(format!("snapshot metadata is corrupt: {e}")))?;
             let mut config = ConfigState::from_snapshot(&bytes)
@@ -101,20 +103,30 @@ impl<E: Engine> StateMachineStore<E> {
         bytes: &[u8],
     ) -> Result<(), StorageError> {
         let mut batch = Batch::default();
-        batch.insert(SNAPSHOT_META, serde_json::to_vec(meta).map_err(|e| snap_write_err(&e))?);
+        batch.insert(
+            SNAPSHOT_META,
+            serde_json::to_vec(meta).map_err(|e| snap_write_err(&e))?,
+        );
         batch.insert(SNAPSHOT_DATA, bytes);
-        self.snapshots.write(batch).map_err(|e| snap_write_err(&e))?;
+        self.snapshots
+            .write(batch)
+            .map_err(|e| snap_write_err(&e))?;
         self.snapshots.flush().await.map_err(|e| snap_write_err(&e))
     }
 }
 
 impl<E: Engine> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<E> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (bytes, last_log_id, last_membership) = self.shared.read(|d| {
-            (d.config.to_snapshot(), d.last_applied, d.membership.clone())
-        });
+        let (bytes, last_log_id, last_membership) = self
+            .shared
+            .read(|d| (d.config.to_snapshot(), d.last_applied, d.membership.clone()));
         let snapshot_id = match last_log_id {
-            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.index, rand::random::<u32>()),
+            Some(id) => format!(
+                "{}-{}-{}",
+                id.leader_id.term,
+                id.index,
+                rand::random::<u32>()
+            ),
             None => format!("empty-{}", rand::random::<u32>()),
         };
         let meta = SnapshotMeta {
@@ -205,8 +217,14 @@ impl<E: Engine> RaftStateMachine<TypeConfig> for StateMachineStore<E> {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let meta = self.snapshots.get(SNAPSHOT_META).map_err(|e| snap_err(&e))?;
-        let data = self.snapshots.get(SNAPSHOT_DATA).map_err(|e| snap_err(&e))?;
+        let meta = self
+            .snapshots
+            .get(SNAPSHOT_META)
+            .map_err(|e| snap_err(&e))?;
+        let data = self
+            .snapshots
+            .get(SNAPSHOT_DATA)
+            .map_err(|e| snap_err(&e))?;
         match (meta, data) {
             (Some(meta), Some(data)) => Ok(Some(Snapshot {
                 meta: serde_json::from_slice(&meta).map_err(|e| snap_err(&e))?,
