@@ -4,7 +4,8 @@ use gatehouse_e2e::{consumer, ctl, put, Cluster, Options};
 use gatehouse_proto::pb;
 use tonic::Code;
 
-const UPSTREAM: &str = "version: 1\nupstreams:\n  - name: billing\n    targets: [{ address: \"127.0.0.1:9000\" }]\n";
+const UPSTREAM: &str =
+    "version: 1\nupstreams:\n  - name: billing\n    targets: [{ address: \"127.0.0.1:9000\" }]\n";
 
 /// Everything the node holds, with the configuration revision.
 async fn snapshot(cluster: &Cluster) -> anyhow::Result<(u64, Vec<pb::Object>)> {
@@ -18,13 +19,16 @@ async fn snapshot(cluster: &Cluster) -> anyhow::Result<(u64, Vec<pb::Object>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_files_fail_apply_with_the_file_line_and_field_and_change_nothing() -> anyhow::Result<()> {
+async fn bad_files_fail_apply_with_the_file_line_and_field_and_change_nothing() -> anyhow::Result<()>
+{
     let cluster = Cluster::start(1, Options::default()).await?;
     let server = cluster.node(1).admin.clone();
     let dir = tempfile::tempdir()?;
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, UPSTREAM)?;
-    assert!(ctl(&server, &["apply", "-f", good.to_str().unwrap()]).status.success());
+    assert!(ctl(&server, &["apply", "-f", good.to_str().unwrap()])
+        .status
+        .success());
     let before = snapshot(&cluster).await?;
 
     let cases: &[(&str, String, &str)] = &[
@@ -66,14 +70,30 @@ async fn bad_files_fail_apply_with_the_file_line_and_field_and_change_nothing() 
         let out = ctl(&server, &["apply", "-f", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} was accepted");
-        assert!(stderr.contains(expected), "{file}: expected {expected:?} in {stderr:?}");
-        assert!(stderr.contains(file), "{file}: the error names the file: {stderr:?}");
+        assert!(
+            stderr.contains(expected),
+            "{file}: expected {expected:?} in {stderr:?}"
+        );
+        assert!(
+            stderr.contains(file),
+            "{file}: the error names the file: {stderr:?}"
+        );
         // The offline check says the same.
         let out = ctl(&server, &["validate", "-f", path.to_str().unwrap()]);
-        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(expected), "{file}");
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(expected),
+            "{file}"
+        );
     }
     // An unknown key is named with its line.
-    let out = ctl(&server, &["validate", "-f", dir.path().join("unknown-key.yaml").to_str().unwrap()]);
+    let out = ctl(
+        &server,
+        &[
+            "validate",
+            "-f",
+            dir.path().join("unknown-key.yaml").to_str().unwrap(),
+        ],
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("at line 4 column 5"));
     assert_eq!(snapshot(&cluster).await?, before, "nothing changed");
     Ok(())
@@ -97,8 +117,15 @@ async fn bad_requests_get_precise_grpc_errors_and_change_nothing() -> anyhow::Re
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
-    assert!(err.message().starts_with(&format!("consumer \"acme\" is at revision")), "{}", err.message());
-    assert!(err.message().contains(&format!("the write expected {first}")));
+    assert!(
+        err.message()
+            .starts_with("consumer \"acme\" is at revision"),
+        "{}",
+        err.message()
+    );
+    assert!(err
+        .message()
+        .contains(&format!("the write expected {first}")));
 
     // A batch whose last operation is invalid: all or nothing.
     let mut bad = consumer("Bad_Name");
@@ -119,13 +146,35 @@ async fn bad_requests_get_precise_grpc_errors_and_change_nothing() -> anyhow::Re
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("consumer \"Bad_Name\": name:"), "{}", err.message());
+    assert!(
+        err.message().starts_with("consumer \"Bad_Name\": name:"),
+        "{}",
+        err.message()
+    );
 
     // Malformed objects at the edge.
     let cases = [
-        (pb::Object { kind: "router".into(), ..consumer("x") }, "object.kind: unknown kind \"router\""),
-        (pb::Object { spec_json: "{not json".into(), ..consumer("x") }, "object.spec_json: is not JSON"),
-        (pb::Object { spec_json: r#"{"grups":[]}"#.into(), ..consumer("x") }, "unknown field `grups`"),
+        (
+            pb::Object {
+                kind: "router".into(),
+                ..consumer("x")
+            },
+            "object.kind: unknown kind \"router\"",
+        ),
+        (
+            pb::Object {
+                spec_json: "{not json".into(),
+                ..consumer("x")
+            },
+            "object.spec_json: is not JSON",
+        ),
+        (
+            pb::Object {
+                spec_json: r#"{"grups":[]}"#.into(),
+                ..consumer("x")
+            },
+            "unknown field `grups`",
+        ),
         (
             pb::Object {
                 kind: "certificate".into(),
@@ -142,24 +191,40 @@ async fn bad_requests_get_precise_grpc_errors_and_change_nothing() -> anyhow::Re
     ];
     for (object, expected) in cases {
         let err = client
-            .put(pb::PutRequest { object: Some(object), expected_revision: None })
+            .put(pb::PutRequest {
+                object: Some(object),
+                expected_revision: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-        assert!(err.message().contains(expected), "expected {expected:?} in {:?}", err.message());
+        assert!(
+            err.message().contains(expected),
+            "expected {expected:?} in {:?}",
+            err.message()
+        );
     }
 
     // Deleting what does not exist, and an unknown expected config revision.
     let err = client
         .delete(pb::DeleteRequest {
-            target: Some(pb::ObjectRef { kind: "route".into(), name: "ghost".into() }),
+            target: Some(pb::ObjectRef {
+                kind: "route".into(),
+                name: "ghost".into(),
+            }),
             expected_revision: None,
         })
         .await
         .unwrap_err();
-    assert_eq!((err.code(), err.message()), (Code::NotFound, "route \"ghost\" not found"));
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, "route \"ghost\" not found")
+    );
     let err = client
-        .apply(pb::ApplyRequest { ops: vec![], expected_config_revision: Some(1) })
+        .apply(pb::ApplyRequest {
+            ops: vec![],
+            expected_config_revision: Some(1),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);

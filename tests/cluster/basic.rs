@@ -4,19 +4,27 @@ use gatehouse_e2e::{consumer, ctl, put, Cluster, Options};
 use gatehouse_proto::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_form_and_a_follower_write_is_read_linearizably_everywhere() -> anyhow::Result<()> {
+async fn three_nodes_form_and_a_follower_write_is_read_linearizably_everywhere(
+) -> anyhow::Result<()> {
     let cluster = Cluster::start(3, Options::default()).await?;
     let leader = cluster.leader().await?;
     let follower = cluster.nodes.iter().find(|n| n.id != leader).unwrap();
 
     // Through the CLI, as an operator would see it.
     let status = ctl(&follower.admin, &["cluster", "status", "-o", "json"]);
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
     assert_eq!(status["leader_id"], leader);
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3);
-    assert!(nodes.iter().all(|n| n["voter"] == true && n["error"] == ""), "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n["voter"] == true && n["error"] == ""),
+        "{nodes:?}"
+    );
 
     let revision = put(&follower.admin, consumer("written-via-follower"))
         .await
@@ -55,7 +63,11 @@ async fn apply_get_and_delete_through_gatehousectl() -> anyhow::Result<()> {
 
     let out = ctl(server, &["apply", "-f", path]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("upstream \"billing\" created"), "{stdout}");
     assert!(stdout.contains("applied 2 changes at revision"), "{stdout}");
 
@@ -63,11 +75,21 @@ async fn apply_get_and_delete_through_gatehousectl() -> anyhow::Result<()> {
     let out = ctl(server, &["apply", "-f", path]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("no changes"));
 
-    let out = ctl(server, &["get", "upstreams", "-l", "team=payments", "-o", "yaml"]);
+    let out = ctl(
+        server,
+        &["get", "upstreams", "-l", "team=payments", "-o", "yaml"],
+    );
     let yaml = String::from_utf8_lossy(&out.stdout);
-    assert!(yaml.contains("name: billing") && yaml.contains("127.0.0.1:9000"), "{yaml}");
+    assert!(
+        yaml.contains("name: billing") && yaml.contains("127.0.0.1:9000"),
+        "{yaml}"
+    );
     let out = ctl(server, &["get", "upstreams", "-l", "team=other"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "only the header");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "only the header"
+    );
 
     // Still referenced by the route: refused, with the reason.
     let out = ctl(server, &["delete", "upstream", "billing"]);
@@ -77,10 +99,17 @@ async fn apply_get_and_delete_through_gatehousectl() -> anyhow::Result<()> {
         "error: upstream \"billing\" cannot be deleted: route \"billing\" references it"
     );
     let out = ctl(server, &["delete", "route", "billing"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ctl(server, &["delete", "upstream", "billing"]);
     assert!(out.status.success());
     let out = ctl(server, &["get", "route", "billing"]);
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "error: route \"billing\" not found");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: route \"billing\" not found"
+    );
     Ok(())
 }

@@ -16,7 +16,12 @@ struct Outcomes {
 }
 
 /// Writes `count` consumers named `{prefix}-{i}`, cycling through `addrs`.
-async fn write_stream(addrs: Vec<String>, prefix: &str, count: usize, acks: Arc<AtomicUsize>) -> Outcomes {
+async fn write_stream(
+    addrs: Vec<String>,
+    prefix: &str,
+    count: usize,
+    acks: Arc<AtomicUsize>,
+) -> Outcomes {
     let mut out = Outcomes::default();
     for i in 0..count {
         let name = format!("{prefix}-{i}");
@@ -94,7 +99,11 @@ async fn killing_every_node_loses_no_acknowledged_write() -> anyhow::Result<()> 
     cluster.leader().await?;
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.admin.clone()).collect();
     let outcomes = write_stream(addrs, "before-crash", 60, Arc::default()).await;
-    assert_eq!(outcomes.unknown, Vec::<String>::new(), "a healthy cluster acknowledges every write");
+    assert_eq!(
+        outcomes.unknown,
+        Vec::<String>::new(),
+        "a healthy cluster acknowledges every write"
+    );
 
     for id in 1..=3 {
         cluster.kill(id);

@@ -32,10 +32,14 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() -> anyhow::R
     cluster.kill(lagger);
 
     let last = write_many(&cluster.node(leader).admin, "late", 100).await?;
-    let purged = eventually(Duration::from_secs(20), "the leader to purge its log", || async {
-        let s = cluster.local_status(leader).await.ok()?;
-        (s.purged_index > behind_at + 1).then_some(s.purged_index)
-    })
+    let purged = eventually(
+        Duration::from_secs(20),
+        "the leader to purge its log",
+        || async {
+            let s = cluster.local_status(leader).await.ok()?;
+            (s.purged_index > behind_at + 1).then_some(s.purged_index)
+        },
+    )
     .await?;
     eprintln!("lagger stopped at log index {behind_at}; the leader purged up to {purged}, last write {last}");
 
@@ -46,7 +50,10 @@ async fn a_node_that_missed_purged_entries_catches_up_by_snapshot() -> anyhow::R
     assert_eq!(theirs.len(), 105);
     assert_eq!(theirs, ours, "identical state after catching up");
     let status = cluster.local_status(lagger).await?;
-    assert!(status.snapshot_index >= purged, "it installed a snapshot past the purge point: {status:?}");
+    assert!(
+        status.snapshot_index >= purged,
+        "it installed a snapshot past the purge point: {status:?}"
+    );
     Ok(())
 }
 
@@ -64,30 +71,66 @@ async fn a_wiped_node_does_not_rejoin_silently() -> anyhow::Result<()> {
 
     // The cluster says what is wrong with the node, and the node holds nothing.
     let leader_admin = cluster.node(leader).admin.clone();
-    let error = eventually(Duration::from_secs(20), "status to report the wiped node", || async {
-        let out = ctl(&leader_admin, &["cluster", "status", "-o", "json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let node = v["nodes"].as_array()?.iter().find(|n| n["id"] == victim)?.clone();
-        let error = node["error"].as_str()?.to_string();
-        error.contains("wiped or replaced").then_some(error)
-    })
+    let error = eventually(
+        Duration::from_secs(20),
+        "status to report the wiped node",
+        || async {
+            let out = ctl(&leader_admin, &["cluster", "status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let node = v["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["id"] == victim)?
+                .clone();
+            let error = node["error"].as_str()?.to_string();
+            error.contains("wiped or replaced").then_some(error)
+        },
+    )
     .await?;
     eprintln!("status of the wiped node: {error}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(cluster.objects_on(victim).await?.is_empty(), "it took no entries");
+    assert!(
+        cluster.objects_on(victim).await?.is_empty(),
+        "it took no entries"
+    );
     let status = cluster.local_status(victim).await?;
-    assert!(!status.initialized && status.term == 0, "it never joined a term: {status:?}");
+    assert!(
+        !status.initialized && status.term == 0,
+        "it never joined a term: {status:?}"
+    );
 
     // The operator removes and re-adds it; then it catches up.
     let out = ctl(&leader_admin, &["cluster", "remove", &victim.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (raft, admin) = (cluster.node(victim).raft.clone(), cluster.node(victim).admin.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (raft, admin) = (
+        cluster.node(victim).raft.clone(),
+        cluster.node(victim).admin.clone(),
+    );
     let out = ctl(
         &leader_admin,
-        &["cluster", "add", &victim.to_string(), "--raft-addr", &raft, "--admin-addr", &admin],
+        &[
+            "cluster",
+            "add",
+            &victim.to_string(),
+            "--raft-addr",
+            &raft,
+            "--admin-addr",
+            &admin,
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.converge(last).await?;
-    assert_eq!(cluster.objects_on(victim).await?, cluster.objects_on(leader).await?);
+    assert_eq!(
+        cluster.objects_on(victim).await?,
+        cluster.objects_on(leader).await?
+    );
     Ok(())
 }

@@ -117,7 +117,7 @@ pub enum WriteError {
     },
     #[error("{target} cannot be deleted: {by} references it")]
     StillReferenced { target: ObjectRef, by: ObjectRef },
-    #[error("{target} is at revision {actual}, the write expected {expected}{}", if *actual == 0 { " (it does not exist)" } else { "" })]
+    #[error("{}", conflict_message(target, *expected, *actual))]
     Conflict {
         target: ObjectRef,
         expected: u64,
@@ -131,6 +131,14 @@ pub enum WriteError {
     Duplicate { target: ObjectRef },
     #[error("a write holds {ops} operations, at most {max} allowed")]
     TooLarge { ops: usize, max: usize },
+}
+
+fn conflict_message(target: &ObjectRef, expected: u64, actual: u64) -> String {
+    match (expected, actual) {
+        (0, _) => format!("{target} already exists (at revision {actual}); the write expected to create it"),
+        (_, 0) => format!("{target} does not exist; the write expected it at revision {expected}"),
+        _ => format!("{target} is at revision {actual}, the write expected {expected}"),
+    }
 }
 
 impl WriteError {

@@ -84,7 +84,8 @@ impl Check<'_> {
 
     fn count<T>(&self, field: &str, items: &[T], min: usize, max: usize) -> Result {
         if items.len() < min {
-            return Err(self.fail(field, format!("needs at least {min} entries")));
+            let what = if min == 1 { "an entry" } else { "more entries" };
+            return Err(self.fail(field, format!("needs at least {what} ({min})")));
         }
         self.ensure(
             items.len() <= max,
@@ -110,12 +111,12 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(format!(
-            "name {name:?} must be 1 to {MAX_NAME} characters long"
+            "{name:?} must be 1 to {MAX_NAME} characters long"
         ));
     }
     if !name.chars().all(ok_char) || !edge(name.chars().next()) || !edge(name.chars().last()) {
         return Err(format!(
-            "name {name:?} may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"
+            "{name:?} may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"
         ));
     }
     Ok(())

@@ -165,13 +165,13 @@ fn expecting_revision_zero_means_create_only() {
     );
     assert_eq!(
         err.to_string(),
-        r#"upstream "billing" is at revision 1, the write expected 0"#
+        r#"upstream "billing" already exists (at revision 1); the write expected to create it"#
     );
     // Expecting a revision of an object that does not exist says so.
     let err = refused(&mut s, 3, &Command::put(up("other"), Some(5)));
     assert_eq!(
         err.to_string(),
-        r#"upstream "other" is at revision 0, the write expected 5 (it does not exist)"#
+        r#"upstream "other" does not exist; the write expected it at revision 5"#
     );
 }
 
@@ -404,7 +404,7 @@ fn a_batch_whose_last_op_fails_changes_nothing() {
     let cases: Vec<(Op, &str)> = vec![
         (
             put(invalid_upstream.into()),
-            r#"upstream "broken": targets: needs at least 1 entries"#,
+            r#"upstream "broken": targets: needs at least an entry (1)"#,
         ),
         (
             delete(Kind::Consumer, "nobody"),

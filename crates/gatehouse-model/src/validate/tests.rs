@@ -95,39 +95,39 @@ fn bad_names_are_refused_with_the_name_field() {
     assert_invalid(
         upstream("Billing"),
         "name",
-        r#"upstream "Billing": name: name "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"upstream "Billing": name: "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     let long = "a".repeat(64);
     assert_invalid(
         route(&long, "u"),
         "name",
-        &format!(r#"route "{long}": name: name "{long}" must be 1 to 63 characters long"#),
+        &format!(r#"route "{long}": name: "{long}" must be 1 to 63 characters long"#),
     );
     assert_invalid(
         policy("-strict"),
         "name",
-        r#"policy "-strict": name: name "-strict" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"policy "-strict": name: "-strict" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     assert_invalid(
         consumer("acme."),
         "name",
-        r#"consumer "acme.": name: name "acme." may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"consumer "acme.": name: "acme." may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     assert_invalid(
         certificate("my_cert"),
         "name",
-        r#"certificate "my_cert": name: name "my_cert" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"certificate "my_cert": name: "my_cert" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     assert_invalid(
         admin_token(""),
         "name",
-        r#"admin_token "": name: name "" must be 1 to 63 characters long"#,
+        r#"admin_token "": name: "" must be 1 to 63 characters long"#,
     );
     // Multi-byte characters count in bytes, and are refused anyway.
     assert_invalid(
         jwt_issuer("café"),
         "name",
-        r#"jwt_issuer "café": name: name "café" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"jwt_issuer "café": name: "café" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
 }
 
@@ -273,7 +273,7 @@ fn upstream_needs_targets_with_sane_weights() {
     assert_invalid(
         u,
         "targets",
-        r#"upstream "billing": targets: needs at least 1 entries"#,
+        r#"upstream "billing": targets: needs at least an entry (1)"#,
     );
     let mut u = upstream("billing");
     u.targets[0].weight = 0;
@@ -541,7 +541,7 @@ fn route_paths_must_be_absolute() {
     assert_invalid(
         r,
         "paths",
-        r#"route "billing": paths: needs at least 1 entries"#,
+        r#"route "billing": paths: needs at least an entry (1)"#,
     );
 }
 
@@ -606,14 +606,14 @@ fn route_hosts_methods_and_references_are_checked() {
     assert_invalid(
         route("billing", "Billing"),
         "upstream",
-        r#"route "billing": upstream: name "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"route "billing": upstream: "Billing" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     let mut r = route("billing", "billing");
     r.policy = Some(String::new());
     assert_invalid(
         r,
         "policy",
-        r#"route "billing": policy: name "" must be 1 to 63 characters long"#,
+        r#"route "billing": policy: "" must be 1 to 63 characters long"#,
     );
 }
 
@@ -684,14 +684,14 @@ fn policy_authentication_settings_must_agree() {
     assert_invalid(
         p,
         "jwt.issuers",
-        r#"policy "strict": jwt.issuers: needs at least 1 entries"#,
+        r#"policy "strict": jwt.issuers: needs at least an entry (1)"#,
     );
     let mut p = full_policy("strict", "corp");
     p.jwt.as_mut().unwrap().issuers.push("Corp".to_string());
     assert_invalid(
         p,
         "jwt.issuers[1]",
-        r#"policy "strict": jwt.issuers[1]: name "Corp" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"policy "strict": jwt.issuers[1]: "Corp" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
 }
 
@@ -806,7 +806,7 @@ fn consumer_groups_and_metadata_are_checked() {
     assert_invalid(
         c,
         "groups[2]",
-        r#"consumer "acme": groups[2]: name "Admins" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"consumer "acme": groups[2]: "Admins" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     let mut c = consumer("acme");
     c.groups.push("admins".to_string());
@@ -850,7 +850,7 @@ fn api_key_and_admin_token_hashes_must_be_sha256_hex() {
     assert_invalid(
         api_key("acme-key-1", "ACME"),
         "consumer",
-        r#"api_key "acme-key-1": consumer: name "ACME" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+        r#"api_key "acme-key-1": consumer: "ACME" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
     );
     let mut t = admin_token("ci");
     t.token_hash = "secret".to_string();
@@ -999,7 +999,7 @@ fn jwt_issuer_fields_are_bounded() {
     assert_invalid(
         j,
         "audiences",
-        r#"jwt_issuer "corp": audiences: needs at least 1 entries"#,
+        r#"jwt_issuer "corp": audiences: needs at least an entry (1)"#,
     );
     let mut j = jwt_issuer("corp");
     j.algorithms.push(JwtAlgorithm::HS256);
@@ -1026,7 +1026,7 @@ fn certificates_need_names_and_pem() {
     assert_invalid(
         c,
         "server_names",
-        r#"certificate "api-cert": server_names: needs at least 1 entries"#,
+        r#"certificate "api-cert": server_names: needs at least an entry (1)"#,
     );
     let mut c = certificate("api-cert");
     c.server_names.push("bad name".to_string());
