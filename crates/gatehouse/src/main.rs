@@ -218,3 +218,79 @@ async fn main() -> Result<()> {
         Command::ControlPlane(args) => run_control_plane(args).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cli: &[&str]) -> ControlPlaneArgs {
+        let mut all = vec!["gatehouse", "control-plane"];
+        all.extend_from_slice(cli);
+        match Cli::try_parse_from(all).expect("flags parse").command {
+            Command::ControlPlane(a) => a,
+        }
+    }
+
+    fn config_file(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let (_dir, path) =
+            config_file("node_id: 4\nraft_listen: 127.0.0.1:7001\nsnapshot_every: 50\n");
+        let cfg = node_config(args(&["-c", &path, "--snapshot-every", "60"])).unwrap();
+        assert_eq!(cfg.node_id, 4);
+        assert_eq!(cfg.raft_listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:9400");
+        assert_eq!(cfg.tuning.snapshot_every, 60);
+        assert_eq!(cfg.data_dir, PathBuf::from("gatehouse-data/node-4"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        let (_dir, path) = config_file("node_id: 1\nraft_lisen: 127.0.0.1:7001\n");
+        let err = format!("{:#}", node_config(args(&["-c", &path])).err().unwrap());
+        assert!(
+            err.contains("unknown field `raft_lisen`") && err.contains("line 2"),
+            "{err}"
+        );
+        assert!(err.contains(&path), "names the file: {err}");
+
+        let err = node_config(args(&[])).err().unwrap().to_string();
+        assert_eq!(err, "--node-id is required (or node_id in the config file)");
+
+        let err = node_config(args(&["--node-id", "1", "--admin-listen", "0.0.0.0:9400"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("not a loopback address") && err.contains("--insecure"),
+            "{err}"
+        );
+        assert!(node_config(args(&[
+            "--node-id",
+            "1",
+            "--admin-listen",
+            "0.0.0.0:9400",
+            "--insecure"
+        ]))
+        .is_ok());
+
+        let err = node_config(args(&[
+            "--node-id",
+            "1",
+            "--heartbeat-ms",
+            "500",
+            "--election-timeout-ms",
+            "400",
+        ]))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("must be greater than --heartbeat-ms"), "{err}");
+    }
+}
