@@ -91,6 +91,17 @@ async fn apply_get_and_delete_through_gatehousectl() -> anyhow::Result<()> {
         "only the header"
     );
 
+    // The export of every object applies back as "no changes" (backup round trip).
+    let out = ctl(server, &["get", "all", "-o", "yaml"]);
+    assert!(out.status.success());
+    let export = dir.path().join("export.yml");
+    std::fs::write(&export, &out.stdout)?;
+    let out = ctl(server, &["apply", "-f", export.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("no changes"),
+        "{out:?}"
+    );
+
     // Still referenced by the route: refused, with the reason.
     let out = ctl(server, &["delete", "upstream", "billing"]);
     assert!(!out.status.success());

@@ -56,7 +56,8 @@ enum Command {
     },
     /// Show objects of one kind, or one object.
     Get {
-        /// upstream, route, policy, consumer, api_key, jwt_issuer, certificate, admin_token (singular or plural).
+        /// upstream, route, policy, consumer, api_key, jwt_issuer, certificate, admin_token
+        /// (singular or plural), or `all` for every kind.
         kind: String,
         name: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
@@ -493,16 +494,24 @@ async fn run(cli: &Cli) -> Result<()> {
             selector,
             stale,
         } => {
-            let kind: Kind = kind.parse()?;
+            // `all` lists every kind: an empty kind in the request.
+            let kind: Option<Kind> = match kind.as_str() {
+                "all" => None,
+                k => Some(k.parse()?),
+            };
+            let kind_str = kind.map(|k| k.as_str().to_string()).unwrap_or_default();
             let mut client = connect(cli).await?;
             let objects = match name {
                 Some(name) => {
                     if !selector.is_empty() {
                         bail!("--selector applies to lists, not to one named object");
                     }
+                    if kind.is_none() {
+                        bail!("`get all` lists objects; name a kind to get one object");
+                    }
                     let reply = client
                         .get(pb::GetRequest {
-                            kind: kind.as_str().into(),
+                            kind: kind_str,
                             name: name.clone(),
                             stale: *stale,
                         })
@@ -514,7 +523,7 @@ async fn run(cli: &Cli) -> Result<()> {
                 None => from_pb(
                     client
                         .list(pb::ListRequest {
-                            kind: kind.as_str().into(),
+                            kind: kind_str,
                             selector: selector.clone(),
                             stale: *stale,
                         })
