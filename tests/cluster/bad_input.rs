@@ -205,6 +205,19 @@ async fn bad_requests_get_precise_grpc_errors_and_change_nothing() -> anyhow::Re
         );
     }
 
+    // A request over the admin API's 16 MiB cap is refused before it is decoded.
+    let huge = pb::Object {
+        spec_json: format!(r#"{{"groups":["{}"]}}"#, "g".repeat(17 * 1024 * 1024)),
+        ..consumer("huge")
+    };
+    let err = client
+        .put(pb::PutRequest { object: Some(huge), expected_revision: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(err.message().contains("message length too large"), "{}", err.message());
+    let mut client = cluster.client(1).await?;
+
     // Deleting what does not exist, and an unknown expected config revision.
     let err = client
         .delete(pb::DeleteRequest {

@@ -11,7 +11,9 @@ use gatehouse_model::selector::Selector;
 use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk};
 use gatehouse_proto::pb::admin_client::AdminClient;
 use gatehouse_proto::pb::raft_client::RaftClient;
-use gatehouse_proto::{pb, FORWARDED, LEADER_HINT, MAX_MESSAGE_BYTES};
+use gatehouse_proto::{
+    pb, FORWARDED, LEADER_HINT, MAX_ADMIN_REQUEST_BYTES, MAX_ADMIN_RESPONSE_BYTES,
+};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
 use tonic::transport::Channel;
@@ -188,8 +190,8 @@ impl AdminService {
 
     async fn client(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
         Ok(AdminClient::new(self.channels.get(addr)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            .max_decoding_message_size(MAX_ADMIN_RESPONSE_BYTES)
+            .max_encoding_message_size(MAX_ADMIN_REQUEST_BYTES))
     }
 
     /// Sends the call to the leader, marked so that it is not forwarded again.

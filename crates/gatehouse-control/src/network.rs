@@ -11,7 +11,8 @@ use std::time::Duration;
 use gatehouse_proto::pb;
 use gatehouse_proto::pb::raft_client::RaftClient;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -90,6 +91,7 @@ impl Connection {
         rpc: Rpc,
         req: &Req,
         option: RPCOption,
+        entries: usize,
     ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
@@ -101,6 +103,13 @@ impl Connection {
             .clone()
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        // Over the message limit: ask openraft to send fewer entries at once
+        // (one entry always fits: admin requests are capped well below it).
+        if data.len() > gatehouse_proto::MAX_RAFT_MESSAGE_BYTES * 3 / 4 && entries > 1 {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint((entries / 2) as u64),
+            ));
+        }
         let mut request = Request::new(pb::RaftRequest {
             cluster_id: self.cluster_id.clone(),
             target_id: self.target,
@@ -109,8 +118,8 @@ impl Connection {
         });
         request.set_timeout(option.hard_ttl());
         let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(gatehouse_proto::MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(gatehouse_proto::MAX_RAFT_MESSAGE_BYTES);
         let reply = match rpc {
             Rpc::Append => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
@@ -136,7 +145,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Rpc::Append, &rpc, option).await
+        let entries = rpc.entries.len();
+        self.call(Rpc::Append, &rpc, option, entries).await
     }
 
     async fn install_snapshot(
@@ -144,7 +154,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Rpc::Snapshot, &rpc, option).await
+        self.call(Rpc::Snapshot, &rpc, option, 0).await
     }
 
     async fn vote(
@@ -152,7 +162,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Rpc::Vote, &rpc, option).await
+        self.call(Rpc::Vote, &rpc, option, 0).await
     }
 }
 

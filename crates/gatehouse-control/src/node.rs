@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use gatehouse_proto::pb::admin_server::AdminServer;
 use gatehouse_proto::pb::raft_server::RaftServer;
-use gatehouse_proto::MAX_MESSAGE_BYTES;
+use gatehouse_proto::{MAX_ADMIN_REQUEST_BYTES, MAX_ADMIN_RESPONSE_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use openraft::{Config as RaftConfig, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -195,8 +195,8 @@ impl ControlPlane {
             identity: identity.clone(),
             flush: flush.clone(),
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         let admin_service = AdminServer::new(AdminService {
             raft: raft.clone(),
             sm: shared.clone(),
@@ -205,8 +205,8 @@ impl ControlPlane {
             channels,
             flush,
         })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
         let servers = vec![
             tokio::spawn(
                 tonic::transport::Server::builder()

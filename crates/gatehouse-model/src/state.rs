@@ -135,7 +135,9 @@ pub enum WriteError {
 
 fn conflict_message(target: &ObjectRef, expected: u64, actual: u64) -> String {
     match (expected, actual) {
-        (0, _) => format!("{target} already exists (at revision {actual}); the write expected to create it"),
+        (0, _) => format!(
+            "{target} already exists (at revision {actual}); the write expected to create it"
+        ),
         (_, 0) => format!("{target} does not exist; the write expected it at revision {expected}"),
         _ => format!("{target} is at revision {actual}, the write expected {expected}"),
     }

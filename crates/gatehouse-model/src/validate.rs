@@ -110,9 +110,7 @@ pub fn check_name(name: &str) -> std::result::Result<(), String> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if name.is_empty() || name.len() > MAX_NAME {
-        return Err(format!(
-            "{name:?} must be 1 to {MAX_NAME} characters long"
-        ));
+        return Err(format!("{name:?} must be 1 to {MAX_NAME} characters long"));
     }
     if !name.chars().all(ok_char) || !edge(name.chars().next()) || !edge(name.chars().last()) {
         return Err(format!(

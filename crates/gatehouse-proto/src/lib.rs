@@ -17,8 +17,13 @@ pub use v1 as pb;
 pub const LEADER_HINT: &str = "x-gatehouse-leader";
 /// Set on a request one node forwards to the leader, so it is never forwarded twice.
 pub const FORWARDED: &str = "x-gatehouse-forwarded";
-/// The largest gRPC message accepted by the admin and raft services.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// The largest admin request accepted: one write, all of whose objects
+/// become one Raft log entry.
+pub const MAX_ADMIN_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// The largest admin response (a list of every object can be large).
+pub const MAX_ADMIN_RESPONSE_BYTES: usize = 512 * 1024 * 1024;
+/// The largest raft message; bigger batches of entries are split.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A proto message that does not describe a valid domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -132,8 +132,8 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>> {
         .await
         .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
     Ok(AdminClient::new(channel)
-        .max_decoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(gatehouse_proto::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(gatehouse_proto::MAX_ADMIN_RESPONSE_BYTES)
+        .max_encoding_message_size(gatehouse_proto::MAX_ADMIN_REQUEST_BYTES))
 }
 
 /// The server's error as the user should read it, with the leader hint.
