@@ -211,11 +211,18 @@ async fn bad_requests_get_precise_grpc_errors_and_change_nothing() -> anyhow::Re
         ..consumer("huge")
     };
     let err = client
-        .put(pb::PutRequest { object: Some(huge), expected_revision: None })
+        .put(pb::PutRequest {
+            object: Some(huge),
+            expected_revision: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
-    assert!(err.message().contains("message length too large"), "{}", err.message());
+    assert!(
+        err.message().contains("message length too large"),
+        "{}",
+        err.message()
+    );
     let mut client = cluster.client(1).await?;
 
     // Deleting what does not exist, and an unknown expected config revision.

@@ -12,7 +12,7 @@ use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk}
 use gatehouse_proto::pb::admin_client::AdminClient;
 use gatehouse_proto::pb::raft_client::RaftClient;
 use gatehouse_proto::{
-    pb, FORWARDED, LEADER_HINT, MAX_ADMIN_REQUEST_BYTES, MAX_ADMIN_RESPONSE_BYTES,
+    pb, FORWARDED, LEADER_HINT, MAX_ADMIN_REQUEST_BYTES, MAX_ADMIN_RESPONSE_BYTES, NOT_APPLIED,
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
@@ -67,6 +67,9 @@ impl Failure {
                 if let Some(addr) = node.and_then(|n| n.admin_addr.parse().ok()) {
                     status.metadata_mut().insert(LEADER_HINT, addr);
                 }
+                status
+                    .metadata_mut()
+                    .insert(NOT_APPLIED, "1".parse().expect("ascii"));
                 status
             }
         }
@@ -211,7 +214,25 @@ impl AdminService {
             .metadata_mut()
             .insert(FORWARDED, "1".parse().expect("ascii"));
         request.set_timeout(FORWARD_TIMEOUT);
-        call(client, request).await
+        call(client, request).await.map_err(|s| match s.code() {
+            // Trouble on the way to the leader: say where it happened.
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded => {
+                let mut wrapped = Status::new(
+                    s.code(),
+                    format!(
+                        "forwarding to the leader at {}: {}",
+                        leader.admin_addr,
+                        s.message()
+                    ),
+                );
+                *wrapped.metadata_mut() = s.metadata().clone();
+                wrapped
+            }
+            _ => s,
+        })
     }
 
     /// Commits a command through Raft on this node, which must be the leader.

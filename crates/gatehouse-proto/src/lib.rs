@@ -15,6 +15,9 @@ pub use v1 as pb;
 
 /// The metadata entry that carries the leader's admin address on UNAVAILABLE.
 pub const LEADER_HINT: &str = "x-gatehouse-leader";
+/// Set on an UNAVAILABLE answer when the cluster did not act on the request
+/// (for example no leader was known): retrying it cannot apply it twice.
+pub const NOT_APPLIED: &str = "x-gatehouse-not-applied";
 /// Set on a request one node forwards to the leader, so it is never forwarded twice.
 pub const FORWARDED: &str = "x-gatehouse-forwarded";
 /// The largest admin request accepted: one write, all of whose objects

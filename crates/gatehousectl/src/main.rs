@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -136,6 +136,51 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>> {
         .max_encoding_message_size(gatehouse_proto::MAX_ADMIN_REQUEST_BYTES))
 }
 
+/// Sends a call, and again while the cluster is between leaders, until
+/// `--timeout` runs out. A read is retried on any UNAVAILABLE answer; a write
+/// only when the cluster says it did not act on it, so it is never applied twice.
+async fn call<T, F, Fut>(cli: &Cli, read: bool, mut send: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(cli.timeout);
+    let mut delay = Duration::from_millis(100);
+    let mut told = false;
+    loop {
+        match send().await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(s)
+                if (s.metadata().contains_key(gatehouse_proto::NOT_APPLIED)
+                    || (read && s.code() == tonic::Code::Unavailable))
+                    && Instant::now() + delay < deadline =>
+            {
+                if !told {
+                    eprintln!("waiting for the cluster: {}", s.message());
+                    told = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+}
+
+/// `rpc!(cli, client.method(request))`: the call through [`call`], with retries.
+macro_rules! rpc {
+    ($cli:expr, $client:ident . $method:ident ($req:expr)) => {{
+        let req = $req;
+        let read = matches!(stringify!($method), "get" | "list" | "cluster_status");
+        call($cli, read, || {
+            let mut c = $client.clone();
+            let r = req.clone();
+            async move { c.$method(r).await }
+        })
+        .await
+    }};
+}
+
 /// The server's error as the user should read it, with the leader hint.
 fn status_error(status: tonic::Status) -> anyhow::Error {
     let mut msg = status.message().to_string();
@@ -259,15 +304,8 @@ async fn apply(cli: &Cli, path: &Path) -> Result<()> {
         .to_command()
         .validate_standalone()
         .map_err(|e| with_source(e.into(), &loaded))?;
-    let mut client = connect(cli).await?;
-    let current = from_pb(
-        client
-            .list(pb::ListRequest::default())
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .objects,
-    )?;
+    let client = connect(cli).await?;
+    let current = from_pb(rpc!(cli, client.list(pb::ListRequest::default()))?.objects)?;
     let ops = file::plan(&loaded.objects, |r| {
         current.iter().find(|o| o.object_ref() == *r)
     });
@@ -299,11 +337,7 @@ async fn apply(cli: &Cli, path: &Path) -> Result<()> {
             .collect(),
         expected_config_revision: None,
     };
-    let reply = client
-        .apply(request)
-        .await
-        .map_err(|s| with_source(status_error(s), &loaded))?
-        .into_inner();
+    let reply = rpc!(cli, client.apply(request)).map_err(|e| with_source(e, &loaded))?;
     for op in &ops {
         let verb = match op {
             Op::Put {
@@ -368,14 +402,10 @@ fn print_membership(m: &pb::MembershipResponse) {
 }
 
 async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
-    let mut client = connect(cli).await?;
+    let client = connect(cli).await?;
     match cmd {
         ClusterCommand::Status { output } => {
-            let s = client
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let s = rpc!(cli, client.cluster_status(pb::ClusterStatusRequest {}))?;
             match output {
                 Output::Json | Output::Yaml => {
                     let nodes: Vec<serde_json::Value> = s
@@ -443,11 +473,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                 .iter()
                 .map(|m| parse_member(m))
                 .collect::<Result<_>>()?;
-            let m = client
-                .cluster_init(pb::ClusterInitRequest { members })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let m = rpc!(cli, client.cluster_init(pb::ClusterInitRequest { members }))?;
             print_membership(&m);
         }
         ClusterCommand::Add {
@@ -457,8 +483,9 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
             learner,
         } => {
             eprintln!("adding node {id}: joining as a learner and waiting for it to catch up...");
-            let m = client
-                .add_node(pb::AddNodeRequest {
+            let m = rpc!(
+                cli,
+                client.add_node(pb::AddNodeRequest {
                     member: Some(pb::Member {
                         id: *id,
                         raft_addr: raft_addr.clone(),
@@ -466,17 +493,11 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                     }),
                     learner_only: *learner,
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            )?;
             print_membership(&m);
         }
         ClusterCommand::Remove { id } => {
-            let m = client
-                .remove_node(pb::RemoveNodeRequest { id: *id })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let m = rpc!(cli, client.remove_node(pb::RemoveNodeRequest { id: *id }))?;
             print_membership(&m);
         }
     }
@@ -500,7 +521,7 @@ async fn run(cli: &Cli) -> Result<()> {
                 k => Some(k.parse()?),
             };
             let kind_str = kind.map(|k| k.as_str().to_string()).unwrap_or_default();
-            let mut client = connect(cli).await?;
+            let client = connect(cli).await?;
             let objects = match name {
                 Some(name) => {
                     if !selector.is_empty() {
@@ -509,28 +530,26 @@ async fn run(cli: &Cli) -> Result<()> {
                     if kind.is_none() {
                         bail!("`get all` lists objects; name a kind to get one object");
                     }
-                    let reply = client
-                        .get(pb::GetRequest {
+                    let reply = rpc!(
+                        cli,
+                        client.get(pb::GetRequest {
                             kind: kind_str,
                             name: name.clone(),
                             stale: *stale,
                         })
-                        .await
-                        .map_err(status_error)?
-                        .into_inner();
+                    )?;
                     from_pb(reply.object.into_iter().collect())?
                 }
                 None => from_pb(
-                    client
-                        .list(pb::ListRequest {
+                    rpc!(
+                        cli,
+                        client.list(pb::ListRequest {
                             kind: kind_str,
                             selector: selector.clone(),
                             stale: *stale,
                         })
-                        .await
-                        .map_err(status_error)?
-                        .into_inner()
-                        .objects,
+                    )?
+                    .objects,
                 )?,
             };
             print_objects(&objects, *output)
@@ -544,15 +563,14 @@ async fn run(cli: &Cli) -> Result<()> {
                 kind: kind.parse()?,
                 name: name.clone(),
             };
-            let reply = connect(cli)
-                .await?
-                .delete(pb::DeleteRequest {
+            let client = connect(cli).await?;
+            let reply = rpc!(
+                cli,
+                client.delete(pb::DeleteRequest {
                     target: Some(pb::ObjectRef::from(&target)),
                     expected_revision: *expected_revision,
                 })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            )?;
             println!("{target} deleted at revision {}", reply.revision);
             Ok(())
         }
