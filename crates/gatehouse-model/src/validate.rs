@@ -452,19 +452,21 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
         )?,
     }
     let a = &p.authorization;
-    for (field, items) in [
-        ("authorization.groups", &a.groups),
-        ("authorization.scopes", &a.scopes),
-    ] {
-        c.count(field, items, 0, 64)?;
-        for (i, g) in items.iter().enumerate() {
-            c.ensure(
-                !g.is_empty() && g.len() <= 256,
-                format!("{field}[{i}]"),
-                "must be 1 to 256 characters",
-            )?;
-        }
+    // Groups are matched against consumers' groups, so they follow the same syntax.
+    c.count("authorization.groups", &a.groups, 0, 64)?;
+    for (i, g) in a.groups.iter().enumerate() {
+        check_name(g).map_err(|m| c.fail(format!("authorization.groups[{i}]"), m))?;
     }
+    c.no_duplicates("authorization.groups", &a.groups)?;
+    c.count("authorization.scopes", &a.scopes, 0, 64)?;
+    for (i, g) in a.scopes.iter().enumerate() {
+        c.ensure(
+            !g.is_empty() && g.len() <= 256,
+            format!("authorization.scopes[{i}]"),
+            "must be 1 to 256 characters",
+        )?;
+    }
+    c.count("authorization.claims", &a.claims, 0, 32)?;
     for (i, m) in a.claims.iter().enumerate() {
         let field = format!("authorization.claims[{i}]");
         c.ensure(
@@ -538,6 +540,7 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
     if let Some(h) = fw.max_header_bytes {
         c.range("firewall.max_header_bytes", h, 256, 1 << 20)?;
     }
+    c.count("firewall.allowed_methods", &fw.allowed_methods, 0, 32)?;
     for (i, m) in fw.allowed_methods.iter().enumerate() {
         c.ensure(
             is_method(m),
@@ -545,6 +548,7 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
             format!("{m:?} is not an upper-case method name"),
         )?;
     }
+    c.no_duplicates("firewall.allowed_methods", &fw.allowed_methods)?;
     if let Some(cors) = &fw.cors {
         c.count(
             "firewall.cors.allowed_origins",
@@ -571,6 +575,12 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
                 "cannot be combined with the \"*\" origin",
             )?;
         }
+        c.duration(
+            "firewall.cors.max_age",
+            cors.max_age,
+            Duration::ZERO,
+            Duration::from_secs(24 * 3600),
+        )?;
         for (i, m) in cors.allowed_methods.iter().enumerate() {
             c.ensure(
                 is_method(m),

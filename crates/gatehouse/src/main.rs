@@ -70,16 +70,16 @@ struct ControlPlaneArgs {
     #[arg(long, env = "GATEHOUSE_INSECURE")]
     insecure: bool,
     /// Build a Raft snapshot after this many log entries [default: 10000].
-    #[arg(long)]
+    #[arg(long, env = "GATEHOUSE_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
     /// Log entries kept behind a snapshot for slightly lagging followers [default: 1000].
-    #[arg(long)]
+    #[arg(long, env = "GATEHOUSE_KEEP_LOGS")]
     keep_logs: Option<u64>,
     /// Raft heartbeat interval in milliseconds [default: 150].
-    #[arg(long)]
+    #[arg(long, env = "GATEHOUSE_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
     /// Minimum Raft election timeout in milliseconds; the maximum is twice it [default: 1000].
-    #[arg(long)]
+    #[arg(long, env = "GATEHOUSE_ELECTION_TIMEOUT_MS")]
     election_timeout_ms: Option<u64>,
 }
 
@@ -117,6 +117,9 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
     let Some(node_id) = args.node_id.or(file.node_id) else {
         bail!("--node-id is required (or node_id in the config file)");
     };
+    if node_id == 0 {
+        bail!("node id 0 is reserved (it means \"no node\" in status output): use 1 or more");
+    }
     let admin_listen = args
         .admin_listen
         .or(file.admin_listen)
@@ -126,13 +129,10 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
         .or(file.raft_listen)
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9401)));
     let insecure = args.insecure || file.insecure;
-    for (what, addr) in [
-        ("--admin-listen", admin_listen),
-        ("--raft-listen", raft_listen),
-    ] {
+    for (what, addr) in [("admin listen", admin_listen), ("raft listen", raft_listen)] {
         if !addr.ip().is_loopback() {
             if !insecure {
-                bail!("{what} {addr} is not a loopback address: without TLS this needs --insecure");
+                bail!("the {what} address {addr} is not a loopback address: without TLS this needs --insecure");
             }
             tracing::warn!(%addr, "{what} is not loopback and traffic is not encrypted (--insecure)");
         }
@@ -146,8 +146,8 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
         .heartbeat_ms
         .or(file.heartbeat_ms)
         .unwrap_or(defaults.heartbeat_ms);
-    if heartbeat == 0 || election <= heartbeat {
-        bail!("--election-timeout-ms ({election}) must be greater than --heartbeat-ms ({heartbeat}), and both above 0");
+    if heartbeat == 0 || election <= heartbeat || election > 60_000 {
+        bail!("--election-timeout-ms ({election}) must be greater than --heartbeat-ms ({heartbeat}) and at most 60000, and both above 0");
     }
     let snapshot_every = args
         .snapshot_every
@@ -268,9 +268,16 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(
-            err.contains("not a loopback address") && err.contains("--insecure"),
+            err.contains("the admin listen address 0.0.0.0:9400 is not a loopback address"),
             "{err}"
         );
+        assert!(err.contains("--insecure"), "{err}");
+
+        let err = node_config(args(&["--node-id", "0"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.starts_with("node id 0 is reserved"), "{err}");
         assert!(node_config(args(&[
             "--node-id",
             "1",

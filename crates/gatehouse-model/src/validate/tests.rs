@@ -1114,3 +1114,30 @@ fn referrer_kinds_agree_with_references() {
     assert_eq!(referrer_kinds(Kind::Consumer), [Kind::ApiKey]);
     assert!(referrer_kinds(Kind::Route).is_empty());
 }
+
+#[test]
+fn policy_groups_follow_consumer_group_syntax_and_lists_are_bounded() {
+    let mut p = full_policy("strict", "corp");
+    p.authorization.groups = vec!["Gold".to_string()];
+    assert_invalid(
+        p,
+        "authorization.groups[0]",
+        r#"policy "strict": authorization.groups[0]: "Gold" may hold only a-z, 0-9, '-' and '.', and must start and end with a letter or digit"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall.allowed_methods = vec!["GET".to_string(), "GET".to_string()];
+    assert_invalid(
+        p,
+        "firewall.allowed_methods[1]",
+        r#"policy "strict": firewall.allowed_methods[1]: "GET" is listed twice"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    if let Some(cors) = p.firewall.cors.as_mut() {
+        cors.max_age = Duration::from_secs(2 * 24 * 3600);
+    }
+    assert_invalid(
+        p,
+        "firewall.cors.max_age",
+        r#"policy "strict": firewall.cors.max_age: 2days is out of range (0s to 1day)"#,
+    );
+}
