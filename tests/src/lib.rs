@@ -5,7 +5,7 @@
 //! was built into, so run `cargo build --bins` first (`scripts/test.sh` does).
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,14 +16,19 @@ use gatehouse_proto::pb;
 use gatehouse_proto::pb::admin_client::AdminClient;
 use tonic::transport::{Channel, Endpoint};
 
-/// The path of a workspace binary next to the running test executable.
+/// The path of a workspace binary in the target directory of the running
+/// executable: a test binary in `target/<profile>/deps/`, or a binary such as
+/// `gatehouse-bench` in `target/<profile>/` itself.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
+    let parent = exe.parent().expect("the executable has a parent directory");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
+    // target/<profile>/<bench>     -> target/<profile>/<name>
+    let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+        parent.parent().expect("deps/ has a parent directory")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -146,7 +151,10 @@ impl Cluster {
             cluster.spawn_new(id, id == 1)?;
         }
         for id in 2..=n {
-            let (raft, admin_addr) = (cluster.node(id).raft.clone(), cluster.node(id).admin.clone());
+            let (raft, admin_addr) = (
+                cluster.node(id).raft.clone(),
+                cluster.node(id).admin.clone(),
+            );
             let mut client = admin(&cluster.node(1).admin).await?;
             client
                 .add_node(pb::AddNodeRequest {
@@ -189,7 +197,10 @@ impl Cluster {
     fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
         let o = self.options.clone();
         let node = self.node_mut(id);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
         let mut cmd = Command::new(bin("gatehouse"));
         cmd.args(["control-plane", "--node-id", &id.to_string()])
             .args(["--admin-listen", &node.admin, "--raft-listen", &node.raft])
@@ -272,26 +283,34 @@ impl Cluster {
 
     /// Waits until the running nodes agree on one leader, and returns it.
     pub async fn leader(&self) -> Result<u64> {
-        eventually(Duration::from_secs(20), "a leader all running nodes agree on", || async {
-            let mut leaders = Vec::new();
-            for n in self.nodes.iter().filter(|n| n.is_running()) {
-                leaders.push(self.local_status(n.id).await.ok()?.leader_id);
-            }
-            let first = *leaders.first()?;
-            let agreed = first != 0 && leaders.iter().all(|l| *l == first);
-            let leader_running = self.nodes.iter().any(|n| n.id == first && n.is_running());
-            (agreed && leader_running).then_some(first)
-        })
+        eventually(
+            Duration::from_secs(20),
+            "a leader all running nodes agree on",
+            || async {
+                let mut leaders = Vec::new();
+                for n in self.nodes.iter().filter(|n| n.is_running()) {
+                    leaders.push(self.local_status(n.id).await.ok()?.leader_id);
+                }
+                let first = *leaders.first()?;
+                let agreed = first != 0 && leaders.iter().all(|l| *l == first);
+                let leader_running = self.nodes.iter().any(|n| n.id == first && n.is_running());
+                (agreed && leader_running).then_some(first)
+            },
+        )
         .await
     }
 
     /// Waits until every running node has applied at least `index`.
     pub async fn converge(&self, index: u64) -> Result<()> {
         for n in self.nodes.iter().filter(|n| n.is_running()) {
-            eventually(Duration::from_secs(30), &format!("node {} to apply {index}", n.id), || async {
-                let s = self.local_status(n.id).await.ok()?;
-                (s.last_applied >= index).then_some(())
-            })
+            eventually(
+                Duration::from_secs(30),
+                &format!("node {} to apply {index}", n.id),
+                || async {
+                    let s = self.local_status(n.id).await.ok()?;
+                    (s.last_applied >= index).then_some(())
+                },
+            )
             .await?;
         }
         Ok(())

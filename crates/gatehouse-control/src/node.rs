@@ -14,7 +14,7 @@ use openraft::{Config as RaftConfig, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
 use crate::identity::{FlushFn, Identity};
@@ -80,6 +80,12 @@ pub enum StartError {
     Raft(String),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+}
+
+/// Accepted connections with Nagle's algorithm off: small gRPC messages
+/// otherwise wait for delayed ACKs (about 40 ms each; see docs/benchmarks.md).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// A running node.
@@ -212,7 +218,7 @@ impl ControlPlane {
                 tonic::transport::Server::builder()
                     .add_service(raft_service)
                     .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(raft_listener),
+                        incoming(raft_listener),
                         stopped(shutdown.subscribe()),
                     ),
             ),
@@ -220,7 +226,7 @@ impl ControlPlane {
                 tonic::transport::Server::builder()
                     .add_service(admin_service)
                     .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(admin_listener),
+                        incoming(admin_listener),
                         stopped(shutdown.subscribe()),
                     ),
             ),
