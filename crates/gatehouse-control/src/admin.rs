@@ -422,15 +422,14 @@ impl pb::admin_server::Admin for AdminService {
             list,
             async {
                 self.read_barrier(msg.stale).await?;
-                let (objects, revision) = self.sm.read(|d| {
-                    let objects: Vec<pb::Object> = kinds
-                        .iter()
-                        .flat_map(|k| d.config.list(*k))
-                        .filter(|o| selector.matches(o.labels()))
-                        .map(pb::Object::from)
-                        .collect();
-                    (objects, d.config.revision())
-                });
+                let state = self.sm.read(|d| d.config.frozen());
+                let objects: Vec<pb::Object> = kinds
+                    .iter()
+                    .flat_map(|k| state.list(*k))
+                    .filter(|o| selector.matches(o.labels()))
+                    .map(pb::Object::from)
+                    .collect();
+                let revision = state.revision();
                 Ok(Response::new(pb::ListResponse {
                     objects,
                     config_revision: revision,

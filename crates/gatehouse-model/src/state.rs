@@ -6,6 +6,9 @@
 //! an empty state, so the offline check and the cluster agree by construction.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +181,9 @@ pub struct Change {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConfigState {
     revision: u64,
-    objects: BTreeMap<Kind, BTreeMap<String, Object>>,
+    /// Persistent maps: a copy shares structure, so readers and snapshots
+    /// take one in O(1) and work on it without holding up writes.
+    objects: OrdMap<Kind, OrdMap<String, Arc<Object>>>,
     /// Changes with revisions above `history_floor`, oldest first.
     #[serde(skip)]
     history: VecDeque<Change>,
@@ -202,7 +207,7 @@ impl ConfigState {
     pub fn with_history_limit(history_limit: usize) -> Self {
         ConfigState {
             revision: 0,
-            objects: BTreeMap::new(),
+            objects: OrdMap::new(),
             history: VecDeque::new(),
             history_floor: 0,
             history_limit,
@@ -230,21 +235,40 @@ impl ConfigState {
         self.history_limit = limit;
     }
 
+    /// A copy of the objects and revision without the history, in O(1): for
+    /// snapshots and large reads, taken under the lock and used outside it.
+    pub fn frozen(&self) -> ConfigState {
+        ConfigState {
+            revision: self.revision,
+            objects: self.objects.clone(),
+            history: VecDeque::new(),
+            history_floor: self.revision,
+            history_limit: self.history_limit,
+        }
+    }
+
     /// The revision of the last change; 0 for an empty, never written state.
     pub fn revision(&self) -> u64 {
         self.revision
     }
 
     pub fn get(&self, kind: Kind, name: &str) -> Option<&Object> {
-        self.objects.get(&kind).and_then(|m| m.get(name))
+        self.objects
+            .get(&kind)
+            .and_then(|m| m.get(name))
+            .map(Arc::as_ref)
     }
 
     pub fn list(&self, kind: Kind) -> impl Iterator<Item = &Object> {
-        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
+        self.objects
+            .get(&kind)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .map(Arc::as_ref)
     }
 
     pub fn len(&self) -> usize {
-        self.objects.values().map(BTreeMap::len).sum()
+        self.objects.values().map(OrdMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -368,10 +392,13 @@ impl ConfigState {
                 Op::Put { object, .. } => {
                     let mut object = object.clone();
                     object.set_revision(index);
-                    self.objects
-                        .entry(object.kind())
-                        .or_default()
-                        .insert(object.name().to_string(), object.clone());
+                    let mut of_kind = self
+                        .objects
+                        .get(&object.kind())
+                        .cloned()
+                        .unwrap_or_default();
+                    of_kind.insert(object.name().to_string(), Arc::new(object.clone()));
+                    self.objects.insert(object.kind(), of_kind);
                     Change {
                         revision: index,
                         target: object.object_ref(),
@@ -379,8 +406,13 @@ impl ConfigState {
                     }
                 }
                 Op::Delete { target, .. } => {
-                    if let Some(m) = self.objects.get_mut(&target.kind) {
-                        m.remove(&target.name);
+                    if let Some(mut of_kind) = self.objects.get(&target.kind).cloned() {
+                        of_kind.remove(&target.name);
+                        if of_kind.is_empty() {
+                            self.objects.remove(&target.kind);
+                        } else {
+                            self.objects.insert(target.kind, of_kind);
+                        }
                     }
                     Change {
                         revision: index,
@@ -391,7 +423,6 @@ impl ConfigState {
             };
             self.history.push_back(change);
         }
-        self.objects.retain(|_, m| !m.is_empty());
         self.revision = index;
         while self.history.len() > self.history_limit {
             if let Some(old) = self.history.pop_front() {

@@ -117,9 +117,12 @@ impl<E: Engine> StateMachineStore<E> {
 
 impl<E: Engine> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<E> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (bytes, last_log_id, last_membership) = self
+        // Copy under the lock in O(1), serialize outside it: applying writes
+        // must not wait for a large state to be encoded.
+        let (frozen, last_log_id, last_membership) = self
             .shared
-            .read(|d| (d.config.to_snapshot(), d.last_applied, d.membership.clone()));
+            .read(|d| (d.config.frozen(), d.last_applied, d.membership.clone()));
+        let bytes = frozen.to_snapshot();
         let snapshot_id = match last_log_id {
             Some(id) => format!(
                 "{}-{}-{}",
