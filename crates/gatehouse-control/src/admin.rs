@@ -451,14 +451,7 @@ impl pb::admin_server::Admin for AdminService {
             fwd,
             msg,
             put,
-            async {
-                let cmd = Command {
-                    ops: vec![op],
-                    expected_config_revision: None,
-                };
-                self.write(cmd).await.map(write_response)
-            }
-            .await
+            self.write(op.into()).await.map(write_response)
         )
     }
 
@@ -474,14 +467,7 @@ impl pb::admin_server::Admin for AdminService {
             fwd,
             msg,
             delete,
-            async {
-                let cmd = Command {
-                    ops: vec![op],
-                    expected_config_revision: None,
-                };
-                self.write(cmd).await.map(write_response)
-            }
-            .await
+            self.write(op.into()).await.map(write_response)
         )
     }
 

@@ -61,6 +61,16 @@ impl Op {
     }
 }
 
+impl From<Op> for Command {
+    /// A command of one operation.
+    fn from(op: Op) -> Self {
+        Command {
+            ops: vec![op],
+            expected_config_revision: None,
+        }
+    }
+}
+
 impl Command {
     pub fn put(object: Object, expected_revision: Option<u64>) -> Self {
         Command {
