@@ -277,12 +277,67 @@ impl ConfigState {
             .map(Arc::as_ref)
     }
 
+    /// Every object, by kind then name.
+    pub fn list_all(&self) -> impl Iterator<Item = Object> + '_ {
+        self.objects
+            .values()
+            .flat_map(|m| m.values())
+            .map(|o| o.as_ref().clone())
+    }
+
     pub fn len(&self) -> usize {
         self.objects.values().map(OrdMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A replica's copy (a data plane's): `objects` as the control plane
+    /// sent them at `revision`, with no history of its own.
+    pub fn from_objects(revision: u64, objects: impl IntoIterator<Item = Object>) -> ConfigState {
+        let mut state = ConfigState::with_history_limit(0);
+        for object in objects {
+            state.put_object(object);
+        }
+        state.revision = revision;
+        state.history_floor = revision;
+        state
+    }
+
+    /// Follows changes the control plane already validated and committed.
+    /// A replica applies the cluster's decisions; it does not decide again.
+    pub fn apply_changes(
+        &mut self,
+        revision: u64,
+        changes: impl IntoIterator<Item = (ObjectRef, Option<Object>)>,
+    ) {
+        for (target, object) in changes {
+            match object {
+                Some(object) => self.put_object(object),
+                None => self.remove_object(&target),
+            }
+        }
+        self.revision = revision;
+        self.history_floor = revision;
+    }
+
+    fn put_object(&mut self, object: Object) {
+        let kind = object.kind();
+        let mut of_kind = self.objects.get(&kind).cloned().unwrap_or_default();
+        of_kind.insert(object.name().to_string(), Arc::new(object));
+        self.objects.insert(kind, of_kind);
+    }
+
+    fn remove_object(&mut self, target: &ObjectRef) {
+        if let Some(mut of_kind) = self.objects.get(&target.kind).cloned() {
+            of_kind.remove(&target.name);
+            if of_kind.is_empty() {
+                self.objects.remove(&target.kind);
+            } else {
+                self.objects.insert(target.kind, of_kind);
+            }
+        }
     }
 
     /// Every change after `revision`, or `None` when the history no longer
@@ -402,13 +457,7 @@ impl ConfigState {
                 Op::Put { object, .. } => {
                     let mut object = object.clone();
                     object.set_revision(index);
-                    let mut of_kind = self
-                        .objects
-                        .get(&object.kind())
-                        .cloned()
-                        .unwrap_or_default();
-                    of_kind.insert(object.name().to_string(), Arc::new(object.clone()));
-                    self.objects.insert(object.kind(), of_kind);
+                    self.put_object(object.clone());
                     Change {
                         revision: index,
                         target: object.object_ref(),
@@ -416,14 +465,7 @@ impl ConfigState {
                     }
                 }
                 Op::Delete { target, .. } => {
-                    if let Some(mut of_kind) = self.objects.get(&target.kind).cloned() {
-                        of_kind.remove(&target.name);
-                        if of_kind.is_empty() {
-                            self.objects.remove(&target.kind);
-                        } else {
-                            self.objects.insert(target.kind, of_kind);
-                        }
-                    }
+                    self.remove_object(target);
                     Change {
                         revision: index,
                         target: target.clone(),

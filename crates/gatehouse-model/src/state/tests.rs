@@ -705,3 +705,43 @@ fn a_snapshot_of_an_empty_state_restores_empty() {
     assert_eq!(restored.changes_since(0), Some(Vec::new()));
     assert!(ConfigState::from_snapshot(b"not json").is_err());
 }
+
+#[test]
+fn a_replica_following_deltas_or_a_snapshot_ends_equal_to_the_source() {
+    let mut source = ConfigState::default();
+    source
+        .apply(
+            1,
+            &batch(vec![put(up("a")), put(up("b")), put(rt("r", "a"))]),
+        )
+        .unwrap();
+    let mut replica = ConfigState::from_objects(1, source.list_all());
+    source.apply(2, &batch(vec![put(rt("r", "b"))])).unwrap();
+    source
+        .apply(3, &batch(vec![delete(Kind::Upstream, "a")]))
+        .unwrap();
+
+    let changes = source
+        .changes_since(replica.revision())
+        .expect("history reaches back");
+    assert_eq!(
+        changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    replica.apply_changes(
+        source.revision(),
+        changes.into_iter().map(|c| (c.target, c.object)),
+    );
+    assert_eq!(replica.revision(), 3);
+    assert_eq!(
+        replica.list_all().collect::<Vec<_>>(),
+        source.list_all().collect::<Vec<_>>()
+    );
+    assert!(replica.get(Kind::Upstream, "a").is_none());
+
+    let copy = ConfigState::from_objects(source.revision(), source.list_all());
+    assert_eq!(
+        copy.list_all().collect::<Vec<_>>(),
+        source.list_all().collect::<Vec<_>>()
+    );
+}
