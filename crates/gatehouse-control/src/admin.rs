@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::identity::{FlushFn, Identity};
 use crate::network::Channels;
 use crate::store::Shared;
+use crate::stream::Registry;
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// How long a forwarded call or a status probe of another node may take.
@@ -35,6 +36,8 @@ pub struct AdminService {
     pub identity: Arc<Identity>,
     pub info: NodeInfo,
     pub channels: Channels,
+    /// The data planes watching this node.
+    pub data_planes: Arc<Registry>,
     /// Makes the identity durable before a join is acknowledged.
     pub flush: FlushFn,
 }
@@ -296,6 +299,9 @@ impl AdminService {
             config_revision: self.sm.read(|d| d.config.revision()),
             initialized,
             error,
+            data_planes: self
+                .data_planes
+                .status(self.identity.node_id, self.sm.read(|d| d.config.revision())),
         }
     }
 
@@ -683,11 +689,13 @@ impl pb::admin_server::Admin for AdminService {
             }
         });
         let nodes = futures::future::join_all(probes).await;
+        let data_planes = nodes.iter().flat_map(|n| n.data_planes.clone()).collect();
         Ok(Response::new(pb::ClusterStatusResponse {
             leader_id: m.current_leader.unwrap_or_default(),
             term: m.current_term,
             config_revision: self.sm.read(|d| d.config.revision()),
             nodes,
+            data_planes,
         }))
     }
 

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod network;
 pub mod node;
 pub mod store;
+pub mod stream;
 pub mod types;
 
 pub use node::{ControlPlane, NodeConfig, StartError, Tuning};

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use gatehouse_proto::pb::admin_server::AdminServer;
+use gatehouse_proto::pb::config_stream_server::ConfigStreamServer;
 use gatehouse_proto::pb::raft_server::RaftServer;
 use gatehouse_proto::{MAX_ADMIN_REQUEST_BYTES, MAX_ADMIN_RESPONSE_BYTES, MAX_RAFT_MESSAGE_BYTES};
 use openraft::{Config as RaftConfig, SnapshotPolicy};
@@ -21,6 +22,7 @@ use crate::identity::{FlushFn, Identity};
 use crate::network::{Channels, Network, RaftService};
 use crate::store::engine::{Engine, SledEngine, Tree};
 use crate::store::{LogStore, Shared, StateMachineStore};
+use crate::stream::{ConfigStreamService, Registry};
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Raft timing and log retention.
@@ -203,7 +205,16 @@ impl ControlPlane {
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let data_planes = Arc::new(Registry::default());
+        let stream_service = ConfigStreamServer::new(ConfigStreamService {
+            node_id: cfg.node_id,
+            sm: shared.clone(),
+            registry: data_planes.clone(),
+            heartbeat: std::time::Duration::from_secs(5),
+        })
+        .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
         let admin_service = AdminServer::new(AdminService {
+            data_planes,
             raft: raft.clone(),
             sm: shared.clone(),
             identity: identity.clone(),
@@ -225,6 +236,7 @@ impl ControlPlane {
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(admin_service)
+                    .add_service(stream_service)
                     .serve_with_incoming_shutdown(
                         incoming(admin_listener),
                         stopped(shutdown.subscribe()),

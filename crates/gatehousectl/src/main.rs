@@ -421,9 +421,21 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                             })
                         })
                         .collect();
+                    let data_planes: Vec<serde_json::Value> = s
+                        .data_planes
+                        .iter()
+                        .map(|d| {
+                            serde_json::json!({
+                                "node_name": d.node_name, "connected_to": d.connected_to,
+                                "applied_revision": d.applied_revision, "lag": d.lag,
+                                "last_error": d.last_error, "idle_seconds": d.idle_seconds,
+                            })
+                        })
+                        .collect();
                     let v = serde_json::json!({
                         "leader_id": s.leader_id, "term": s.term,
                         "config_revision": s.config_revision, "nodes": nodes,
+                        "data_planes": data_planes,
                     });
                     if *output == Output::Json {
                         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -465,6 +477,26 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                         ],
                         &rows,
                     );
+                    if !s.data_planes.is_empty() {
+                        println!();
+                        let rows: Vec<Vec<String>> = s
+                            .data_planes
+                            .iter()
+                            .map(|d| {
+                                vec![
+                                    d.node_name.clone(),
+                                    d.connected_to.to_string(),
+                                    d.applied_revision.to_string(),
+                                    d.lag.to_string(),
+                                    d.last_error.clone(),
+                                ]
+                            })
+                            .collect();
+                        print_table(
+                            &["DATA PLANE", "CONNECTED TO", "APPLIED", "LAG", "LAST ERROR"],
+                            &rows,
+                        );
+                    }
                 }
             }
         }

@@ -1,0 +1,312 @@
+//! The config stream server: every control-plane node, leader or follower,
+//! streams its applied configuration to the data planes that watch it, and
+//! keeps a registry of them and the revisions they acknowledged.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use gatehouse_model::state::Change;
+use gatehouse_model::{ConfigState, Kind};
+use gatehouse_proto::pb;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::Shared;
+use crate::types::NodeId;
+
+/// Objects per snapshot chunk, so a large configuration never makes one huge message.
+const SNAPSHOT_CHUNK: usize = 1000;
+/// How long a data plane has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this node knows of one connected data plane.
+#[derive(Clone, Debug)]
+struct Entry {
+    node_name: String,
+    applied_revision: u64,
+    last_error: String,
+    last_seen: Instant,
+}
+
+/// The data planes connected to this node.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    entries: Mutex<HashMap<u64, Entry>>,
+}
+
+impl Registry {
+    fn update(&self, id: u64, f: impl FnOnce(&mut Entry)) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get_mut(&id) {
+            f(e);
+            e.last_seen = Instant::now();
+        }
+    }
+
+    /// Every connected data plane, as the status API reports it.
+    pub fn status(&self, node_id: NodeId, revision: u64) -> Vec<pb::DataPlaneStatus> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<pb::DataPlaneStatus> = entries
+            .values()
+            .map(|e| pb::DataPlaneStatus {
+                node_name: e.node_name.clone(),
+                connected_to: node_id,
+                applied_revision: e.applied_revision,
+                lag: revision.saturating_sub(e.applied_revision),
+                last_error: e.last_error.clone(),
+                idle_seconds: e.last_seen.elapsed().as_secs(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.node_name.cmp(&b.node_name));
+        all
+    }
+}
+
+/// Removes a connection from the registry when its stream ends, however it ends.
+struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut entries = self
+            .registry
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        entries.remove(&self.id);
+    }
+}
+
+/// The `ConfigStream` service of one node.
+pub struct ConfigStreamService {
+    pub node_id: NodeId,
+    pub sm: Arc<Shared>,
+    pub registry: Arc<Registry>,
+    pub heartbeat: Duration,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+/// Data planes never receive admin tokens: they are the control plane's own.
+fn streamed(kind: Kind) -> bool {
+    kind != Kind::AdminToken
+}
+
+fn check_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "hello.node_name: must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' and ':'",
+        ))
+    }
+}
+
+/// What to send a data plane that holds `held` (`None`: nothing yet).
+enum Update {
+    Snapshot(ConfigState),
+    Delta {
+        from: u64,
+        revision: u64,
+        changes: Vec<Change>,
+    },
+}
+
+fn next_update(sm: &Shared, held: Option<u64>) -> Option<Update> {
+    sm.read(|d| {
+        let revision = d.config.revision();
+        match held {
+            None => Some(Update::Snapshot(d.config.frozen())),
+            // Never send what is older than what the data plane holds: a
+            // lagging node makes it wait.
+            Some(held) if held >= revision => None,
+            Some(held) => match d.config.changes_since(held) {
+                Some(changes) => Some(Update::Delta {
+                    from: held,
+                    revision,
+                    changes,
+                }),
+                None => Some(Update::Snapshot(d.config.frozen())),
+            },
+        }
+    })
+}
+
+fn messages(update: Update) -> Vec<pb::WatchResponse> {
+    use pb::watch_response::Msg;
+    match update {
+        Update::Snapshot(state) => {
+            let objects: Vec<pb::Object> = state
+                .list_all()
+                .filter(|o| streamed(o.kind()))
+                .map(|o| pb::Object::from(&o))
+                .collect();
+            let revision = state.revision();
+            let mut chunks: Vec<pb::WatchResponse> = objects
+                .chunks(SNAPSHOT_CHUNK)
+                .map(|c| pb::WatchResponse {
+                    msg: Some(Msg::Snapshot(pb::SnapshotChunk {
+                        revision,
+                        objects: c.to_vec(),
+                        last: false,
+                    })),
+                })
+                .collect();
+            if chunks.is_empty() {
+                chunks.push(pb::WatchResponse {
+                    msg: Some(Msg::Snapshot(pb::SnapshotChunk {
+                        revision,
+                        objects: Vec::new(),
+                        last: false,
+                    })),
+                });
+            }
+            if let Some(pb::WatchResponse {
+                msg: Some(Msg::Snapshot(last)),
+            }) = chunks.last_mut()
+            {
+                last.last = true;
+            }
+            chunks
+        }
+        Update::Delta {
+            from,
+            revision,
+            changes,
+        } => vec![pb::WatchResponse {
+            msg: Some(Msg::Delta(pb::Delta {
+                from_revision: from,
+                revision,
+                changes: changes
+                    .iter()
+                    .filter(|c| streamed(c.target.kind))
+                    .map(|c| pb::Change {
+                        target: Some(pb::ObjectRef::from(&c.target)),
+                        object: c.object.as_ref().map(pb::Object::from),
+                    })
+                    .collect(),
+            })),
+        }],
+    }
+}
+
+#[tonic::async_trait]
+impl pb::config_stream_server::ConfigStream for ConfigStreamService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::cancelled("the stream ended before hello")),
+            Ok(Ok(Some(pb::WatchRequest {
+                msg: Some(pb::watch_request::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ))
+            }
+        };
+        check_name(&hello.node_name)?;
+        let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut entries = self
+                .registry
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            entries.insert(
+                id,
+                Entry {
+                    node_name: hello.node_name.clone(),
+                    applied_revision: hello.revision,
+                    last_error: String::new(),
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+        let registration = Registration {
+            registry: self.registry.clone(),
+            id,
+        };
+        tracing::info!(data_plane = %hello.node_name, revision = hello.revision, "data plane connected");
+
+        let (tx, rx) = mpsc::channel::<Result<pb::WatchResponse, Status>>(16);
+        let sm = self.sm.clone();
+        let heartbeat = self.heartbeat;
+        let name = hello.node_name.clone();
+        // A data plane that holds revision 0 has nothing yet: it gets a snapshot.
+        let held = (hello.revision > 0).then_some(hello.revision);
+        tokio::spawn(async move {
+            let _registration = registration;
+            let mut held = held;
+            let mut revisions = sm.subscribe();
+            let registry = _registration.registry.clone();
+            loop {
+                if let Some(update) = next_update(&sm, held) {
+                    let revision = match &update {
+                        Update::Snapshot(s) => s.revision(),
+                        Update::Delta { revision, .. } => *revision,
+                    };
+                    for msg in messages(update) {
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    held = Some(revision);
+                }
+                tokio::select! {
+                    changed = revisions.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    () = tokio::time::sleep(heartbeat) => {
+                        let revision = sm.read(|d| d.config.revision());
+                        let beat = pb::WatchResponse {
+                            msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat { revision })),
+                        };
+                        if tx.send(Ok(beat)).await.is_err() {
+                            return;
+                        }
+                    }
+                    msg = inbound.message() => match msg {
+                        Ok(Some(pb::WatchRequest { msg: Some(pb::watch_request::Msg::Ack(ack)) })) => {
+                            registry.update(id, |e| {
+                                if ack.error.is_empty() {
+                                    e.applied_revision = e.applied_revision.max(ack.revision);
+                                } else {
+                                    e.last_error = format!("revision {}: {}", ack.revision, ack.error);
+                                }
+                            });
+                        }
+                        Ok(Some(_)) => registry.update(id, |_| {}),
+                        Ok(None) | Err(_) => {
+                            tracing::info!(data_plane = %name, "data plane disconnected");
+                            return;
+                        }
+                    },
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
