@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod basic;
+mod data_plane;
 mod durability;
 mod failover;
 mod membership;

@@ -5,12 +5,14 @@
 //! was built into, so run `cargo build --bins` first (`scripts/test.sh` does).
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+pub mod data;
+
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;
 use gatehouse_proto::pb::admin_client::AdminClient;
@@ -46,6 +48,54 @@ pub fn ctl(server: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run gatehousectl")
+}
+
+/// The `ready k=v ...` line a gatehouse process prints once it listens.
+#[derive(Debug)]
+pub struct Ready(String);
+
+impl Ready {
+    pub fn field(&self, name: &str) -> Result<String> {
+        self.0
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("ready line {:?} lacks {name}", self.0))
+    }
+}
+
+/// The last lines of a log file, for failure messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Spawns `cmd` (its stdout piped, stderr to `log`) and waits for its ready line.
+pub fn spawn_ready(mut cmd: Command, log: &Path) -> Result<(Child, Ready)> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(file);
+    let mut child = cmd.spawn().context("spawn gatehouse")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("ready ") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) => Ok((child, Ready(line))),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not become ready:\n{}", tail(log))
+        }
+    }
 }
 
 /// Options for the nodes of a sandbox cluster.
@@ -86,9 +136,7 @@ impl Node {
 
     /// The node's log (stderr) so far, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        tail(&self.log)
     }
 }
 
@@ -197,10 +245,6 @@ impl Cluster {
     fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
         let o = self.options.clone();
         let node = self.node_mut(id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)?;
         let mut cmd = Command::new(bin("gatehouse"));
         cmd.args(["control-plane", "--node-id", &id.to_string()])
             .args(["--admin-listen", &node.admin, "--raft-listen", &node.raft])
@@ -210,38 +254,13 @@ impl Cluster {
             .args(["--keep-logs", &o.keep_logs.to_string()])
             .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
             .args(["--election-timeout-ms", &o.election_timeout_ms.to_string()])
-            .env("RUST_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+            .env("RUST_LOG", "info,openraft=warn");
         if bootstrap {
             cmd.arg("--bootstrap");
         }
-        let mut child = cmd.spawn().context("spawn gatehouse")?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("node {id} did not become ready:\n{}", node.log_tail());
-            }
-        };
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name))
-                .map(str::to_string)
-                .ok_or_else(|| anyhow!("ready line {line:?} lacks {name}"))
-        };
-        node.admin = field("admin=")?;
-        node.raft = field("raft=")?;
+        let (child, ready) = spawn_ready(cmd, &node.log)?;
+        node.admin = ready.field("admin")?;
+        node.raft = ready.field("raft")?;
         node.child = Some(child);
         Ok(())
     }

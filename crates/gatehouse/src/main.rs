@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod data_plane;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
@@ -36,6 +38,10 @@ struct Cli {
 enum Command {
     /// Run a control-plane node: Raft replication of the configuration and the admin API.
     ControlPlane(ControlPlaneArgs),
+    /// Run a data-plane node: follows a control plane's configuration and proxies requests.
+    DataPlane(data_plane::DataPlaneArgs),
+    /// Run a one-node control plane and a data plane in one process, for a first try.
+    Standalone(data_plane::StandaloneArgs),
 }
 
 /// Flags of `gatehouse control-plane`. Each may also come from the config
@@ -181,7 +187,7 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -216,6 +222,8 @@ async fn main() -> Result<()> {
     gatehouse_telemetry::init(cli.log_format, &cli.log_level);
     match cli.command {
         Command::ControlPlane(args) => run_control_plane(args).await,
+        Command::DataPlane(args) => data_plane::run_data_plane(args).await,
+        Command::Standalone(args) => data_plane::run_standalone(args).await,
     }
 }
 
@@ -228,6 +236,7 @@ mod tests {
         all.extend_from_slice(cli);
         match Cli::try_parse_from(all).expect("flags parse").command {
             Command::ControlPlane(a) => a,
+            _ => unreachable!("parsed as control-plane"),
         }
     }
 

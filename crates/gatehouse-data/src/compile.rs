@@ -1,0 +1,76 @@
+//! One configuration revision compiled for the hot path: the router, the
+//! upstream pools and each route's settings, built once when the revision
+//! arrives and then only read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gatehouse_model::object::{Route, Upstream};
+use gatehouse_model::{ConfigState, Kind, Object};
+
+use crate::router::Router;
+use crate::upstream::Pool;
+
+/// A route's settings, by the router's route index.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    /// Shared so that metric labels clone it without allocating.
+    pub name: Arc<String>,
+    pub upstream: Arc<Pool>,
+    pub strip_prefix: bool,
+}
+
+/// Everything a request needs, for one revision.
+#[derive(Debug)]
+pub struct Compiled {
+    pub revision: u64,
+    pub router: Router,
+    pub routes: Vec<CompiledRoute>,
+}
+
+impl Compiled {
+    /// Compiles a configuration the control plane validated. An error names
+    /// the object at fault; the caller keeps serving the previous revision.
+    pub fn build(state: &ConfigState) -> Result<Compiled, String> {
+        let mut pools: HashMap<&str, Arc<Pool>> = HashMap::new();
+        let upstreams: Vec<&Upstream> = state
+            .list(Kind::Upstream)
+            .filter_map(|o| match o {
+                Object::Upstream(u) => Some(u),
+                _ => None,
+            })
+            .collect();
+        for u in &upstreams {
+            pools.insert(&u.name, Arc::new(Pool::compile(u)?));
+        }
+        let routes: Vec<Route> = state
+            .list(Kind::Route)
+            .filter_map(|o| match o {
+                Object::Route(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let router = Router::compile(&routes).map_err(|e| e.to_string())?;
+        let compiled_routes = routes
+            .iter()
+            .map(|r| {
+                let upstream = pools.get(r.upstream.as_str()).cloned().ok_or_else(|| {
+                    format!(
+                        "route \"{}\": upstream: references unknown upstream \"{}\"",
+                        r.name, r.upstream
+                    )
+                })?;
+                Ok(CompiledRoute {
+                    name: Arc::new(r.name.clone()),
+                    upstream,
+                    strip_prefix: r.strip_prefix,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Compiled {
+            revision: state.revision(),
+            router,
+            routes: compiled_routes,
+        })
+    }
+}

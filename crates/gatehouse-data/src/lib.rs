@@ -1,0 +1,15 @@
+//! The Gatehouse data plane: it receives the configuration from the control
+//! plane, compiles it into one immutable value, and proxies requests by it.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod compile;
+pub mod headers;
+pub mod lkg;
+pub mod metrics;
+pub mod node;
+pub mod ops;
+pub mod problem;
+pub mod proxy;
+pub mod router;
+pub mod upstream;

@@ -1,0 +1,150 @@
+//! The last-known-good configuration file: what a data plane serves when it
+//! starts and no control-plane node answers.
+//!
+//! The file is one header line with a SHA-256 of the body, then the body
+//! (JSON). It is written to a temporary file, synced, and renamed over the
+//! old one, so a crash leaves either the old file or the new one, never half
+//! of one; a file whose checksum does not match is refused as corrupt.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use gatehouse_model::{ConfigState, Object};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const MAGIC: &str = "gatehouse-lkg v1 sha256=";
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    revision: u64,
+    objects: Vec<Object>,
+}
+
+/// A last-known-good file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LkgError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt last-known-good file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Writes `state` atomically to `path`.
+pub fn write(path: &Path, state: &ConfigState) -> Result<(), LkgError> {
+    let io = |source| LkgError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let body = serde_json::to_vec(&Body {
+        revision: state.revision(),
+        objects: state.list_all().collect(),
+    })
+    .map_err(|e| io(std::io::Error::other(e)))?;
+    let digest = hex::encode(Sha256::digest(&body));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        writeln!(file, "{MAGIC}{digest}").map_err(io)?;
+        file.write_all(&body).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads the file: `Ok(None)` when there is none, an error when it is corrupt.
+pub fn read(path: &Path) -> Result<Option<ConfigState>, LkgError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LkgError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let corrupt = |reason: &str| LkgError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let newline = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| corrupt("no header line"))?;
+    let header =
+        std::str::from_utf8(&bytes[..newline]).map_err(|_| corrupt("header is not text"))?;
+    let expected = header
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| corrupt("unknown header"))?;
+    let body = &bytes[newline + 1..];
+    if hex::encode(Sha256::digest(body)) != expected {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| corrupt(&format!("body: {e}")))?;
+    Ok(Some(ConfigState::from_objects(body.revision, body.objects)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_model::object::Consumer;
+
+    fn state() -> ConfigState {
+        let consumer = Object::Consumer(Consumer {
+            name: "acme".into(),
+            labels: Default::default(),
+            revision: 4,
+            groups: vec!["gold".into()],
+            metadata: Default::default(),
+        });
+        ConfigState::from_objects(4, [consumer])
+    }
+
+    #[test]
+    fn a_written_file_reads_back_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lkg.json");
+        assert!(read(&path).unwrap().is_none(), "no file yet");
+        write(&path, &state()).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back.revision(), 4);
+        assert_eq!(
+            back.list_all().collect::<Vec<_>>(),
+            state().list_all().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_changed_byte_or_a_truncated_file_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lkg.json");
+        write(&path, &state()).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("corrupt last-known-good file: checksum mismatch"),
+            "{err}"
+        );
+        std::fs::write(&path, &bytes[..10]).unwrap();
+        assert!(read(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("no header line"));
+        std::fs::write(&path, b"").unwrap();
+        assert!(read(&path).is_err());
+    }
+}

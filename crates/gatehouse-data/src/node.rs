@@ -1,0 +1,238 @@
+//! One data-plane node: the config stream, the proxy listener and the ops
+//! listener, started and stopped together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_model::ConfigState;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::client::{self, Apply, WatchConfig};
+use crate::compile::Compiled;
+use crate::lkg;
+use crate::proxy::{Proxy, Shared};
+
+/// What a data plane needs to start.
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
+    /// Admin addresses of control-plane nodes to watch, tried in turn.
+    pub control_planes: Vec<String>,
+    pub node_name: String,
+    /// Where the last-known-good configuration is kept.
+    pub state_dir: PathBuf,
+}
+
+/// Why a data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Compiles each revision, swaps it in, and keeps it as last-known-good.
+struct Applier {
+    shared: Arc<Shared>,
+    lkg_path: PathBuf,
+}
+
+impl Apply for Applier {
+    fn apply(&self, state: &ConfigState) -> Result<(), String> {
+        let compiled = match Compiled::build(state) {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.config_apply_errors.inc();
+                return Err(e);
+            }
+        };
+        self.shared.config.store(Some(Arc::new(compiled)));
+        self.shared.unready_reason.store(None);
+        self.shared.metrics.config_revision.set(state.revision());
+        tracing::info!(revision = state.revision(), "configuration applied");
+        if let Err(e) = lkg::write(&self.lkg_path, state) {
+            // Serving goes on; only a restart without a control plane would miss it.
+            tracing::warn!(error = %e, "could not write the last-known-good file");
+        }
+        Ok(())
+    }
+
+    fn stream_state(&self, connected: bool) {
+        self.shared
+            .metrics
+            .config_stream_connected
+            .set(i64::from(connected));
+    }
+}
+
+/// A running data plane.
+pub struct DataPlane {
+    pub proxy_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl DataPlane {
+    pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
+        let shared = Arc::new(Shared::default());
+        let lkg_path = cfg.state_dir.join("last-known-good.json");
+        let applier = Arc::new(Applier {
+            shared: shared.clone(),
+            lkg_path: lkg_path.clone(),
+        });
+        // Serve what we had until a control plane answers.
+        let held = match lkg::read(&lkg_path) {
+            Ok(Some(state)) => {
+                match applier.apply(&state) {
+                    Ok(()) => tracing::info!(
+                        revision = state.revision(),
+                        "serving the last-known-good configuration"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the last-known-good configuration does not compile")
+                    }
+                }
+                Some(state)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "not serving until a control plane sends a configuration");
+                shared.unready_reason.store(Some(Arc::new(e.to_string())));
+                None
+            }
+        };
+
+        let bind = |addr, what| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let proxy_listener = bind(cfg.listen, "proxy").await?;
+        let ops_listener = bind(cfg.ops_listen, "ops").await?;
+        let proxy_addr = proxy_listener
+            .local_addr()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let ops_addr = ops_listener
+            .local_addr()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+
+        let (shutdown, _) = watch::channel(false);
+        let proxy = Proxy::new(shared.clone());
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(serve(
+            proxy_listener,
+            shutdown.subscribe(),
+            move |peer| {
+                let proxy = proxy.clone();
+                service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    async move { proxy.handle(req, peer).await }
+                })
+            },
+        )));
+        let ops_shared = shared.clone();
+        tasks.push(tokio::spawn(serve(
+            ops_listener,
+            shutdown.subscribe(),
+            move |_peer| {
+                let shared = ops_shared.clone();
+                service_fn(move |req| crate::ops::handle(shared.clone(), req))
+            },
+        )));
+        let watch_cfg = WatchConfig {
+            endpoints: cfg.control_planes.clone(),
+            node_name: cfg.node_name.clone(),
+            idle_timeout: Duration::from_secs(15),
+            max_backoff: Duration::from_secs(5),
+        };
+        tasks.push(tokio::spawn(client::watch(
+            watch_cfg,
+            held,
+            applier,
+            shutdown.subscribe(),
+        )));
+        tracing::info!(%proxy_addr, %ops_addr, node_name = %cfg.node_name, "data plane started");
+        Ok(DataPlane {
+            proxy_addr,
+            ops_addr,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `drain`
+    /// (HTTP/2 connections get a GOAWAY), then stops.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(drain, all).await.is_err() {
+            tracing::warn!(?drain, "requests still in flight after the drain deadline");
+        }
+    }
+}
+
+/// Accepts connections until shutdown, then drains them gracefully.
+async fn serve<F, S, B>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, make: F)
+where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

@@ -1,0 +1,243 @@
+//! The request path: one compiled revision per request, the stages in order,
+//! and the upstream call.
+//!
+//! ```text
+//! load the revision (arc-swap)        -> 503 not ready when none was applied yet
+//! route (host, path, method)          -> 404 / 405
+//! pick a target of the upstream       -> 503 when none can take it
+//! rewrite: hop-by-hop headers out, X-Forwarded-* and Forwarded rebuilt,
+//!          traceparent kept or started, strip_prefix applied
+//! call the upstream with its timeout  -> 502 (connect, protocol) / 504 (timeout)
+//! response: hop-by-hop headers out; WebSocket upgrades spliced through
+//! metrics: requests by route and status, latency by route
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{HOST, UPGRADE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::compile::Compiled;
+use crate::headers::{self, ClientInfo, HopByHop, Trust};
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::problem::Reject;
+use crate::router::Match;
+
+/// The body type of every response the proxy sends, and of the requests it
+/// makes (so a retry can send an empty body of the same type).
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What every request reads: the revision being served and the metrics.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub config: ArcSwapOption<Compiled>,
+    pub metrics: Metrics,
+    /// Why the data plane cannot serve yet (e.g. a corrupt last-known-good file).
+    pub unready_reason: ArcSwapOption<String>,
+}
+
+/// The proxy's HTTP client and shared state.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    client: Client<HttpConnector, ProxyBody>,
+    none: Arc<String>,
+}
+
+fn reject(r: &Reject) -> Response<ProxyBody> {
+    r.response(None, None)
+        .map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(connector);
+        Proxy {
+            shared,
+            client,
+            none: Arc::new("none".to_string()),
+        }
+    }
+
+    /// Serves one request from a client at `peer`.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let start = Instant::now();
+        let (route, response) = self.serve(req, peer).await;
+        let route = route.unwrap_or_else(|| self.none.clone());
+        let m = &self.shared.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                status: response.status().as_u16(),
+            })
+            .inc();
+        m.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(start.elapsed().as_secs_f64());
+        Ok(response)
+    }
+
+    async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Option<Arc<String>>, Response<ProxyBody>) {
+        // One revision from start to end of the request.
+        let Some(config) = self.shared.config.load_full() else {
+            return (None, reject(&Reject::NotReady));
+        };
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host())
+            .unwrap_or("")
+            .to_string();
+        let found = match config
+            .router
+            .route(&host, req.uri().path(), req.method().as_str())
+        {
+            Match::Found(m) => m,
+            Match::NotFound => return (None, reject(&Reject::NoRoute)),
+            Match::MethodNotAllowed { allowed } => {
+                return (None, reject(&Reject::method_not_allowed(allowed)))
+            }
+        };
+        let route = &config.routes[found.route];
+        let name = Some(route.name.clone());
+        // The client's protocol version, whatever the upstream spoke.
+        let version = req.version();
+
+        let path = if route.strip_prefix {
+            found.stripped(req.uri().path())
+        } else {
+            req.uri().path()
+        };
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let downstream_upgrade = req
+            .headers()
+            .contains_key(UPGRADE)
+            .then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, HopByHop::KeepUpgrade);
+        let client = ClientInfo {
+            peer: peer.ip(),
+            scheme: "http",
+            host: (!host.is_empty()).then_some(host),
+        };
+        headers::set_forwarded(&mut parts.headers, &client, &Trust::default());
+        headers::ensure_traceparent(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+
+        // Retry only what cannot have reached an upstream twice: requests
+        // without a body, idempotent ones, and only after a connect failure.
+        let replayable = hyper::body::Body::is_end_stream(&body)
+            && (is_idempotent(&parts.method) || route.upstream.retry_non_idempotent);
+        let attempts = if replayable {
+            1 + route.upstream.retries
+        } else {
+            1
+        };
+        let mut tried = Vec::new();
+        let mut body = Some(body.boxed());
+        let mut last = Reject::UpstreamUnavailable;
+        for _ in 0..attempts {
+            let Some(target) = route.upstream.pick(&parts.headers, &tried) else {
+                break;
+            };
+            tried.push(target.index());
+            let uri: Uri =
+                match format!("http://{}{}", target.target().address, path_and_query).parse() {
+                    Ok(u) => u,
+                    Err(_) => return (name, reject(&Reject::BadRequest)),
+                };
+            let mut upstream_req = Request::from_parts(parts.clone(), ());
+            *upstream_req.uri_mut() = uri;
+            if let Ok(h) = HeaderValue::from_str(&target.target().address) {
+                upstream_req.headers_mut().insert(HOST, h);
+            }
+            // A replay has an empty body: only bodiless requests are replayed.
+            let attempt_body = body.take().unwrap_or_else(|| {
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed()
+            });
+            let upstream_req = upstream_req.map(|()| attempt_body);
+            let call = self.client.request(upstream_req);
+            match tokio::time::timeout(route.upstream.request_timeout, call).await {
+                Err(_) => return (name, reject(&Reject::GatewayTimeout)),
+                Ok(Ok(mut resp)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let upgraded =
+                            headers::strip_hop_by_hop(resp.headers_mut(), HopByHop::KeepUpgrade);
+                        match downstream_upgrade {
+                            Some(downstream) if upgraded => {
+                                let upstream = hyper::upgrade::on(&mut resp);
+                                tokio::spawn(splice(downstream, upstream));
+                            }
+                            // A 101 nobody asked for cannot be relayed.
+                            _ => return (name, reject(&Reject::BadGateway)),
+                        }
+                    } else {
+                        headers::strip_hop_by_hop(resp.headers_mut(), HopByHop::Strip);
+                    }
+                    drop(target);
+                    *resp.version_mut() = version;
+                    return (name, resp.map(|b| b.boxed()));
+                }
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    tracing::debug!(upstream = %route.upstream.name, error = %e, "upstream call failed");
+                    last = Reject::BadGateway;
+                    if !connect {
+                        return (name, reject(&last));
+                    }
+                }
+            }
+        }
+        (name, reject(&last))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = (downstream.await, upstream.await) else {
+        tracing::debug!("upgrade did not complete on both sides");
+        return;
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        tracing::debug!(error = %e, "upgraded connection closed with an error");
+    }
+}

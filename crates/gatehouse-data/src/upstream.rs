@@ -1,0 +1,298 @@
+//! Upstream pools: the targets of one Upstream object and how a request
+//! picks one (round robin by weight, least requests, or a consistent hash of
+//! a header). Everything that can be is computed when the configuration is
+//! compiled; picking a target takes no lock.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_model::object::{Balancer, Upstream};
+use http::{HeaderMap, HeaderName};
+
+/// Points on the hash ring per unit of weight.
+const RING_POINTS: usize = 64;
+
+/// One backend address.
+#[derive(Debug)]
+pub struct Target {
+    /// `host:port`, as configured.
+    pub address: String,
+    pub weight: u32,
+    inflight: AtomicUsize,
+}
+
+/// A compiled upstream.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub targets: Vec<Target>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retries: u32,
+    pub retry_non_idempotent: bool,
+    balancer: Balancer,
+    hash_header: Option<HeaderName>,
+    /// Target indexes, each repeated by its weight and interleaved.
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    /// Sorted (point, target) pairs for consistent hashing.
+    ring: Vec<(u64, usize)>,
+}
+
+/// A picked target; for least-requests balancing it counts as in flight
+/// until dropped.
+#[derive(Debug)]
+pub struct Picked {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Picked {
+    pub fn target(&self) -> &Target {
+        &self.pool.targets[self.index]
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.pool.targets[self.index]
+            .inflight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// FNV-1a with a finalizer: stable across builds and machines, so every data plane hashes a
+/// key to the same target.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV alone spreads keys that differ in their last bytes poorly over
+    // the ring; murmur3's finalizer mixes every bit into every other.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Spreads the targets over a cycle so heavier ones come more often but
+/// never in long runs (a weight-2 target alternates with a weight-1 one).
+fn interleave(weights: &[u32]) -> Vec<usize> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let mut current: Vec<i64> = vec![0; weights.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    // Smooth weighted round robin (as nginx does it), unrolled once.
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += i64::from(*w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        schedule.push(best);
+    }
+    schedule
+}
+
+impl Pool {
+    /// Compiles an upstream that passed validation.
+    pub fn compile(u: &Upstream) -> Result<Pool, String> {
+        let weights: Vec<u32> = u.targets.iter().map(|t| t.weight.max(1)).collect();
+        let mut ring = Vec::new();
+        for (i, t) in u.targets.iter().enumerate() {
+            for point in 0..RING_POINTS * t.weight.max(1) as usize {
+                ring.push((fnv1a(format!("{}#{point}", t.address).as_bytes()), i));
+            }
+        }
+        ring.sort_unstable();
+        let hash_header = match &u.hash_header {
+            Some(h) => Some(
+                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    format!(
+                        "upstream \"{}\": hash_header {h:?} is not a header name",
+                        u.name
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Pool {
+            name: u.name.clone(),
+            targets: u
+                .targets
+                .iter()
+                .map(|t| Target {
+                    address: t.address.clone(),
+                    weight: t.weight,
+                    inflight: AtomicUsize::new(0),
+                })
+                .collect(),
+            connect_timeout: u.connect_timeout,
+            request_timeout: u.request_timeout,
+            retries: u.retries.attempts,
+            retry_non_idempotent: u.retries.non_idempotent,
+            balancer: u.balancer,
+            hash_header,
+            schedule: interleave(&weights),
+            next: AtomicUsize::new(0),
+            ring,
+        })
+    }
+
+    /// Picks a target for a request with these headers; `skip` lists targets
+    /// already tried by this request (retries go elsewhere when they can).
+    pub fn pick(self: &Arc<Self>, headers: &HeaderMap, skip: &[usize]) -> Option<Picked> {
+        if self.targets.is_empty() {
+            return None;
+        }
+        let allowed = |i: &usize| !skip.contains(i) || skip.len() >= self.targets.len();
+        let index = match self.balancer {
+            Balancer::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..self.schedule.len())
+                    .map(|k| self.schedule[(start + k) % self.schedule.len()])
+                    .find(allowed)?
+            }
+            Balancer::LeastRequests => {
+                // Ties go to the round-robin order, so idle targets share load.
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..self.targets.len())
+                    .map(|k| (start + k) % self.targets.len())
+                    .filter(allowed)
+                    .min_by_key(|i| self.targets[*i].inflight.load(Ordering::Relaxed))?
+            }
+            Balancer::ConsistentHash => {
+                let key = self
+                    .hash_header
+                    .as_ref()
+                    .and_then(|h| headers.get(h))
+                    .map(|v| v.as_bytes())
+                    .unwrap_or_default();
+                let point = fnv1a(key);
+                let start = self.ring.partition_point(|(p, _)| *p < point);
+                (0..self.ring.len())
+                    .map(|k| self.ring[(start + k) % self.ring.len()].1)
+                    .find(allowed)?
+            }
+        };
+        self.targets[index].inflight.fetch_add(1, Ordering::Relaxed);
+        Some(Picked {
+            pool: self.clone(),
+            index,
+        })
+    }
+}
+
+impl Picked {
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_model::object::{Retries, Target as TargetSpec};
+
+    fn upstream(targets: &[(&str, u32)], balancer: Balancer) -> Arc<Pool> {
+        let u = Upstream {
+            name: "u".into(),
+            labels: Default::default(),
+            revision: 1,
+            targets: targets
+                .iter()
+                .map(|(a, w)| TargetSpec {
+                    address: a.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+            balancer,
+            hash_header: (balancer == Balancer::ConsistentHash).then(|| "x-user".to_string()),
+            health_check: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            retries: Retries::default(),
+            circuit_breaker: None,
+            tls: None,
+        };
+        Arc::new(Pool::compile(&u).unwrap())
+    }
+
+    fn picks(pool: &Arc<Pool>, n: usize, headers: &HeaderMap) -> Vec<String> {
+        (0..n)
+            .map(|_| pool.pick(headers, &[]).unwrap().target().address.clone())
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_follows_weights_smoothly() {
+        let pool = upstream(&[("a:1", 2), ("b:1", 1)], Balancer::RoundRobin);
+        let got = picks(&pool, 6, &HeaderMap::new());
+        assert_eq!(got.iter().filter(|a| *a == "a:1").count(), 4);
+        assert!(
+            got.windows(3).all(|w| w.iter().any(|a| a == "b:1")),
+            "no long runs: {got:?}"
+        );
+    }
+
+    #[test]
+    fn least_requests_avoids_busy_targets() {
+        let pool = upstream(&[("a:1", 1), ("b:1", 1)], Balancer::LeastRequests);
+        let busy = pool.pick(&HeaderMap::new(), &[]).unwrap();
+        let busy_addr = busy.target().address.clone();
+        for _ in 0..5 {
+            let p = pool.pick(&HeaderMap::new(), &[]).unwrap();
+            assert_ne!(p.target().address, busy_addr);
+        }
+        drop(busy);
+        let spread: std::collections::HashSet<String> =
+            picks(&pool, 4, &HeaderMap::new()).into_iter().collect();
+        assert_eq!(spread.len(), 2, "idle targets share the load");
+    }
+
+    #[test]
+    fn consistent_hash_sticks_and_moves_little_when_a_target_is_added() {
+        let three = upstream(
+            &[("a:1", 1), ("b:1", 1), ("c:1", 1)],
+            Balancer::ConsistentHash,
+        );
+        let four = upstream(
+            &[("a:1", 1), ("b:1", 1), ("c:1", 1), ("d:1", 1)],
+            Balancer::ConsistentHash,
+        );
+        let mut moved = 0;
+        for user in 0..1000 {
+            let mut h = HeaderMap::new();
+            h.insert("x-user", format!("user-{user}").parse().unwrap());
+            let first = three.pick(&h, &[]).unwrap().target().address.clone();
+            assert_eq!(
+                three.pick(&h, &[]).unwrap().target().address,
+                first,
+                "sticky"
+            );
+            if four.pick(&h, &[]).unwrap().target().address != first {
+                moved += 1;
+            }
+        }
+        // Ideal is 1/4 of the keys; allow for the ring's unevenness.
+        assert!((150..=350).contains(&moved), "{moved} of 1000 keys moved");
+    }
+
+    #[test]
+    fn retries_skip_targets_already_tried() {
+        let pool = upstream(&[("a:1", 1), ("b:1", 1)], Balancer::RoundRobin);
+        for _ in 0..4 {
+            let first = pool.pick(&HeaderMap::new(), &[]).unwrap();
+            let second = pool.pick(&HeaderMap::new(), &[first.index()]).unwrap();
+            assert_ne!(first.index(), second.index());
+        }
+        // With every target tried, any may be picked again.
+        assert!(pool.pick(&HeaderMap::new(), &[0, 1]).is_some());
+    }
+}

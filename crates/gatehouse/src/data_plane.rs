@@ -1,0 +1,146 @@
+//! `gatehouse data-plane` and `gatehouse standalone`: flags and startup.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
+use gatehouse_data::node::{DataPlane, DataPlaneConfig};
+
+/// Flags of `gatehouse data-plane`.
+#[derive(Args)]
+pub struct DataPlaneArgs {
+    /// Admin address of a control-plane node to watch (host:port); repeat or
+    /// separate with commas to list several, tried in turn.
+    #[arg(
+        long = "control-plane",
+        required = true,
+        value_delimiter = ',',
+        env = "GATEHOUSE_CONTROL_PLANES"
+    )]
+    control_planes: Vec<String>,
+    /// Address of the proxy listener.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
+    listen: SocketAddr,
+    /// Address of the ops listener: /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
+    ops_listen: SocketAddr,
+    /// This data plane's name in `gatehousectl cluster status` [default: dp-<listen address>].
+    #[arg(long, env = "GATEHOUSE_NODE_NAME")]
+    name: Option<String>,
+    /// Where the last-known-good configuration is kept.
+    #[arg(
+        long,
+        default_value = "gatehouse-data/data-plane",
+        env = "GATEHOUSE_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// Allow non-loopback listen addresses without TLS (logs a warning).
+    #[arg(long, env = "GATEHOUSE_INSECURE")]
+    insecure: bool,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
+    drain_seconds: u64,
+}
+
+/// Flags of `gatehouse standalone`.
+#[derive(Args)]
+pub struct StandaloneArgs {
+    /// Where the control plane keeps its state and the data plane its last-known-good file.
+    #[arg(long, default_value = "gatehouse-data", env = "GATEHOUSE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address of the admin API, for gatehousectl.
+    #[arg(long, default_value = "127.0.0.1:9400", env = "GATEHOUSE_ADMIN_LISTEN")]
+    admin_listen: SocketAddr,
+    /// Address of the control plane's Raft listener (one node; needed to add more later).
+    #[arg(long, default_value = "127.0.0.1:9401", env = "GATEHOUSE_RAFT_LISTEN")]
+    raft_listen: SocketAddr,
+    /// Address of the proxy listener.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
+    listen: SocketAddr,
+    /// Address of the ops listener: /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
+    ops_listen: SocketAddr,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
+    drain_seconds: u64,
+}
+
+fn check_loopback(what: &str, addr: SocketAddr, insecure: bool) -> Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        bail!("the {what} address {addr} is not a loopback address: without TLS this needs --insecure");
+    }
+    tracing::warn!(%addr, "the {what} address is not loopback and traffic is not encrypted (--insecure)");
+    Ok(())
+}
+
+fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
+    check_loopback("proxy listen", args.listen, args.insecure)?;
+    check_loopback("ops listen", args.ops_listen, args.insecure)?;
+    let control_planes: Vec<String> = args
+        .control_planes
+        .into_iter()
+        .map(|c| c.trim().trim_start_matches("http://").to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if control_planes.is_empty() {
+        bail!("--control-plane needs at least one address");
+    }
+    Ok(DataPlaneConfig {
+        listen: args.listen,
+        ops_listen: args.ops_listen,
+        control_planes,
+        node_name: args.name.unwrap_or_else(|| format!("dp-{}", args.listen)),
+        state_dir: args.state_dir,
+    })
+}
+
+pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
+    let drain = Duration::from_secs(args.drain_seconds);
+    let dp = DataPlane::start(data_plane_config(args)?).await?;
+    println!("ready proxy={} ops={}", dp.proxy_addr, dp.ops_addr);
+    crate::shutdown_signal().await;
+    tracing::info!(?drain, "draining");
+    dp.shutdown(drain).await;
+    Ok(())
+}
+
+pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
+    let cp = ControlPlane::start(NodeConfig {
+        node_id: 1,
+        admin_listen: args.admin_listen,
+        raft_listen: args.raft_listen,
+        advertise_admin: None,
+        advertise_raft: None,
+        data_dir: args.data_dir.join("control-plane"),
+        bootstrap: true,
+        tuning: Tuning::default(),
+    })
+    .await?;
+    let dp = DataPlane::start(DataPlaneConfig {
+        listen: args.listen,
+        ops_listen: args.ops_listen,
+        control_planes: vec![cp.admin_addr.to_string()],
+        node_name: "standalone".into(),
+        state_dir: args.data_dir.join("data-plane"),
+    })
+    .await?;
+    println!(
+        "ready admin={} proxy={} ops={}",
+        cp.admin_addr, dp.proxy_addr, dp.ops_addr
+    );
+    eprintln!(
+        "gatehouse standalone: apply configuration with `gatehousectl --server {} apply -f FILE`; the proxy listens on http://{}",
+        cp.admin_addr, dp.proxy_addr
+    );
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    dp.shutdown(Duration::from_secs(args.drain_seconds)).await;
+    cp.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Data planes following the control plane: routes served by every data
+//! plane, changes following, serving without the control plane, the
+//! last-known-good file, and config updates under load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gatehouse_e2e::data::{get, DataPlaneProc, Upstream};
+use gatehouse_e2e::{ctl, eventually, Cluster, Options};
+
+/// A config with one upstream `target` and a route `/echo` to it.
+fn config(dir: &std::path::Path, target: std::net::SocketAddr) -> String {
+    let path = dir.join("gateway.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\nupstreams:\n  - name: echo\n    targets: [{{ address: \"{target}\" }}]\nroutes:\n  - name: echo\n    paths: [{{ prefix: /echo }}]\n    upstream: echo\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn apply(server: &str, file: &str) {
+    let out = ctl(server, &["apply", "-f", file]);
+    assert!(
+        out.status.success(),
+        "apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until `dp` answers GET /echo/... from the upstream named `want`.
+async fn serves(dp: &DataPlaneProc, want: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("http://{}/echo/x?q=1", dp.proxy);
+    eventually(
+        Duration::from_secs(15),
+        &format!("{} to route to {want}", dp.name),
+        || async {
+            let reply = get(&url, &[]).await.ok()?;
+            let body = reply.json().ok()?;
+            (reply.status == 200 && body["upstream"] == want).then_some(body)
+        },
+    )
+    .await
+}
+
+fn addrs(cluster: &Cluster) -> Vec<String> {
+    cluster.nodes.iter().map(|n| n.admin.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_reach_every_data_plane_and_changes_follow() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, Options::default()).await?;
+    let leader = cluster.leader().await?;
+    let follower = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != leader)
+        .unwrap()
+        .admin
+        .clone();
+    let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let dir = tempfile::tempdir()?;
+    let dp1 = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    let dp2 = DataPlaneProc::start("dp-2", &addrs(&cluster), dir.path())?;
+
+    apply(&follower, &config(dir.path(), a.addr));
+    for dp in [&dp1, &dp2] {
+        let echo = serves(dp, "a").await?;
+        // The upstream sees the path and query, and headers no client could forge.
+        assert_eq!(echo["path"], "/echo/x?q=1");
+        assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+        assert!(echo["headers"]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-")));
+    }
+
+    // A change reaches both, and status shows both at the new revision.
+    apply(&follower, &config(dir.path(), b.addr));
+    serves(&dp1, "b").await?;
+    serves(&dp2, "b").await?;
+    let status = eventually(
+        Duration::from_secs(10),
+        "both data planes to report the revision",
+        || async {
+            let out = ctl(&follower, &["cluster", "status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let revision = v["config_revision"].as_u64()?;
+            let dps = v["data_planes"].as_array()?;
+            let at_head = dps
+                .iter()
+                .filter(|d| d["applied_revision"] == revision && d["lag"] == 0)
+                .count();
+            (dps.len() == 2 && at_head == 2).then_some(v)
+        },
+    )
+    .await?;
+    eprintln!("data planes: {}", status["data_planes"]);
+
+    // Deleting the route takes effect on both: a problem+json 404.
+    let out = ctl(&follower, &["delete", "route", "echo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dp in [&dp1, &dp2] {
+        let url = format!("http://{}/echo/x", dp.proxy);
+        let reply = eventually(
+            Duration::from_secs(10),
+            "the route to disappear",
+            || async { get(&url, &[]).await.ok().filter(|r| r.status == 404) },
+        )
+        .await?;
+        assert_eq!(reply.headers["content-type"], "application/problem+json");
+        assert_eq!(reply.json()?["status"], 404);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_planes_serve_without_the_control_plane_and_restart_from_last_known_good(
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, Options::default()).await?;
+    cluster.leader().await?;
+    let a = Upstream::start("a").await?;
+    let dir = tempfile::tempdir()?;
+    let mut dp1 = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    let mut dp2 = DataPlaneProc::start("dp-2", &addrs(&cluster), dir.path())?;
+    apply(&cluster.node(1).admin, &config(dir.path(), a.addr));
+    serves(&dp1, "a").await?;
+    serves(&dp2, "a").await?;
+
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    // Both keep serving the revision they have.
+    serves(&dp1, "a").await?;
+    serves(&dp2, "a").await?;
+
+    // Restarted with no control plane: it serves its last-known-good file.
+    dp1.restart()?;
+    serves(&dp1, "a").await?;
+    assert_eq!(dp1.ready_status().await, 200);
+
+    // A corrupt last-known-good file leaves it unready, never serving an empty config.
+    dp2.kill();
+    let lkg = dp2.lkg_path();
+    let mut bytes = std::fs::read(&lkg)?;
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x20;
+    std::fs::write(&lkg, &bytes)?;
+    dp2.restart()?;
+    assert_eq!(dp2.ready_status().await, 503);
+    let readyz = get(&format!("http://{}/readyz", dp2.ops), &[]).await?;
+    assert!(
+        String::from_utf8_lossy(&readyz.body).contains("checksum mismatch"),
+        "{readyz:?}"
+    );
+    let reply = get(&format!("http://{}/echo/x", dp2.proxy), &[]).await?;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        reply.json()?["type"],
+        "https://gatehouse.dev/problems/not-ready"
+    );
+
+    // When the control plane returns, it catches up and serves again.
+    for id in 1..=3 {
+        cluster.restart(id)?;
+    }
+    serves(&dp2, "a").await?;
+    assert_eq!(dp2.ready_status().await, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_updates_under_load_fail_no_request() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    let (file_a, file_b) = {
+        let fa = config(dir.path(), a.addr);
+        let fb_dir = dir.path().join("b");
+        std::fs::create_dir_all(&fb_dir)?;
+        (fa, config(&fb_dir, b.addr))
+    };
+    apply(&server, &file_a);
+    serves(&dp, "a").await?;
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (ok, failed, url) = (
+            ok.clone(),
+            failed.clone(),
+            format!("http://{}/echo/load", dp.proxy),
+        );
+        load.push(tokio::spawn(async move {
+            // Bounded in time and count.
+            for _ in 0..5_000 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                match get(&url, &[]).await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let mut updates = 0;
+    while Instant::now() < deadline {
+        let file = if updates % 2 == 0 { &file_b } else { &file_a };
+        let server = server.clone();
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || apply(&server, &file)).await?;
+        updates += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for task in load {
+        task.await?;
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{updates} config updates under load: {ok} requests succeeded, {failed} failed");
+    assert!(
+        updates >= 5 && ok > 100,
+        "the test did what it says: {updates} updates, {ok} requests"
+    );
+    assert_eq!(failed, 0, "no request failed during config updates");
+    assert!(a.hits.load(Ordering::Relaxed) > 0 && b.hits.load(Ordering::Relaxed) > 0);
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Data planes as real processes, a test upstream, and an HTTP client.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::{bin, spawn_ready, tail};
+
+/// One `gatehouse data-plane` process.
+pub struct DataPlaneProc {
+    pub name: String,
+    /// The proxy address; fixed after the first start on port 0.
+    pub proxy: String,
+    pub ops: String,
+    pub state_dir: PathBuf,
+    control_planes: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for DataPlaneProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl DataPlaneProc {
+    /// Starts a data plane watching `control_planes`, keeping its files in `dir`.
+    pub fn start(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+    ) -> Result<DataPlaneProc> {
+        let mut dp = DataPlaneProc {
+            name: name.to_string(),
+            proxy: "127.0.0.1:0".into(),
+            ops: "127.0.0.1:0".into(),
+            state_dir: dir.join(name),
+            control_planes: control_planes.to_vec(),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        dp.spawn()?;
+        Ok(dp)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(bin("gatehouse"));
+        cmd.args(["data-plane", "--name", &self.name])
+            .args(["--control-plane", &self.control_planes.join(",")])
+            .args(["--listen", &self.proxy, "--ops-listen", &self.ops])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--drain-seconds", "5"])
+            .env("RUST_LOG", "info");
+        let (child, ready) = spawn_ready(cmd, &self.log)?;
+        self.proxy = ready.field("proxy")?;
+        self.ops = ready.field("ops")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and state directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+
+    /// The last-known-good file.
+    pub fn lkg_path(&self) -> PathBuf {
+        self.state_dir.join("last-known-good.json")
+    }
+
+    /// The status code of `/readyz`.
+    pub async fn ready_status(&self) -> u16 {
+        match get(&format!("http://{}/readyz", self.ops), &[]).await {
+            Ok(r) => r.status,
+            Err(_) => 0,
+        }
+    }
+}
+
+/// What a test upstream saw of one request; it answers with this as JSON.
+pub type Echo = serde_json::Value;
+
+/// A test upstream on a free loopback port that answers every request with
+/// its own name, the method, path and headers it received, as JSON.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Result<Upstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let name = name.to_string();
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let name = name.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<Incoming>| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let headers: BTreeMap<String, String> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                )
+                            })
+                            .collect();
+                        let body = serde_json::json!({
+                            "upstream": name,
+                            "method": req.method().as_str(),
+                            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                            "headers": headers,
+                        });
+                        async move {
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body.to_string())))
+                                    .expect("valid response"),
+                            )
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Upstream { addr, hits, task })
+    }
+}
+
+/// A response as a test reads it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).with_context(|| format!("not JSON: {:?}", self.body))
+    }
+}
+
+/// A GET with extra headers, over a fresh connection, with a 10 s limit.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .context("request timed out")??;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
