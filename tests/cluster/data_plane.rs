@@ -237,3 +237,101 @@ async fn config_updates_under_load_fail_no_request() -> anyhow::Result<()> {
     assert!(a.hits.load(Ordering::Relaxed) > 0 && b.hits.load(Ordering::Relaxed) > 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_is_ejected_and_returns_and_timeouts_give_504() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let (mut a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    let file = dir.path().join("pool.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+upstreams:
+  - name: pool
+    targets: [{{ address: \"{}\" }}, {{ address: \"{}\" }}]
+    health_check: {{ path: /health, interval: 200ms, timeout: 150ms, healthy_threshold: 1, unhealthy_threshold: 1 }}
+    request_timeout: 500ms
+routes:
+  - name: pool
+    paths: [{{ prefix: /pool }}]
+    upstream: pool
+",
+            a.addr, b.addr
+        ),
+    )?;
+    apply(&server, file.to_str().unwrap());
+    let url = format!("http://{}/pool/x", dp.proxy);
+    let who = |reply: &gatehouse_e2e::data::Reply| {
+        reply
+            .json()
+            .ok()
+            .and_then(|v| v["upstream"].as_str().map(str::to_string))
+    };
+
+    // Both targets take traffic.
+    let seen: std::collections::BTreeSet<String> = eventually(
+        Duration::from_secs(10),
+        "both targets to answer",
+        || async {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                seen.insert(who(&get(&url, &[]).await.ok()?)?);
+            }
+            (seen.len() == 2).then_some(seen)
+        },
+    )
+    .await?;
+    assert_eq!(seen.len(), 2);
+
+    // Target a dies: no request fails (a connect failure is retried on b),
+    // and once the probe marks it down every request goes to b.
+    a.stop();
+    let started = Instant::now();
+    let mut failed = 0;
+    for _ in 0..40 {
+        let reply = get(&url, &[]).await?;
+        if reply.status != 200 {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(failed, 0, "requests failed while a target died");
+    let hits_before = a.hits.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        assert_eq!(who(&get(&url, &[]).await?).as_deref(), Some("b"));
+    }
+    assert_eq!(a.hits.load(Ordering::Relaxed), hits_before);
+    eprintln!(
+        "traffic moved off the dead target within {:?}",
+        started.elapsed()
+    );
+
+    // It comes back when its health check passes again.
+    a.restart().await?;
+    eventually(
+        Duration::from_secs(10),
+        "the target to take traffic again",
+        || async {
+            for _ in 0..10 {
+                if who(&get(&url, &[]).await.ok()?)? == "a" {
+                    return Some(());
+                }
+            }
+            None
+        },
+    )
+    .await?;
+
+    // A target slower than request_timeout: 504 as problem+json.
+    let reply = get(&format!("http://{}/pool/slow", dp.proxy), &[]).await?;
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.json()?["type"],
+        "https://gatehouse.dev/problems/gateway-timeout"
+    );
+    Ok(())
+}

@@ -110,10 +110,12 @@ impl DataPlaneProc {
 pub type Echo = serde_json::Value;
 
 /// A test upstream on a free loopback port that answers every request with
-/// its own name, the method, path and headers it received, as JSON.
+/// its own name, the method, path and headers it received, as JSON. A path
+/// containing `/slow` is answered after 2 s.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    name: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -125,19 +127,42 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Result<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(name, "127.0.0.1:0".parse()?, Arc::new(AtomicU64::new(0))).await
+    }
+
+    /// Stops listening and closes every open connection, as a crash would.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// Starts again on the same address.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let mut again = Self::start_on(&self.name, self.addr, self.hits.clone()).await?;
+        // `again` leaves with the old, stopped task.
+        std::mem::swap(&mut self.task, &mut again.task);
+        Ok(())
+    }
+
+    async fn start_on(name: &str, addr: SocketAddr, hits: Arc<AtomicU64>) -> Result<Upstream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener: TcpListener = socket.listen(128)?;
         let addr = listener.local_addr()?;
-        let hits = Arc::new(AtomicU64::new(0));
-        let name = name.to_string();
         let counter = hits.clone();
+        let upstream_name = name.to_string();
+        let name = name.to_string();
         let task = tokio::spawn(async move {
+            // Connections live in this set: aborting the task closes them all.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let name = name.clone();
                 let counter = counter.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let svc = service_fn(move |req: http::Request<Incoming>| {
                         counter.fetch_add(1, Ordering::Relaxed);
                         let headers: BTreeMap<String, String> = req
@@ -150,6 +175,7 @@ impl Upstream {
                                 )
                             })
                             .collect();
+                        let slow = req.uri().path().contains("/slow");
                         let body = serde_json::json!({
                             "upstream": name,
                             "method": req.method().as_str(),
@@ -157,6 +183,9 @@ impl Upstream {
                             "headers": headers,
                         });
                         async move {
+                            if slow {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
                             Ok::<_, Infallible>(
                                 http::Response::builder()
                                     .header("content-type", "application/json")
@@ -171,7 +200,12 @@ impl Upstream {
                 });
             }
         });
-        Ok(Upstream { addr, hits, task })
+        Ok(Upstream {
+            addr,
+            hits,
+            name: upstream_name,
+            task,
+        })
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use gatehouse_model::object::{Route, Upstream};
 use gatehouse_model::{ConfigState, Kind, Object};
 
+use crate::health::HealthRegistry;
 use crate::router::Router;
 use crate::upstream::Pool;
 
@@ -26,12 +27,30 @@ pub struct Compiled {
     pub revision: u64,
     pub router: Router,
     pub routes: Vec<CompiledRoute>,
+    /// Every upstream, routed to or not.
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Compiled {
+    /// (upstream, target, health check) for every target, for the prober.
+    pub fn health_targets(
+        &self,
+    ) -> Vec<(String, String, Option<gatehouse_model::object::HealthCheck>)> {
+        self.pools
+            .iter()
+            .flat_map(|p| {
+                p.targets
+                    .iter()
+                    .map(|t| (p.name.clone(), t.address.clone(), p.health_check.clone()))
+            })
+            .collect()
+    }
 }
 
 impl Compiled {
     /// Compiles a configuration the control plane validated. An error names
     /// the object at fault; the caller keeps serving the previous revision.
-    pub fn build(state: &ConfigState) -> Result<Compiled, String> {
+    pub fn build(state: &ConfigState, health: &HealthRegistry) -> Result<Compiled, String> {
         let mut pools: HashMap<&str, Arc<Pool>> = HashMap::new();
         let upstreams: Vec<&Upstream> = state
             .list(Kind::Upstream)
@@ -41,7 +60,7 @@ impl Compiled {
             })
             .collect();
         for u in &upstreams {
-            pools.insert(&u.name, Arc::new(Pool::compile(u)?));
+            pools.insert(&u.name, Arc::new(Pool::compile(u, health)?));
         }
         let routes: Vec<Route> = state
             .list(Kind::Route)
@@ -71,6 +90,7 @@ impl Compiled {
             revision: state.revision(),
             router,
             routes: compiled_routes,
+            pools: pools.into_values().collect(),
         })
     }
 }

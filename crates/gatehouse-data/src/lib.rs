@@ -5,6 +5,7 @@
 pub mod client;
 pub mod compile;
 pub mod headers;
+pub mod health;
 pub mod lkg;
 pub mod metrics;
 pub mod node;

@@ -18,6 +18,12 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub upstream: String,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: Arc<String>,
 }
@@ -35,6 +41,7 @@ pub struct Metrics {
     pub config_revision: Gauge<u64, AtomicU64>,
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
+    pub target_healthy: Family<TargetLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -78,7 +85,14 @@ impl Default for Metrics {
             "1 while the config stream to a control-plane node is up",
             config_stream_connected.clone(),
         );
+        let target_healthy = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_target_healthy",
+            "1 while a target takes traffic (health checks and passive ejection)",
+            target_healthy.clone(),
+        );
         Metrics {
+            target_healthy,
             registry,
             requests,
             latency,

@@ -53,13 +53,14 @@ struct Applier {
 
 impl Apply for Applier {
     fn apply(&self, state: &ConfigState) -> Result<(), String> {
-        let compiled = match Compiled::build(state) {
+        let compiled = match Compiled::build(state, &self.shared.health) {
             Ok(c) => c,
             Err(e) => {
                 self.shared.metrics.config_apply_errors.inc();
                 return Err(e);
             }
         };
+        self.shared.health.reconcile(compiled.health_targets());
         self.shared.config.store(Some(Arc::new(compiled)));
         self.shared.unready_reason.store(None);
         self.shared.metrics.config_revision.set(state.revision());

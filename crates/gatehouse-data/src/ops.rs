@@ -46,11 +46,22 @@ pub async fn handle(
                 )
             }
         },
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            // Health changes with time (ejections expire): read it at scrape time.
+            shared.metrics.target_healthy.clear();
+            for (upstream, target, up) in shared.health.snapshot() {
+                shared
+                    .metrics
+                    .target_healthy
+                    .get_or_create(&crate::metrics::TargetLabels { upstream, target })
+                    .set(i64::from(up));
+            }
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.encode(),
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             plain,

@@ -45,6 +45,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Why the data plane cannot serve yet (e.g. a corrupt last-known-good file).
     pub unready_reason: ArcSwapOption<String>,
+    /// Target health, across revisions.
+    pub health: crate::health::HealthRegistry,
 }
 
 /// The proxy's HTTP client and shared state.
@@ -144,10 +146,8 @@ impl Proxy {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        let downstream_upgrade = req
-            .headers()
-            .contains_key(UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
+        let downstream_upgrade =
+            headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, HopByHop::KeepUpgrade);
         let client = ClientInfo {
@@ -194,9 +194,14 @@ impl Proxy {
             });
             let upstream_req = upstream_req.map(|()| attempt_body);
             let call = self.client.request(upstream_req);
+            let health = &target.target().health;
             match tokio::time::timeout(route.upstream.request_timeout, call).await {
-                Err(_) => return (name, reject(&Reject::GatewayTimeout)),
+                Err(_) => {
+                    health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
+                    return (name, reject(&Reject::GatewayTimeout));
+                }
                 Ok(Ok(mut resp)) => {
+                    health.record_success();
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         let upgraded =
                             headers::strip_hop_by_hop(resp.headers_mut(), HopByHop::KeepUpgrade);
@@ -217,6 +222,7 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     let connect = e.is_connect();
+                    health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
                     tracing::debug!(upstream = %route.upstream.name, error = %e, "upstream call failed");
                     last = Reject::BadGateway;
                     if !connect {

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse_model::object::{Balancer, Upstream};
+use gatehouse_model::object::{Balancer, HealthCheck, Upstream};
 use http::{HeaderMap, HeaderName};
+
+use crate::health::{HealthRegistry, TargetHealth, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_FOR};
 
 /// Points on the hash ring per unit of weight.
 const RING_POINTS: usize = 64;
@@ -19,6 +21,8 @@ pub struct Target {
     /// `host:port`, as configured.
     pub address: String,
     pub weight: u32,
+    /// Shared with the same target in other revisions.
+    pub health: Arc<TargetHealth>,
     inflight: AtomicUsize,
 }
 
@@ -31,6 +35,10 @@ pub struct Pool {
     pub request_timeout: Duration,
     pub retries: u32,
     pub retry_non_idempotent: bool,
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection: failures in a row, and for how long.
+    pub eject_after: u32,
+    pub eject_for: Duration,
     balancer: Balancer,
     hash_header: Option<HeaderName>,
     /// Target indexes, each repeated by its weight and interleaved.
@@ -101,8 +109,9 @@ fn interleave(weights: &[u32]) -> Vec<usize> {
 }
 
 impl Pool {
-    /// Compiles an upstream that passed validation.
-    pub fn compile(u: &Upstream) -> Result<Pool, String> {
+    /// Compiles an upstream that passed validation; target health comes
+    /// from `health`, so it carries over from the previous revision.
+    pub fn compile(u: &Upstream, health: &HealthRegistry) -> Result<Pool, String> {
         let weights: Vec<u32> = u.targets.iter().map(|t| t.weight.max(1)).collect();
         let mut ring = Vec::new();
         for (i, t) in u.targets.iter().enumerate() {
@@ -130,6 +139,7 @@ impl Pool {
                 .map(|t| Target {
                     address: t.address.clone(),
                     weight: t.weight,
+                    health: health.target(&u.name, &t.address),
                     inflight: AtomicUsize::new(0),
                 })
                 .collect(),
@@ -137,6 +147,15 @@ impl Pool {
             request_timeout: u.request_timeout,
             retries: u.retries.attempts,
             retry_non_idempotent: u.retries.non_idempotent,
+            health_check: u.health_check.clone(),
+            eject_after: u
+                .circuit_breaker
+                .as_ref()
+                .map_or(DEFAULT_EJECT_AFTER, |c| c.consecutive_failures),
+            eject_for: u
+                .circuit_breaker
+                .as_ref()
+                .map_or(DEFAULT_EJECT_FOR, |c| c.open_for),
             balancer: u.balancer,
             hash_header,
             schedule: interleave(&weights),
@@ -151,7 +170,11 @@ impl Pool {
         if self.targets.is_empty() {
             return None;
         }
-        let allowed = |i: &usize| !skip.contains(i) || skip.len() >= self.targets.len();
+        // Healthy targets only; one already tried by this request only when
+        // every healthy one was.
+        let healthy = |i: &usize| self.targets[*i].health.available();
+        let untried_left = (0..self.targets.len()).any(|i| healthy(&i) && !skip.contains(&i));
+        let allowed = |i: &usize| healthy(i) && (!untried_left || !skip.contains(i));
         let index = match self.balancer {
             Balancer::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -221,7 +244,7 @@ mod tests {
             circuit_breaker: None,
             tls: None,
         };
-        Arc::new(Pool::compile(&u).unwrap())
+        Arc::new(Pool::compile(&u, &HealthRegistry::default()).unwrap())
     }
 
     fn picks(pool: &Arc<Pool>, n: usize, headers: &HeaderMap) -> Vec<String> {
