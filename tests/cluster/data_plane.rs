@@ -335,3 +335,62 @@ routes:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_on_a_lagging_node_never_goes_back() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3, Options::default()).await?;
+    let leader = cluster.leader().await?;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (lagging, other) = (others[0], others[1]);
+    let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let dir = tempfile::tempdir()?;
+    let (file_a, file_b) = {
+        let fb_dir = dir.path().join("b");
+        std::fs::create_dir_all(&fb_dir)?;
+        (config(dir.path(), a.addr), config(&fb_dir, b.addr))
+    };
+    let at = |id: u64, cluster: &Cluster| vec![cluster.node(id).admin.clone()];
+
+    // Revision 1 (to a) through the node that will lag.
+    let mut dp = DataPlaneProc::start("dp-1", &at(lagging, &cluster), dir.path())?;
+    apply(&cluster.node(leader).admin, &file_a);
+    serves(&dp, "a").await?;
+
+    // The node stops; the cluster moves on (to b) and the data plane follows it elsewhere.
+    cluster.kill(lagging);
+    apply(&cluster.node(leader).admin, &file_b);
+    dp.set_control_planes(&at(leader, &cluster));
+    dp.restart()?;
+    serves(&dp, "b").await?;
+    let newer = get(&format!("http://{}/readyz", dp.ops), &[]).await?;
+
+    // Only the lagging node is left (no quorum, so it cannot catch up), and
+    // the data plane restarts against it alone.
+    cluster.kill(leader);
+    cluster.kill(other);
+    cluster.restart(lagging)?;
+    dp.set_control_planes(&at(lagging, &cluster));
+    dp.restart()?;
+    for _ in 0..10 {
+        serves(&dp, "b").await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let still = get(&format!("http://{}/readyz", dp.ops), &[]).await?;
+    assert_eq!(still.body, newer.body, "it kept the newer revision");
+    let stale = cluster.local_status(lagging).await?;
+    eprintln!(
+        "lagging node at revision {}; data plane: {}",
+        stale.config_revision,
+        String::from_utf8_lossy(&still.body).trim()
+    );
+    assert!(!String::from_utf8_lossy(&still.body)
+        .contains(&format!("revision {}\n", stale.config_revision)));
+
+    // Once the node catches up, the data plane follows it again.
+    cluster.restart(leader)?;
+    cluster.restart(other)?;
+    cluster.leader().await?;
+    apply(&cluster.node(lagging).admin, &file_a);
+    serves(&dp, "a").await?;
+    Ok(())
+}

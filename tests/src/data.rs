@@ -82,6 +82,11 @@ impl DataPlaneProc {
         }
     }
 
+    /// Watches other control-plane nodes from the next (re)start on.
+    pub fn set_control_planes(&mut self, control_planes: &[String]) {
+        self.control_planes = control_planes.to_vec();
+    }
+
     /// Starts it again on the same ports and state directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();

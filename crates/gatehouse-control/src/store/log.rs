@@ -138,8 +138,18 @@ impl<E: Engine> RaftLogStorage<TypeConfig> for LogStore<E> {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Durable with the next flush; losing it only means re-applying less at start.
-        self.put_meta(COMMITTED, &committed)
+        self.put_meta(COMMITTED, &committed)?;
+        // Flushed in the background, off the write path: losing the last one
+        // only means a restarted node re-applies a little less until a leader
+        // tells it the commit index, but without a flush a node killed soon
+        // after a commit would restart with none of its state applied.
+        let meta = self.meta.clone();
+        tokio::spawn(async move {
+            if let Err(e) = meta.flush().await {
+                tracing::warn!(error = %e, "flushing the committed index failed");
+            }
+        });
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
