@@ -6,3 +6,4 @@ mod data_plane;
 mod durability;
 mod failover;
 mod membership;
+mod protocols;

@@ -27,6 +27,8 @@ pub struct DataPlaneProc {
     /// The proxy address; fixed after the first start on port 0.
     pub proxy: String,
     pub ops: String,
+    /// The TLS listener's address, when it has one.
+    pub tls: Option<String>,
     pub state_dir: PathBuf,
     control_planes: Vec<String>,
     log: PathBuf,
@@ -46,10 +48,29 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
+        Self::start_with(name, control_planes, dir, false)
+    }
+
+    /// Like [`DataPlaneProc::start`], with a TLS listener as well.
+    pub fn start_tls(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+    ) -> Result<DataPlaneProc> {
+        Self::start_with(name, control_planes, dir, true)
+    }
+
+    fn start_with(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        tls: bool,
+    ) -> Result<DataPlaneProc> {
         let mut dp = DataPlaneProc {
             name: name.to_string(),
             proxy: "127.0.0.1:0".into(),
             ops: "127.0.0.1:0".into(),
+            tls: tls.then(|| "127.0.0.1:0".to_string()),
             state_dir: dir.join(name),
             control_planes: control_planes.to_vec(),
             log: dir.join(format!("{name}.log")),
@@ -68,9 +89,15 @@ impl DataPlaneProc {
             .arg(&self.state_dir)
             .args(["--drain-seconds", "5"])
             .env("RUST_LOG", "info");
+        if let Some(tls) = &self.tls {
+            cmd.args(["--tls-listen", tls]);
+        }
         let (child, ready) = spawn_ready(cmd, &self.log)?;
         self.proxy = ready.field("proxy")?;
         self.ops = ready.field("ops")?;
+        if self.tls.is_some() {
+            self.tls = Some(ready.field("tls")?);
+        }
         self.child = Some(child);
         Ok(())
     }
@@ -168,7 +195,7 @@ impl Upstream {
                 let name = name.clone();
                 let counter = counter.clone();
                 connections.spawn(async move {
-                    let svc = service_fn(move |req: http::Request<Incoming>| {
+                    let svc = service_fn(move |mut req: http::Request<Incoming>| {
                         counter.fetch_add(1, Ordering::Relaxed);
                         let headers: BTreeMap<String, String> = req
                             .headers()
@@ -181,6 +208,17 @@ impl Upstream {
                             })
                             .collect();
                         let slow = req.uri().path().contains("/slow");
+                        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+                        if upgrade {
+                            // Echo every byte back once the connection is switched.
+                            let on_upgrade = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(upgraded) = on_upgrade.await {
+                                    let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                        }
                         let body = serde_json::json!({
                             "upstream": name,
                             "method": req.method().as_str(),
@@ -191,6 +229,16 @@ impl Upstream {
                             if slow {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
+                            if upgrade {
+                                return Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(101)
+                                        .header("connection", "upgrade")
+                                        .header("upgrade", "websocket")
+                                        .body(Full::new(Bytes::new()))
+                                        .expect("valid response"),
+                                );
+                            }
                             Ok::<_, Infallible>(
                                 http::Response::builder()
                                     .header("content-type", "application/json")
@@ -200,7 +248,7 @@ impl Upstream {
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
             }

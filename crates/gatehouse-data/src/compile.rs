@@ -10,6 +10,7 @@ use gatehouse_model::{ConfigState, Kind, Object};
 
 use crate::health::HealthRegistry;
 use crate::router::Router;
+use crate::tls::CertStore;
 use crate::upstream::Pool;
 
 /// A route's settings, by the router's route index.
@@ -29,6 +30,8 @@ pub struct Compiled {
     pub routes: Vec<CompiledRoute>,
     /// Every upstream, routed to or not.
     pub pools: Vec<Arc<Pool>>,
+    /// Server certificates by name, for the TLS listener.
+    pub tls: CertStore,
 }
 
 impl Compiled {
@@ -91,6 +94,10 @@ impl Compiled {
             router,
             routes: compiled_routes,
             pools: pools.into_values().collect(),
+            tls: CertStore::compile(state.list(Kind::Certificate).filter_map(|o| match o {
+                Object::Certificate(c) => Some(c),
+                _ => None,
+            }))?,
         })
     }
 }

@@ -13,4 +13,5 @@ pub mod ops;
 pub mod problem;
 pub mod proxy;
 pub mod router;
+pub mod tls;
 pub mod upstream;

@@ -24,6 +24,8 @@ use crate::proxy::{Proxy, Shared};
 #[derive(Clone, Debug)]
 pub struct DataPlaneConfig {
     pub listen: SocketAddr,
+    /// The TLS listener (certificates chosen by SNI from Certificate objects).
+    pub tls_listen: Option<SocketAddr>,
     pub ops_listen: SocketAddr,
     /// Admin addresses of control-plane nodes to watch, tried in turn.
     pub control_planes: Vec<String>,
@@ -83,6 +85,7 @@ impl Apply for Applier {
 /// A running data plane.
 pub struct DataPlane {
     pub proxy_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub ops_addr: SocketAddr,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -126,30 +129,49 @@ impl DataPlane {
         };
         let proxy_listener = bind(cfg.listen, "proxy").await?;
         let ops_listener = bind(cfg.ops_listen, "ops").await?;
-        let proxy_addr = proxy_listener
-            .local_addr()
-            .map_err(|e| StartError::Config(e.to_string()))?;
-        let ops_addr = ops_listener
-            .local_addr()
-            .map_err(|e| StartError::Config(e.to_string()))?;
+        let tls_listener = match cfg.tls_listen {
+            Some(addr) => Some(bind(addr, "tls").await?),
+            None => None,
+        };
+        let local = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| StartError::Config(e.to_string()))
+        };
+        let proxy_addr = local(&proxy_listener)?;
+        let ops_addr = local(&ops_listener)?;
+        let tls_addr = tls_listener.as_ref().map(local).transpose()?;
 
         let (shutdown, _) = watch::channel(false);
         let proxy = Proxy::new(shared.clone());
+        let proxy_service = move |peer: SocketAddr, tls: bool| {
+            let proxy = proxy.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(req, peer, tls).await }
+            })
+        };
         let mut tasks = Vec::new();
+        if let Some(listener) = tls_listener {
+            let config = crate::tls::server_config(shared.clone()).map_err(StartError::Config)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let make = proxy_service.clone();
+            tasks.push(tokio::spawn(serve(
+                listener,
+                Some(acceptor),
+                shutdown.subscribe(),
+                move |peer| make(peer, true),
+            )));
+        }
         tasks.push(tokio::spawn(serve(
             proxy_listener,
+            None,
             shutdown.subscribe(),
-            move |peer| {
-                let proxy = proxy.clone();
-                service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { proxy.handle(req, peer).await }
-                })
-            },
+            move |peer| proxy_service(peer, false),
         )));
         let ops_shared = shared.clone();
         tasks.push(tokio::spawn(serve(
             ops_listener,
+            None,
             shutdown.subscribe(),
             move |_peer| {
                 let shared = ops_shared.clone();
@@ -168,9 +190,10 @@ impl DataPlane {
             applier,
             shutdown.subscribe(),
         )));
-        tracing::info!(%proxy_addr, %ops_addr, node_name = %cfg.node_name, "data plane started");
+        tracing::info!(%proxy_addr, ?tls_addr, %ops_addr, node_name = %cfg.node_name, "data plane started");
         Ok(DataPlane {
             proxy_addr,
+            tls_addr,
             ops_addr,
             shared,
             shutdown,
@@ -189,9 +212,17 @@ impl DataPlane {
     }
 }
 
-/// Accepts connections until shutdown, then drains them gracefully.
-async fn serve<F, S, B>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, make: F)
-where
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections (through TLS when given an acceptor) until shutdown,
+/// then drains them gracefully.
+async fn serve<F, S, B>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut shutdown: watch::Receiver<bool>,
+    make: F,
+) where
     F: Fn(SocketAddr) -> S,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Send
@@ -216,12 +247,31 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let service = make(peer);
+                let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let result = match tls {
+                        None => {
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = result {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });

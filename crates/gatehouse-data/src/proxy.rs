@@ -89,9 +89,10 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        tls: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let (route, response) = self.serve(req, peer).await;
+        let (route, response) = self.serve(req, peer, tls).await;
         let route = route.unwrap_or_else(|| self.none.clone());
         let m = &self.shared.metrics;
         m.requests
@@ -110,6 +111,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        tls: bool,
     ) -> (Option<Arc<String>>, Response<ProxyBody>) {
         // One revision from start to end of the request.
         let Some(config) = self.shared.config.load_full() else {
@@ -152,7 +154,7 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, HopByHop::KeepUpgrade);
         let client = ClientInfo {
             peer: peer.ip(),
-            scheme: "http",
+            scheme: if tls { "https" } else { "http" },
             host: (!host.is_empty()).then_some(host),
         };
         headers::set_forwarded(&mut parts.headers, &client, &Trust::default());

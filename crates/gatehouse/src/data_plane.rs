@@ -24,6 +24,10 @@ pub struct DataPlaneArgs {
     /// Address of the proxy listener.
     #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
     listen: SocketAddr,
+    /// Address of a TLS listener (HTTP/2 and HTTP/1.1 by ALPN; the certificate is
+    /// chosen by SNI among Certificate objects). Off unless set.
+    #[arg(long, env = "GATEHOUSE_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
     /// Address of the ops listener: /healthz, /readyz, /metrics.
     #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
     ops_listen: SocketAddr,
@@ -60,12 +64,21 @@ pub struct StandaloneArgs {
     /// Address of the proxy listener.
     #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
     listen: SocketAddr,
+    /// Address of a TLS listener (HTTP/2 and HTTP/1.1 by ALPN; the certificate is
+    /// chosen by SNI among Certificate objects). Off unless set.
+    #[arg(long, env = "GATEHOUSE_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
     /// Address of the ops listener: /healthz, /readyz, /metrics.
     #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
     ops_listen: SocketAddr,
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
     drain_seconds: u64,
+}
+
+/// ` tls=ADDR` for the ready line, when the TLS listener is on.
+fn tls_field(dp: &DataPlane) -> String {
+    dp.tls_addr.map(|a| format!(" tls={a}")).unwrap_or_default()
 }
 
 fn check_loopback(what: &str, addr: SocketAddr, insecure: bool) -> Result<()> {
@@ -82,6 +95,7 @@ fn check_loopback(what: &str, addr: SocketAddr, insecure: bool) -> Result<()> {
 fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
     check_loopback("proxy listen", args.listen, args.insecure)?;
     check_loopback("ops listen", args.ops_listen, args.insecure)?;
+
     let control_planes: Vec<String> = args
         .control_planes
         .into_iter()
@@ -93,6 +107,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
     }
     Ok(DataPlaneConfig {
         listen: args.listen,
+        tls_listen: args.tls_listen,
         ops_listen: args.ops_listen,
         control_planes,
         node_name: args.name.unwrap_or_else(|| format!("dp-{}", args.listen)),
@@ -103,7 +118,12 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
 pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
     let drain = Duration::from_secs(args.drain_seconds);
     let dp = DataPlane::start(data_plane_config(args)?).await?;
-    println!("ready proxy={} ops={}", dp.proxy_addr, dp.ops_addr);
+    println!(
+        "ready proxy={} ops={}{}",
+        dp.proxy_addr,
+        dp.ops_addr,
+        tls_field(&dp)
+    );
     crate::shutdown_signal().await;
     tracing::info!(?drain, "draining");
     dp.shutdown(drain).await;
@@ -124,6 +144,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     .await?;
     let dp = DataPlane::start(DataPlaneConfig {
         listen: args.listen,
+        tls_listen: args.tls_listen,
         ops_listen: args.ops_listen,
         control_planes: vec![cp.admin_addr.to_string()],
         node_name: "standalone".into(),
@@ -131,8 +152,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     })
     .await?;
     println!(
-        "ready admin={} proxy={} ops={}",
-        cp.admin_addr, dp.proxy_addr, dp.ops_addr
+        "ready admin={} proxy={} ops={}{}",
+        cp.admin_addr,
+        dp.proxy_addr,
+        dp.ops_addr,
+        tls_field(&dp)
     );
     eprintln!(
         "gatehouse standalone: apply configuration with `gatehousectl --server {} apply -f FILE`; the proxy listens on http://{}",
