@@ -394,3 +394,32 @@ async fn a_data_plane_on_a_lagging_node_never_goes_back() -> anyhow::Result<()> 
     serves(&dp, "a").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_then_exits() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let a = Upstream::start("a").await?;
+    let dir = tempfile::tempdir()?;
+    let mut dp = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    apply(&cluster.node(1).admin, &config(dir.path(), a.addr));
+    serves(&dp, "a").await?;
+
+    // A request the upstream answers after 2 s is in flight when SIGTERM arrives.
+    let slow = tokio::spawn({
+        let url = format!("http://{}/echo/slow", dp.proxy);
+        async move { get(&url, &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy = dp.proxy.clone();
+    let exited =
+        tokio::task::spawn_blocking(move || dp.terminate(Duration::from_secs(10))).await??;
+    let reply = slow.await??;
+    assert_eq!(reply.status, 200, "the request in flight completed");
+    assert_eq!(reply.json()?["path"], "/echo/slow");
+    assert!(exited, "the data plane exited cleanly after draining");
+    assert!(
+        tokio::net::TcpStream::connect(&proxy).await.is_err(),
+        "nothing listens after shutdown"
+    );
+    Ok(())
+}

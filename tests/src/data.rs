@@ -109,6 +109,29 @@ impl DataPlaneProc {
         }
     }
 
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit;
+    /// returns whether it exited successfully in time.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Watches other control-plane nodes from the next (re)start on.
     pub fn set_control_planes(&mut self, control_planes: &[String]) {
         self.control_planes = control_planes.to_vec();
