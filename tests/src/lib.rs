@@ -216,6 +216,8 @@ impl Cluster {
                 .await
                 .map_err(|s| anyhow!("add node {id}: {}", s.message()))?;
         }
+        // Ready to take writes: a one-node cluster elects itself a moment after start.
+        cluster.leader().await?;
         Ok(cluster)
     }
 
