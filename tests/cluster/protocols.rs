@@ -225,3 +225,56 @@ async fn tls_by_sni_http2_and_websocket_through_the_proxy() -> anyhow::Result<()
     assert_eq!(&echoed, b"ping through the gateway");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_passes_through_to_an_http2_upstream_with_its_status() -> anyhow::Result<()> {
+    // The upstream is a real gRPC server: a control-plane node's admin API.
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let admin = cluster.node(1).admin.clone();
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", std::slice::from_ref(&admin), dir.path())?;
+    let file = dir.path().join("grpc.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1\nupstreams:\n  - name: admin\n    protocol: http2\n    targets: [{{ address: \"{admin}\" }}]\nroutes:\n  - name: grpc\n    paths: [{{ prefix: /gatehouse.v1.Admin }}]\n    methods: [POST]\n    upstream: admin\n"
+        ),
+    )?;
+    let out = ctl(&admin, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A unary call through the gateway answers like the server itself.
+    let status = eventually(
+        Duration::from_secs(10),
+        "a gRPC answer through the gateway",
+        || async {
+            let mut client = gatehouse_e2e::admin(&dp.proxy).await.ok()?;
+            client
+                .cluster_status(gatehouse_proto::pb::ClusterStatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        },
+    )
+    .await?;
+    assert_eq!(status.leader_id, 1);
+    assert_eq!(status.nodes.len(), 1);
+
+    // An error status travels in the trailers and arrives intact.
+    let mut client = gatehouse_e2e::admin(&dp.proxy).await?;
+    let err = client
+        .get(gatehouse_proto::pb::GetRequest {
+            kind: "route".into(),
+            name: "ghost".into(),
+            stale: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "route \"ghost\" not found");
+    Ok(())
+}

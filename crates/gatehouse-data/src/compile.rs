@@ -53,7 +53,11 @@ impl Compiled {
 impl Compiled {
     /// Compiles a configuration the control plane validated. An error names
     /// the object at fault; the caller keeps serving the previous revision.
-    pub fn build(state: &ConfigState, health: &HealthRegistry) -> Result<Compiled, String> {
+    pub fn build(
+        state: &ConfigState,
+        health: &HealthRegistry,
+        clients: &crate::upstream::ClientCache,
+    ) -> Result<Compiled, String> {
         let mut pools: HashMap<&str, Arc<Pool>> = HashMap::new();
         let upstreams: Vec<&Upstream> = state
             .list(Kind::Upstream)
@@ -63,7 +67,7 @@ impl Compiled {
             })
             .collect();
         for u in &upstreams {
-            pools.insert(&u.name, Arc::new(Pool::compile(u, health)?));
+            pools.insert(&u.name, Arc::new(Pool::compile(u, health, clients)?));
         }
         let routes: Vec<Route> = state
             .list(Kind::Route)

@@ -19,14 +19,13 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use gatehouse_model::object::UpstreamProtocol;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::compile::Compiled;
 use crate::headers::{self, ClientInfo, HopByHop, Trust};
@@ -47,13 +46,14 @@ pub struct Shared {
     pub unready_reason: ArcSwapOption<String>,
     /// Target health, across revisions.
     pub health: crate::health::HealthRegistry,
+    /// Upstream clients (and their warm connections), across revisions.
+    pub clients: crate::upstream::ClientCache,
 }
 
-/// The proxy's HTTP client and shared state.
+/// The proxy: its shared state, and the label of requests no route matched.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     pub shared: Arc<Shared>,
-    client: Client<HttpConnector, ProxyBody>,
     none: Arc<String>,
 }
 
@@ -71,15 +71,8 @@ fn is_idempotent(method: &Method) -> bool {
 
 impl Proxy {
     pub fn new(shared: Arc<Shared>) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector);
         Proxy {
             shared,
-            client,
             none: Arc::new("none".to_string()),
         }
     }
@@ -159,7 +152,13 @@ impl Proxy {
         };
         headers::set_forwarded(&mut parts.headers, &client, &Trust::default());
         headers::ensure_traceparent(&mut parts.headers);
-        parts.version = Version::HTTP_11;
+        let http2 = route.upstream.protocol == UpstreamProtocol::Http2;
+        parts.version = if http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        route.upstream.count_request();
 
         // Retry only what cannot have reached an upstream twice: requests
         // without a body, idempotent ones, and only after a connect failure.
@@ -173,7 +172,10 @@ impl Proxy {
         let mut tried = Vec::new();
         let mut body = Some(body.boxed());
         let mut last = Reject::UpstreamUnavailable;
-        for _ in 0..attempts {
+        for attempt in 0..attempts {
+            if attempt > 0 && !route.upstream.take_retry() {
+                break;
+            }
             let Some(target) = route.upstream.pick(&parts.headers, &tried) else {
                 break;
             };
@@ -185,7 +187,10 @@ impl Proxy {
                 };
             let mut upstream_req = Request::from_parts(parts.clone(), ());
             *upstream_req.uri_mut() = uri;
-            if let Ok(h) = HeaderValue::from_str(&target.target().address) {
+            // HTTP/2 carries the authority in the URI; HTTP/1.1 needs Host.
+            if http2 {
+                upstream_req.headers_mut().remove(HOST);
+            } else if let Ok(h) = HeaderValue::from_str(&target.target().address) {
                 upstream_req.headers_mut().insert(HOST, h);
             }
             // A replay has an empty body: only bodiless requests are replayed.
@@ -195,7 +200,7 @@ impl Proxy {
                     .boxed()
             });
             let upstream_req = upstream_req.map(|()| attempt_body);
-            let call = self.client.request(upstream_req);
+            let call = route.upstream.client.request(upstream_req);
             let health = &target.target().health;
             match tokio::time::timeout(route.upstream.request_timeout, call).await {
                 Err(_) => {

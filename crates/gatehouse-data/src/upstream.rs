@@ -3,14 +3,86 @@
 //! a header). Everything that can be is computed when the configuration is
 //! compiled; picking a target takes no lock.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use gatehouse_model::object::{Balancer, HealthCheck, Upstream};
+use gatehouse_model::object::{Balancer, HealthCheck, Upstream, UpstreamProtocol};
 use http::{HeaderMap, HeaderName};
 
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
 use crate::health::{HealthRegistry, TargetHealth, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_FOR};
+use crate::proxy::ProxyBody;
+
+/// The HTTP client of a pool, with its connection pool.
+pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+
+/// Clients by (connect timeout, protocol), kept across revisions so a config
+/// change does not drop warm connections to the backends.
+#[derive(Default)]
+pub struct ClientCache(Mutex<HashMap<(Duration, UpstreamProtocol), UpstreamClient>>);
+
+impl std::fmt::Debug for ClientCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientCache")
+    }
+}
+
+impl ClientCache {
+    pub fn get(&self, connect_timeout: Duration, protocol: UpstreamProtocol) -> UpstreamClient {
+        let mut clients = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry((connect_timeout, protocol))
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(connect_timeout));
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder.pool_idle_timeout(Duration::from_secs(60));
+                if protocol == UpstreamProtocol::Http2 {
+                    builder.http2_only(true);
+                }
+                builder.build(connector)
+            })
+            .clone()
+    }
+}
+
+/// Retries may add at most a fifth to the requests a pool sends (with a
+/// small allowance to start), so a failing upstream is not flooded with
+/// retries on top of its traffic.
+#[derive(Debug)]
+struct RetryBudget(AtomicI64);
+
+const RETRY_COST: i64 = 5;
+const RETRY_BUDGET_MAX: i64 = 100;
+
+impl RetryBudget {
+    fn new() -> Self {
+        RetryBudget(AtomicI64::new(RETRY_BUDGET_MAX / 2))
+    }
+
+    fn deposit(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t < RETRY_BUDGET_MAX).then_some(t + 1)
+            });
+    }
+
+    fn withdraw(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t >= RETRY_COST).then_some(t - RETRY_COST)
+            })
+            .is_ok()
+    }
+}
 
 /// Points on the hash ring per unit of weight.
 const RING_POINTS: usize = 64;
@@ -36,6 +108,9 @@ pub struct Pool {
     pub retries: u32,
     pub retry_non_idempotent: bool,
     pub health_check: Option<HealthCheck>,
+    pub client: UpstreamClient,
+    pub protocol: UpstreamProtocol,
+    retry_budget: RetryBudget,
     /// Passive ejection: failures in a row, and for how long.
     pub eject_after: u32,
     pub eject_for: Duration,
@@ -111,7 +186,11 @@ fn interleave(weights: &[u32]) -> Vec<usize> {
 impl Pool {
     /// Compiles an upstream that passed validation; target health comes
     /// from `health`, so it carries over from the previous revision.
-    pub fn compile(u: &Upstream, health: &HealthRegistry) -> Result<Pool, String> {
+    pub fn compile(
+        u: &Upstream,
+        health: &HealthRegistry,
+        clients: &ClientCache,
+    ) -> Result<Pool, String> {
         let weights: Vec<u32> = u.targets.iter().map(|t| t.weight.max(1)).collect();
         let mut ring = Vec::new();
         for (i, t) in u.targets.iter().enumerate() {
@@ -148,6 +227,9 @@ impl Pool {
             retries: u.retries.attempts,
             retry_non_idempotent: u.retries.non_idempotent,
             health_check: u.health_check.clone(),
+            client: clients.get(u.connect_timeout, u.protocol),
+            protocol: u.protocol,
+            retry_budget: RetryBudget::new(),
             eject_after: u
                 .circuit_breaker
                 .as_ref()
@@ -212,6 +294,18 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Counts a request toward the retry budget.
+    pub fn count_request(&self) {
+        self.retry_budget.deposit();
+    }
+
+    /// Whether the budget allows one more retry; takes it if so.
+    pub fn take_retry(&self) -> bool {
+        self.retry_budget.withdraw()
+    }
+}
+
 impl Picked {
     pub fn index(&self) -> usize {
         self.index
@@ -243,8 +337,9 @@ mod tests {
             retries: Retries::default(),
             circuit_breaker: None,
             tls: None,
+            protocol: Default::default(),
         };
-        Arc::new(Pool::compile(&u, &HealthRegistry::default()).unwrap())
+        Arc::new(Pool::compile(&u, &HealthRegistry::default(), &ClientCache::default()).unwrap())
     }
 
     fn picks(pool: &Arc<Pool>, n: usize, headers: &HeaderMap) -> Vec<String> {
@@ -305,6 +400,28 @@ mod tests {
         }
         // Ideal is 1/4 of the keys; allow for the ring's unevenness.
         assert!((150..=350).contains(&moved), "{moved} of 1000 keys moved");
+    }
+
+    #[test]
+    fn the_retry_budget_allows_a_fifth_of_requests_plus_an_allowance() {
+        let budget = RetryBudget::new();
+        let mut allowed = 0;
+        while budget.withdraw() {
+            allowed += 1;
+        }
+        assert_eq!(
+            allowed,
+            RETRY_BUDGET_MAX / 2 / RETRY_COST,
+            "the starting allowance"
+        );
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let mut allowed = 0;
+        while budget.withdraw() {
+            allowed += 1;
+        }
+        assert_eq!(allowed, 20, "a fifth of 100 requests");
     }
 
     #[test]

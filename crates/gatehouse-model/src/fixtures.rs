@@ -44,6 +44,7 @@ pub fn upstream(name: &str) -> Upstream {
         retries: Retries::default(),
         circuit_breaker: None,
         tls: None,
+        protocol: Default::default(),
     }
 }
 
@@ -91,6 +92,7 @@ pub fn full_upstream(name: &str) -> Upstream {
             server_name: Some("billing.internal.example.com".to_string()),
             ca_pem: Some(CERT_PEM.to_string()),
         }),
+        protocol: UpstreamProtocol::Http2,
         ..upstream(name)
     }
 }
