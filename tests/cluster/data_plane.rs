@@ -423,3 +423,55 @@ async fn sigterm_drains_requests_in_flight_then_exits() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_that_does_not_compile_keeps_the_old_one_serving_and_is_reported(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let (a, b) = (Upstream::start("a").await?, Upstream::start("b").await?);
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", &addrs(&cluster), dir.path())?;
+    apply(&server, &config(dir.path(), a.addr));
+    serves(&dp, "a").await?;
+
+    // The control plane only checks PEM markers; the data plane parses the
+    // certificate and refuses the revision, together with the route change in it.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken)?;
+    config(&broken, b.addr);
+    std::fs::write(
+        broken.join("cert.yaml"),
+        "version: 1\ncertificates:\n  - name: bad\n    server_names: [a.example]\n    certificate_pem: \"-----BEGIN CERTIFICATE-----\\nnot base64\\n-----END CERTIFICATE-----\\n\"\n    private_key_pem: \"-----BEGIN PRIVATE KEY-----\\nx\\n-----END PRIVATE KEY-----\\n\"\n",
+    )?;
+    apply(&server, broken.to_str().unwrap());
+    let error = eventually(
+        Duration::from_secs(10),
+        "the data plane to report the error",
+        || async {
+            let out = ctl(&server, &["cluster", "status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let e = v["data_planes"][0]["last_error"].as_str()?.to_string();
+            (!e.is_empty()).then_some(e)
+        },
+    )
+    .await?;
+    assert!(
+        error.contains("certificate \"bad\": certificate_pem"),
+        "{error}"
+    );
+    // Still the old revision: traffic still goes to a.
+    for _ in 0..5 {
+        serves(&dp, "a").await?;
+    }
+    let metrics = get(&format!("http://{}/metrics", dp.ops), &[]).await?;
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains("gatehouse_config_apply_errors_total 1")
+    );
+
+    // The fix is applied, and the data plane moves on.
+    let out = ctl(&server, &["delete", "certificate", "bad"]);
+    assert!(out.status.success());
+    serves(&dp, "b").await?;
+    Ok(())
+}
