@@ -78,6 +78,37 @@ async fn routes_reach_every_data_plane_and_changes_follow() -> anyhow::Result<()
             .is_some_and(|t| t.starts_with("00-")));
     }
 
+    // Hop-by-hop headers, and those Connection names, never reach the
+    // upstream; a client's forwarding headers are replaced; a valid
+    // traceparent is kept.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = get(
+        &format!("http://{}/echo/h", dp1.proxy),
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("traceparent", trace),
+        ],
+    )
+    .await?;
+    let seen = &reply.json()?["headers"];
+    assert!(
+        seen.get("x-secret").is_none() && seen.get("proxy-authorization").is_none(),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["x-forwarded-for"], "127.0.0.1",
+        "a spoofed client address is replaced"
+    );
+    assert_eq!(
+        seen["forwarded"],
+        format!("for=127.0.0.1;host=\"{}\";proto=http", dp1.proxy)
+    );
+    assert_eq!(seen["traceparent"], trace);
+
     // A change reaches both, and status shows both at the new revision.
     apply(&follower, &config(dir.path(), b.addr));
     serves(&dp1, "b").await?;

@@ -118,24 +118,28 @@ async fn tls_by_sni_http2_and_websocket_through_the_proxy() -> anyhow::Result<()
     let upstream = Upstream::start("echo").await?;
     let dir = tempfile::tempdir()?;
     let dp = DataPlaneProc::start_tls("dp-1", &[cluster.node(1).admin.clone()], dir.path())?;
-    let pki = pki(&["a.example", "b.example"]);
+    // The third is a replacement for the first, with a new key.
+    let pki = pki(&["a.example", "b.example", "a.example"]);
 
     let mut yaml = format!(
         "version: 1\nupstreams:\n  - name: echo\n    targets: [{{ address: \"{}\" }}]\nroutes:\n  - name: echo\n    paths: [{{ prefix: /echo }}]\n    upstream: echo\ncertificates:\n",
         upstream.addr
     );
-    for (name, cert, key, _) in &pki.leaves {
+    let certificate = |(name, cert, key, _): &(String, String, String, CertificateDer<'static>)| {
         let indent = |pem: &str| {
             pem.lines()
                 .map(|l| format!("      {l}\n"))
                 .collect::<String>()
         };
-        yaml.push_str(&format!(
+        format!(
             "  - name: {}\n    server_names: [{name}]\n    certificate_pem: |\n{}    private_key_pem: |\n{}",
             name.replace('.', "-"),
             indent(cert),
             indent(key)
-        ));
+        )
+    };
+    for leaf in &pki.leaves[..2] {
+        yaml.push_str(&certificate(leaf));
     }
     let file = dir.path().join("tls.yaml");
     std::fs::write(&file, yaml)?;
@@ -182,6 +186,33 @@ async fn tls_by_sni_http2_and_websocket_through_the_proxy() -> anyhow::Result<()
     );
     let (status, echo) = h1_get(stream, "b.example", "/echo/h1").await?;
     assert_eq!((status, echo["path"].as_str()), (200, Some("/echo/h1")));
+
+    // A changed certificate is served on the next handshake, no restart.
+    let swap = dir.path().join("swap.yaml");
+    std::fs::write(
+        &swap,
+        format!("version: 1\ncertificates:\n{}", certificate(&pki.leaves[2])),
+    )?;
+    let out = ctl(
+        &cluster.node(1).admin,
+        &["apply", "-f", swap.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the new certificate to be served",
+        || async {
+            let stream = connect(&tls_addr, "a.example", &pki.ca, &[b"h2"])
+                .await
+                .ok()?;
+            (stream.get_ref().1.peer_certificates()?[0] == pki.leaves[2].3).then_some(())
+        },
+    )
+    .await?;
 
     // An unknown name gets no certificate at all.
     assert!(connect(&tls_addr, "c.example", &pki.ca, &[b"h2"])
