@@ -5,5 +5,6 @@ mod basic;
 mod data_plane;
 mod durability;
 mod failover;
+mod hardening;
 mod membership;
 mod protocols;

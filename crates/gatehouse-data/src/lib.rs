@@ -10,6 +10,7 @@ pub mod lkg;
 pub mod metrics;
 pub mod node;
 pub mod ops;
+pub mod path;
 pub mod problem;
 pub mod proxy;
 pub mod router;

@@ -117,9 +117,15 @@ impl Proxy {
             .or_else(|| req.uri().host())
             .unwrap_or("")
             .to_string();
+        // Route on the canonical path and forward that same path, so no
+        // encoded or dotted variant reaches a route it should not.
+        let canonical = match crate::path::canonicalize(req.uri().path()) {
+            Ok(p) => p.into_owned(),
+            Err(_) => return (None, reject(&Reject::BadRequest)),
+        };
         let found = match config
             .router
-            .route(&host, req.uri().path(), req.method().as_str())
+            .route(&host, &canonical, req.method().as_str())
         {
             Match::Found(m) => m,
             Match::NotFound => return (None, reject(&Reject::NoRoute)),
@@ -133,9 +139,9 @@ impl Proxy {
         let version = req.version();
 
         let path = if route.strip_prefix {
-            found.stripped(req.uri().path())
+            found.stripped(&canonical)
         } else {
-            req.uri().path()
+            &canonical
         };
         let path_and_query = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
