@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod compile;
+pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod lkg;

@@ -106,6 +106,16 @@ impl Proxy {
         peer: SocketAddr,
         tls: bool,
     ) -> (Option<Arc<String>>, Response<ProxyBody>) {
+        // Nothing reads a request whose framing two servers could disagree on.
+        if crate::framing::check(&req).is_err() {
+            // Close the connection too: what follows an ambiguous frame
+            // cannot be trusted as the start of a next request.
+            let mut response = reject(&Reject::BadRequest);
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return (None, response);
+        }
         // One revision from start to end of the request.
         let Some(config) = self.shared.config.load_full() else {
             return (None, reject(&Reject::NotReady));
