@@ -140,7 +140,8 @@ mod tests {
     #[test]
     fn ambiguous_framing_is_refused() {
         use FramingError::*;
-        let cases: &[(Version, &str, &[(&str, &[u8])], FramingError)] = &[
+        type Case<'a> = (Version, &'a str, &'a [(&'a str, &'a [u8])], FramingError);
+        let cases: &[Case] = &[
             (
                 Version::HTTP_11,
                 "/a",
