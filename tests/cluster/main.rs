@@ -1,5 +1,6 @@
 //! End-to-end tests of the control plane with real `gatehouse` processes.
 
+mod auth;
 mod bad_input;
 mod basic;
 mod data_plane;

@@ -7,6 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use gatehouse_model::apikey;
+use gatehouse_model::object::ApiKey;
 use gatehouse_model::selector::Selector;
 use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk};
 use gatehouse_proto::pb::admin_client::AdminClient;
@@ -507,6 +509,49 @@ impl pb::admin_server::Admin for AdminService {
                     expected_config_revision: msg.expected_config_revision,
                 };
                 self.write(cmd).await.map(write_response)
+            }
+            .await
+        )
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let fwd = is_forwarded(&request);
+        let msg = request.into_inner();
+        leader_or_forward!(
+            self,
+            fwd,
+            msg.clone(),
+            create_api_key,
+            async {
+                // Made on the leader, in memory only: the log, the snapshots
+                // and every data plane see the hash of the secret, never it.
+                let expires_at = match msg.expires_at {
+                    None => None,
+                    Some(s) => Some(
+                        std::time::UNIX_EPOCH
+                            .checked_add(Duration::from_secs(s))
+                            .ok_or_else(|| Status::invalid_argument("expires_at: out of range"))?,
+                    ),
+                };
+                let (id, secret) = apikey::generate(&mut rand::random::<u8>);
+                let key = ApiKey {
+                    name: id.clone(),
+                    labels: msg.labels.clone().into_iter().collect(),
+                    revision: 0,
+                    consumer: msg.consumer.clone(),
+                    key_hash: apikey::hash_secret(&secret),
+                    expires_at,
+                    revoked: false,
+                };
+                let ok = self.write(Command::put(key.into(), Some(0))).await?;
+                Ok(Response::new(pb::CreateApiKeyResponse {
+                    key: apikey::format_key(&id, &secret),
+                    id,
+                    revision: ok.revision,
+                }))
             }
             .await
         )

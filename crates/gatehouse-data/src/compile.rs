@@ -8,6 +8,7 @@ use std::sync::Arc;
 use gatehouse_model::object::{Route, Upstream};
 use gatehouse_model::{ConfigState, Kind, Object};
 
+use crate::auth::{CompiledPolicy, Credentials};
 use crate::health::HealthRegistry;
 use crate::router::Router;
 use crate::tls::CertStore;
@@ -20,6 +21,8 @@ pub struct CompiledRoute {
     pub name: Arc<String>,
     pub upstream: Arc<Pool>,
     pub strip_prefix: bool,
+    /// The policy that guards the route, if any.
+    pub policy: Option<Arc<CompiledPolicy>>,
 }
 
 /// Everything a request needs, for one revision.
@@ -32,6 +35,8 @@ pub struct Compiled {
     pub pools: Vec<Arc<Pool>>,
     /// Server certificates by name, for the TLS listener.
     pub tls: CertStore,
+    /// API keys and the consumers they name.
+    pub credentials: Credentials,
 }
 
 impl Compiled {
@@ -77,6 +82,12 @@ impl Compiled {
             })
             .collect();
         let router = Router::compile(&routes).map_err(|e| e.to_string())?;
+        let mut policies: HashMap<&str, Arc<CompiledPolicy>> = HashMap::new();
+        for o in state.list(Kind::Policy) {
+            if let Object::Policy(p) = o {
+                policies.insert(&p.name, Arc::new(CompiledPolicy::compile(p)?));
+            }
+        }
         let compiled_routes = routes
             .iter()
             .map(|r| {
@@ -86,10 +97,20 @@ impl Compiled {
                         r.name, r.upstream
                     )
                 })?;
+                let policy = match &r.policy {
+                    None => None,
+                    Some(p) => Some(policies.get(p.as_str()).cloned().ok_or_else(|| {
+                        format!(
+                            "route \"{}\": policy: references unknown policy \"{p}\"",
+                            r.name
+                        )
+                    })?),
+                };
                 Ok(CompiledRoute {
                     name: Arc::new(r.name.clone()),
                     upstream,
                     strip_prefix: r.strip_prefix,
+                    policy,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -98,6 +119,7 @@ impl Compiled {
             router,
             routes: compiled_routes,
             pools: pools.into_values().collect(),
+            credentials: Credentials::compile(state)?,
             tls: CertStore::compile(state.list(Kind::Certificate).filter_map(|o| match o {
                 Object::Certificate(c) => Some(c),
                 _ => None,

@@ -2,6 +2,7 @@
 //! plane, compiles it into one immutable value, and proxies requests by it.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod compile;
 pub mod framing;

@@ -148,12 +148,35 @@ impl Proxy {
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
+        // Authenticate and authorise by the route's policy; the body has
+        // not been read, so a refused request costs no upload.
+        let consumer = match &route.policy {
+            None => None,
+            Some(policy) => match policy.authenticate(
+                &config.credentials,
+                req.headers(),
+                req.uri().query(),
+                std::time::SystemTime::now(),
+            ) {
+                Ok(c) => c,
+                Err(r) => return (name, reject(&r)),
+            },
+        };
+
         let path = if route.strip_prefix {
             found.stripped(&canonical)
         } else {
             &canonical
         };
-        let path_and_query = match req.uri().query() {
+        // The credential never travels on to the upstream.
+        let original_query = req.uri().query().map(str::to_string);
+        let query = match &route.policy {
+            Some(policy) => policy
+                .strip_credentials(req.headers_mut(), original_query.as_deref())
+                .map(|q| q.into_owned()),
+            None => original_query,
+        };
+        let path_and_query = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
@@ -167,6 +190,7 @@ impl Proxy {
             host: (!host.is_empty()).then_some(host),
         };
         headers::set_forwarded(&mut parts.headers, &client, &Trust::default());
+        crate::auth::identity_headers(&mut parts.headers, consumer.as_deref());
         headers::ensure_traceparent(&mut parts.headers);
         let http2 = route.upstream.protocol == UpstreamProtocol::Http2;
         parts.version = if http2 {

@@ -2,6 +2,7 @@
 //! declarative file format, and the deterministic state they are stored in.
 #![forbid(unsafe_code)]
 
+pub mod apikey;
 pub mod error;
 pub mod file;
 pub mod object;

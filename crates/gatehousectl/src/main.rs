@@ -88,6 +88,32 @@ enum Command {
     /// Inspect and change the control-plane cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Create, revoke and list API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new key for a consumer. The key is printed once, on stdout:
+    /// the cluster keeps only a hash of it.
+    Create {
+        #[arg(long)]
+        consumer: String,
+        /// Lifetime, e.g. `90d` or `12h`; none by default.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A label as KEY=VALUE; repeat for more.
+        #[arg(long = "label", short = 'l')]
+        labels: Vec<String>,
+    },
+    /// Revoke a key by its id: every data plane refuses it once it has the revision.
+    Revoke { id: String },
+    /// List keys (never their secrets), optionally of one consumer.
+    List {
+        #[arg(long)]
+        consumer: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -536,6 +562,110 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
     Ok(())
 }
 
+async fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
+    let client = connect(cli).await?;
+    match cmd {
+        KeysCommand::Create {
+            consumer,
+            expires,
+            labels,
+        } => {
+            let expires_at = match expires {
+                None => None,
+                Some(e) => {
+                    let d = humantime::parse_duration(e)
+                        .map_err(|err| anyhow!("--expires {e:?}: {err} (try 90d or 12h)"))?;
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                    Some(now.saturating_add(d).as_secs())
+                }
+            };
+            let labels = labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow!("--label {l:?}: expected KEY=VALUE"))
+                })
+                .collect::<Result<_>>()?;
+            let reply = rpc!(
+                cli,
+                client.create_api_key(pb::CreateApiKeyRequest {
+                    consumer: consumer.clone(),
+                    expires_at,
+                    labels,
+                })
+            )?;
+            eprintln!(
+                "api key {} for consumer \"{consumer}\" created at revision {}; it is shown only now:",
+                reply.id, reply.revision
+            );
+            println!("{}", reply.key);
+        }
+        KeysCommand::Revoke { id } => {
+            let got = rpc!(
+                cli,
+                client.get(pb::GetRequest {
+                    kind: "api_key".into(),
+                    name: id.clone(),
+                    stale: false,
+                })
+            )?;
+            let mut object = Object::try_from(
+                got.object
+                    .ok_or_else(|| anyhow!("no object in the answer"))?,
+            )
+            .map_err(|e| anyhow!("server sent an invalid object: {e}"))?;
+            let revision = object.revision();
+            let Object::ApiKey(key) = &mut object else {
+                bail!("api_key \"{id}\" is not an API key");
+            };
+            if key.revoked {
+                println!("api key {id} was already revoked");
+                return Ok(());
+            }
+            key.revoked = true;
+            object.set_revision(0);
+            let reply = rpc!(
+                cli,
+                client.put(pb::PutRequest {
+                    object: Some(pb::Object::from(&object)),
+                    expected_revision: Some(revision),
+                })
+            )?;
+            println!("api key {id} revoked at revision {}", reply.revision);
+        }
+        KeysCommand::List { consumer } => {
+            let list = rpc!(
+                cli,
+                client.list(pb::ListRequest {
+                    kind: "api_key".into(),
+                    selector: String::new(),
+                    stale: false,
+                })
+            )?;
+            let rows: Vec<Vec<String>> = from_pb(list.objects)?
+                .iter()
+                .filter_map(|o| match o {
+                    Object::ApiKey(k) if consumer.as_ref().is_none_or(|c| *c == k.consumer) => {
+                        Some(vec![
+                            k.name.clone(),
+                            k.consumer.clone(),
+                            k.expires_at
+                                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                                .unwrap_or_else(|| "never".into()),
+                            if k.revoked { "revoked" } else { "active" }.to_string(),
+                            k.revision.to_string(),
+                        ])
+                    }
+                    _ => None,
+                })
+                .collect();
+            print_table(&["ID", "CONSUMER", "EXPIRES", "STATE", "REVISION"], &rows);
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Apply { file } => apply(cli, file).await,
@@ -607,6 +737,7 @@ async fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Command::Cluster(cmd) => cluster(cli, cmd).await,
+        Command::Keys(cmd) => keys(cli, cmd).await,
     }
 }
 
