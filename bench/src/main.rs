@@ -6,11 +6,23 @@
 //!   (target, concurrency) cell.
 //! - `sled-flush`: the latency of one small sled batch plus flush, the
 //!   durability cost every node pays for each Raft log append.
+//! - `backend`: a trivial HTTP/1.1 server (200, a small fixed body).
+//! - `http`: an HTTP/1.1 keep-alive load generator, closed loop or at a fixed
+//!   rate with coordinated-omission-corrected latency (`load.rs`).
+//! - `proxies`: the backend direct and behind nginx, HAProxy and Gatehouse,
+//!   throughput and latency at a fixed rate in one table (`proxies.rs`).
+//! - `propagation`: time from a route write's acknowledgement until two data
+//!   planes serve it (`propagation.rs`).
 //!
 //! Build with `--release` (see `bench/run-admin-writes.sh`): the sandbox takes
 //! the `gatehouse` binary from the same target directory as this one.
 
+mod load;
+mod propagation;
+mod proxies;
+
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -47,6 +59,60 @@ enum Cmd {
     /// Latency of one small sled batch + flush on this disk (default sled config,
     /// as the control plane uses), the floor under every Raft log append.
     SledFlush(SledFlush),
+    /// A trivial HTTP/1.1 backend on loopback: 200 with a small fixed body to
+    /// every request. Prints `ready addr=HOST:PORT` once it listens.
+    Backend(BackendArgs),
+    /// HTTP/1.1 load over keep-alive connections: closed loop (maximum
+    /// throughput), or with --rate an open loop on a fixed schedule per
+    /// connection, latency measured from the intended send time.
+    Http(HttpArgs),
+    /// The backend direct and behind nginx, HAProxy and Gatehouse (one worker
+    /// each): closed-loop throughput, then latency at one fixed rate.
+    Proxies(proxies::ProxiesArgs),
+    /// Time from a route write's acknowledgement by the leader of a 3-node
+    /// control plane until both of 2 data planes serve it.
+    Propagation(propagation::PropagationArgs),
+}
+
+#[derive(clap::Args)]
+struct BackendArgs {
+    /// Listen address; loopback only (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Worker threads of the backend's runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+    /// Exit after this many seconds, in case whoever started it does not stop it.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    max_seconds: u64,
+}
+
+#[derive(clap::Args)]
+struct HttpArgs {
+    /// The URL to GET (http://, loopback host only).
+    #[arg(long)]
+    url: String,
+    /// Keep-alive connections, each with one request at a time.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    connections: u64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration: u64,
+    /// Unmeasured seconds of the same load first.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=120))]
+    warmup: u64,
+    /// Total requests per second (open loop); without it, closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Worker threads of the load generator.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+    /// Per-request time limit, milliseconds.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    timeout_ms: u64,
+    /// Upper bound on the requests of one connection (warmup included).
+    #[arg(long, default_value_t = 50_000_000)]
+    max_requests_per_connection: u64,
 }
 
 #[derive(clap::Args)]
@@ -118,7 +184,72 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::AdminWrites(args) => rt.block_on(admin_writes(args)),
         Cmd::SledFlush(args) => rt.block_on(sled_flush(args)),
+        Cmd::Backend(args) => backend(args),
+        Cmd::Http(args) => http_load(args),
+        Cmd::Proxies(args) => rt.block_on(proxies::proxies(args)),
+        Cmd::Propagation(args) => rt.block_on(propagation::propagation(args)),
     }
+}
+
+fn backend(args: BackendArgs) -> Result<()> {
+    let addr = load::loopback_listen(args.listen)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads as usize)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        println!("ready addr={}", listener.local_addr()?);
+        tokio::select! {
+            r = load::serve_backend(listener) => r,
+            () = tokio::time::sleep(Duration::from_secs(args.max_seconds)) => {
+                eprintln!("backend: --max-seconds {} reached, exiting", args.max_seconds);
+                Ok(())
+            }
+        }
+    })
+}
+
+fn http_load(args: HttpArgs) -> Result<()> {
+    let cfg = load::LoadConfig {
+        target: load::Target::parse(&args.url)?,
+        connections: args.connections as usize,
+        warmup: Duration::from_secs(args.warmup),
+        duration: Duration::from_secs(args.duration),
+        rate: args.rate,
+        max_requests_per_connection: args.max_requests_per_connection,
+        timeout: Duration::from_millis(args.timeout_ms),
+        threads: args.threads as usize,
+    };
+    let mode = match args.rate {
+        Some(r) => format!("open loop at {r} requests/s"),
+        None => "closed loop".to_string(),
+    };
+    eprintln!(
+        "http: {} {mode}, {} connections, warmup {}s, duration {}s, {} client thread(s)",
+        args.url, args.connections, args.warmup, args.duration, args.threads
+    );
+    let r = load::run(cfg)?;
+    let q = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!("| mode | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | 2xx | non-2xx | transport errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {mode} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+        r.rps(),
+        q(r.quantile_ms(0.5)),
+        q(r.quantile_ms(0.99)),
+        q(r.quantile_ms(0.999)),
+        q(r.max_ms()),
+        r.ok,
+        r.non_2xx,
+        r.transport_errors
+    );
+    for m in &r.messages {
+        eprintln!("  error: {m}");
+    }
+    Ok(())
 }
 
 fn new_histogram() -> Histogram<u64> {

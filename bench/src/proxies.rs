@@ -1,0 +1,943 @@
+//! `gatehouse-bench proxies`: the same backend reached directly and through
+//! nginx, HAProxy and Gatehouse, each proxy with one worker thread or process,
+//! measured with the same load in one run.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
+use gatehouse_e2e::{bin, ctl, spawn_ready, tail};
+
+use crate::load::{self, Conn, LoadConfig, LoadResult, Target};
+use crate::{cpu_ticks, CpuTicks};
+
+#[derive(clap::Args)]
+pub struct ProxiesArgs {
+    /// Keep-alive connections of the load generator, in both phases.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    connections: u64,
+    /// Measured seconds of each phase (closed loop, then fixed rate) per target.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    duration: u64,
+    /// Unmeasured seconds of the same load before each measured phase.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup: u64,
+    /// The fixed rate of the latency phase as a share of the lowest closed-loop
+    /// throughput among the targets, measured in the same run (a moderate
+    /// load for every target).
+    #[arg(long, default_value_t = 0.5)]
+    rate_fraction: f64,
+    /// A fixed rate for the latency phase instead (requests/s in total).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Worker threads (nginx: worker processes) of each proxy.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    proxy_threads: u64,
+    /// Worker threads of the backend process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    backend_threads: u64,
+    /// Worker threads of the load generator.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    client_threads: u64,
+    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,nginx,haproxy,gatehouse"
+    )]
+    targets: Vec<Kind>,
+    /// Per-request time limit, milliseconds.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    timeout_ms: u64,
+    /// Before each phase, wait up to this many seconds for the machine to be
+    /// quiet (other processes, e.g. builds, below --quiet-cores).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    quiet_wait: u64,
+    /// Busy cores, without load from the benchmark, that count as quiet.
+    #[arg(long, default_value_t = 0.15)]
+    quiet_cores: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Kind {
+    Direct,
+    Nginx,
+    Haproxy,
+    Gatehouse,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Direct => "direct",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "HAProxy",
+            Kind::Gatehouse => "Gatehouse",
+        })
+    }
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status}):\n{}", self.name, tail(&self.log));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SIGTERM first: nginx's master then stops its workers, which a
+        // SIGKILL of the master would leave running.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free loopback port, by binding port 0 and letting it go.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// An executable on `PATH` or in the sbin directories where Debian puts servers.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn version_of(program: &Path, flag: &str) -> String {
+    Command::new(program)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts the backend: this executable's `backend` subcommand, a process of its own.
+pub fn start_backend(dir: &Path, threads: u64) -> Result<(Proc, SocketAddr)> {
+    let log = dir.join("backend.log");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["backend", "--listen", "127.0.0.1:0"])
+        .args(["--threads", &threads.to_string()])
+        .args(["--max-seconds", "3600"]);
+    let (child, ready) = spawn_ready(cmd, &log)?;
+    let addr: SocketAddr = ready.field("addr")?.parse()?;
+    Ok((
+        Proc {
+            name: "backend".into(),
+            child,
+            log,
+        },
+        addr,
+    ))
+}
+
+/// Waits until `url` answers 200, for up to 15 s.
+async fn wait_serving(url: &str, proc: &mut Option<&mut Proc>) -> Result<()> {
+    let target = Target::parse(url)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(p) = proc.as_deref_mut() {
+            p.check_running()?;
+        }
+        let attempt = async {
+            let mut c = Conn::open(target.addr).await?;
+            let req = http::Request::get(target.path_and_query.as_str())
+                .header(http::header::HOST, target.authority.as_str())
+                .body(http_body_util::Empty::new())?;
+            c.get(req).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(s)) if s.is_success() => return Ok(()),
+            Ok(Ok(s)) => last = format!("status {s}"),
+            Ok(Err(e)) => last = format!("{e:#}"),
+            Err(_) => last = "timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} did not answer 200 within 15 s (last: {last})")
+}
+
+/// A target that is up: its URL and (for proxies) its process.
+struct Running {
+    url: String,
+    proc: Option<Proc>,
+    /// Version and worker facts, for the report.
+    notes: Vec<String>,
+}
+
+fn start_nginx(dir: &Path, backend: SocketAddr, workers: u64) -> Result<Option<Running>> {
+    let Some(nginx) = find_program("nginx") else {
+        return Ok(None);
+    };
+    let root = dir.join("nginx");
+    std::fs::create_dir_all(root.join("tmp"))?;
+    let port = free_port()?;
+    let r = root.display();
+    // Paths inside the temporary directory; the worker may run as `nobody`.
+    let conf = format!(
+        "worker_processes {workers};
+pid {r}/nginx.pid;
+error_log {r}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {r}/tmp/body;
+    proxy_temp_path {r}/tmp/proxy;
+    fastcgi_temp_path {r}/tmp/fastcgi;
+    uwsgi_temp_path {r}/tmp/uwsgi;
+    scgi_temp_path {r}/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    upstream backend {{
+        server {backend};
+        keepalive 128;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+}}
+"
+    );
+    let file = root.join("nginx.conf");
+    std::fs::write(&file, conf)?;
+    open_dirs(dir)?;
+    let log = root.join("stderr.log");
+    let mut cmd = Command::new(&nginx);
+    cmd.arg("-p")
+        .arg(&root)
+        .arg("-c")
+        .arg(&file)
+        .args(["-g", "daemon off;"]);
+    let proc = spawn_logged("nginx", cmd, &log)?;
+    Ok(Some(Running {
+        url: format!("http://127.0.0.1:{port}/"),
+        proc: Some(proc),
+        notes: vec![
+            version_of(&nginx, "-v"),
+            format!("worker_processes {workers}, upstream keepalive 128, access_log off"),
+        ],
+    }))
+}
+
+fn start_haproxy(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Option<Running>> {
+    let Some(haproxy) = find_program("haproxy") else {
+        return Ok(None);
+    };
+    let root = dir.join("haproxy");
+    std::fs::create_dir_all(&root)?;
+    let port = free_port()?;
+    // No `log` line anywhere: no access log.
+    let conf = format!(
+        "global
+    nbthread {threads}
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    http-reuse always
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend backend
+
+backend backend
+    server b1 {backend}
+"
+    );
+    let file = root.join("haproxy.cfg");
+    std::fs::write(&file, conf)?;
+    let check = Command::new(&haproxy)
+        .arg("-c")
+        .arg("-f")
+        .arg(&file)
+        .output()?;
+    ensure!(
+        check.status.success(),
+        "haproxy rejects its config:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let mut cmd = Command::new(&haproxy);
+    cmd.arg("-f").arg(&file).arg("-db");
+    let proc = spawn_logged("haproxy", cmd, &root.join("stderr.log"))?;
+    Ok(Some(Running {
+        url: format!("http://127.0.0.1:{port}/"),
+        proc: Some(proc),
+        notes: vec![
+            version_of(&haproxy, "-v"),
+            format!("nbthread {threads}, http-reuse always, no log"),
+        ],
+    }))
+}
+
+async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Running> {
+    let root = dir.join("gatehouse");
+    std::fs::create_dir_all(&root)?;
+    let log = root.join("stderr.log");
+    let mut cmd = Command::new(bin("gatehouse"));
+    cmd.arg("standalone")
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(["--raft-listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--ops-listen", "127.0.0.1:0"])
+        .args(["--log-level", "warn"])
+        .env_remove("RUST_LOG")
+        .env("TOKIO_WORKER_THREADS", threads.to_string());
+    let (child, ready) = spawn_ready(cmd, &log)?;
+    let proc = Proc {
+        name: "gatehouse".into(),
+        child,
+        log,
+    };
+    let admin = ready.field("admin")?;
+    let proxy = ready.field("proxy")?;
+    let file = root.join("gateway.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1\nupstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n"
+        ),
+    )?;
+    // The control plane may still be electing itself: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let file = file.to_str().context("a UTF-8 temp path")?.to_string();
+        let admin2 = admin.clone();
+        let out =
+            tokio::task::spawn_blocking(move || ctl(&admin2, &["apply", "-f", &file])).await?;
+        if out.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "gatehousectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Running {
+        url: format!("http://{proxy}/"),
+        proc: Some(proc),
+        notes: vec![format!(
+            "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn"
+        )],
+    })
+}
+
+fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+    Ok(Proc {
+        name: name.into(),
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Lets an unprivileged worker (nginx's `nobody`) reach the temp paths.
+fn open_dirs(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.to_path_buf(), dir.join("nginx"), dir.join("nginx/tmp")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// The names of a process's threads, with how many have each name.
+pub fn thread_names(pid: u32) -> BTreeMap<String, usize> {
+    let mut names = BTreeMap::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            *names.entry(comm.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    names
+}
+
+pub fn describe_threads(names: &BTreeMap<String, usize>) -> String {
+    let total: usize = names.values().sum();
+    let parts: Vec<String> = names.iter().map(|(n, c)| format!("{n} x{c}")).collect();
+    format!("{total} ({})", parts.join(", "))
+}
+
+/// CPU seconds (user + system) used so far by `pid` and, with `children`,
+/// its direct children (nginx's workers).
+fn cpu_seconds(pid: u32, children: bool) -> f64 {
+    let mut ticks = proc_ticks(pid).map_or(0, |(t, _)| t);
+    let entries = if children {
+        std::fs::read_dir("/proc").ok()
+    } else {
+        None
+    };
+    if let Some(entries) = entries {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some((t, ppid)) = proc_ticks(child) {
+                if ppid == pid {
+                    ticks += t;
+                }
+            }
+        }
+    }
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// (utime + stime, ppid) of a process, from /proc/PID/stat.
+fn proc_ticks(pid: u32) -> Option<(u64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+    let ppid = f.get(1)?.parse().ok()?;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime, ppid))
+}
+
+/// CPU use over a window, in cores (1.0 = one core busy all the time).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    proxy: Option<f64>,
+    backend: f64,
+    generator: f64,
+    /// Every other process on the machine (e.g. someone's build).
+    others: f64,
+    machine: Option<f64>,
+}
+
+struct CpuSample {
+    at: Instant,
+    proxy: Option<f64>,
+    backend: f64,
+    generator: f64,
+    all: f64,
+    machine: Option<CpuTicks>,
+}
+
+/// CPU seconds used so far by every live process on the machine.
+fn all_processes_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let ticks: u64 = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| proc_ticks(p).map(|(t, _)| t))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Waits (up to `max_wait`) until the machine is quiet: less than
+/// `max_cores` busy over one second while this benchmark sends nothing.
+/// Returns the busy cores of the last second checked.
+async fn wait_quiet(max_wait: Duration, max_cores: f64) -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let deadline = Instant::now() + max_wait;
+    let mut said = false;
+    loop {
+        let Some(a) = cpu_ticks() else { return 0.0 };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(b) = cpu_ticks() else { return 0.0 };
+        let busy = a.share_until(&b).busy * cores;
+        if busy < max_cores || Instant::now() >= deadline {
+            if busy >= max_cores {
+                eprintln!("  warning: the machine is still busy ({busy:.2} cores) without load from us; measuring anyway");
+            }
+            return busy;
+        }
+        if !said {
+            eprintln!(
+                "  waiting for the machine to be quiet: {busy:.2} cores busy without load from us"
+            );
+            said = true;
+        }
+    }
+}
+
+fn sample(proxy: Option<u32>, backend: u32) -> CpuSample {
+    CpuSample {
+        at: Instant::now(),
+        proxy: proxy.map(|p| cpu_seconds(p, true)),
+        backend: cpu_seconds(backend, false),
+        // This process only: the backend and the proxies are its children.
+        generator: cpu_seconds(std::process::id(), false),
+        all: all_processes_seconds(),
+        machine: cpu_ticks(),
+    }
+}
+
+impl CpuSample {
+    fn until(&self, later: &CpuSample) -> Cpu {
+        let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        Cpu {
+            proxy: self.proxy.zip(later.proxy).map(|(a, b)| (b - a) / secs),
+            backend: (later.backend - self.backend) / secs,
+            generator: (later.generator - self.generator) / secs,
+            others: ((later.all - self.all)
+                - (later.backend - self.backend)
+                - (later.generator - self.generator)
+                - self.proxy.zip(later.proxy).map_or(0.0, |(a, b)| b - a))
+            .max(0.0)
+                / secs,
+            machine: self
+                .machine
+                .as_ref()
+                .zip(later.machine.as_ref())
+                .map(|(a, b)| a.share_until(b).busy * cores),
+        }
+    }
+}
+
+/// One measured phase.
+struct Phase {
+    result: LoadResult,
+    cpu: Cpu,
+    /// Busy cores just before the phase, with no load from us.
+    idle_busy: f64,
+}
+
+/// Runs the load against `url` and samples CPU use inside the measured window.
+async fn measure(
+    args: &ProxiesArgs,
+    url: &str,
+    rate: Option<f64>,
+    proxy_pid: Option<u32>,
+    backend_pid: u32,
+) -> Result<Phase> {
+    let cfg = LoadConfig {
+        target: Target::parse(url)?,
+        connections: args.connections as usize,
+        warmup: Duration::from_secs(args.warmup),
+        duration: Duration::from_secs(args.duration),
+        rate,
+        max_requests_per_connection: 50_000_000,
+        timeout: Duration::from_millis(args.timeout_ms),
+        threads: args.client_threads as usize,
+    };
+    let warmup = cfg.warmup;
+    let duration = cfg.duration;
+    let idle_busy = wait_quiet(Duration::from_secs(args.quiet_wait), args.quiet_cores).await;
+    let load = tokio::task::spawn_blocking(move || load::run(cfg));
+    // A window a little inside the measured one (connections open first).
+    let margin = Duration::from_millis(200).min(duration / 4);
+    tokio::time::sleep(warmup + margin).await;
+    let before = sample(proxy_pid, backend_pid);
+    tokio::time::sleep(duration - 2 * margin).await;
+    let after = sample(proxy_pid, backend_pid);
+    let result = load.await??;
+    Ok(Phase {
+        result,
+        cpu: before.until(&after),
+        idle_busy,
+    })
+}
+
+struct Row {
+    kind: Kind,
+    outcome: Result<(Phase, Phase), String>,
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn cores(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn install_hint(kind: Kind) -> String {
+    let pkg = match kind {
+        Kind::Nginx => "nginx",
+        Kind::Haproxy => "haproxy",
+        _ => "",
+    };
+    format!(
+        "skipped: `{pkg}` not found on PATH or in /usr/sbin; install it with `apt-get update && apt-get install -y {pkg}` (bench/run-proxies.sh does)"
+    )
+}
+
+/// One target through the run.
+struct Slot {
+    kind: Kind,
+    running: Option<Running>,
+    closed: Option<Phase>,
+    open: Option<Phase>,
+    failure: Option<String>,
+}
+
+impl Slot {
+    fn fail(&mut self, e: &anyhow::Error) {
+        let msg = format!("failed: {e:#}");
+        eprintln!("{}: {msg}", self.kind);
+        self.failure = Some(msg);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.running
+            .as_ref()
+            .and_then(|r| r.proc.as_ref())
+            .map(Proc::pid)
+    }
+
+    fn url(&self) -> String {
+        self.running
+            .as_ref()
+            .map_or(String::new(), |r| r.url.clone())
+    }
+}
+
+async fn start(
+    kind: Kind,
+    args: &ProxiesArgs,
+    dir: &Path,
+    backend: SocketAddr,
+) -> Result<Option<Running>> {
+    let mut running = match kind {
+        Kind::Direct => Some(Running {
+            url: format!("http://{backend}/"),
+            proc: None,
+            notes: vec![format!(
+                "gatehouse-bench backend, {} worker thread(s)",
+                args.backend_threads
+            )],
+        }),
+        Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
+        Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads)?,
+        Kind::Gatehouse => Some(start_gatehouse(dir, backend, args.proxy_threads).await?),
+    };
+    if let Some(r) = running.as_mut() {
+        wait_serving(&r.url, &mut r.proc.as_mut()).await?;
+        if let Some(p) = &r.proc {
+            r.notes.push(format!(
+                "threads of pid {}: {}",
+                p.pid(),
+                describe_threads(&thread_names(p.pid()))
+            ));
+            if kind == Kind::Nginx {
+                r.notes
+                    .push(format!("nginx worker processes: {}", children(p.pid())));
+            }
+        }
+    }
+    Ok(running)
+}
+
+pub async fn proxies(args: ProxiesArgs) -> Result<()> {
+    ensure!(
+        args.rate_fraction > 0.0 && args.rate_fraction <= 1.0,
+        "--rate-fraction: use a value in (0, 1]"
+    );
+    let mut kinds = args.targets.clone();
+    kinds.sort();
+    kinds.dedup();
+    ensure!(!kinds.is_empty(), "--targets is empty");
+    let dir = tempfile::tempdir()?;
+    let (mut backend, backend_addr) = start_backend(dir.path(), args.backend_threads)?;
+    let backend_pid = backend.pid();
+    eprintln!(
+        "proxies: backend {backend_addr} (pid {backend_pid}, {} threads), {} connections, warmup {}s, duration {}s per phase, client threads {}, proxy threads {}, {} cores",
+        args.backend_threads,
+        args.connections,
+        args.warmup,
+        args.duration,
+        args.client_threads,
+        args.proxy_threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+
+    // Every target is started (and left idle) before the first measurement.
+    let mut slots = Vec::new();
+    for kind in kinds {
+        let mut slot = Slot {
+            kind,
+            running: None,
+            closed: None,
+            open: None,
+            failure: None,
+        };
+        match start(kind, &args, dir.path(), backend_addr).await {
+            Ok(Some(r)) => slot.running = Some(r),
+            Ok(None) => {
+                let hint = install_hint(kind);
+                eprintln!("{kind}: {hint}");
+                slot.failure = Some(hint);
+            }
+            Err(e) => slot.fail(&e),
+        }
+        slots.push(slot);
+    }
+
+    // Phase 1: closed-loop throughput, one target at a time.
+    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
+        let url = slot.url();
+        eprintln!("{}: closed loop at {url}", slot.kind);
+        match measure(&args, &url, None, slot.pid(), backend_pid).await {
+            Ok(p) => {
+                report_phase(slot.kind, "closed loop", &p);
+                slot.closed = Some(p);
+            }
+            Err(e) => slot.fail(&e),
+        }
+    }
+
+    // The fixed rate: a share of the slowest target's throughput, so that it
+    // is a moderate load for every target, or the rate given.
+    let slowest = slots
+        .iter()
+        .filter_map(|s| Some((s.kind, s.closed.as_ref()?.result.rps())))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let rate = match (args.rate, slowest) {
+        (Some(r), _) => r,
+        (None, Some((kind, rps))) => {
+            let r = (rps * args.rate_fraction).round().max(1.0);
+            eprintln!(
+                "fixed rate: {r} requests/s ({} x {rps:.0}/s, the closed-loop throughput of {kind}, the slowest target)",
+                args.rate_fraction
+            );
+            r
+        }
+        (None, None) => bail!("no target was measured"),
+    };
+
+    // Phase 2: latency at the fixed rate, one target at a time.
+    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
+        let url = slot.url();
+        eprintln!("{}: open loop at {rate:.0} requests/s", slot.kind);
+        match measure(&args, &url, Some(rate), slot.pid(), backend_pid).await {
+            Ok(p) => {
+                report_phase(slot.kind, "fixed rate", &p);
+                slot.open = Some(p);
+            }
+            Err(e) => slot.fail(&e),
+        }
+    }
+
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for mut slot in slots {
+        if let Some(mut running) = slot.running.take() {
+            if let Some(p) = running.proc.as_mut() {
+                if let Err(e) = p.check_running() {
+                    slot.failure.get_or_insert(format!("failed: {e:#}"));
+                }
+            }
+            if let Some(p) = &running.proc {
+                running.notes.push(format!(
+                    "threads of pid {} after the load: {}",
+                    p.pid(),
+                    describe_threads(&thread_names(p.pid()))
+                ));
+            }
+            for n in running.notes.drain(..) {
+                notes.push(format!("{}: {n}", slot.kind));
+            }
+            if let Some(mut p) = running.proc.take() {
+                p.stop();
+                let log = tail(&p.log);
+                if slot.kind != Kind::Gatehouse && !log.trim().is_empty() {
+                    notes.push(format!("{}: its log ends with: {}", slot.kind, log.trim()));
+                }
+            }
+        }
+        let outcome = match (slot.failure, slot.closed, slot.open) {
+            (None, Some(c), Some(o)) => Ok((c, o)),
+            (Some(f), _, _) => Err(f),
+            _ => Err("not measured".into()),
+        };
+        rows.push(Row {
+            kind: slot.kind,
+            outcome,
+        });
+    }
+    backend.check_running()?;
+    drop(backend);
+
+    print_tables(&args, Some(rate), &rows, &notes);
+    Ok(())
+}
+
+/// How many direct children a process has (nginx's workers).
+fn children(pid: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| proc_ticks(p).is_some_and(|(_, ppid)| ppid == pid))
+        .count()
+}
+
+fn report_phase(kind: Kind, what: &str, p: &Phase) {
+    let r = &p.result;
+    eprintln!(
+        "  {kind} {what}: {:.0} req/s, p50 {} p99 {} p99.9 {} max {} ms, {} non-2xx, {} transport errors; cpu cores: proxy {} backend {:.2} generator {:.2} others {:.2} machine {} (idle before: {:.2})",
+        r.rps(),
+        opt_ms(r.quantile_ms(0.5)),
+        opt_ms(r.quantile_ms(0.99)),
+        opt_ms(r.quantile_ms(0.999)),
+        opt_ms(r.max_ms()),
+        r.non_2xx,
+        r.transport_errors,
+        cores(p.cpu.proxy),
+        p.cpu.backend,
+        p.cpu.generator,
+        p.cpu.others,
+        cores(p.cpu.machine),
+        p.idle_busy,
+    );
+    for m in &r.messages {
+        eprintln!("    error: {m}");
+    }
+}
+
+fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[String]) {
+    let direct = rows.iter().find_map(|r| match (&r.kind, &r.outcome) {
+        (Kind::Direct, Ok(p)) => Some(p),
+        _ => None,
+    });
+    let direct_rps = direct.map(|(c, _)| c.result.rps());
+    let direct_p99 = direct.and_then(|(_, o)| o.result.quantile_ms(0.99));
+    println!(
+        "{} connections, {} s measured per phase after {} s warmup; fixed rate {} requests/s; \
+         proxies with {} worker thread(s)/process(es); backend {} thread(s); load generator {} thread(s)",
+        args.connections,
+        args.duration,
+        args.warmup,
+        rate.map_or("-".into(), |r| format!("{r:.0}")),
+        args.proxy_threads,
+        args.backend_threads,
+        args.client_threads,
+    );
+    println!();
+    println!("| target | requests/s (closed loop) | vs direct | p50 ms @ rate | p99 ms @ rate | p99.9 ms @ rate | added p99 ms vs direct | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        match &row.outcome {
+            Ok((closed, open)) => {
+                let rps = closed.result.rps();
+                let ratio = direct_rps.map_or("-".into(), |d| format!("{:.2}", rps / d));
+                let p99 = open.result.quantile_ms(0.99);
+                let added = match (row.kind, p99, direct_p99) {
+                    (Kind::Direct, _, _) => "-".to_string(),
+                    (_, Some(p), Some(d)) => format!("{:+.2}", p - d),
+                    _ => "-".into(),
+                };
+                println!(
+                    "| {} | {rps:.0} | {ratio} | {} | {} | {} | {added} | {} |",
+                    row.kind,
+                    opt_ms(open.result.quantile_ms(0.5)),
+                    opt_ms(p99),
+                    opt_ms(open.result.quantile_ms(0.999)),
+                    closed.result.errors() + open.result.errors(),
+                );
+            }
+            Err(why) => println!("| {} | {why} | | | | | | |", row.kind),
+        }
+    }
+    println!();
+    println!("Details. cpu in cores, sampled inside the measured window: proxy (nginx: master and worker), backend, generator (this gatehouse-bench process), others (every other process), machine (all CPU time from /proc/stat, kernel included); busy before: the machine's busy cores in the second before the phase, without our load.");
+    println!();
+    println!("| target | phase | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | non-2xx | transport errors | cpu proxy | cpu backend | cpu generator | cpu others | cpu machine | busy before |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in rows {
+        if let Ok((closed, open)) = &row.outcome {
+            for (what, p) in [("closed loop", closed), ("fixed rate", open)] {
+                let r = &p.result;
+                println!(
+                    "| {} | {what} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} |",
+                    row.kind,
+                    r.rps(),
+                    opt_ms(r.quantile_ms(0.5)),
+                    opt_ms(r.quantile_ms(0.99)),
+                    opt_ms(r.quantile_ms(0.999)),
+                    opt_ms(r.max_ms()),
+                    r.non_2xx,
+                    r.transport_errors,
+                    cores(p.cpu.proxy),
+                    p.cpu.backend,
+                    p.cpu.generator,
+                    p.cpu.others,
+                    cores(p.cpu.machine),
+                    p.idle_busy,
+                );
+            }
+        }
+    }
+    println!();
+    for n in notes {
+        println!("- {n}");
+    }
+}
