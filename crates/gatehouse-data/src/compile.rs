@@ -9,7 +9,6 @@ use gatehouse_model::object::{Route, Upstream};
 use gatehouse_model::{ConfigState, Kind, Object};
 
 use crate::auth::{CompiledPolicy, Credentials};
-use crate::health::HealthRegistry;
 use crate::router::Router;
 use crate::tls::CertStore;
 use crate::upstream::Pool;
@@ -23,6 +22,8 @@ pub struct CompiledRoute {
     pub strip_prefix: bool,
     /// The policy that guards the route, if any.
     pub policy: Option<Arc<CompiledPolicy>>,
+    /// The route's latency histogram, looked up once per revision.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Everything a request needs, for one revision.
@@ -58,11 +59,10 @@ impl Compiled {
 impl Compiled {
     /// Compiles a configuration the control plane validated. An error names
     /// the object at fault; the caller keeps serving the previous revision.
-    pub fn build(
-        state: &ConfigState,
-        health: &HealthRegistry,
-        clients: &crate::upstream::ClientCache,
-    ) -> Result<Compiled, String> {
+    /// `shared` provides what outlives a revision: target health, upstream
+    /// clients and metrics.
+    pub fn build(state: &ConfigState, shared: &crate::proxy::Shared) -> Result<Compiled, String> {
+        let (health, clients) = (&shared.health, &shared.clients);
         let mut pools: HashMap<&str, Arc<Pool>> = HashMap::new();
         let upstreams: Vec<&Upstream> = state
             .list(Kind::Upstream)
@@ -106,11 +106,20 @@ impl Compiled {
                         )
                     })?),
                 };
+                let name = Arc::new(r.name.clone());
+                let latency = shared
+                    .metrics
+                    .latency
+                    .get_or_create(&crate::metrics::RouteLabels {
+                        route: name.clone(),
+                    })
+                    .clone();
                 Ok(CompiledRoute {
-                    name: Arc::new(r.name.clone()),
+                    name,
                     upstream,
                     strip_prefix: r.strip_prefix,
                     policy,
+                    latency,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;

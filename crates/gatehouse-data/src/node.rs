@@ -55,7 +55,7 @@ struct Applier {
 
 impl Apply for Applier {
     fn apply(&self, state: &ConfigState) -> Result<(), String> {
-        let compiled = match Compiled::build(state, &self.shared.health, &self.shared.clients) {
+        let compiled = match Compiled::build(state, &self.shared) {
             Ok(c) => c,
             Err(e) => {
                 self.shared.metrics.config_apply_errors.inc();

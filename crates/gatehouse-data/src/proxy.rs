@@ -50,6 +50,12 @@ pub struct Shared {
     pub clients: crate::upstream::ClientCache,
 }
 
+/// The route a request went to, for its metrics.
+type RouteTag = (
+    Arc<String>,
+    prometheus_client::metrics::histogram::Histogram,
+);
+
 /// The proxy: its shared state, and the label of requests no route matched.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -86,17 +92,29 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let (route, response) = self.serve(req, peer, tls).await;
-        let route = route.unwrap_or_else(|| self.none.clone());
+        let elapsed = start.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
+        let route = match route {
+            Some((name, latency)) => {
+                latency.observe(elapsed);
+                name
+            }
+            None => {
+                let name = self.none.clone();
+                m.latency
+                    .get_or_create(&RouteLabels {
+                        route: name.clone(),
+                    })
+                    .observe(elapsed);
+                name
+            }
+        };
         m.requests
             .get_or_create(&RequestLabels {
-                route: route.clone(),
+                route,
                 status: response.status().as_u16(),
             })
             .inc();
-        m.latency
-            .get_or_create(&RouteLabels { route })
-            .observe(start.elapsed().as_secs_f64());
         Ok(response)
     }
 
@@ -105,7 +123,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
-    ) -> (Option<Arc<String>>, Response<ProxyBody>) {
+    ) -> (Option<RouteTag>, Response<ProxyBody>) {
         // Nothing reads a request whose framing two servers could disagree on.
         if crate::framing::check(&req).is_err() {
             // Close the connection too: what follows an ambiguous frame
@@ -144,7 +162,7 @@ impl Proxy {
             }
         };
         let route = &config.routes[found.route];
-        let name = Some(route.name.clone());
+        let name = Some((route.name.clone(), route.latency.clone()));
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
@@ -179,6 +197,9 @@ impl Proxy {
         let path_and_query = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
+        };
+        let Ok(path_and_query) = http::uri::PathAndQuery::try_from(path_and_query) else {
+            return (name, reject(&Reject::BadRequest));
         };
         let downstream_upgrade =
             headers::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -220,18 +241,22 @@ impl Proxy {
                 break;
             };
             tried.push(target.index());
-            let uri: Uri =
-                match format!("http://{}{}", target.target().address, path_and_query).parse() {
-                    Ok(u) => u,
-                    Err(_) => return (name, reject(&Reject::BadRequest)),
-                };
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+            uri_parts.authority = Some(target.target().authority.clone());
+            uri_parts.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(uri_parts) else {
+                return (name, reject(&Reject::BadRequest));
+            };
             let mut upstream_req = Request::from_parts(parts.clone(), ());
             *upstream_req.uri_mut() = uri;
             // HTTP/2 carries the authority in the URI; HTTP/1.1 needs Host.
             if http2 {
                 upstream_req.headers_mut().remove(HOST);
-            } else if let Ok(h) = HeaderValue::from_str(&target.target().address) {
-                upstream_req.headers_mut().insert(HOST, h);
+            } else {
+                upstream_req
+                    .headers_mut()
+                    .insert(HOST, target.target().host_header.clone());
             }
             // A replay has an empty body: only bodiless requests are replayed.
             let attempt_body = body.take().unwrap_or_else(|| {

@@ -92,6 +92,9 @@ const RING_POINTS: usize = 64;
 pub struct Target {
     /// `host:port`, as configured.
     pub address: String,
+    /// The same, ready for the request URI and the `Host` header.
+    pub authority: http::uri::Authority,
+    pub host_header: http::HeaderValue,
     pub weight: u32,
     /// Shared with the same target in other revisions.
     pub health: Arc<TargetHealth>,
@@ -215,13 +218,23 @@ impl Pool {
             targets: u
                 .targets
                 .iter()
-                .map(|t| Target {
-                    address: t.address.clone(),
-                    weight: t.weight,
-                    health: health.target(&u.name, &t.address),
-                    inflight: AtomicUsize::new(0),
+                .map(|t| {
+                    let bad = || {
+                        format!(
+                            "upstream \"{}\": target {:?} is not an authority",
+                            u.name, t.address
+                        )
+                    };
+                    Ok(Target {
+                        authority: t.address.parse().map_err(|_| bad())?,
+                        host_header: http::HeaderValue::from_str(&t.address).map_err(|_| bad())?,
+                        address: t.address.clone(),
+                        weight: t.weight,
+                        health: health.target(&u.name, &t.address),
+                        inflight: AtomicUsize::new(0),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, String>>()?,
             connect_timeout: u.connect_timeout,
             request_timeout: u.request_timeout,
             retries: u.retries.attempts,

@@ -6,6 +6,12 @@ use std::path::{Path, PathBuf};
 
 mod data_plane;
 
+/// mimalloc: the proxy allocates a little per request on many threads, where
+/// glibc's allocator showed up at about a tenth of all CPU samples
+/// (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
