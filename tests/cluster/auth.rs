@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use gatehouse_e2e::data::{get, DataPlaneProc, Upstream};
-use gatehouse_e2e::{ctl, eventually, Cluster, Options};
+use gatehouse_e2e::{apply, ctl, eventually, Cluster, Options};
 
 fn create_key(server: &str, consumer: &str) -> anyhow::Result<(String, String)> {
     let out = ctl(server, &["keys", "create", "--consumer", consumer]);
@@ -73,12 +73,7 @@ routes:
             upstream.addr
         ),
     )?;
-    let out = ctl(&server, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&server, file.to_str().unwrap());
     let (id, key) = create_key(&server, "acme")?;
     let (_, bronze_key) = create_key(&server, "bronze")?;
     assert!(

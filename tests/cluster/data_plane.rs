@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_e2e::data::{get, DataPlaneProc, Upstream};
-use gatehouse_e2e::{ctl, eventually, Cluster, Options};
+use gatehouse_e2e::{apply, ctl, eventually, Cluster, Options};
 
 /// A config with one upstream `target` and a route `/echo` to it.
 fn config(dir: &std::path::Path, target: std::net::SocketAddr) -> String {
@@ -20,15 +20,6 @@ fn config(dir: &std::path::Path, target: std::net::SocketAddr) -> String {
     )
     .unwrap();
     path.to_str().unwrap().to_string()
-}
-
-fn apply(server: &str, file: &str) {
-    let out = ctl(server, &["apply", "-f", file]);
-    assert!(
-        out.status.success(),
-        "apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Waits until `dp` answers GET /echo/... from the upstream named `want`.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use gatehouse_e2e::data::{DataPlaneProc, Upstream};
-use gatehouse_e2e::{ctl, eventually, Cluster, Options};
+use gatehouse_e2e::{apply, eventually, Cluster, Options};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,15 +63,7 @@ async fn no_path_trick_reaches_a_route_other_than_its_canonical_one() -> anyhow:
             admin.addr, public.addr
         ),
     )?;
-    let out = ctl(
-        &cluster.node(1).admin,
-        &["apply", "-f", file.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
     eventually(
         Duration::from_secs(10),
         "the routes to be served",
@@ -143,15 +135,7 @@ async fn smuggling_shapes_never_reach_the_upstream() -> anyhow::Result<()> {
             upstream.addr
         ),
     )?;
-    let out = ctl(
-        &cluster.node(1).admin,
-        &["apply", "-f", file.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
     eventually(
         Duration::from_secs(10),
         "the route to be served",

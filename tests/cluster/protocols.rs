@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gatehouse_e2e::data::{DataPlaneProc, Upstream};
-use gatehouse_e2e::{ctl, eventually, Cluster, Options};
+use gatehouse_e2e::{apply, eventually, Cluster, Options};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -143,15 +143,7 @@ async fn tls_by_sni_http2_and_websocket_through_the_proxy() -> anyhow::Result<()
     }
     let file = dir.path().join("tls.yaml");
     std::fs::write(&file, yaml)?;
-    let out = ctl(
-        &cluster.node(1).admin,
-        &["apply", "-f", file.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
     let tls_addr = dp.tls.clone().expect("tls listener");
 
     // SNI picks the certificate; ALPN picks HTTP/2.
@@ -193,15 +185,7 @@ async fn tls_by_sni_http2_and_websocket_through_the_proxy() -> anyhow::Result<()
         &swap,
         format!("version: 1\ncertificates:\n{}", certificate(&pki.leaves[2])),
     )?;
-    let out = ctl(
-        &cluster.node(1).admin,
-        &["apply", "-f", swap.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&cluster.node(1).admin, swap.to_str().unwrap());
     eventually(
         Duration::from_secs(10),
         "the new certificate to be served",
@@ -271,12 +255,7 @@ async fn grpc_passes_through_to_an_http2_upstream_with_its_status() -> anyhow::R
             "version: 1\nupstreams:\n  - name: admin\n    protocol: http2\n    targets: [{{ address: \"{admin}\" }}]\nroutes:\n  - name: grpc\n    paths: [{{ prefix: /gatehouse.v1.Admin }}]\n    methods: [POST]\n    upstream: admin\n"
         ),
     )?;
-    let out = ctl(&admin, &["apply", "-f", file.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(&admin, file.to_str().unwrap());
 
     // A unary call through the gateway answers like the server itself.
     let status = eventually(

@@ -98,6 +98,16 @@ pub fn spawn_ready(mut cmd: Command, log: &Path) -> Result<(Child, Ready)> {
     }
 }
 
+/// `gatehousectl apply -f file` against `server`; panics with its error.
+pub fn apply(server: &str, file: &str) {
+    let out = ctl(server, &["apply", "-f", file]);
+    assert!(
+        out.status.success(),
+        "apply {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Options for the nodes of a sandbox cluster.
 #[derive(Clone, Debug)]
 pub struct Options {

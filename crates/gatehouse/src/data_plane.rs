@@ -9,6 +9,24 @@ use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
 
+/// The data plane's listeners, the same for `data-plane` and `standalone`.
+#[derive(Args)]
+pub struct Listeners {
+    /// Address of the proxy listener.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
+    listen: SocketAddr,
+    /// Address of a TLS listener (HTTP/2 and HTTP/1.1 by ALPN; the certificate is
+    /// chosen by SNI among Certificate objects). Off unless set.
+    #[arg(long, env = "GATEHOUSE_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
+    /// Address of the ops listener: /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
+    ops_listen: SocketAddr,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
+    drain_seconds: u64,
+}
+
 /// Flags of `gatehouse data-plane`.
 #[derive(Args)]
 pub struct DataPlaneArgs {
@@ -21,16 +39,8 @@ pub struct DataPlaneArgs {
         env = "GATEHOUSE_CONTROL_PLANES"
     )]
     control_planes: Vec<String>,
-    /// Address of the proxy listener.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
-    listen: SocketAddr,
-    /// Address of a TLS listener (HTTP/2 and HTTP/1.1 by ALPN; the certificate is
-    /// chosen by SNI among Certificate objects). Off unless set.
-    #[arg(long, env = "GATEHOUSE_TLS_LISTEN")]
-    tls_listen: Option<SocketAddr>,
-    /// Address of the ops listener: /healthz, /readyz, /metrics.
-    #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
-    ops_listen: SocketAddr,
+    #[command(flatten)]
+    listeners: Listeners,
     /// This data plane's name in `gatehousectl cluster status` [default: dp-<listen address>].
     #[arg(long, env = "GATEHOUSE_NODE_NAME")]
     name: Option<String>,
@@ -44,9 +54,6 @@ pub struct DataPlaneArgs {
     /// Allow non-loopback listen addresses without TLS (logs a warning).
     #[arg(long, env = "GATEHOUSE_INSECURE")]
     insecure: bool,
-    /// On SIGTERM, how long requests in flight may take to finish.
-    #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
-    drain_seconds: u64,
 }
 
 /// Flags of `gatehouse standalone`.
@@ -61,19 +68,8 @@ pub struct StandaloneArgs {
     /// Address of the control plane's Raft listener (one node; needed to add more later).
     #[arg(long, default_value = "127.0.0.1:9401", env = "GATEHOUSE_RAFT_LISTEN")]
     raft_listen: SocketAddr,
-    /// Address of the proxy listener.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "GATEHOUSE_LISTEN")]
-    listen: SocketAddr,
-    /// Address of a TLS listener (HTTP/2 and HTTP/1.1 by ALPN; the certificate is
-    /// chosen by SNI among Certificate objects). Off unless set.
-    #[arg(long, env = "GATEHOUSE_TLS_LISTEN")]
-    tls_listen: Option<SocketAddr>,
-    /// Address of the ops listener: /healthz, /readyz, /metrics.
-    #[arg(long, default_value = "127.0.0.1:9090", env = "GATEHOUSE_OPS_LISTEN")]
-    ops_listen: SocketAddr,
-    /// On SIGTERM, how long requests in flight may take to finish.
-    #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
-    drain_seconds: u64,
+    #[command(flatten)]
+    listeners: Listeners,
 }
 
 /// ` tls=ADDR` for the ready line, when the TLS listener is on.
@@ -93,8 +89,8 @@ fn check_loopback(what: &str, addr: SocketAddr, insecure: bool) -> Result<()> {
 }
 
 fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
-    check_loopback("proxy listen", args.listen, args.insecure)?;
-    check_loopback("ops listen", args.ops_listen, args.insecure)?;
+    check_loopback("proxy listen", args.listeners.listen, args.insecure)?;
+    check_loopback("ops listen", args.listeners.ops_listen, args.insecure)?;
 
     let control_planes: Vec<String> = args
         .control_planes
@@ -106,17 +102,19 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         bail!("--control-plane needs at least one address");
     }
     Ok(DataPlaneConfig {
-        listen: args.listen,
-        tls_listen: args.tls_listen,
-        ops_listen: args.ops_listen,
+        listen: args.listeners.listen,
+        tls_listen: args.listeners.tls_listen,
+        ops_listen: args.listeners.ops_listen,
         control_planes,
-        node_name: args.name.unwrap_or_else(|| format!("dp-{}", args.listen)),
+        node_name: args
+            .name
+            .unwrap_or_else(|| format!("dp-{}", args.listeners.listen)),
         state_dir: args.state_dir,
     })
 }
 
 pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
-    let drain = Duration::from_secs(args.drain_seconds);
+    let drain = Duration::from_secs(args.listeners.drain_seconds);
     let dp = DataPlane::start(data_plane_config(args)?).await?;
     println!(
         "ready proxy={} ops={}{}",
@@ -131,6 +129,15 @@ pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
 }
 
 pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
+    // A first-try mode: loopback only (run the roles separately to expose them).
+    for (what, addr) in [
+        ("admin listen", args.admin_listen),
+        ("raft listen", args.raft_listen),
+        ("proxy listen", args.listeners.listen),
+        ("ops listen", args.listeners.ops_listen),
+    ] {
+        check_loopback(what, addr, false)?;
+    }
     let cp = ControlPlane::start(NodeConfig {
         node_id: 1,
         admin_listen: args.admin_listen,
@@ -143,9 +150,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     })
     .await?;
     let dp = DataPlane::start(DataPlaneConfig {
-        listen: args.listen,
-        tls_listen: args.tls_listen,
-        ops_listen: args.ops_listen,
+        listen: args.listeners.listen,
+        tls_listen: args.listeners.tls_listen,
+        ops_listen: args.listeners.ops_listen,
         control_planes: vec![cp.admin_addr.to_string()],
         node_name: "standalone".into(),
         state_dir: args.data_dir.join("data-plane"),
@@ -164,7 +171,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     );
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
-    dp.shutdown(Duration::from_secs(args.drain_seconds)).await;
+    dp.shutdown(Duration::from_secs(args.listeners.drain_seconds))
+        .await;
     cp.shutdown().await;
     Ok(())
 }
