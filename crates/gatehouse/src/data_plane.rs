@@ -136,7 +136,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         ("proxy listen", args.listeners.listen),
         ("ops listen", args.listeners.ops_listen),
     ] {
-        check_loopback(what, addr, false)?;
+        if !addr.ip().is_loopback() {
+            bail!("the {what} address {addr} is not a loopback address: standalone listens on loopback only; run `gatehouse control-plane` and `gatehouse data-plane` to serve other addresses");
+        }
     }
     let cp = ControlPlane::start(NodeConfig {
         node_id: 1,

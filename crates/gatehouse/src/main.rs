@@ -223,13 +223,20 @@ async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     gatehouse_telemetry::init(cli.log_format, &cli.log_level);
-    match cli.command {
+    let result = match cli.command {
         Command::ControlPlane(args) => run_control_plane(args).await,
         Command::DataPlane(args) => data_plane::run_data_plane(args).await,
         Command::Standalone(args) => data_plane::run_standalone(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
