@@ -164,11 +164,13 @@ async fn data_planes_serve_without_the_control_plane_and_restart_from_last_known
     serves(&dp2, "a").await?;
 
     // Restarted with no control plane: it serves its last-known-good file.
+    dp1.wait_persisted().await?;
     dp1.restart()?;
     serves(&dp1, "a").await?;
     assert_eq!(dp1.ready_status().await, 200);
 
     // A corrupt last-known-good file leaves it unready, never serving an empty config.
+    dp2.wait_persisted().await?;
     dp2.kill();
     let lkg = dp2.lkg_path();
     let mut bytes = std::fs::read(&lkg)?;
@@ -384,6 +386,7 @@ async fn a_data_plane_on_a_lagging_node_never_goes_back() -> anyhow::Result<()> 
     dp.set_control_planes(&at(leader, &cluster));
     dp.restart()?;
     serves(&dp, "b").await?;
+    dp.wait_persisted().await?;
     let newer = get(&format!("http://{}/readyz", dp.ops), &[]).await?;
 
     // Only the lagging node is left (no quorum, so it cannot catch up), and

@@ -152,6 +152,30 @@ impl DataPlaneProc {
         self.state_dir.join("last-known-good.json")
     }
 
+    /// The revision in the last-known-good file, if there is one.
+    pub fn lkg_revision(&self) -> Option<u64> {
+        let bytes = std::fs::read(self.lkg_path()).ok()?;
+        let body = &bytes[bytes.iter().position(|b| *b == b'\n')? + 1..];
+        serde_json::from_slice::<serde_json::Value>(body).ok()?["revision"].as_u64()
+    }
+
+    /// Waits until the revision being served is also in the last-known-good
+    /// file (it is written in the background), so a restart finds it.
+    pub async fn wait_persisted(&self) -> Result<()> {
+        let url = format!("http://{}/readyz", self.ops);
+        crate::eventually(
+            Duration::from_secs(10),
+            "the last-known-good file",
+            || async {
+                let reply = get(&url, &[]).await.ok()?;
+                let text = String::from_utf8_lossy(&reply.body).into_owned();
+                let serving: u64 = text.trim().strip_prefix("ready: revision ")?.parse().ok()?;
+                (self.lkg_revision()? >= serving).then_some(())
+            },
+        )
+        .await
+    }
+
     /// The status code of `/readyz`.
     pub async fn ready_status(&self) -> u16 {
         match get(&format!("http://{}/readyz", self.ops), &[]).await {

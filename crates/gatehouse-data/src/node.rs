@@ -50,7 +50,26 @@ pub enum StartError {
 /// Compiles each revision, swaps it in, and keeps it as last-known-good.
 struct Applier {
     shared: Arc<Shared>,
-    lkg_path: PathBuf,
+    /// The newest applied state, for the last-known-good writer.
+    lkg: watch::Sender<Option<ConfigState>>,
+}
+
+/// Writes the newest applied state to the last-known-good file, off the
+/// apply path: a large configuration takes a while to write, and only the
+/// newest one matters.
+async fn write_last_known_good(path: PathBuf, mut newest: watch::Receiver<Option<ConfigState>>) {
+    while newest.changed().await.is_ok() {
+        let Some(state) = newest.borrow_and_update().clone() else {
+            continue;
+        };
+        let path = path.clone();
+        match tokio::task::spawn_blocking(move || lkg::write(&path, &state)).await {
+            Ok(Ok(())) => {}
+            // Serving goes on; only a restart without a control plane would miss it.
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not write the last-known-good file"),
+            Err(e) => tracing::warn!(error = %e, "the last-known-good writer failed"),
+        }
+    }
 }
 
 impl Apply for Applier {
@@ -67,10 +86,8 @@ impl Apply for Applier {
         self.shared.unready_reason.store(None);
         self.shared.metrics.config_revision.set(state.revision());
         tracing::info!(revision = state.revision(), "configuration applied");
-        if let Err(e) = lkg::write(&self.lkg_path, state) {
-            // Serving goes on; only a restart without a control plane would miss it.
-            tracing::warn!(error = %e, "could not write the last-known-good file");
-        }
+        // O(1): the state is made of persistent maps.
+        self.lkg.send_replace(Some(state.clone()));
         Ok(())
     }
 
@@ -96,9 +113,11 @@ impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
         let shared = Arc::new(Shared::default());
         let lkg_path = cfg.state_dir.join("last-known-good.json");
+        let (lkg_tx, lkg_rx) = watch::channel(None);
+        let lkg_writer = tokio::spawn(write_last_known_good(lkg_path.clone(), lkg_rx));
         let applier = Arc::new(Applier {
             shared: shared.clone(),
-            lkg_path: lkg_path.clone(),
+            lkg: lkg_tx,
         });
         // Serve what we had until a control plane answers.
         let held = match lkg::read(&lkg_path) {
@@ -150,7 +169,7 @@ impl DataPlane {
                 async move { proxy.handle(req, peer, tls).await }
             })
         };
-        let mut tasks = Vec::new();
+        let mut tasks = vec![lkg_writer];
         if let Some(listener) = tls_listener {
             let config = crate::tls::server_config(shared.clone()).map_err(StartError::Config)?;
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
