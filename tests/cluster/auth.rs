@@ -189,3 +189,71 @@ routes:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_rate_limit_answers_429_with_its_headers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let upstream = Upstream::start("app").await?;
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", std::slice::from_ref(&server), dir.path())?;
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+policies:
+  - name: three-a-minute
+    rate_limits:
+      - {{ name: per-ip, key: [client_ip], limit: 3, window: 60s }}
+upstreams:
+  - name: app
+    targets: [{{ address: \"{}\" }}]
+routes:
+  - name: limited
+    paths: [{{ prefix: /limited }}]
+    upstream: app
+    policy: three-a-minute
+",
+            upstream.addr
+        ),
+    )?;
+    gatehouse_e2e::apply(&server, file.to_str().unwrap());
+    let url = format!("http://{}/limited/x", dp.proxy);
+    let first = eventually(Duration::from_secs(10), "the limited route", || async {
+        get(&url, &[]).await.ok().filter(|r| r.status == 200)
+    })
+    .await?;
+    assert_eq!(first.headers["ratelimit-policy"], "3;w=60");
+    assert!(first.headers["ratelimit"]
+        .to_str()?
+        .starts_with("limit=3, remaining=2, "));
+    for remaining in [1, 0] {
+        let r = get(&url, &[]).await?;
+        assert_eq!(r.status, 200);
+        assert!(r.headers["ratelimit"]
+            .to_str()?
+            .starts_with(&format!("limit=3, remaining={remaining}, ")));
+    }
+    let hits = upstream.hits.load(std::sync::atomic::Ordering::Relaxed);
+    let refused = get(&url, &[]).await?;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.json()?["type"],
+        "https://gatehouse.dev/problems/too-many-requests"
+    );
+    let wait: u64 = refused.headers["retry-after"].to_str()?.parse()?;
+    assert!(
+        (1..=20).contains(&wait),
+        "one request per 20 s: retry after {wait}"
+    );
+    assert!(refused.headers["ratelimit"]
+        .to_str()?
+        .starts_with("limit=3, remaining=0, "));
+    assert_eq!(
+        upstream.hits.load(std::sync::atomic::Ordering::Relaxed),
+        hits,
+        "a refused request never reaches the upstream"
+    );
+    Ok(())
+}

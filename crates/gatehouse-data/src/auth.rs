@@ -113,10 +113,15 @@ pub struct CompiledPolicy {
     /// admits no API-key caller.
     needs_token: bool,
     challenge: HeaderValue,
+    /// The policy's rate limits.
+    pub limits: Vec<crate::limits::CompiledLimit>,
 }
 
 impl CompiledPolicy {
-    pub fn compile(p: &Policy) -> Result<CompiledPolicy, String> {
+    pub fn compile(
+        p: &Policy,
+        limiters: &crate::limits::LimiterRegistry,
+    ) -> Result<CompiledPolicy, String> {
         let header = p
             .api_key
             .as_ref()
@@ -135,6 +140,11 @@ impl CompiledPolicy {
             groups: p.authorization.groups.clone(),
             needs_token: !p.authorization.scopes.is_empty() || !p.authorization.claims.is_empty(),
             challenge,
+            limits: p
+                .rate_limits
+                .iter()
+                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -265,23 +275,26 @@ mod tests {
     }
 
     fn policy(groups: &[&str], query: bool) -> CompiledPolicy {
-        CompiledPolicy::compile(&Policy {
-            name: "p".into(),
-            labels: Default::default(),
-            revision: 1,
-            authentication: vec![AuthMethod::ApiKey],
-            api_key: Some(ApiKeyAuth {
-                header: "X-Api-Key".into(),
-                query_param: query.then(|| "api_key".into()),
-            }),
-            jwt: None,
-            authorization: Authorization {
-                groups: groups.iter().map(|g| g.to_string()).collect(),
-                ..Default::default()
+        CompiledPolicy::compile(
+            &Policy {
+                name: "p".into(),
+                labels: Default::default(),
+                revision: 1,
+                authentication: vec![AuthMethod::ApiKey],
+                api_key: Some(ApiKeyAuth {
+                    header: "X-Api-Key".into(),
+                    query_param: query.then(|| "api_key".into()),
+                }),
+                jwt: None,
+                authorization: Authorization {
+                    groups: groups.iter().map(|g| g.to_string()).collect(),
+                    ..Default::default()
+                },
+                rate_limits: vec![],
+                firewall: Default::default(),
             },
-            rate_limits: vec![],
-            firewall: Default::default(),
-        })
+            &Default::default(),
+        )
         .unwrap()
     }
 

@@ -85,7 +85,10 @@ impl Compiled {
         let mut policies: HashMap<&str, Arc<CompiledPolicy>> = HashMap::new();
         for o in state.list(Kind::Policy) {
             if let Object::Policy(p) = o {
-                policies.insert(&p.name, Arc::new(CompiledPolicy::compile(p)?));
+                policies.insert(
+                    &p.name,
+                    Arc::new(CompiledPolicy::compile(p, &shared.limiters)?),
+                );
             }
         }
         let compiled_routes = routes

@@ -8,6 +8,7 @@ pub mod compile;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod limits;
 pub mod lkg;
 pub mod metrics;
 pub mod node;

@@ -170,6 +170,17 @@ impl DataPlane {
             })
         };
         let mut tasks = vec![lkg_writer];
+        // Idle rate-limit keys are forgotten, bounding their memory.
+        let evict_shared = shared.clone();
+        let mut evict_stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(30)) => evict_shared.limiters.evict_idle(),
+                    () = stopped(&mut evict_stop) => return,
+                }
+            }
+        }));
         if let Some(listener) = tls_listener {
             let config = crate::tls::server_config(shared.clone()).map_err(StartError::Config)?;
             let acceptor = tokio_rustls::TlsAcceptor::from(config);

@@ -48,6 +48,8 @@ pub struct Shared {
     pub health: crate::health::HealthRegistry,
     /// Upstream clients (and their warm connections), across revisions.
     pub clients: crate::upstream::ClientCache,
+    /// Rate-limit counters, across revisions.
+    pub limiters: crate::limits::LimiterRegistry,
 }
 
 /// The route a request went to, for its metrics.
@@ -181,6 +183,30 @@ impl Proxy {
             },
         };
 
+        // Count the request against the policy's limits.
+        let limited = route.policy.as_ref().and_then(|policy| {
+            crate::limits::check(
+                &policy.limits,
+                &crate::limits::LimitContext {
+                    consumer: consumer.as_deref().map(|c| c.name.as_str()),
+                    client_ip: peer.ip().to_canonical(),
+                    route: &route.name,
+                    headers: req.headers(),
+                },
+            )
+        });
+        if let Some(decision) = &limited {
+            if let Some(wait) = decision.retry_after {
+                let mut response = reject(&Reject::TooManyRequests {
+                    retry_after_secs: wait.as_secs(),
+                });
+                for (name, value) in &decision.headers {
+                    response.headers_mut().insert(name.clone(), value.clone());
+                }
+                return (name, response);
+            }
+        }
+
         let path = if route.strip_prefix {
             found.stripped(&canonical)
         } else {
@@ -290,6 +316,11 @@ impl Proxy {
                     }
                     drop(target);
                     *resp.version_mut() = version;
+                    if let Some(decision) = &limited {
+                        for (name, value) in &decision.headers {
+                            resp.headers_mut().insert(name.clone(), value.clone());
+                        }
+                    }
                     return (name, resp.map(|b| b.boxed()));
                 }
                 Ok(Err(e)) => {
