@@ -226,3 +226,99 @@ async fn smuggling_shapes_never_reach_the_upstream() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firewall_rules_of_a_policy_refuse_at_the_door() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let upstream = Upstream::start("echo").await?;
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", &[cluster.node(1).admin.clone()], dir.path())?;
+    let file = dir.path().join("firewall.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+policies:
+  - name: guarded
+    firewall:
+      trusted_proxies: [127.0.0.1/32]
+      deny_ips: [203.0.113.0/24]
+      allowed_methods: [GET, POST]
+      max_header_bytes: 1024
+      max_body_bytes: 10
+upstreams:
+  - name: echo
+    targets: [{{ address: \"{}\" }}]
+routes:
+  - name: guarded
+    paths: [{{ prefix: / }}]
+    upstream: echo
+    policy: guarded
+",
+            upstream.addr
+        ),
+    )?;
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
+    let send = |req: String| {
+        let proxy = dp.proxy.clone();
+        async move { raw(&proxy, req.as_bytes()).await }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the policy to be served",
+        || async {
+            let (status, _) = send("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into())
+                .await
+                .ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await?;
+
+    // The client address comes through the trusted proxy (our loopback peer).
+    let (status, _) = send(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n"
+            .into(),
+    )
+    .await?;
+    assert_eq!(status, 403, "a denied network behind a trusted proxy");
+    let (status, body) = send(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\nConnection: close\r\n\r\n"
+            .into(),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"], "198.51.100.7, 127.0.0.1",
+        "the chain is kept and extended"
+    );
+
+    let (status, _) =
+        send("DELETE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await?;
+    assert_eq!(status, 405);
+    let big = "a".repeat(2000);
+    let (status, _) = send(format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"
+    ))
+    .await?;
+    assert_eq!(status, 431);
+    // Over the body cap: by Content-Length up front, and while streaming a chunked body.
+    let (status, _) = send(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world"
+            .into(),
+    )
+    .await?;
+    assert_eq!(status, 413);
+    let (status, _) = send(
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\nhello \r\n6\r\nworld!\r\n0\r\n\r\n".into(),
+    )
+    .await?;
+    assert_eq!(status, 413);
+    let (status, _) = send(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello".into(),
+    )
+    .await?;
+    assert_eq!(status, 200, "within the cap");
+    Ok(())
+}

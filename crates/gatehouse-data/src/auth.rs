@@ -115,6 +115,8 @@ pub struct CompiledPolicy {
     challenge: HeaderValue,
     /// The policy's rate limits.
     pub limits: Vec<crate::limits::CompiledLimit>,
+    /// The policy's firewall rules.
+    pub firewall: crate::firewall::CompiledFirewall,
 }
 
 impl CompiledPolicy {
@@ -140,6 +142,7 @@ impl CompiledPolicy {
             groups: p.authorization.groups.clone(),
             needs_token: !p.authorization.scopes.is_empty() || !p.authorization.claims.is_empty(),
             challenge,
+            firewall: crate::firewall::CompiledFirewall::compile(&p.name, &p.firewall)?,
             limits: p
                 .rate_limits
                 .iter()

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod compile;
+pub mod firewall;
 pub mod framing;
 pub mod headers;
 pub mod health;

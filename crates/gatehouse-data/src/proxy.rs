@@ -35,7 +35,22 @@ use crate::router::Match;
 
 /// The body type of every response the proxy sends, and of the requests it
 /// makes (so a retry can send an empty body of the same type).
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Errors of bodies: hyper's, or a body size cap's.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether an upstream call failed because the request body broke its cap.
+fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
 
 /// What every request reads: the revision being served and the metrics.
 #[derive(Debug, Default)]
@@ -168,6 +183,21 @@ impl Proxy {
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
+        // The policy's firewall, with the client address its trusted proxies give.
+        let trust = route.policy.as_ref().map(|p| &p.firewall.trust);
+        let client_ip = match trust {
+            Some(t) => headers::client_ip(req.headers(), peer.ip(), t),
+            None => peer.ip().to_canonical(),
+        };
+        if let Some(policy) = &route.policy {
+            if let Err(r) = policy
+                .firewall
+                .check(client_ip, req.method(), req.headers())
+            {
+                return (name, reject(&r));
+            }
+        }
+
         // Authenticate and authorise by the route's policy; the body has
         // not been read, so a refused request costs no upload.
         let consumer = match &route.policy {
@@ -189,7 +219,7 @@ impl Proxy {
                 &policy.limits,
                 &crate::limits::LimitContext {
                     consumer: consumer.as_deref().map(|c| c.name.as_str()),
-                    client_ip: peer.ip().to_canonical(),
+                    client_ip,
                     route: &route.name,
                     headers: req.headers(),
                 },
@@ -236,7 +266,8 @@ impl Proxy {
             scheme: if tls { "https" } else { "http" },
             host: (!host.is_empty()).then_some(host),
         };
-        headers::set_forwarded(&mut parts.headers, &client, &Trust::default());
+        let no_trust = Trust::default();
+        headers::set_forwarded(&mut parts.headers, &client, trust.unwrap_or(&no_trust));
         crate::auth::identity_headers(&mut parts.headers, consumer.as_deref());
         headers::ensure_traceparent(&mut parts.headers);
         let http2 = route.upstream.protocol == UpstreamProtocol::Http2;
@@ -257,7 +288,18 @@ impl Proxy {
             1
         };
         let mut tried = Vec::new();
-        let mut body = Some(body.boxed());
+        // A body cap is enforced while streaming too, not only from Content-Length.
+        let cap = route
+            .policy
+            .as_ref()
+            .and_then(|p| p.firewall.max_body_bytes);
+        let mut body = Some(match cap {
+            Some(cap) => {
+                http_body_util::Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
+                    .boxed()
+            }
+            None => body.map_err(BoxError::from).boxed(),
+        });
         let mut last = Reject::UpstreamUnavailable;
         for attempt in 0..attempts {
             if attempt > 0 && !route.upstream.take_retry() {
@@ -321,9 +363,12 @@ impl Proxy {
                             resp.headers_mut().insert(name.clone(), value.clone());
                         }
                     }
-                    return (name, resp.map(|b| b.boxed()));
+                    return (name, resp.map(|b| b.map_err(BoxError::from).boxed()));
                 }
                 Ok(Err(e)) => {
+                    if body_too_large(&e) {
+                        return (name, reject(&Reject::PayloadTooLarge));
+                    }
                     let connect = e.is_connect();
                     health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
                     tracing::debug!(upstream = %route.upstream.name, error = %e, "upstream call failed");
