@@ -257,3 +257,151 @@ routes:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_from_a_configured_issuer_get_in_and_forgeries_do_not() -> anyhow::Result<()> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let secret = "a-shared-secret-of-at-least-32-bytes!!";
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let upstream = Upstream::start("app").await?;
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", std::slice::from_ref(&server), dir.path())?;
+    let file = dir.path().join("jwt.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+consumers:
+  - name: acme
+    groups: [gold]
+jwt_issuers:
+  - name: corp
+    issuer: https://id.corp.example
+    audiences: [gatehouse]
+    algorithms: [HS256]
+    keys: [{{ kid: k1, secret: \"{secret}\" }}]
+    leeway: 5s
+policies:
+  - name: tokens
+    authentication: [jwt, api_key]
+    jwt: {{ issuers: [corp] }}
+  - name: readers
+    authentication: [jwt]
+    jwt: {{ issuers: [corp] }}
+    authorization: {{ scopes: [read] }}
+upstreams:
+  - name: app
+    targets: [{{ address: \"{}\" }}]
+routes:
+  - name: tokens
+    paths: [{{ prefix: /tokens }}]
+    upstream: app
+    policy: tokens
+  - name: readers
+    paths: [{{ prefix: /readers }}]
+    upstream: app
+    policy: readers
+",
+            upstream.addr
+        ),
+    )?;
+    gatehouse_e2e::apply(&server, file.to_str().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let sign = |claims: serde_json::Value| {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let claims = |exp: u64, scope: &str| serde_json::json!({"sub": "acme", "iss": "https://id.corp.example", "aud": "gatehouse", "exp": exp, "scope": scope});
+    let good = sign(claims(now + 60, "write"));
+    let url = format!("http://{}/tokens/x", dp.proxy);
+    let bearer = format!("Bearer {good}");
+    let reply = eventually(
+        Duration::from_secs(10),
+        "the token to be accepted",
+        || async {
+            get(&url, &[("authorization", &bearer)])
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await?;
+    assert_eq!(reply.json()?["headers"]["x-consumer-name"], "acme");
+
+    let expired = format!("Bearer {}", sign(claims(now - 10, "write")));
+    let none = {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        format!(
+            "Bearer {}.{}.",
+            b64(serde_json::json!({"alg": "none"})),
+            b64(claims(now + 60, "write"))
+        )
+    };
+    let (_, key) = create_key(&server, "acme")?;
+    for (what, headers) in [
+        ("no credential", vec![]),
+        ("expired", vec![("authorization", expired.as_str())]),
+        ("alg none", vec![("authorization", none.as_str())]),
+        (
+            "two Authorization headers",
+            vec![
+                ("authorization", bearer.as_str()),
+                ("authorization", bearer.as_str()),
+            ],
+        ),
+        (
+            "a token and a key",
+            vec![
+                ("authorization", bearer.as_str()),
+                ("x-api-key", key.as_str()),
+            ],
+        ),
+    ] {
+        let r = get(&url, &headers).await?;
+        assert_eq!(r.status, 401, "{what}");
+        assert!(
+            r.headers["www-authenticate"]
+                .to_str()?
+                .starts_with("Bearer realm=\"gatehouse\""),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        get(&url, &[("x-api-key", &key)]).await?.status,
+        200,
+        "either method of the policy"
+    );
+
+    // Scopes: required ones must be in the token; an API key has none.
+    let readers = format!("http://{}/readers/x", dp.proxy);
+    assert_eq!(
+        get(&readers, &[("authorization", &bearer)]).await?.status,
+        403
+    );
+    let reader = format!("Bearer {}", sign(claims(now + 60, "read write")));
+    assert_eq!(
+        get(&readers, &[("authorization", &reader)]).await?.status,
+        200
+    );
+
+    // A megabyte of Authorization is refused before any decoding.
+    let huge = format!("Bearer {}", "a".repeat(1 << 20));
+    let r = get(&url, &[("authorization", &huge)]).await;
+    assert!(
+        r.map(|r| r.status == 431).unwrap_or(true),
+        "refused as too large or cut off"
+    );
+    Ok(())
+}

@@ -43,6 +43,7 @@ struct KeyEntry {
 #[derive(Debug, Default)]
 pub struct Credentials {
     keys: HashMap<String, KeyEntry>,
+    consumers: HashMap<String, Arc<ConsumerInfo>>,
 }
 
 impl Credentials {
@@ -87,7 +88,12 @@ impl Credentials {
                 );
             }
         }
-        Ok(Credentials { keys })
+        Ok(Credentials { keys, consumers })
+    }
+
+    /// The consumer a verified token names.
+    fn consumer_named(&self, name: &str) -> Option<Arc<ConsumerInfo>> {
+        self.consumers.get(name).cloned()
     }
 
     /// The consumer of a presented key, if the key is valid now.
@@ -109,9 +115,13 @@ pub struct CompiledPolicy {
     key_header: HeaderName,
     key_query: Option<String>,
     groups: Vec<String>,
+    scopes: Vec<String>,
+    claims: Vec<gatehouse_model::object::ClaimMatch>,
     /// Scopes or claims required: API keys carry none, so such a policy
     /// admits no API-key caller.
     needs_token: bool,
+    /// The issuers whose tokens are accepted.
+    issuers: Vec<Arc<crate::jwt::CompiledIssuer>>,
     challenge: HeaderValue,
     /// The policy's rate limits.
     pub limits: Vec<crate::limits::CompiledLimit>,
@@ -123,6 +133,7 @@ impl CompiledPolicy {
     pub fn compile(
         p: &Policy,
         limiters: &crate::limits::LimiterRegistry,
+        issuers: &HashMap<String, Arc<crate::jwt::CompiledIssuer>>,
     ) -> Result<CompiledPolicy, String> {
         let header = p
             .api_key
@@ -130,10 +141,17 @@ impl CompiledPolicy {
             .map_or("x-api-key", |k| k.header.as_str());
         let key_header = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
             .map_err(|_| format!("policy \"{}\": api_key.header is not a header name", p.name))?;
-        let challenge = HeaderValue::from_str(&format!(
-            "ApiKey realm=\"gatehouse\", header=\"{key_header}\""
-        ))
-        .map_err(|_| format!("policy \"{}\": cannot build its challenge", p.name))?;
+        let mut challenges = Vec::new();
+        if p.authentication.contains(&AuthMethod::Jwt) {
+            challenges.push("Bearer realm=\"gatehouse\"".to_string());
+        }
+        if p.authentication.contains(&AuthMethod::ApiKey) || challenges.is_empty() {
+            challenges.push(format!(
+                "ApiKey realm=\"gatehouse\", header=\"{key_header}\""
+            ));
+        }
+        let challenge = HeaderValue::from_str(&challenges.join(", "))
+            .map_err(|_| format!("policy \"{}\": cannot build its challenge", p.name))?;
         Ok(CompiledPolicy {
             name: p.name.clone(),
             methods: p.authentication.clone(),
@@ -141,6 +159,21 @@ impl CompiledPolicy {
             key_query: p.api_key.as_ref().and_then(|k| k.query_param.clone()),
             groups: p.authorization.groups.clone(),
             needs_token: !p.authorization.scopes.is_empty() || !p.authorization.claims.is_empty(),
+            scopes: p.authorization.scopes.clone(),
+            claims: p.authorization.claims.clone(),
+            issuers: p
+                .jwt
+                .iter()
+                .flat_map(|j| j.issuers.iter())
+                .map(|name| {
+                    issuers.get(name).cloned().ok_or_else(|| {
+                        format!(
+                            "policy \"{}\": jwt.issuers: unknown jwt_issuer \"{name}\"",
+                            p.name
+                        )
+                    })
+                })
+                .collect::<Result<_, String>>()?,
             challenge,
             firewall: crate::firewall::CompiledFirewall::compile(&p.name, &p.firewall)?,
             limits: p
@@ -169,15 +202,72 @@ impl CompiledPolicy {
         if self.methods.is_empty() {
             return Ok(None);
         }
-        if !self.methods.contains(&AuthMethod::ApiKey) {
-            // JWT and mTLS are not checked by this build yet: refuse.
-            return Err(self.unauthorized());
+        let key = if self.methods.contains(&AuthMethod::ApiKey) {
+            self.presented_key(headers, query)?
+        } else {
+            None
+        };
+        let bearer = if self.methods.contains(&AuthMethod::Jwt) {
+            self.presented_bearer(headers)?
+        } else {
+            None
+        };
+        // Exactly one credential: with two, which would the upstream believe?
+        let (consumer, claims) = match (key, bearer) {
+            (Some(key), None) => (
+                creds
+                    .consumer_of(key, now)
+                    .ok_or_else(|| self.unauthorized())?,
+                None,
+            ),
+            (None, Some(token)) => {
+                let verified =
+                    crate::jwt::verify(token, &self.issuers).map_err(|_| self.unauthorized())?;
+                let consumer = creds
+                    .consumer_named(&verified.subject)
+                    .ok_or_else(|| self.unauthorized())?;
+                (consumer, Some(verified.claims))
+            }
+            // mTLS is not checked by this build yet: a policy that asks only
+            // for it, or a request that brings nothing, is refused.
+            _ => return Err(self.unauthorized()),
+        };
+        if !self.groups.is_empty() && !consumer.groups.iter().any(|g| self.groups.contains(g)) {
+            return Err(Reject::Forbidden);
         }
+        if self.needs_token {
+            // Scopes and claims come with a token; an API key carries none.
+            let claims = claims.ok_or(Reject::Forbidden)?;
+            let scopes = crate::jwt::claim_values(&claims, "scope");
+            if !self.scopes.iter().all(|s| scopes.contains(s)) {
+                return Err(Reject::Forbidden);
+            }
+            for rule in &self.claims {
+                let values = crate::jwt::claim_values(&claims, &rule.claim);
+                let ok = match (&rule.equals, &rule.one_of, &rule.contains) {
+                    (Some(v), _, _) => values.len() == 1 && values[0] == *v,
+                    (_, Some(list), _) => values.len() == 1 && list.contains(&values[0]),
+                    (_, _, Some(v)) => values.contains(v),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(Reject::Forbidden);
+                }
+            }
+        }
+        Ok(Some(consumer))
+    }
+
+    /// The API key the request carries, if one; two is an error.
+    fn presented_key<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        query: Option<&'a str>,
+    ) -> Result<Option<&'a str>, Reject> {
         let mut presented = headers.get_all(&self.key_header).iter();
         let from_header = match (presented.next(), presented.next()) {
             (None, _) => None,
             (Some(v), None) => Some(v.to_str().map_err(|_| self.unauthorized())?),
-            // Two keys: which one would the upstream believe?
             (Some(_), Some(_)) => return Err(self.unauthorized()),
         };
         let from_query = match (&self.key_query, query) {
@@ -195,20 +285,28 @@ impl CompiledPolicy {
             }
             _ => None,
         };
-        let key = match (from_header, from_query) {
-            (Some(k), None) | (None, Some(k)) => k,
-            _ => return Err(self.unauthorized()),
-        };
-        let consumer = creds
-            .consumer_of(key, now)
-            .ok_or_else(|| self.unauthorized())?;
-        if self.needs_token {
-            return Err(Reject::Forbidden);
+        match (from_header, from_query) {
+            (Some(_), Some(_)) => Err(self.unauthorized()),
+            (k, None) | (None, k) => Ok(k),
         }
-        if !self.groups.is_empty() && !consumer.groups.iter().any(|g| self.groups.contains(g)) {
-            return Err(Reject::Forbidden);
+    }
+
+    /// The bearer token of the one `Authorization` header, if any.
+    fn presented_bearer<'a>(&self, headers: &'a HeaderMap) -> Result<Option<&'a str>, Reject> {
+        let mut auth = headers.get_all(http::header::AUTHORIZATION).iter();
+        match (auth.next(), auth.next()) {
+            (None, _) => Ok(None),
+            (Some(v), None) => {
+                let v = v.to_str().map_err(|_| self.unauthorized())?;
+                match v.split_once(' ') {
+                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                        Ok(Some(token.trim()))
+                    }
+                    _ => Ok(None),
+                }
+            }
+            (Some(_), Some(_)) => Err(self.unauthorized()),
         }
-        Ok(Some(consumer))
     }
 
     /// Removes the credential from what the upstream receives, and returns
@@ -297,6 +395,7 @@ mod tests {
                 firewall: Default::default(),
             },
             &Default::default(),
+            &HashMap::new(),
         )
         .unwrap()
     }

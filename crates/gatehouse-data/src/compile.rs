@@ -82,12 +82,21 @@ impl Compiled {
             })
             .collect();
         let router = Router::compile(&routes).map_err(|e| e.to_string())?;
+        let mut issuers = HashMap::new();
+        for o in state.list(Kind::JwtIssuer) {
+            if let Object::JwtIssuer(j) = o {
+                issuers.insert(
+                    j.name.clone(),
+                    Arc::new(crate::jwt::CompiledIssuer::compile(j)?),
+                );
+            }
+        }
         let mut policies: HashMap<&str, Arc<CompiledPolicy>> = HashMap::new();
         for o in state.list(Kind::Policy) {
             if let Object::Policy(p) = o {
                 policies.insert(
                     &p.name,
-                    Arc::new(CompiledPolicy::compile(p, &shared.limiters)?),
+                    Arc::new(CompiledPolicy::compile(p, &shared.limiters, &issuers)?),
                 );
             }
         }

@@ -9,6 +9,7 @@ pub mod firewall;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod jwt;
 pub mod limits;
 pub mod lkg;
 pub mod metrics;

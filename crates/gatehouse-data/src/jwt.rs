@@ -1,0 +1,383 @@
+//! JWT bearer tokens, checked against the static keys of JwtIssuer objects,
+//! by the rules of RFC 8725:
+//!
+//! - the token's size is capped before anything is decoded;
+//! - the algorithm must be one the issuer allows, and the key that checks
+//!   the signature is chosen by the issuer's configuration: an algorithm of
+//!   the key's own family only (an HMAC token is never checked with an RSA
+//!   public key), never `none`;
+//! - a `kid` is looked up among the keys of the policy's issuers only, and
+//!   the `jku`, `x5u`, `jwk` and `x5c` headers are never used;
+//! - a `crit` header is refused: this gateway understands no extension;
+//! - `exp`, `iss` and `aud` are required and checked, `nbf` is checked, all
+//!   with the issuer's bounded leeway; `exp`, `nbf` and `iat` must be whole
+//!   seconds: a string, a fraction or an out-of-range number is refused.
+//!
+//! Issuers configured with a JWKS URL are not fetched by this build yet:
+//! their tokens are refused.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use gatehouse_model::object::{JwtAlgorithm, JwtIssuer};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+struct IssuerKey {
+    kid: Option<String>,
+    family: jsonwebtoken::AlgorithmFamily,
+    key: DecodingKey,
+}
+
+/// An issuer, compiled.
+pub struct CompiledIssuer {
+    pub name: String,
+    keys: Vec<IssuerKey>,
+    pub max_token_bytes: usize,
+    consumer_claim: String,
+    validations: Vec<(Algorithm, Validation)>,
+}
+
+impl std::fmt::Debug for CompiledIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledIssuer")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn algorithm(a: JwtAlgorithm) -> Algorithm {
+    match a {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::HS384 => Algorithm::HS384,
+        JwtAlgorithm::HS512 => Algorithm::HS512,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::RS384 => Algorithm::RS384,
+        JwtAlgorithm::RS512 => Algorithm::RS512,
+        JwtAlgorithm::PS256 => Algorithm::PS256,
+        JwtAlgorithm::PS384 => Algorithm::PS384,
+        JwtAlgorithm::PS512 => Algorithm::PS512,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+        JwtAlgorithm::ES384 => Algorithm::ES384,
+        JwtAlgorithm::EdDSA => Algorithm::EdDSA,
+    }
+}
+
+impl CompiledIssuer {
+    pub fn compile(j: &JwtIssuer) -> Result<CompiledIssuer, String> {
+        use jsonwebtoken::AlgorithmFamily::*;
+        let fail = |what: String| format!("jwt_issuer \"{}\": {what}", j.name);
+        let mut keys = Vec::new();
+        for (i, k) in j.keys.iter().enumerate() {
+            let (family, key) = match (&k.secret, &k.pem) {
+                (Some(secret), _) => (Hmac, DecodingKey::from_secret(secret.as_bytes())),
+                (None, Some(pem)) => {
+                    let pem = pem.as_bytes();
+                    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+                        (Rsa, key)
+                    } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+                        (Ec, key)
+                    } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+                        (Ed, key)
+                    } else {
+                        return Err(fail(format!(
+                            "keys[{i}].pem: not an RSA, EC or Ed25519 public key"
+                        )));
+                    }
+                }
+                (None, None) => return Err(fail(format!("keys[{i}]: no key"))),
+            };
+            keys.push(IssuerKey {
+                kid: k.kid.clone(),
+                family,
+                key,
+            });
+        }
+        let validations = j
+            .algorithms
+            .iter()
+            .map(|a| {
+                let alg = algorithm(*a);
+                let mut v = Validation::new(alg);
+                v.leeway = j.leeway.as_secs();
+                v.validate_nbf = true;
+                v.set_issuer(&[&j.issuer]);
+                v.set_audience(&j.audiences);
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                (alg, v)
+            })
+            .collect();
+        if j.jwks_url.is_some() {
+            tracing::warn!(issuer = %j.name, "JWKS URLs are not fetched by this build: its tokens are refused");
+        }
+        Ok(CompiledIssuer {
+            name: j.name.clone(),
+            keys,
+            max_token_bytes: j.max_token_bytes as usize,
+            consumer_claim: j.consumer_claim.clone(),
+            validations,
+        })
+    }
+}
+
+/// What a verified token says about its bearer.
+#[derive(Debug)]
+pub struct Verified {
+    /// The value of the issuer's consumer claim.
+    pub subject: String,
+    pub claims: Value,
+}
+
+/// Why a token was not accepted. Never shown to the client in detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    TooLarge,
+    Malformed,
+    Unverified,
+}
+
+/// Checks a bearer token against `issuers` (a policy's).
+pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Verified, TokenError> {
+    let cap = issuers.iter().map(|i| i.max_token_bytes).max().unwrap_or(0);
+    if token.len() > cap {
+        return Err(TokenError::TooLarge);
+    }
+    // Our own look at the header first: refuse `crit` and any spelling of `none`.
+    let mut parts = token.split('.');
+    let (Some(head), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let head = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| TokenError::Malformed)?;
+    let head: Value = serde_json::from_slice(&head).map_err(|_| TokenError::Malformed)?;
+    if head.get("crit").is_some() {
+        return Err(TokenError::Unverified);
+    }
+    let alg_name = head
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(TokenError::Malformed)?;
+    if alg_name.eq_ignore_ascii_case("none") {
+        return Err(TokenError::Unverified);
+    }
+    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+    for issuer in issuers {
+        let Some((_, validation)) = issuer.validations.iter().find(|(a, _)| *a == header.alg)
+        else {
+            continue;
+        };
+        let candidates = issuer.keys.iter().filter(|k| {
+            k.family == header.alg.family()
+                && match (&header.kid, &k.kid) {
+                    (Some(want), Some(have)) => want == have,
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                }
+        });
+        for key in candidates {
+            if let Ok(data) = jsonwebtoken::decode::<Value>(token, &key.key, validation) {
+                // RFC 7519 allows fractional dates; we accept whole seconds
+                // only, so no two parsers can read a different instant.
+                let whole = |name: &str| data.claims.get(name).is_none_or(|v| v.as_u64().is_some());
+                if !whole("exp") || !whole("nbf") || !whole("iat") {
+                    return Err(TokenError::Unverified);
+                }
+                let subject = data
+                    .claims
+                    .get(&issuer.consumer_claim)
+                    .and_then(Value::as_str)
+                    .ok_or(TokenError::Unverified)?
+                    .to_string();
+                return Ok(Verified {
+                    subject,
+                    claims: data.claims,
+                });
+            }
+        }
+    }
+    Err(TokenError::Unverified)
+}
+
+/// The values of a claim, as strings: a string is one value, an array of
+/// strings its elements; `scope` is split on spaces.
+pub fn claim_values(claims: &Value, name: &str) -> Vec<String> {
+    match claims.get(name) {
+        Some(Value::String(s)) if name == "scope" => s.split(' ').map(str::to_string).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_model::object::JwtKey;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-long-enough";
+
+    fn issuer(name: &str, keys: Vec<JwtKey>, algorithms: Vec<JwtAlgorithm>) -> Arc<CompiledIssuer> {
+        Arc::new(
+            CompiledIssuer::compile(&JwtIssuer {
+                name: name.into(),
+                labels: Default::default(),
+                revision: 1,
+                issuer: format!("https://{name}.example"),
+                audiences: vec!["gatehouse".into()],
+                algorithms,
+                keys,
+                jwks_url: None,
+                leeway: Duration::from_secs(5),
+                consumer_claim: "sub".into(),
+                max_token_bytes: 4096,
+            })
+            .unwrap(),
+        )
+    }
+
+    fn hmac_issuer(name: &str, kid: &str) -> Arc<CompiledIssuer> {
+        let key = JwtKey {
+            kid: Some(kid.into()),
+            pem: None,
+            secret: Some(SECRET.into()),
+        };
+        issuer(name, vec![key], vec![JwtAlgorithm::HS256])
+    }
+
+    fn now() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn claims(exp: Value) -> Value {
+        json!({"sub": "acme", "iss": "https://corp.example", "aud": "gatehouse", "exp": exp, "scope": "read write"})
+    }
+
+    fn token(kid: &str, claims: &Value) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(kid.into());
+        encode(
+            &header,
+            claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn b64(v: &Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[test]
+    fn a_good_token_names_its_subject() {
+        let issuers = [hmac_issuer("corp", "k1")];
+        let ok = verify(&token("k1", &claims(json!(now() + 60))), &issuers).unwrap();
+        assert_eq!(ok.subject, "acme");
+        assert_eq!(claim_values(&ok.claims, "scope"), vec!["read", "write"]);
+    }
+
+    #[test]
+    fn rfc_8725_shapes_are_refused() {
+        let issuers = [hmac_issuer("corp", "k1")];
+        let good = claims(json!(now() + 60));
+        let refused = |t: &str| verify(t, &issuers).is_err();
+        // Expired past the leeway, not yet valid, dates of the wrong type.
+        assert!(refused(&token("k1", &claims(json!(now() - 6)))));
+        let mut early = good.clone();
+        early["nbf"] = json!(now() + 60);
+        assert!(refused(&token("k1", &early)));
+        for exp in [
+            json!("9999999999"),
+            json!(9999999999.5),
+            json!(u64::MAX as f64 * 10.0),
+        ] {
+            assert!(refused(&token("k1", &claims(exp.clone()))), "exp {exp}");
+        }
+        let mut no_exp = good.clone();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(refused(&token("k1", &no_exp)));
+        // Wrong issuer or audience, or an audience list without ours.
+        for (k, v) in [
+            ("iss", json!("https://evil.example")),
+            ("aud", json!("other")),
+            ("aud", json!(["a", "b"])),
+        ] {
+            let mut c = good.clone();
+            c[k] = v;
+            assert!(refused(&token("k1", &c)), "{k}");
+        }
+        // A kid of another issuer, or odd kids.
+        let other = [hmac_issuer("corp", "k1"), hmac_issuer("other", "k2")];
+        assert!(verify(&token("k2", &good), &other[..1]).is_err());
+        for kid in ["../../etc/passwd", "' OR 1=1 --", &"x".repeat(10_000)] {
+            assert!(refused(&token(kid, &good)));
+        }
+        // `alg: none` in any casing, and unknown critical extensions.
+        for alg in ["none", "None", "NONE", "nOnE"] {
+            let t = format!(
+                "{}.{}.",
+                b64(&json!({"alg": alg, "typ": "JWT"})),
+                b64(&good)
+            );
+            assert!(refused(&t), "{alg}");
+        }
+        let signed = token("k1", &good);
+        let (_, rest) = signed.split_once('.').unwrap();
+        let crit = format!(
+            "{}.{rest}",
+            b64(&json!({"alg": "HS256", "kid": "k1", "crit": ["exp"]}))
+        );
+        assert!(refused(&crit));
+        // Too large before any decoding.
+        assert_eq!(
+            verify(&"a".repeat(5000), &issuers).unwrap_err(),
+            TokenError::TooLarge
+        );
+    }
+
+    #[test]
+    fn an_hmac_token_is_never_checked_with_a_public_key() {
+        // The classic confusion: sign HS256 with the bytes of the issuer's public key.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let public_pem = key.public_key_pem();
+        let es = issuer(
+            "corp",
+            vec![JwtKey {
+                kid: Some("ec".into()),
+                pem: Some(public_pem.clone()),
+                secret: None,
+            }],
+            vec![JwtAlgorithm::ES256],
+        );
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("ec".into());
+        let forged = encode(
+            &header,
+            &claims(json!(now() + 60)),
+            &EncodingKey::from_secret(public_pem.as_bytes()),
+        )
+        .unwrap();
+        assert!(verify(&forged, std::slice::from_ref(&es)).is_err());
+        // The real ES256 token is accepted.
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("ec".into());
+        let real = encode(
+            &header,
+            &claims(json!(now() + 60)),
+            &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(verify(&real, &[es]).unwrap().subject, "acme");
+    }
+}
