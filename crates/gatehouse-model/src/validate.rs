@@ -696,6 +696,15 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
                     f(".pem"),
                     "is a public key but algorithms lists only HMAC algorithms",
                 )?;
+                if let Some(bits) = rsa_bits(pem) {
+                    c.ensure(
+                        bits >= MIN_RSA_BITS,
+                        f(".pem"),
+                        format!(
+                            "is a {bits}-bit RSA key; at least {MIN_RSA_BITS} bits are required"
+                        ),
+                    )?;
+                }
             }
             (None, Some(secret)) => {
                 c.ensure(
@@ -719,6 +728,21 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
         "must not be empty",
     )?;
     c.range("max_token_bytes", j.max_token_bytes, 256, 65_536)
+}
+
+/// The smallest RSA key accepted for token signatures (RFC 8725, NIST).
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// The size of an RSA public key in PEM (PKCS#8 or PKCS#1), or `None`
+/// when the PEM holds another kind of key.
+fn rsa_bits(pem: &str) -> Option<usize> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    use rsa::traits::PublicKeyParts;
+    let key = rsa::RsaPublicKey::from_public_key_pem(pem.trim())
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem.trim()))
+        .ok()?;
+    Some(key.size() * 8)
 }
 
 fn certificate(c: &Check<'_>, cert: &Certificate) -> Result {

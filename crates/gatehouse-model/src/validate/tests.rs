@@ -1141,3 +1141,28 @@ fn policy_groups_follow_consumer_group_syntax_and_lists_are_bounded() {
         r#"policy "strict": firewall.cors.max_age: 2days is out of range (0s to 1day)"#,
     );
 }
+
+#[test]
+fn rsa_keys_under_2048_bits_are_refused_at_write_time() {
+    let with_pem = |pem: &str| {
+        let mut j = jwt_issuer("corp");
+        j.algorithms = vec![JwtAlgorithm::RS256];
+        j.keys = vec![JwtKey {
+            kid: Some("r".into()),
+            pem: Some(pem.to_string()),
+            secret: None,
+        }];
+        j
+    };
+    for weak in [
+        include_str!("testdata/rsa-1024.pub.pem"),
+        include_str!("testdata/rsa-1024.pkcs1.pub.pem"),
+    ] {
+        assert_invalid(
+            with_pem(weak),
+            "keys[0].pem",
+            r#"jwt_issuer "corp": keys[0].pem: is a 1024-bit RSA key; at least 2048 bits are required"#,
+        );
+    }
+    assert_valid(with_pem(include_str!("testdata/rsa-2048.pub.pem")));
+}
