@@ -316,6 +316,10 @@ impl CompiledPolicy {
         headers: &mut HeaderMap,
         query: Option<&'q str>,
     ) -> Option<std::borrow::Cow<'q, str>> {
+        // Only a policy that reads API keys owns their header and parameter.
+        if !self.methods.contains(&AuthMethod::ApiKey) {
+            return query.map(Into::into);
+        }
         headers.remove(&self.key_header);
         let q = query?;
         let Some(param) = &self.key_query else {
@@ -499,6 +503,37 @@ mod tests {
             Some("a=1")
         );
         assert!(headers.get("x-api-key").is_none());
+    }
+
+    #[test]
+    fn only_a_key_policy_strips_the_key_header() {
+        let jwt_only = CompiledPolicy::compile(
+            &Policy {
+                name: "t".into(),
+                labels: Default::default(),
+                revision: 1,
+                authentication: vec![AuthMethod::Jwt],
+                api_key: None,
+                jwt: Some(gatehouse_model::object::JwtAuth { issuers: vec![] }),
+                authorization: Default::default(),
+                rate_limits: vec![],
+                firewall: Default::default(),
+            },
+            &Default::default(),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let mut h = with(&[("x-api-key", "for-the-upstream")]);
+        assert_eq!(
+            jwt_only
+                .strip_credentials(&mut h, Some("api_key=1"))
+                .as_deref(),
+            Some("api_key=1")
+        );
+        assert_eq!(h["x-api-key"], "for-the-upstream");
+        let mut h = with(&[("x-api-key", "secret")]);
+        policy(&[], false).strip_credentials(&mut h, None);
+        assert!(h.get("x-api-key").is_none());
     }
 
     #[test]
