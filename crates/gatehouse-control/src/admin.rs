@@ -507,6 +507,7 @@ impl pb::admin_server::Admin for AdminService {
                 let cmd = Command {
                     ops,
                     expected_config_revision: msg.expected_config_revision,
+                    origin: None,
                 };
                 self.write(cmd).await.map(write_response)
             }

@@ -215,6 +215,7 @@ impl Loaded {
                 })
                 .collect(),
             expected_config_revision: None,
+            origin: None,
         }
     }
 }

@@ -2,7 +2,9 @@
 //! declarative file format, and the deterministic state they are stored in.
 #![forbid(unsafe_code)]
 
+pub mod admintoken;
 pub mod apikey;
+pub mod audit;
 pub mod error;
 pub mod file;
 pub mod object;

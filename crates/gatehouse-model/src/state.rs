@@ -8,12 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{self, Action, AuditRecord, Origin, AUDIT_LIMIT};
 use crate::error::ErrorCode;
-use crate::object::{Kind, Object, ObjectRef};
+use crate::object::{AdminRole, Kind, Object, ObjectRef};
 use crate::validate::{self, InvalidObject};
 
 /// How many changes are kept for subscribers that are a little behind.
@@ -22,12 +23,15 @@ pub const DEFAULT_HISTORY: usize = 10_000;
 pub const MAX_BATCH_OPS: usize = 100_000;
 
 /// One write: a set of operations applied all together or not at all.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     pub ops: Vec<Op>,
     /// When set, the whole command fails unless the configuration is at exactly this revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_config_revision: Option<u64>,
+    /// Who proposed the write, for the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// One operation of a command.
@@ -66,7 +70,7 @@ impl From<Op> for Command {
     fn from(op: Op) -> Self {
         Command {
             ops: vec![op],
-            expected_config_revision: None,
+            ..Command::default()
         }
     }
 }
@@ -78,7 +82,7 @@ impl Command {
                 object,
                 expected_revision,
             }],
-            expected_config_revision: None,
+            ..Command::default()
         }
     }
 
@@ -88,7 +92,7 @@ impl Command {
                 target,
                 expected_revision,
             }],
-            expected_config_revision: None,
+            ..Command::default()
         }
     }
 
@@ -144,6 +148,8 @@ pub enum WriteError {
     Duplicate { target: ObjectRef },
     #[error("a write holds {ops} operations, at most {max} allowed")]
     TooLarge { ops: usize, max: usize },
+    #[error("{target} holds the last admin role: create another admin token before deleting or demoting it")]
+    LastAdminToken { target: ObjectRef },
 }
 
 fn conflict_message(target: &ObjectRef, expected: u64, actual: u64) -> String {
@@ -163,7 +169,9 @@ impl WriteError {
             | WriteError::DanglingReference { .. }
             | WriteError::Duplicate { .. }
             | WriteError::TooLarge { .. } => ErrorCode::InvalidArgument,
-            WriteError::StillReferenced { .. } => ErrorCode::FailedPrecondition,
+            WriteError::StillReferenced { .. } | WriteError::LastAdminToken { .. } => {
+                ErrorCode::FailedPrecondition
+            }
             WriteError::Conflict { .. } | WriteError::ConfigConflict { .. } => ErrorCode::Conflict,
             WriteError::NotFound { .. } => ErrorCode::NotFound,
         }
@@ -201,6 +209,9 @@ pub struct ConfigState {
     history_floor: u64,
     #[serde(skip, default = "default_history")]
     history_limit: usize,
+    /// The audit log, oldest first, at most [`AUDIT_LIMIT`] records.
+    #[serde(default)]
+    audit: Vector<AuditRecord>,
 }
 
 fn default_history() -> usize {
@@ -221,6 +232,7 @@ impl ConfigState {
             history: VecDeque::new(),
             history_floor: 0,
             history_limit,
+            audit: Vector::new(),
         }
     }
 
@@ -254,6 +266,7 @@ impl ConfigState {
             history: VecDeque::new(),
             history_floor: self.revision,
             history_limit: self.history_limit,
+            audit: self.audit.clone(),
         }
     }
 
@@ -338,6 +351,20 @@ impl ConfigState {
                 self.objects.insert(target.kind, of_kind);
             }
         }
+    }
+
+    /// Audit records matching `filter`, oldest first, at most `limit` of the newest.
+    pub fn audit(&self, filter: &audit::Filter, limit: usize) -> Vec<AuditRecord> {
+        let mut out: Vec<AuditRecord> = self
+            .audit
+            .iter()
+            .rev()
+            .filter(|r| filter.matches(r))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
     }
 
     /// Every change after `revision`, or `None` when the history no longer
@@ -446,13 +473,58 @@ impl ConfigState {
             }
         }
 
+        let is_admin =
+            |o: &Object| matches!(o, Object::AdminToken(t) if t.role == AdminRole::Admin);
+        let admins_before = self.list(Kind::AdminToken).filter(|o| is_admin(o)).count();
+        if admins_before > 0 {
+            let kept = self
+                .list(Kind::AdminToken)
+                .filter(|o| {
+                    !deletes.contains(&o.object_ref()) && !puts.contains_key(&o.object_ref())
+                })
+                .filter(|o| is_admin(o))
+                .count();
+            let added = puts.values().filter(|o| is_admin(o)).count();
+            if kept + added == 0 {
+                let target = cmd
+                    .ops
+                    .iter()
+                    .map(Op::target)
+                    .find(|t| t.kind == Kind::AdminToken)
+                    .expect("only an admin token op can remove the last admin");
+                return Err(WriteError::LastAdminToken { target });
+            }
+        }
+
         if cmd.ops.is_empty() {
             return Ok(WriteOk {
                 revision: self.revision,
                 changed: 0,
             });
         }
+        let origin = cmd.origin.clone().unwrap_or_default();
         for op in &cmd.ops {
+            let target = op.target();
+            let (action, digest) = match op {
+                Op::Put { object, .. } if self.get(target.kind, &target.name).is_some() => {
+                    (Action::Update, audit::digest(object))
+                }
+                Op::Put { object, .. } => (Action::Create, audit::digest(object)),
+                Op::Delete { .. } => (Action::Delete, String::new()),
+            };
+            self.audit.push_back(AuditRecord {
+                revision: index,
+                at_ms: origin.at_ms,
+                actor: if origin.actor.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    origin.actor.clone()
+                },
+                action,
+                kind: target.kind,
+                name: target.name,
+                digest,
+            });
             let change = match op {
                 Op::Put { object, .. } => {
                     let mut object = object.clone();
@@ -476,6 +548,9 @@ impl ConfigState {
             self.history.push_back(change);
         }
         self.revision = index;
+        while self.audit.len() > AUDIT_LIMIT {
+            self.audit.pop_front();
+        }
         while self.history.len() > self.history_limit {
             if let Some(old) = self.history.pop_front() {
                 self.history_floor = old.revision;

@@ -630,6 +630,7 @@ fn plan_replaces_changed_objects_at_the_revision_read() {
     let cmd = Command {
         ops,
         expected_config_revision: None,
+        origin: None,
     };
     state.apply(7, &cmd).unwrap();
     assert!(plan(&desired, |r| state.get(r.kind, &r.name)).is_empty());
@@ -640,6 +641,7 @@ fn plan_replaces_changed_objects_at_the_revision_read() {
     let stale = Command {
         ops: vec![cmd.ops[0].clone()],
         expected_config_revision: None,
+        origin: None,
     };
     let before = state.clone();
     assert!(matches!(

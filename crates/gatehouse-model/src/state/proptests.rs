@@ -215,6 +215,7 @@ fn seed() -> Command {
     Command {
         ops: specs.iter().map(|s| s.op(None)).collect(),
         expected_config_revision: Some(0),
+        origin: None,
     }
 }
 
@@ -245,6 +246,7 @@ fn history() -> impl Strategy<Value = Vec<(u64, Command)>> {
                             .map(|(spec, rev)| spec.op(rev.resolve(&indexes, step)))
                             .collect(),
                         expected_config_revision: config.resolve(&indexes, step),
+                        origin: None,
                     };
                     (indexes[step], cmd)
                 });

@@ -38,6 +38,7 @@ fn batch(ops: Vec<Op>) -> Command {
     Command {
         ops,
         expected_config_revision: None,
+        origin: None,
     }
 }
 
@@ -744,4 +745,127 @@ fn a_replica_following_deltas_or_a_snapshot_ends_equal_to_the_source() {
         copy.list_all().collect::<Vec<_>>(),
         source.list_all().collect::<Vec<_>>()
     );
+}
+
+fn admin(name: &str, role: crate::object::AdminRole) -> Object {
+    crate::object::AdminToken {
+        role,
+        ..fixtures::admin_token(name)
+    }
+    .into()
+}
+
+#[test]
+fn the_last_admin_token_cannot_be_deleted_or_demoted() {
+    use crate::object::AdminRole;
+    let mut s = ConfigState::default();
+    s.apply(1, &Command::put(admin("root", AdminRole::Admin), None))
+        .unwrap();
+    s.apply(2, &Command::put(admin("ci", AdminRole::Editor), None))
+        .unwrap();
+
+    let err = refused(&mut s, 3, &batch(vec![delete(Kind::AdminToken, "root")]));
+    assert_eq!(
+        err,
+        WriteError::LastAdminToken {
+            target: r(Kind::AdminToken, "root")
+        }
+    );
+    assert_eq!(err.code(), ErrorCode::FailedPrecondition);
+    assert!(err.to_string().contains("last admin role"), "{err}");
+    refused(
+        &mut s,
+        3,
+        &batch(vec![put(admin("root", AdminRole::Viewer))]),
+    );
+
+    // Handing the role over in the same write is fine, and so is deleting once another admin exists.
+    s.apply(
+        3,
+        &batch(vec![
+            delete(Kind::AdminToken, "root"),
+            put(admin("ops", AdminRole::Admin)),
+        ]),
+    )
+    .unwrap();
+    s.apply(4, &Command::put(admin("root", AdminRole::Admin), None))
+        .unwrap();
+    s.apply(5, &batch(vec![delete(Kind::AdminToken, "ops")]))
+        .unwrap();
+    // Tokens of other roles come and go freely.
+    s.apply(6, &batch(vec![delete(Kind::AdminToken, "ci")]))
+        .unwrap();
+}
+
+#[test]
+fn every_change_is_audited_with_its_origin_and_a_digest_not_the_object() {
+    use crate::audit::{Action, Filter, Origin};
+    let mut s = ConfigState::default();
+    let by = |actor: &str, at_ms: u64, ops: Vec<Op>| Command {
+        ops,
+        expected_config_revision: None,
+        origin: Some(Origin {
+            actor: actor.to_string(),
+            at_ms,
+        }),
+    };
+    s.apply(1, &by("token:alice", 1_000, vec![put(up("billing"))]))
+        .unwrap();
+    s.apply(
+        2,
+        &by(
+            "token:bob",
+            2_000,
+            vec![put(up("billing")), put(up("orders"))],
+        ),
+    )
+    .unwrap();
+    // A refused write leaves no record.
+    refused(
+        &mut s,
+        3,
+        &by("token:mallory", 3_000, vec![delete(Kind::Upstream, "nope")]),
+    );
+    s.apply(
+        3,
+        &by("cert:ci", 4_000, vec![delete(Kind::Upstream, "orders")]),
+    )
+    .unwrap();
+
+    let all = s.audit(&Filter::default(), 100);
+    let summary: Vec<(u64, &str, Action, &str)> = all
+        .iter()
+        .map(|r| (r.revision, r.actor.as_str(), r.action, r.name.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, "token:alice", Action::Create, "billing"),
+            (2, "token:bob", Action::Update, "billing"),
+            (2, "token:bob", Action::Create, "orders"),
+            (3, "cert:ci", Action::Delete, "orders"),
+        ]
+    );
+    assert_eq!(all[0].digest, crate::audit::digest(&up("billing")));
+    assert_eq!(all[0].digest.len(), 64);
+    assert!(all[3].digest.is_empty());
+
+    let bob = Filter {
+        actor: Some("token:bob".into()),
+        ..Filter::default()
+    };
+    assert_eq!(s.audit(&bob, 100).len(), 2);
+    let window = Filter {
+        since_ms: Some(2_000),
+        until_ms: Some(4_000),
+        ..Filter::default()
+    };
+    assert_eq!(s.audit(&window, 100).len(), 2);
+    // The limit keeps the newest records.
+    assert_eq!(s.audit(&Filter::default(), 1)[0].revision, 3);
+
+    // The log travels in snapshots, and copies share it.
+    let restored = ConfigState::from_snapshot(&s.to_snapshot()).unwrap();
+    assert_eq!(restored.audit(&Filter::default(), 100), all);
+    assert_eq!(s.frozen().audit(&Filter::default(), 100), all);
 }

@@ -1,0 +1,82 @@
+//! The audit log: who changed what, at which revision and when.
+//!
+//! Records are made by [`ConfigState::apply`](crate::ConfigState::apply)
+//! from the command's [`Origin`], so every replica holds the same log and a
+//! snapshot carries it. A record names the object and holds a SHA-256 of
+//! what was written, never the object itself: key material and token hashes
+//! stay out of the log.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::object::{Kind, Object};
+
+/// The most records kept; the oldest are dropped first.
+pub const AUDIT_LIMIT: usize = 100_000;
+
+/// Who made a write and when, as the node that proposed it saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// `token:<name>` for an admin token, `cert:<common name>` for a client certificate.
+    pub actor: String,
+    /// Unix milliseconds on the proposing node's clock.
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+/// One changed object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub revision: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub action: Action,
+    pub kind: Kind,
+    pub name: String,
+    /// Lower-case hex SHA-256 of the object as written; empty for a delete.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+}
+
+/// The digest recorded for a written object.
+pub fn digest(object: &Object) -> String {
+    let json = serde_json::to_vec(object).expect("objects serialize");
+    hex::encode(Sha256::digest(&json))
+}
+
+/// Which records a query wants; every set field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub actor: Option<String>,
+    pub kind: Option<Kind>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<u64>,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: Option<u64>,
+}
+
+impl Filter {
+    pub fn matches(&self, r: &AuditRecord) -> bool {
+        self.actor.as_ref().is_none_or(|a| *a == r.actor)
+            && self.kind.is_none_or(|k| k == r.kind)
+            && self.since_ms.is_none_or(|s| r.at_ms >= s)
+            && self.until_ms.is_none_or(|u| r.at_ms < u)
+    }
+}
