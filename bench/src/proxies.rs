@@ -344,6 +344,7 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
         .args(["--ops-listen", "127.0.0.1:0"])
         .args(["--log-level", "warn"])
         .env_remove("RUST_LOG")
+        .env("GATEHOUSE_BOOTSTRAP_TOKEN", gatehouse_e2e::TOKEN)
         .env("TOKIO_WORKER_THREADS", threads.to_string());
     let (child, ready) = spawn_ready(cmd, &log)?;
     let proc = Proc {

@@ -88,7 +88,8 @@ impl DataPlaneProc {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--drain-seconds", "5"])
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .env("GATEHOUSE_TOKEN", crate::TOKEN);
         if let Some(tls) = &self.tls {
             cmd.args(["--tls-listen", tls]);
         }

@@ -15,8 +15,8 @@ pub mod data;
 
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;
-use gatehouse_proto::pb::admin_client::AdminClient;
-use tonic::transport::{Channel, Endpoint};
+use gatehouse_proto::AdminClient;
+use tonic::transport::Endpoint;
 
 /// The path of a workspace binary in the target directory of the running
 /// executable: a test binary in `target/<profile>/deps/`, or a binary such as
@@ -40,9 +40,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Runs `gatehousectl` with `args` against `server`.
+/// The bootstrap admin token every sandbox control plane starts with, which
+/// `ctl`, `admin` and the data planes use unless a test says otherwise.
+pub const TOKEN: &str = "ght_e2eTestBootstrapToken0123456789abcdefghi";
+
+/// Runs `gatehousectl` with `args` against `server`, as the sandbox's admin.
 pub fn ctl(server: &str, args: &[&str]) -> Output {
+    ctl_as(TOKEN, server, args)
+}
+
+/// Runs `gatehousectl` with `args` against `server` with `token` (empty: none).
+pub fn ctl_as(token: &str, server: &str, args: &[&str]) -> Output {
     Command::new(bin("gatehousectl"))
+        .env("GATEHOUSE_TOKEN", token)
+        .env_remove("GATEHOUSE_TOKEN_FILE")
         .arg("--server")
         .arg(server)
         .args(args)
@@ -168,15 +179,23 @@ impl Drop for Cluster {
     }
 }
 
-/// Connects to an admin API.
-pub async fn admin(addr: &str) -> Result<AdminClient<Channel>> {
+/// Connects to an admin API as the sandbox's admin.
+pub async fn admin(addr: &str) -> Result<AdminClient> {
+    admin_as(Some(TOKEN), addr).await
+}
+
+/// Connects to an admin API with `token` (`None`: no credential).
+pub async fn admin_as(token: Option<&str>, addr: &str) -> Result<AdminClient> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
         .connect()
         .await
         .with_context(|| format!("connect to {addr}"))?;
-    Ok(AdminClient::new(channel))
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        gatehouse_proto::BearerToken::new(token)?,
+    ))
 }
 
 /// Polls `f` until it returns `Some`, or fails after `timeout` with `what`.
@@ -266,7 +285,8 @@ impl Cluster {
             .args(["--keep-logs", &o.keep_logs.to_string()])
             .args(["--heartbeat-ms", &o.heartbeat_ms.to_string()])
             .args(["--election-timeout-ms", &o.election_timeout_ms.to_string()])
-            .env("RUST_LOG", "info,openraft=warn");
+            .env("RUST_LOG", "info,openraft=warn")
+            .env("GATEHOUSE_BOOTSTRAP_TOKEN", TOKEN);
         if bootstrap {
             cmd.arg("--bootstrap");
         }
@@ -298,7 +318,7 @@ impl Cluster {
         Ok(())
     }
 
-    pub async fn client(&self, id: u64) -> Result<AdminClient<Channel>> {
+    pub async fn client(&self, id: u64) -> Result<AdminClient> {
         admin(&self.node(id).admin).await
     }
 

@@ -7,9 +7,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatehouse_model::apikey;
-use gatehouse_model::object::ApiKey;
+use gatehouse_model::audit::Origin;
+use gatehouse_model::object::{AdminRole, AdminToken, ApiKey};
 use gatehouse_model::selector::Selector;
+use gatehouse_model::{admintoken, apikey, audit};
 use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk};
 use gatehouse_proto::pb::admin_client::AdminClient;
 use gatehouse_proto::pb::raft_client::RaftClient;
@@ -21,6 +22,7 @@ use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, Caller, Need};
 use crate::identity::{FlushFn, Identity};
 use crate::network::Channels;
 use crate::store::Shared;
@@ -42,6 +44,7 @@ pub struct AdminService {
     pub data_planes: Arc<Registry>,
     /// Makes the identity durable before a join is acknowledged.
     pub flush: FlushFn,
+    pub auth: Arc<Auth>,
 }
 
 /// Why a call could not be served here.
@@ -202,10 +205,31 @@ impl AdminService {
             .max_encoding_message_size(MAX_ADMIN_REQUEST_BYTES))
     }
 
+    /// Authenticates the caller and checks it may do `need`. A token made
+    /// moments ago may be in this node's log but not applied yet: then wait
+    /// (briefly) for the log to be applied before calling the token unknown.
+    async fn caller<T>(&self, request: &Request<T>, need: Need) -> Result<Caller, Status> {
+        if let Ok(caller) = self.auth.lookup(request) {
+            caller.require(need)?;
+            return Ok(caller);
+        }
+        let m = self.metrics();
+        let applied = m.last_applied.map(|l| l.index);
+        if m.last_log_index > applied {
+            let _ = self
+                .raft
+                .wait(Some(Duration::from_secs(2)))
+                .applied_index_at_least(m.last_log_index, "token lookup")
+                .await;
+        }
+        self.auth.check(request, need)
+    }
+
     /// Sends the call to the leader, marked so that it is not forwarded again.
     async fn forward<T, R, F, Fut>(
         &self,
         leader: &NodeInfo,
+        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
         msg: T,
         call: F,
     ) -> Result<Response<R>, Status>
@@ -218,6 +242,10 @@ impl AdminService {
         request
             .metadata_mut()
             .insert(FORWARDED, "1".parse().expect("ascii"));
+        // The leader checks the caller's token again, against its own state.
+        if let Some(token) = authorization {
+            request.metadata_mut().insert("authorization", token);
+        }
         request.set_timeout(FORWARD_TIMEOUT);
         call(client, request).await.map_err(|s| match s.code() {
             // Trouble on the way to the leader: say where it happened.
@@ -240,10 +268,15 @@ impl AdminService {
         })
     }
 
-    /// Commits a command through Raft on this node, which must be the leader.
-    async fn write(&self, cmd: Command) -> Result<WriteOk, Failure> {
+    /// Commits a command through Raft on this node, which must be the leader,
+    /// recording `caller` and this node's clock for the audit log.
+    async fn write(&self, caller: &Caller, mut cmd: Command) -> Result<WriteOk, Failure> {
         cmd.validate_standalone().map_err(|e| write_status(&e))?;
         self.ensure_leader()?;
+        cmd.origin = Some(Origin {
+            actor: caller.actor.clone(),
+            at_ms: now_ms(),
+        });
         match self.raft.client_write(cmd).await {
             Ok(resp) => resp.data.map_err(|e| write_status(&e).into()),
             // Leadership moved after the entry was proposed: it may yet commit,
@@ -314,6 +347,7 @@ impl AdminService {
         let mut request = Request::new(pb::JoinRequest {
             cluster_id: cluster_id.to_string(),
             node_id: m.id,
+            bootstrap_token_hash: self.identity.bootstrap_hash().unwrap_or_default(),
         });
         request.set_timeout(PROBE_TIMEOUT);
         let reply = client.join(request).await.map_err(|s| {
@@ -359,19 +393,44 @@ impl AdminService {
 }
 
 /// Runs `$body` (which yields `Result<_, Failure>`); a `NotLeader` failure of a
-/// call that was not forwarded yet is sent on to the leader with `$method`.
+/// call that was not forwarded yet is sent on to the leader with `$method`,
+/// with the caller's token (`$auth`).
 macro_rules! leader_or_forward {
-    ($self:ident, $fwd:expr, $msg:expr, $method:ident, $body:expr) => {{
+    ($self:ident, $fwd:expr, $auth:expr, $msg:expr, $method:ident, $body:expr) => {{
         match $body {
             Ok(r) => Ok(r),
             Err(Failure::NotLeader(_, Some(leader))) if !$fwd => {
                 $self
-                    .forward(&leader, $msg, |mut c, r| async move { c.$method(r).await })
+                    .forward(&leader, $auth, $msg, |mut c, r| async move {
+                        c.$method(r).await
+                    })
                     .await
             }
             Err(f) => Err(f.into_status()),
         }
     }};
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The caller's `authorization` entry, to pass on when forwarding.
+fn authorization<T>(
+    request: &Request<T>,
+) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    request.metadata().get("authorization").cloned()
+}
+
+/// What writing `ops` needs: managing tokens when any op touches one.
+fn need_for(ops: &[Op]) -> Need {
+    if ops.iter().any(|op| op.target().kind == Kind::AdminToken) {
+        Need::Tokens
+    } else {
+        Need::Config
+    }
 }
 
 #[tonic::async_trait]
@@ -380,12 +439,18 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let caller = self.caller(&request, Need::Read).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let kind = gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?;
+        if kind == Kind::AdminToken {
+            caller.require(Need::Tokens)?;
+        }
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg.clone(),
             get,
             async {
@@ -415,7 +480,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let caller = self.caller(&request, Need::Read).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let kinds: Vec<Kind> = if msg.kind.is_empty() {
             Kind::ALL.to_vec()
@@ -426,13 +493,17 @@ impl pb::admin_server::Admin for AdminService {
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg.clone(),
             list,
             async {
                 self.read_barrier(msg.stale).await?;
                 let state = self.sm.read(|d| d.config.frozen());
+                // Admin tokens are shown only to those who may manage them.
+                let tokens_visible = crate::auth::allows(caller.role, Need::Tokens);
                 let objects: Vec<pb::Object> = kinds
                     .iter()
+                    .filter(|k| **k != Kind::AdminToken || tokens_visible)
                     .flat_map(|k| state.list(*k))
                     .filter(|o| selector.matches(o.labels()))
                     .map(pb::Object::from)
@@ -451,15 +522,19 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let op = put_op(msg.clone())?;
+        caller.require(need_for(std::slice::from_ref(&op)))?;
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg,
             put,
-            self.write(op.into()).await.map(write_response)
+            self.write(&caller, op.into()).await.map(write_response)
         )
     }
 
@@ -467,15 +542,19 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let op = delete_op(msg.clone())?;
+        caller.require(need_for(std::slice::from_ref(&op)))?;
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg,
             delete,
-            self.write(op.into()).await.map(write_response)
+            self.write(&caller, op.into()).await.map(write_response)
         )
     }
 
@@ -483,7 +562,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let ops = msg
             .ops
@@ -498,9 +579,11 @@ impl pb::admin_server::Admin for AdminService {
                 .map_err(|s| Status::invalid_argument(format!("ops[{i}]: {}", s.message())))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        caller.require(need_for(&ops))?;
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg.clone(),
             apply,
             async {
@@ -509,7 +592,7 @@ impl pb::admin_server::Admin for AdminService {
                     expected_config_revision: msg.expected_config_revision,
                     origin: None,
                 };
-                self.write(cmd).await.map(write_response)
+                self.write(&caller, cmd).await.map(write_response)
             }
             .await
         )
@@ -519,11 +602,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg.clone(),
             create_api_key,
             async {
@@ -547,7 +633,9 @@ impl pb::admin_server::Admin for AdminService {
                     expires_at,
                     revoked: false,
                 };
-                let ok = self.write(Command::put(key.into(), Some(0))).await?;
+                let ok = self
+                    .write(&caller, Command::put(key.into(), Some(0)))
+                    .await?;
                 Ok(Response::new(pb::CreateApiKeyResponse {
                     key: apikey::format_key(&id, &secret),
                     id,
@@ -562,6 +650,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterInitRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        self.caller(&request, Need::Cluster).await?;
         if self.raft.is_initialized().await.map_err(fatal)? {
             return Err(Status::already_exists("the cluster is already initialized"));
         }
@@ -577,7 +666,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let cluster_id = self
             .identity
-            .found_cluster()
+            .found_cluster(self.auth.local_bootstrap_hash())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         (self.flush)().await.map_err(Status::internal)?;
         let mut nodes = BTreeMap::new();
@@ -613,16 +702,20 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::AddNodeRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let caller = self.caller(&request, Need::Cluster).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
         let m = msg
             .member
             .clone()
             .ok_or_else(|| Status::invalid_argument("member: is required"))?;
         check_member(&m)?;
+        tracing::info!(actor = %caller.actor, node = m.id, "membership: adding a node");
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg.clone(),
             add_node,
             async {
@@ -665,11 +758,15 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
+        let caller = self.caller(&request, Need::Cluster).await?;
         let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
         let msg = request.into_inner();
+        tracing::info!(actor = %caller.actor, node = msg.id, "membership: removing a node");
         leader_or_forward!(
             self,
             fwd,
+            auth,
             msg,
             remove_node,
             async {
@@ -701,14 +798,17 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.caller(&request, Need::Read).await?;
+        let auth = authorization(&request);
         let m = self.metrics();
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let probes = membership.nodes().map(|(id, node)| {
             let (id, node) = (*id, node.clone());
             let voter = voters.contains(&id);
+            let auth = auth.clone();
             async move {
                 let mut status = if id == self.identity.node_id {
                     self.local_status()
@@ -717,6 +817,9 @@ impl pb::admin_server::Admin for AdminService {
                         let mut client = self.client(&node.admin_addr).await?;
                         let mut req = Request::new(pb::NodeStatusRequest {});
                         req.set_timeout(PROBE_TIMEOUT);
+                        if let Some(token) = auth {
+                            req.metadata_mut().insert("authorization", token);
+                        }
                         client.local_status(req).await.map(Response::into_inner)
                     };
                     match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
@@ -747,11 +850,113 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn local_status(
         &self,
-        _request: Request<pb::NodeStatusRequest>,
+        request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatus>, Status> {
+        self.caller(&request, Need::Read).await?;
         Ok(Response::new(self.local_status()))
     }
+
+    async fn create_admin_token(
+        &self,
+        request: Request<pb::CreateAdminTokenRequest>,
+    ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
+        let caller = self.caller(&request, Need::Tokens).await?;
+        let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
+        let msg = request.into_inner();
+        let role: AdminRole = serde_json::from_value(serde_json::Value::String(msg.role.clone()))
+            .map_err(|_| {
+            Status::invalid_argument(format!(
+                "role: {:?} is not one of admin, editor, viewer, data_plane",
+                msg.role
+            ))
+        })?;
+        leader_or_forward!(
+            self,
+            fwd,
+            auth,
+            msg.clone(),
+            create_admin_token,
+            async {
+                // Made on the leader, in memory only: the log and the
+                // snapshots hold the token's hash, never the token.
+                let token = admintoken::generate(&mut rand::random::<u8>);
+                let object = AdminToken {
+                    name: msg.name.clone(),
+                    labels: msg.labels.clone().into_iter().collect(),
+                    revision: 0,
+                    role,
+                    token_hash: admintoken::hash(&token),
+                };
+                let ok = self
+                    .write(&caller, Command::put(object.into(), Some(0)))
+                    .await?;
+                Ok(Response::new(pb::CreateAdminTokenResponse {
+                    name: msg.name.clone(),
+                    token,
+                    revision: ok.revision,
+                }))
+            }
+            .await
+        )
+    }
+
+    async fn audit(
+        &self,
+        request: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        self.caller(&request, Need::Read).await?;
+        let fwd = is_forwarded(&request);
+        let auth = authorization(&request);
+        let msg = request.into_inner();
+        let filter = audit::Filter {
+            actor: (!msg.actor.is_empty()).then(|| msg.actor.clone()),
+            kind: if msg.kind.is_empty() {
+                None
+            } else {
+                Some(gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?)
+            },
+            since_ms: msg.since_ms,
+            until_ms: msg.until_ms,
+        };
+        let limit = match msg.limit {
+            0 => DEFAULT_AUDIT_LIMIT,
+            n => n as usize,
+        };
+        leader_or_forward!(
+            self,
+            fwd,
+            auth,
+            msg.clone(),
+            audit,
+            async {
+                self.read_barrier(msg.stale).await?;
+                let (records, revision) = self
+                    .sm
+                    .read(|d| (d.config.audit(&filter, limit), d.config.revision()));
+                Ok(Response::new(pb::AuditResponse {
+                    records: records
+                        .into_iter()
+                        .map(|r| pb::AuditRecord {
+                            revision: r.revision,
+                            at_ms: r.at_ms,
+                            actor: r.actor,
+                            action: r.action.as_str().to_string(),
+                            kind: r.kind.to_string(),
+                            name: r.name,
+                            digest: r.digest,
+                        })
+                        .collect(),
+                    config_revision: revision,
+                }))
+            }
+            .await
+        )
+    }
 }
+
+/// Audit records answered when the request sets no limit.
+const DEFAULT_AUDIT_LIMIT: usize = 1000;
 
 fn unreachable_status(id: NodeId, node: &NodeInfo, why: &str) -> pb::NodeStatus {
     pb::NodeStatus {

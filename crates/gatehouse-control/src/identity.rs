@@ -14,6 +14,7 @@ use crate::types::NodeId;
 const NODE_ID: &[u8] = b"node_id";
 const INCARNATION: &[u8] = b"incarnation";
 const CLUSTER_ID: &[u8] = b"cluster_id";
+const BOOTSTRAP_HASH: &[u8] = b"bootstrap_token_hash";
 
 /// Why raft traffic or a join was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -39,13 +40,15 @@ pub enum IdentityError {
 /// Makes the identity durable (flushes the engine) before a join is acknowledged.
 pub type FlushFn = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
-type StoreFn = Box<dyn Fn(&str) -> Result<(), EngineError> + Send + Sync>;
+type StoreFn = Box<dyn Fn(&str, &str) -> Result<(), EngineError> + Send + Sync>;
 
 /// This node's identity, persisted in the engine.
 pub struct Identity {
     pub node_id: NodeId,
     pub incarnation: String,
     cluster_id: RwLock<Option<String>>,
+    /// SHA-256 of the cluster's bootstrap admin token, learnt with the cluster id.
+    bootstrap_hash: RwLock<Option<String>>,
     last_refusal: Mutex<Option<String>>,
     store: StoreFn,
 }
@@ -96,15 +99,20 @@ impl Identity {
         let cluster_id = tree
             .get(CLUSTER_ID)?
             .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let bootstrap_hash = tree
+            .get(BOOTSTRAP_HASH)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
         let store_tree = tree.clone();
         Ok(Identity {
             node_id,
             incarnation,
             cluster_id: RwLock::new(cluster_id),
+            bootstrap_hash: RwLock::new(bootstrap_hash),
             last_refusal: Mutex::new(None),
-            store: Box::new(move |id: &str| {
+            store: Box::new(move |id: &str, bootstrap: &str| {
                 let mut batch = Batch::default();
                 batch.insert(CLUSTER_ID, id.as_bytes());
+                batch.insert(BOOTSTRAP_HASH, bootstrap.as_bytes());
                 store_tree.write(batch)
             }),
         })
@@ -117,9 +125,18 @@ impl Identity {
             .clone()
     }
 
-    /// Joins a cluster: sets the cluster id once; the same id again is fine.
-    /// The caller flushes the engine before answering.
-    pub fn join(&self, cluster_id: &str) -> Result<(), IdentityError> {
+    /// The SHA-256 of the cluster's bootstrap admin token, once this node has a cluster.
+    pub fn bootstrap_hash(&self) -> Option<String> {
+        self.bootstrap_hash
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Joins a cluster: sets the cluster id (and the hash of its bootstrap
+    /// token) once; the same id again is fine. The caller flushes the engine
+    /// before answering.
+    pub fn join(&self, cluster_id: &str, bootstrap_hash: &str) -> Result<(), IdentityError> {
         let mut current = self.cluster_id.write().unwrap_or_else(|p| p.into_inner());
         match current.as_deref() {
             Some(c) if c == cluster_id => Ok(()),
@@ -129,21 +146,26 @@ impl Identity {
                 actual: c.to_string(),
             }),
             None => {
-                (self.store)(cluster_id)
+                (self.store)(cluster_id, bootstrap_hash)
                     .map_err(|_| IdentityError::NotJoined { node: self.node_id })?;
                 *current = Some(cluster_id.to_string());
+                *self
+                    .bootstrap_hash
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(bootstrap_hash.to_string());
                 Ok(())
             }
         }
     }
 
-    /// Starts a new cluster with a fresh id (bootstrap and `cluster init`).
-    pub fn found_cluster(&self) -> Result<String, IdentityError> {
+    /// Starts a new cluster with a fresh id (bootstrap and `cluster init`),
+    /// whose bootstrap admin token has the hash `bootstrap_hash`.
+    pub fn found_cluster(&self, bootstrap_hash: &str) -> Result<String, IdentityError> {
         if let Some(id) = self.cluster_id() {
             return Ok(id);
         }
         let id = random_id();
-        self.join(&id)?;
+        self.join(&id, bootstrap_hash)?;
         Ok(id)
     }
 

@@ -243,7 +243,7 @@ impl pb::raft_server::Raft for RaftService {
             return Err(Status::invalid_argument("cluster_id: is required"));
         }
         self.identity
-            .join(&req.cluster_id)
+            .join(&req.cluster_id, &req.bootstrap_token_hash)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         (self.flush)().await.map_err(Status::internal)?;
         Ok(Response::new(pb::JoinReply {

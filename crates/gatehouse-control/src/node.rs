@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::AdminService;
+use crate::auth::Auth;
 use crate::identity::{FlushFn, Identity};
 use crate::network::{Channels, Network, RaftService};
 use crate::store::engine::{Engine, SledEngine, Tree};
@@ -64,6 +65,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Initialize a one-node cluster on first start.
     pub bootstrap: bool,
+    /// SHA-256 (lower-case hex) of this node's bootstrap admin token: the
+    /// admin credential of a cluster this node founds, until the cluster
+    /// holds admin tokens of its own (see `auth`).
+    pub bootstrap_token_hash: String,
     pub tuning: Tuning,
 }
 
@@ -185,7 +190,7 @@ impl ControlPlane {
                 .map_err(|e| StartError::Raft(e.to_string()))?
         {
             identity
-                .found_cluster()
+                .found_cluster(&cfg.bootstrap_token_hash)
                 .map_err(|e| StartError::Bootstrap(e.to_string()))?;
             flush().await.map_err(StartError::Bootstrap)?;
             raft.initialize(BTreeMap::from([(cfg.node_id, info.clone())]))
@@ -205,12 +210,18 @@ impl ControlPlane {
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+        let auth = Arc::new(Auth::new(
+            shared.clone(),
+            identity.clone(),
+            cfg.bootstrap_token_hash.clone(),
+        ));
         let data_planes = Arc::new(Registry::default());
         let stream_service = ConfigStreamServer::new(ConfigStreamService {
             node_id: cfg.node_id,
             sm: shared.clone(),
             registry: data_planes.clone(),
             heartbeat: std::time::Duration::from_secs(5),
+            auth: auth.clone(),
         })
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
         let admin_service = AdminServer::new(AdminService {
@@ -221,6 +232,7 @@ impl ControlPlane {
             info: info.clone(),
             channels,
             flush,
+            auth,
         })
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
@@ -243,6 +255,16 @@ impl ControlPlane {
                     ),
             ),
         ];
+        let servers = {
+            let mut servers = servers;
+            servers.push(tokio::spawn(store_bootstrap_token(
+                raft.clone(),
+                shared.clone(),
+                identity.clone(),
+                shutdown.subscribe(),
+            )));
+            servers
+        };
         tracing::info!(node_id = cfg.node_id, %admin_addr, %raft_addr, "control plane node started");
         Ok(ControlPlane {
             node_id: cfg.node_id,
@@ -263,6 +285,57 @@ impl ControlPlane {
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+/// On the leader of a cluster that holds no admin token yet, stores the
+/// cluster's bootstrap token as admin token `bootstrap`, so that it can be
+/// listed and revoked like any other. Ends once the cluster has a token.
+async fn store_bootstrap_token(
+    raft: Raft,
+    shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    use gatehouse_model::object::{AdminRole, AdminToken};
+    use gatehouse_model::{Command, Kind};
+    loop {
+        let has_token = shared.read(|d| d.config.list(Kind::AdminToken).next().is_some());
+        if has_token {
+            return Ok(());
+        }
+        let leader = {
+            let m = raft.metrics().borrow().clone();
+            m.current_leader == Some(identity.node_id)
+        };
+        if let (true, Some(hash)) = (leader, identity.bootstrap_hash().filter(|h| !h.is_empty())) {
+            let token = AdminToken {
+                name: crate::auth::BOOTSTRAP_TOKEN_NAME.to_string(),
+                labels: Default::default(),
+                revision: 0,
+                role: AdminRole::Admin,
+                token_hash: hash,
+            };
+            let mut cmd = Command::put(token.into(), Some(0));
+            cmd.origin = Some(gatehouse_model::audit::Origin {
+                actor: "system:bootstrap".to_string(),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            });
+            match raft.client_write(cmd).await {
+                Ok(r) if r.data.is_ok() => {
+                    tracing::info!("stored the bootstrap admin token as admin_token \"bootstrap\"");
+                    return Ok(());
+                }
+                Ok(r) => tracing::debug!(result = ?r.data, "bootstrap token not stored"),
+                Err(e) => tracing::debug!(error = %e, "bootstrap token not stored yet"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
     }
 }

@@ -15,6 +15,7 @@ use gatehouse_proto::pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Need};
 use crate::store::Shared;
 use crate::types::NodeId;
 
@@ -90,6 +91,7 @@ pub struct ConfigStreamService {
     pub sm: Arc<Shared>,
     pub registry: Arc<Registry>,
     pub heartbeat: Duration,
+    pub auth: Arc<Auth>,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -210,6 +212,8 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        // A data plane's token (role data_plane) or an admin's.
+        self.auth.check(&request, Need::Stream)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),

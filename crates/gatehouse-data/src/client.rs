@@ -29,6 +29,8 @@ pub struct WatchConfig {
     /// Control-plane admin addresses (`host:port`), tried in turn.
     pub endpoints: Vec<String>,
     pub node_name: String,
+    /// Sent with the watch: a token with role `data_plane` (or `admin`).
+    pub token: gatehouse_proto::BearerToken,
     /// No message (not even a heartbeat) for this long: reconnect.
     pub idle_timeout: Duration,
     pub max_backoff: Duration,
@@ -121,7 +123,7 @@ async fn follow(
         Ok(c) => c,
         Err(e) => return StreamEnd::Connect(e.to_string()),
     };
-    let mut client = ConfigStreamClient::new(channel)
+    let mut client = ConfigStreamClient::with_interceptor(channel, cfg.token.clone())
         .max_decoding_message_size(gatehouse_proto::MAX_ADMIN_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::WatchRequest {

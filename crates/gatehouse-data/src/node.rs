@@ -32,6 +32,8 @@ pub struct DataPlaneConfig {
     pub node_name: String,
     /// Where the last-known-good configuration is kept.
     pub state_dir: PathBuf,
+    /// The token the config stream is watched with (role `data_plane`).
+    pub token: gatehouse_proto::BearerToken,
 }
 
 /// Why a data plane could not start.
@@ -211,6 +213,7 @@ impl DataPlane {
         let watch_cfg = WatchConfig {
             endpoints: cfg.control_planes.clone(),
             node_name: cfg.node_name.clone(),
+            token: cfg.token.clone(),
             idle_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
         };

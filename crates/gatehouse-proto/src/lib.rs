@@ -28,6 +28,58 @@ pub const MAX_ADMIN_RESPONSE_BYTES: usize = 512 * 1024 * 1024;
 /// The largest raft message; bigger batches of entries are split.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Adds `authorization: Bearer TOKEN` to every call of a client, marked
+/// sensitive so that it never shows in debug output or logs.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(..)"
+        } else {
+            "BearerToken(none)"
+        })
+    }
+}
+
+impl BearerToken {
+    /// `None` sends no credential (the server then answers UNAUTHENTICATED).
+    pub fn new(token: Option<&str>) -> Result<BearerToken, InvalidMessage> {
+        let Some(token) = token.map(str::trim) else {
+            return Ok(BearerToken(None));
+        };
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| InvalidMessage::Field {
+                    field: "token".into(),
+                    message: "must be printable ASCII".into(),
+                })?;
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An admin client that sends a token with every call.
+pub type AdminClient = pb::admin_client::AdminClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
 /// A proto message that does not describe a valid domain value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidMessage {

@@ -54,6 +54,11 @@ pub struct DataPlaneArgs {
     /// Allow non-loopback listen addresses without TLS (logs a warning).
     #[arg(long, env = "GATEHOUSE_INSECURE")]
     insecure: bool,
+    /// File holding the admin token (role data_plane) the config stream is
+    /// watched with; GATEHOUSE_TOKEN, when set, wins. Make one with
+    /// `gatehousectl tokens create NAME --role data_plane`.
+    #[arg(long, env = "GATEHOUSE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 /// Flags of `gatehouse standalone`.
@@ -101,6 +106,9 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
     if control_planes.is_empty() {
         bail!("--control-plane needs at least one address");
     }
+    let Some(token) = crate::tokens::client(args.token_file.as_deref())? else {
+        bail!("the data plane needs a token to watch the control plane: set GATEHOUSE_TOKEN or --token-file (make one with `gatehousectl tokens create NAME --role data_plane`)");
+    };
     Ok(DataPlaneConfig {
         listen: args.listeners.listen,
         tls_listen: args.listeners.tls_listen,
@@ -110,7 +118,12 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
             .name
             .unwrap_or_else(|| format!("dp-{}", args.listeners.listen)),
         state_dir: args.state_dir,
+        token: bearer(&token)?,
     })
+}
+
+fn bearer(token: &str) -> Result<gatehouse_proto::BearerToken> {
+    Ok(gatehouse_proto::BearerToken::new(Some(token))?)
 }
 
 pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
@@ -140,14 +153,19 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
             bail!("the {what} address {addr} is not a loopback address: standalone listens on loopback only; run `gatehouse control-plane` and `gatehouse data-plane` to serve other addresses");
         }
     }
+    // The bootstrap token is this one-node cluster's admin credential, and
+    // the in-process data plane watches with it too.
+    let cp_dir = args.data_dir.join("control-plane");
+    let token = crate::tokens::bootstrap(None, &cp_dir)?;
     let cp = ControlPlane::start(NodeConfig {
         node_id: 1,
         admin_listen: args.admin_listen,
         raft_listen: args.raft_listen,
         advertise_admin: None,
         advertise_raft: None,
-        data_dir: args.data_dir.join("control-plane"),
+        data_dir: cp_dir.clone(),
         bootstrap: true,
+        bootstrap_token_hash: gatehouse_model::admintoken::hash(&token),
         tuning: Tuning::default(),
     })
     .await?;
@@ -158,6 +176,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         control_planes: vec![cp.admin_addr.to_string()],
         node_name: "standalone".into(),
         state_dir: args.data_dir.join("data-plane"),
+        token: bearer(&token)?,
     })
     .await?;
     println!(
@@ -167,8 +186,16 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         dp.ops_addr,
         tls_field(&dp)
     );
+    let credential = if std::env::var_os(crate::tokens::BOOTSTRAP_ENV).is_some() {
+        format!("GATEHOUSE_TOKEN=${} ", crate::tokens::BOOTSTRAP_ENV)
+    } else {
+        format!(
+            "GATEHOUSE_TOKEN_FILE={} ",
+            cp_dir.join("bootstrap-token").display()
+        )
+    };
     eprintln!(
-        "gatehouse standalone: apply configuration with `gatehousectl --server {} apply -f FILE`; the proxy listens on http://{}",
+        "gatehouse standalone: apply configuration with `{credential}gatehousectl --server {} apply -f FILE`; the proxy listens on http://{}",
         cp.admin_addr, dp.proxy_addr
     );
     crate::shutdown_signal().await;

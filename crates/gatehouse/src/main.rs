@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 mod data_plane;
+mod tokens;
 
 /// mimalloc: the proxy allocates a little per request on many threads, where
 /// glibc's allocator showed up at about a tenth of all CPU samples
@@ -48,6 +49,15 @@ enum Command {
     DataPlane(data_plane::DataPlaneArgs),
     /// Run a one-node control plane and a data plane in one process, for a first try.
     Standalone(data_plane::StandaloneArgs),
+    /// Admin tokens made offline.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random admin token, e.g. for GATEHOUSE_BOOTSTRAP_TOKEN.
+    Generate,
 }
 
 /// Flags of `gatehouse control-plane`. Each may also come from the config
@@ -78,6 +88,13 @@ struct ControlPlaneArgs {
     /// On first start, initialize a new one-node cluster with this node (ignored once initialized).
     #[arg(long, env = "GATEHOUSE_BOOTSTRAP")]
     bootstrap: bool,
+    /// File holding the bootstrap admin token of a cluster this node founds
+    /// (GATEHOUSE_BOOTSTRAP_TOKEN wins) [default: <data-dir>/bootstrap-token,
+    /// generated with mode 0600 when missing]. It is accepted only until the
+    /// cluster holds admin tokens; the leader then stores it as admin token
+    /// `bootstrap`.
+    #[arg(long, env = "GATEHOUSE_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
     /// Allow listening on non-loopback addresses without TLS (logs a warning).
     #[arg(long, env = "GATEHOUSE_INSECURE")]
     insecure: bool,
@@ -107,6 +124,7 @@ struct ControlPlaneFile {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     bootstrap: bool,
+    bootstrap_token_file: Option<PathBuf>,
     #[serde(default)]
     insecure: bool,
     snapshot_every: Option<u64>,
@@ -121,7 +139,7 @@ fn read_config_file(path: &Path) -> Result<ControlPlaneFile> {
     serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
-fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
+fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> {
     let file = match &args.config {
         Some(path) => read_config_file(path)?,
         None => ControlPlaneFile::default(),
@@ -168,29 +186,43 @@ fn node_config(args: ControlPlaneArgs) -> Result<NodeConfig> {
     if snapshot_every == 0 {
         bail!("--snapshot-every must be at least 1");
     }
-    Ok(NodeConfig {
-        node_id,
-        admin_listen,
-        raft_listen,
-        advertise_admin: args.advertise_admin.or(file.advertise_admin),
-        advertise_raft: args.advertise_raft.or(file.advertise_raft),
-        data_dir: args
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from(format!("gatehouse-data/node-{node_id}"))),
-        bootstrap: args.bootstrap || file.bootstrap,
-        tuning: Tuning {
-            heartbeat_ms: heartbeat,
-            election_timeout_min_ms: election,
-            election_timeout_max_ms: election * 2,
-            snapshot_every,
-            keep_logs: args
-                .keep_logs
-                .or(file.keep_logs)
-                .unwrap_or(defaults.keep_logs),
-            history: defaults.history,
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(format!("gatehouse-data/node-{node_id}")));
+    let bootstrap_token_file = args.bootstrap_token_file.or(file.bootstrap_token_file);
+    Ok((
+        NodeConfig {
+            node_id,
+            admin_listen,
+            raft_listen,
+            advertise_admin: args.advertise_admin.or(file.advertise_admin),
+            advertise_raft: args.advertise_raft.or(file.advertise_raft),
+            data_dir,
+            bootstrap: args.bootstrap || file.bootstrap,
+            // Filled in by `with_bootstrap_token`, which may write a file.
+            bootstrap_token_hash: String::new(),
+            tuning: Tuning {
+                heartbeat_ms: heartbeat,
+                election_timeout_min_ms: election,
+                election_timeout_max_ms: election * 2,
+                snapshot_every,
+                keep_logs: args
+                    .keep_logs
+                    .or(file.keep_logs)
+                    .unwrap_or(defaults.keep_logs),
+                history: defaults.history,
+            },
         },
-    })
+        bootstrap_token_file,
+    ))
+}
+
+/// Reads (or makes) the node's bootstrap token; only its hash is kept.
+fn with_bootstrap_token(mut cfg: NodeConfig, file: Option<PathBuf>) -> Result<NodeConfig> {
+    let token = tokens::bootstrap(file.as_deref(), &cfg.data_dir)?;
+    cfg.bootstrap_token_hash = gatehouse_model::admintoken::hash(&token);
+    Ok(cfg)
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -209,7 +241,8 @@ pub(crate) async fn shutdown_signal() {
 }
 
 async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
-    let cfg = node_config(args)?;
+    let (cfg, token_file) = node_config(args)?;
+    let cfg = with_bootstrap_token(cfg, token_file)?;
     let node = ControlPlane::start(cfg).await?;
     // One line on stdout that scripts and tests can wait for.
     println!(
@@ -230,6 +263,10 @@ async fn main() -> std::process::ExitCode {
         Command::ControlPlane(args) => run_control_plane(args).await,
         Command::DataPlane(args) => data_plane::run_data_plane(args).await,
         Command::Standalone(args) => data_plane::run_standalone(args).await,
+        Command::Token(TokenCommand::Generate) => {
+            println!("{}", tokens::generate());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -264,7 +301,9 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let (_dir, path) =
             config_file("node_id: 4\nraft_listen: 127.0.0.1:7001\nsnapshot_every: 50\n");
-        let cfg = node_config(args(&["-c", &path, "--snapshot-every", "60"])).unwrap();
+        let cfg = node_config(args(&["-c", &path, "--snapshot-every", "60"]))
+            .unwrap()
+            .0;
         assert_eq!(cfg.node_id, 4);
         assert_eq!(cfg.raft_listen.to_string(), "127.0.0.1:7001");
         assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:9400");

@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gatehouse_model::file::{self, ConfigFile, Loaded};
 use gatehouse_model::{ConfigState, Kind, Object, ObjectRef, Op};
 use gatehouse_proto::pb;
-use gatehouse_proto::pb::admin_client::AdminClient;
-use tonic::transport::{Channel, Endpoint};
+use gatehouse_proto::AdminClient;
+use tonic::transport::Endpoint;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,9 @@ struct Cli {
     /// How long to wait for an answer, in seconds.
     #[arg(long, global = true, default_value_t = 30)]
     timeout: u64,
+    /// File holding the admin token to call with (GATEHOUSE_TOKEN, when set, wins).
+    #[arg(long, global = true, env = "GATEHOUSE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,6 +94,11 @@ enum Command {
     /// Create, revoke and list API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create, revoke and list admin tokens (admin role).
+    #[command(subcommand)]
+    Tokens(access::TokensCommand),
+    /// Who changed what, and when: the cluster's audit log of writes.
+    Audit(access::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -144,7 +152,24 @@ enum ClusterCommand {
     Remove { id: u64 },
 }
 
-async fn connect(cli: &Cli) -> Result<AdminClient<Channel>> {
+/// The token to call with: GATEHOUSE_TOKEN, else --token-file.
+fn token(cli: &Cli) -> Result<Option<String>> {
+    if let Ok(t) = std::env::var("GATEHOUSE_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(Some(t.trim().to_string()));
+        }
+    }
+    match &cli.token_file {
+        None => Ok(None),
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+            Ok(Some(t.trim().to_string()))
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<AdminClient> {
     let url = if cli.server.contains("://") {
         cli.server.clone()
     } else {
@@ -157,9 +182,13 @@ async fn connect(cli: &Cli) -> Result<AdminClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot connect to {url}: {e}"))?;
-    Ok(AdminClient::new(channel)
-        .max_decoding_message_size(gatehouse_proto::MAX_ADMIN_RESPONSE_BYTES)
-        .max_encoding_message_size(gatehouse_proto::MAX_ADMIN_REQUEST_BYTES))
+    let token = gatehouse_proto::BearerToken::new(token(cli)?.as_deref())
+        .map_err(|e| anyhow!("the admin token: {e}"))?;
+    Ok(
+        pb::admin_client::AdminClient::with_interceptor(channel, token)
+            .max_decoding_message_size(gatehouse_proto::MAX_ADMIN_RESPONSE_BYTES)
+            .max_encoding_message_size(gatehouse_proto::MAX_ADMIN_REQUEST_BYTES),
+    )
 }
 
 /// Sends a call, and again while the cluster is between leaders, until
@@ -206,6 +235,8 @@ macro_rules! rpc {
         .await
     }};
 }
+
+mod access;
 
 /// The server's error as the user should read it, with the leader hint.
 fn status_error(status: tonic::Status) -> anyhow::Error {
@@ -738,6 +769,8 @@ async fn run(cli: &Cli) -> Result<()> {
         }
         Command::Cluster(cmd) => cluster(cli, cmd).await,
         Command::Keys(cmd) => keys(cli, cmd).await,
+        Command::Tokens(cmd) => access::tokens(cli, cmd).await,
+        Command::Audit(args) => access::audit(cli, args).await,
     }
 }
 
