@@ -1,5 +1,6 @@
 //! End-to-end tests of the control plane with real `gatehouse` processes.
 
+mod access;
 mod auth;
 mod bad_input;
 mod basic;

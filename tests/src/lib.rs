@@ -75,6 +75,23 @@ impl Ready {
     }
 }
 
+/// Whether any file under `dir` contains `needle` (for secrets that must not be stored).
+pub fn dir_contains(dir: &Path, needle: &[u8]) -> Result<bool> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let found = if path.is_dir() {
+            dir_contains(&path, needle)?
+        } else {
+            let bytes = std::fs::read(&path)?;
+            bytes.windows(needle.len()).any(|w| w == needle)
+        };
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The last lines of a log file, for failure messages.
 pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -1,0 +1,262 @@
+//! Who may use the admin API: tokens, roles, revocation, the audit log, and
+//! the config stream's credentials.
+
+use std::time::Duration;
+
+use gatehouse_e2e::{admin_as, consumer, ctl, ctl_as, eventually, Cluster, Options, TOKEN};
+use gatehouse_proto::pb;
+use gatehouse_proto::pb::config_stream_client::ConfigStreamClient;
+use tonic::Code;
+
+/// `gatehousectl tokens create NAME --role ROLE` as the bootstrap admin; the token.
+fn create_token(server: &str, name: &str, role: &str) -> String {
+    let out = ctl(server, &["tokens", "create", name, "--role", role]);
+    assert!(
+        out.status.success(),
+        "tokens create {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Opens a config stream with `token` and says hello; the first answer or the refusal.
+async fn watch_with(addr: &str, token: Option<&str>) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = ConfigStreamClient::with_interceptor(
+        channel,
+        gatehouse_proto::BearerToken::new(token).unwrap(),
+    );
+    let hello = pb::WatchRequest {
+        msg: Some(pb::watch_request::Msg::Hello(pb::Hello {
+            node_name: "probe".into(),
+            revision: 0,
+        })),
+    };
+    let mut inbound = client
+        .watch(tokio_stream::iter(vec![hello]))
+        .await?
+        .into_inner();
+    inbound.message().await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_what_each_token_may_do_and_the_audit_log_names_who_did_it(
+) -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, Options::default()).await?;
+    let leader = cluster.leader().await?;
+    let follower = if leader == 1 { 2 } else { 1 };
+    let at_leader = cluster.node(leader).admin.clone();
+    let at_follower = cluster.node(follower).admin.clone();
+
+    // The bootstrap token became admin token "bootstrap".
+    let listed = eventually(
+        Duration::from_secs(10),
+        "the bootstrap token stored",
+        || async {
+            let out = ctl(&at_leader, &["tokens", "list"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("bootstrap").then_some(text)
+        },
+    )
+    .await?;
+    assert!(listed.contains("admin"), "{listed}");
+
+    // Tokens made on the leader work at once on a follower.
+    let editor = create_token(&at_leader, "ci", "editor");
+    let viewer = create_token(&at_leader, "dashboard", "viewer");
+    let data_plane = create_token(&at_leader, "edge", "data_plane");
+    assert!(editor.starts_with("ght_") && editor.len() == 44, "{editor}");
+
+    // No token, a malformed one, an unknown one: UNAUTHENTICATED, nothing written.
+    for token in [
+        None,
+        Some("not-a-token"),
+        Some("ght_0000000000000000000000000000000000000000"),
+    ] {
+        let mut c = admin_as(token, &at_follower).await?;
+        let err = c
+            .put(pb::PutRequest {
+                object: Some(consumer("intruder")),
+                expected_revision: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+        let err = c.list(pb::ListRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+    }
+    let out = ctl_as("", &at_follower, &["get", "consumers"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no admin token"), "{}", stderr(&out));
+
+    // The editor writes configuration (through a follower, forwarded to the leader) ...
+    let mut as_editor = admin_as(Some(&editor), &at_follower).await?;
+    as_editor
+        .put(pb::PutRequest {
+            object: Some(consumer("alice")),
+            expected_revision: None,
+        })
+        .await?;
+    // ... but may not touch tokens or membership.
+    let err = as_editor
+        .create_admin_token(pb::CreateAdminTokenRequest {
+            name: "sneaky".into(),
+            role: "admin".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("token:ci has role editor"),
+        "{err:?}"
+    );
+    let out = ctl_as(&editor, &at_leader, &["tokens", "revoke", "dashboard"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("may not manage admin tokens"),
+        "{}",
+        stderr(&out)
+    );
+    let err = as_editor
+        .remove_node(pb::RemoveNodeRequest { id: follower })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Admin tokens are not even listed to an editor.
+    let all = as_editor
+        .list(pb::ListRequest::default())
+        .await?
+        .into_inner();
+    assert!(all.objects.iter().all(|o| o.kind != "admin_token"));
+    assert!(all.objects.iter().any(|o| o.name == "alice"));
+
+    // The viewer reads but cannot write.
+    let out = ctl_as(&viewer, &at_follower, &["get", "consumers"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("alice"));
+    let mut as_viewer = admin_as(Some(&viewer), &at_follower).await?;
+    let err = as_viewer
+        .delete(pb::DeleteRequest {
+            target: Some(pb::ObjectRef {
+                kind: "consumer".into(),
+                name: "alice".into(),
+            }),
+            expected_revision: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // The data-plane token watches the config stream and nothing else; others may not watch.
+    watch_with(&at_follower, Some(&data_plane)).await?;
+    let mut as_dp = admin_as(Some(&data_plane), &at_follower).await?;
+    let err = as_dp.list(pb::ListRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = watch_with(&at_follower, Some(&viewer)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = watch_with(&at_follower, None).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // The last admin token cannot be revoked; a revoked token is refused everywhere.
+    let out = ctl(&at_leader, &["tokens", "revoke", "bootstrap"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("last admin role"), "{}", stderr(&out));
+    let out = ctl(&at_leader, &["tokens", "revoke", "ci"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually(
+        Duration::from_secs(10),
+        "the revoked token refused on every node",
+        || async {
+            for n in 1..=3 {
+                let out = ctl_as(
+                    &editor,
+                    &cluster.node(n).admin,
+                    &["get", "consumers", "--stale"],
+                );
+                if out.status.success() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await?;
+
+    // The audit log names who did what.
+    let out = ctl_as(&viewer, &at_follower, &["audit", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let who = |kind: &str, name: &str, action: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == kind && l["name"] == name && l["action"] == action)
+            .map(|l| l["actor"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        who("admin_token", "bootstrap", "create"),
+        ["system:bootstrap"]
+    );
+    assert_eq!(who("admin_token", "ci", "create"), ["token:bootstrap"]);
+    assert_eq!(who("consumer", "alice", "create"), ["token:ci"]);
+    assert_eq!(who("admin_token", "ci", "delete"), ["token:bootstrap"]);
+    assert!(who("consumer", "intruder", "create").is_empty());
+    let by_ci = ctl(&at_leader, &["audit", "--actor", "token:ci", "-o", "json"]);
+    assert_eq!(String::from_utf8_lossy(&by_ci.stdout).lines().count(), 1);
+
+    // No node keeps a token in the clear: not in its data directory, not in its log.
+    for n in 1..=3 {
+        let node = cluster.node(n);
+        for token in [TOKEN, editor.as_str(), viewer.as_str(), data_plane.as_str()] {
+            let secret = &token[4..];
+            assert!(
+                !gatehouse_e2e::dir_contains(&node.data_dir, secret.as_bytes())?,
+                "node {n}'s data dir holds a token"
+            );
+            assert!(
+                !node.log_tail().contains(secret),
+                "node {n}'s log holds a token"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_keeps_guessing_is_refused_for_a_while() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let addr = cluster.node(1).admin.clone();
+    let guess = "ght_0000000000000000000000000000000000000001";
+    let mut refused_early = None;
+    for i in 0..30 {
+        let mut c = admin_as(Some(guess), &addr).await?;
+        let err = c.list(pb::ListRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        if err.message().contains("too many failed") {
+            refused_early = Some(i);
+            break;
+        }
+    }
+    assert_eq!(
+        refused_early,
+        Some(20),
+        "the 21st guess is refused outright"
+    );
+    // Now even the right token is refused from this peer, until the window ends.
+    let mut c = admin_as(Some(TOKEN), &addr).await?;
+    let err = c.list(pb::ListRequest::default()).await.unwrap_err();
+    assert!(err.message().contains("too many failed"), "{err:?}");
+    Ok(())
+}
