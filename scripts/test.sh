@@ -15,5 +15,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "building the binaries the end-to-end tests start"
 cargo build --workspace --bins --locked
 
+step "deployment files (offline: hadolint, yamllint, compose schema, kubernetes-validate, flags)"
+./scripts/check-deploy.sh
+
 step "tests (unit, property, storage conformance, end-to-end)"
 cargo test --workspace --locked

@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""Consistency checks of deploy/ that schema validation cannot see.
+
+Run by scripts/check-deploy.sh (with the venv's Python, which has PyYAML).
+The schemas say a file is well formed; this says it fits Gatehouse and
+itself:
+
+- every `--flag` and `GATEHOUSE_*` variable given to `gatehouse` or
+  `gatehousectl` exists for that subcommand (an unknown variable is silently
+  ignored by the binary, so a typo would go unnoticed). Checked against the
+  binaries' own --help when they are built (GATEHOUSE_BIN_DIR, default
+  target/debug), else against the `env = "..."` names in the sources;
+- a server given a non-loopback listen address also gets --insecure (it
+  refuses to start otherwise), and admin (9400) and Raft (9401) ports are
+  never published or exposed outside the private network;
+- `$(VAR)` in a Kubernetes env value names a variable defined before it
+  (Kubernetes leaves it as literal text otherwise);
+- selectors, named ports, scale targets and kustomize resources resolve;
+- compose references (depends_on, networks, volumes) resolve, fixed
+  addresses sit in their network's subnet, ports publish on 127.0.0.1 only;
+- the Dockerfile's COPY sources exist and are not excluded by .dockerignore,
+  the runtime stage runs as a non-root user, has no HEALTHCHECK and exposes
+  the default ports.
+
+Exit status 1 with one line per problem, 0 when all is well.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROBLEMS: list[str] = []
+NOTES: list[str] = []
+
+ADMIN_PORT, RAFT_PORT = 9400, 9401
+# Variables that configure a listen address, per subcommand, and whether a
+# non-loopback value needs --insecure (the TLS listener does not).
+LISTEN_VARS = {
+    "control-plane": {"GATEHOUSE_ADMIN_LISTEN": True, "GATEHOUSE_RAFT_LISTEN": True},
+    "data-plane": {
+        "GATEHOUSE_LISTEN": True,
+        "GATEHOUSE_OPS_LISTEN": True,
+        "GATEHOUSE_TLS_LISTEN": False,
+    },
+}
+
+
+def problem(where: str, msg: str) -> None:
+    PROBLEMS.append(f"{where}: {msg}")
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+# ---------------------------------------------------------------------------
+# What the binaries accept
+
+
+class Cli:
+    """Flags and env vars per subcommand: {'control-plane': (flags, envs), ...}."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[set[str], set[str]]] = {}
+        self.source = ""
+        bin_dir = Path(os.environ.get("GATEHOUSE_BIN_DIR", ROOT / "target" / "debug"))
+        gh, ctl = bin_dir / "gatehouse", bin_dir / "gatehousectl"
+        if gh.is_file() and ctl.is_file():
+            self.source = f"--help of the binaries in {bin_dir}"
+            for sub in ("control-plane", "data-plane", "standalone"):
+                self.known[sub] = self._from_help([str(gh), sub, "--help"])
+            self.known["gatehousectl"] = self._from_help([str(ctl), "--help"])
+            for sub in ("apply", "get", "delete", "validate"):
+                self._merge("gatehousectl", self._from_help([str(ctl), sub, "--help"]))
+            for sub in ("status", "init", "add", "remove"):
+                self._merge("gatehousectl", self._from_help([str(ctl), "cluster", sub, "--help"]))
+            for sub in ("create", "revoke", "list"):
+                self._merge("gatehousectl", self._from_help([str(ctl), "keys", sub, "--help"]))
+        else:
+            # Without binaries only the variable names can be read reliably.
+            self.source = "env = \"...\" names in crates/gatehouse*/src (no binaries built)"
+            envs_of = lambda files: {  # noqa: E731
+                m
+                for f in files
+                for m in re.findall(r'env\s*=\s*"(GATEHOUSE_[A-Z0-9_]+)"', f.read_text())
+            }
+            src = ROOT / "crates" / "gatehouse" / "src"
+            main_envs = envs_of([src / "main.rs"])
+            dp_envs = envs_of([src / "data_plane.rs"])
+            globals_ = {"GATEHOUSE_LOG_FORMAT", "GATEHOUSE_LOG_LEVEL"}
+            cp_only = main_envs - globals_
+            self.known["control-plane"] = (set(), cp_only | globals_)
+            self.known["data-plane"] = (set(), dp_envs | globals_)
+            self.known["standalone"] = (set(), dp_envs | globals_)
+            self.known["gatehousectl"] = (
+                set(),
+                envs_of([ROOT / "crates" / "gatehousectl" / "src" / "main.rs"]),
+            )
+        self.check_flags = bool(self.known["control-plane"][0])
+
+    @staticmethod
+    def _from_help(cmd: list[str]) -> tuple[set[str], set[str]]:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out))
+        envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out))
+        return flags, envs
+
+    def _merge(self, key: str, more: tuple[set[str], set[str]]) -> None:
+        flags, envs = self.known[key]
+        self.known[key] = (flags | more[0], envs | more[1])
+
+    def check(self, where: str, sub: str, args: list[str], envs: list[str]) -> None:
+        if sub not in self.known:
+            problem(where, f"unknown gatehouse subcommand {sub!r}")
+            return
+        flags, known_envs = self.known[sub]
+        # gatehousectl shares the image and the container's environment
+        # (`kubectl exec POD -- gatehousectl ...`), so its variables are fine too.
+        known_envs = known_envs | self.known["gatehousectl"][1]
+        if self.check_flags:
+            for a in args:
+                if a.startswith("--"):
+                    name = a.split("=", 1)[0]
+                    if name not in flags:
+                        problem(where, f"`{sub}` has no flag {name} (known: {', '.join(sorted(flags))})")
+        for e in envs:
+            if e.startswith("GATEHOUSE_") and e not in known_envs:
+                problem(
+                    where,
+                    f"`{sub}` does not read {e}; it would be silently ignored "
+                    f"(known: {', '.join(sorted(known_envs))})",
+                )
+
+
+def host_of(addr: str) -> str:
+    """The host part of ip:port, [v6]:port, or $(VAR):port."""
+    if addr.startswith("["):
+        return addr[1 : addr.index("]")]
+    return addr.rsplit(":", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_insecure(where: str, sub: str, args: list[str], env: dict[str, str]) -> None:
+    for var, needs in LISTEN_VARS.get(sub, {}).items():
+        flag = "--" + var.removeprefix("GATEHOUSE_").lower().replace("_", "-")
+        value = env.get(var)
+        for i, a in enumerate(args):
+            if a == flag and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(flag + "="):
+                value = a.split("=", 1)[1]
+        if value is None or not needs:
+            continue
+        host = host_of(value)
+        if host in ("0.0.0.0", "::"):
+            problem(where, f"{var}={value}: bind a private address, not every interface")
+        if not is_loopback(host) and "--insecure" not in args and env.get("GATEHOUSE_INSECURE") != "true":
+            problem(where, f"{var}={value} is not loopback: `{sub}` refuses to start without --insecure")
+
+
+# ---------------------------------------------------------------------------
+# Kubernetes
+
+
+def load_docs(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def check_kubernetes(cli: Cli) -> None:
+    kdir = DEPLOY / "kubernetes"
+    kust_path = kdir / "kustomization.yaml"
+    kust = yaml.safe_load(kust_path.read_text())
+    listed = kust.get("resources", [])
+    for r in listed:
+        if not (kdir / r).is_file():
+            problem(rel(kust_path), f"resource {r} does not exist")
+    for f in sorted(kdir.glob("*.yaml")):
+        if f.name != "kustomization.yaml" and f.name not in listed:
+            problem(rel(kust_path), f"{f.name} is not listed in resources")
+
+    objs: list[tuple[str, dict]] = []
+    for f in sorted(kdir.glob("*.yaml")):
+        if f.name == "kustomization.yaml":
+            continue
+        for d in load_docs(f):
+            objs.append((f"{rel(f)} {d.get('kind')}/{d.get('metadata', {}).get('name')}", d))
+
+    workloads = {}  # (kind, name) -> (where, template labels, {port name: number})
+    for where, d in objs:
+        kind = d["kind"]
+        ns = d["metadata"].get("namespace")
+        if kind != "Namespace" and ns != "gatehouse":
+            problem(where, f"namespace is {ns!r}, expected 'gatehouse'")
+        if kind not in ("Deployment", "StatefulSet"):
+            continue
+        spec = d["spec"]
+        tmpl = spec["template"]
+        labels = tmpl["metadata"].get("labels", {})
+        if not matches(spec["selector"].get("matchLabels"), labels):
+            problem(where, "spec.selector does not match the pod template labels")
+        pod = tmpl["spec"]
+        if pod.get("hostNetwork"):
+            problem(where, "hostNetwork would put the plaintext ports on the node's network")
+        ports: dict[str, int] = {}
+        for c in pod["containers"]:
+            cwhere = f"{where} container {c['name']}"
+            for p in c.get("ports", []):
+                if "hostPort" in p:
+                    problem(cwhere, f"hostPort {p['hostPort']} exposes a port on the node")
+                if "name" in p:
+                    ports[p["name"]] = p["containerPort"]
+            defined: set[str] = set()
+            env: dict[str, str] = {}
+            for e in c.get("env", []):
+                for ref in re.findall(r"\$\((\w+)\)", e.get("value", "")):
+                    if ref not in defined:
+                        problem(cwhere, f"env {e['name']} uses $({ref}), which is not defined before it")
+                defined.add(e["name"])
+                if "value" in e:
+                    env[e["name"]] = re.sub(r"\$\((\w+)\)", r"\1", e["value"])
+                else:
+                    env[e["name"]] = "<from " + str(list(e.get("valueFrom", {}))) + ">"
+            args = [str(a) for a in c.get("args", [])]
+            if not args:
+                problem(cwhere, "no args: the image's default command only prints --help")
+                continue
+            sub = args[0]
+            cli.check(cwhere, sub, args[1:], list(env))
+            # POD_IP stands for a pod-network address: not loopback.
+            check_insecure(cwhere, sub, args[1:], {k: v.replace("POD_IP", "10.0.0.1") for k, v in env.items()})
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                pr = c.get(probe)
+                if not pr:
+                    continue
+                port = (pr.get("httpGet") or pr.get("tcpSocket") or {}).get("port")
+                if isinstance(port, str) and port not in ports:
+                    problem(cwhere, f"{probe} uses port {port!r}, not a named container port")
+            if sub == "data-plane":
+                for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+                    got = (c.get(probe) or {}).get("httpGet", {})
+                    if got.get("path") != path or ports.get(got.get("port")) != 9090:
+                        problem(cwhere, f"{probe} should be GET {path} on the ops port 9090")
+        workloads[(kind, d["metadata"]["name"])] = (where, labels, ports)
+
+    for where, d in objs:
+        kind, spec = d["kind"], d.get("spec", {})
+        if kind == "Service":
+            sel = spec.get("selector", {})
+            hits = [w for w in workloads.values() if matches(sel, w[1])]
+            if not hits:
+                problem(where, f"selector {sel} matches no workload")
+            for p in spec.get("ports", []):
+                tp = p.get("targetPort", p["port"])
+                for _, _, ports in hits:
+                    if isinstance(tp, str) and tp not in ports:
+                        problem(where, f"targetPort {tp!r} is not a port of the selected pods")
+                    num = ports.get(tp, tp)
+                    if num in (ADMIN_PORT, RAFT_PORT) and spec.get("type", "ClusterIP") != "ClusterIP":
+                        problem(where, f"exposes the plaintext port {num} as {spec['type']}")
+        elif kind == "PodDisruptionBudget":
+            sel = spec["selector"].get("matchLabels", {})
+            if not any(matches(sel, w[1]) for w in workloads.values()):
+                problem(where, f"selector {sel} matches no workload")
+        elif kind == "HorizontalPodAutoscaler":
+            ref = spec["scaleTargetRef"]
+            if (ref["kind"], ref["name"]) not in workloads:
+                problem(where, f"scaleTargetRef {ref['kind']}/{ref['name']} does not exist")
+        elif kind == "StatefulSet":
+            svc = spec.get("serviceName")
+            heads = [
+                o for _, o in objs
+                if o["kind"] == "Service" and o["metadata"]["name"] == svc
+                and o["spec"].get("clusterIP") == "None"
+            ]
+            if not heads:
+                problem(where, f"serviceName {svc!r} is not a headless Service in deploy/kubernetes")
+            if not spec.get("volumeClaimTemplates"):
+                problem(where, "no volumeClaimTemplates: control-plane state would not persist")
+        elif kind == "NetworkPolicy":
+            for rule in spec.get("ingress", []):
+                opens = {p.get("port") for p in rule.get("ports", [])}
+                if opens & {ADMIN_PORT, RAFT_PORT} and not rule.get("from"):
+                    problem(where, f"ports {sorted(opens & {ADMIN_PORT, RAFT_PORT})} open to every source")
+                for peer in rule.get("from", []):
+                    if "ipBlock" in peer and opens & {ADMIN_PORT, RAFT_PORT}:
+                        problem(where, "admin/Raft ports opened to an ipBlock")
+
+
+# ---------------------------------------------------------------------------
+# Compose
+
+
+def check_compose(cli: Cli) -> None:
+    path = DEPLOY / "compose" / "compose.yaml"
+    where0 = rel(path)
+    doc = yaml.safe_load(path.read_text())
+    services = doc.get("services", {})
+    networks = doc.get("networks", {})
+    volumes = doc.get("volumes", {})
+    subnets = {
+        n: [ipaddress.ip_network(c["subnet"]) for c in (v or {}).get("ipam", {}).get("config", [])]
+        for n, v in networks.items()
+    }
+    seen_ips: dict[str, str] = {}
+    for name, s in services.items():
+        where = f"{where0} service {name}"
+        deps = s.get("depends_on", [])
+        for dep in deps if isinstance(deps, list) else list(deps):
+            if dep not in services:
+                problem(where, f"depends_on unknown service {dep!r}")
+        nets = s.get("networks", [])
+        for net, conf in (nets.items() if isinstance(nets, dict) else ((n, None) for n in nets)):
+            if net not in networks:
+                problem(where, f"unknown network {net!r}")
+                continue
+            ip = (conf or {}).get("ipv4_address")
+            if ip:
+                if not any(ipaddress.ip_address(ip) in sn for sn in subnets[net]):
+                    problem(where, f"{ip} is outside the subnet of network {net}")
+                if ip in seen_ips:
+                    problem(where, f"{ip} is also given to {seen_ips[ip]}")
+                seen_ips[ip] = name
+        for v in s.get("volumes", []):
+            src = v.split(":", 1)[0] if isinstance(v, str) else v.get("source", "")
+            if src and not src.startswith((".", "/")) and src not in volumes:
+                problem(where, f"unknown volume {src!r}")
+            if src.startswith("."):
+                if not (path.parent / src).exists():
+                    problem(where, f"bind mount source {src} does not exist")
+        for p in s.get("ports", []):
+            p = str(p)
+            parts = p.split(":")
+            if len(parts) != 3 or parts[0] != "127.0.0.1":
+                problem(where, f"port {p!r}: publish on 127.0.0.1 only (HOST_IP:HOST_PORT:CONTAINER_PORT)")
+            if parts[-1].split("/")[0] in (str(ADMIN_PORT), str(RAFT_PORT)):
+                problem(where, f"port {p!r} publishes a plaintext admin/Raft port")
+        image = s.get("image", "")
+        if not image.startswith("gatehouse:"):
+            continue
+        cmd = s.get("command", [])
+        if isinstance(cmd, str):
+            cmd = cmd.split()
+        env = s.get("environment", {})
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) for e in env)
+        env = {k: str(v) for k, v in env.items()}
+        if s.get("entrypoint") == ["/usr/local/bin/gatehousectl"]:
+            cli.check(where, "gatehousectl", [a for a in cmd if a.startswith("--")], list(env))
+            continue
+        if not cmd:
+            problem(where, "no command: the image's default command only prints --help")
+            continue
+        sub = cmd[0]
+        cli.check(where, sub, cmd[1:], list(env))
+        check_insecure(where, sub, cmd[1:], env)
+        if sub in LISTEN_VARS:
+            for var in LISTEN_VARS[sub]:
+                if var in env:
+                    host = host_of(env[var])
+                    mine = [
+                        (c or {}).get("ipv4_address")
+                        for c in (nets.values() if isinstance(nets, dict) else [])
+                    ]
+                    if not is_loopback(host) and host not in mine:
+                        problem(where, f"{var}={env[var]}: {host} is not one of this service's addresses")
+        if sub == "data-plane":
+            for cp in env.get("GATEHOUSE_CONTROL_PLANES", "").split(","):
+                svc = cp.strip().rsplit(":", 1)[0]
+                if svc and svc not in services:
+                    problem(where, f"GATEHOUSE_CONTROL_PLANES names {svc!r}, not a service")
+
+
+# ---------------------------------------------------------------------------
+# Dockerfile
+
+
+def dockerignore_patterns() -> list[tuple[bool, str]]:
+    pats = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        neg = line.startswith("!")
+        pats.append((neg, line.lstrip("!").rstrip("/")))
+    return pats
+
+
+def ignored(path: str, pats: list[tuple[bool, str]]) -> bool:
+    out = False
+    for neg, pat in pats:
+        pat = pat.replace("**/", "")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(p, pat) for p in prefixes):
+            out = not neg
+    return out
+
+
+def check_dockerfile() -> None:
+    path = DEPLOY / "docker" / "Dockerfile"
+    where = rel(path)
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instr, rest.strip()))
+    if len(stages) < 2:
+        problem(where, "expected a multi-stage build (a builder and a runtime stage)")
+        return
+    pats = dockerignore_patterns()
+    for stage in stages:
+        for instr, rest in stage:
+            if instr in ("COPY", "ADD") and "--from=" not in rest:
+                srcs = [a for a in rest.split() if not a.startswith("--")][:-1]
+                for s in srcs:
+                    s = s.rstrip("/").removeprefix("./")
+                    if not (ROOT / s).exists():
+                        problem(where, f"{instr} {s}: not in the build context (the repository root)")
+                    elif ignored(s, pats):
+                        problem(where, f"{instr} {s}: excluded by .dockerignore")
+            if instr == "RUN" and "cargo build" in rest and "--locked" not in rest:
+                problem(where, "cargo build without --locked")
+    final = stages[-1]
+    users = [rest for instr, rest in final if instr == "USER"]
+    if not users or users[-1].split(":")[0] in ("root", "0"):
+        problem(where, "the runtime stage must end with a non-root USER")
+    if any(instr == "HEALTHCHECK" for instr, _ in final):
+        problem(where, "no HEALTHCHECK: orchestrators probe /readyz and /healthz")
+    exposed = {p.split("/")[0] for instr, rest in final if instr == "EXPOSE" for p in rest.split()}
+    for port in ("8080", "9090", "9400", "9401"):
+        if port not in exposed:
+            problem(where, f"the runtime stage does not EXPOSE the default port {port}")
+    if not any(instr == "ENTRYPOINT" for instr, _ in final):
+        problem(where, "the runtime stage has no ENTRYPOINT")
+    built = " ".join(rest for instr, rest in stages[0] if instr == "RUN")
+    for b in ("gatehouse", "gatehousectl"):
+        if f"-p {b}" not in built:
+            problem(where, f"the builder does not build {b}")
+
+
+# ---------------------------------------------------------------------------
+# Secrets: no tokens, passwords or keys in deploy/
+
+
+def check_no_secrets() -> None:
+    bad = re.compile(
+        r"(ghk_[A-Za-z0-9]+_|BEGIN [A-Z ]*PRIVATE KEY|password\s*[:=]\s*\S+|"
+        r"requirepass|GATEHOUSE_[A-Z_]*TOKEN\s*[:=])",
+        re.IGNORECASE,
+    )
+    for f in sorted(DEPLOY.rglob("*")):
+        if f.is_file() and f.suffix in (".yaml", ".yml", "") and f.name != "README.md":
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if bad.search(line) and not line.lstrip().startswith("#"):
+                    problem(f"{rel(f)}:{n}", "looks like a secret; deploy/ must not carry any")
+
+
+def main() -> int:
+    cli = Cli()
+    NOTES.append(f"flags and variables checked against: {cli.source}")
+    for check in (check_dockerfile, lambda: check_compose(cli), lambda: check_kubernetes(cli), check_no_secrets):
+        try:
+            check()
+        except (KeyError, TypeError, AttributeError, ValueError, yaml.YAMLError) as e:
+            problem("check_deploy.py", f"could not read a file the way it expects: {type(e).__name__}: {e}")
+    for n in NOTES:
+        print(f"  note: {n}")
+    if PROBLEMS:
+        for p in PROBLEMS:
+            print(f"  FAIL {p}", file=sys.stderr)
+        print(f"check_deploy.py: {len(PROBLEMS)} problem(s)", file=sys.stderr)
+        return 1
+    print("  consistency: ok (flags, variables, addresses, references, ports, Dockerfile)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
