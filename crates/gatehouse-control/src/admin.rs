@@ -19,6 +19,7 @@ use gatehouse_proto::{
 };
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, Membership, RaftMetrics, ServerState};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -229,7 +230,7 @@ impl AdminService {
     async fn forward<T, R, F, Fut>(
         &self,
         leader: &NodeInfo,
-        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        credentials: Option<(&'static str, MetadataValue<Ascii>)>,
         msg: T,
         call: F,
     ) -> Result<Response<R>, Status>
@@ -243,8 +244,8 @@ impl AdminService {
             .metadata_mut()
             .insert(FORWARDED, "1".parse().expect("ascii"));
         // The leader checks the caller's token again, against its own state.
-        if let Some(token) = authorization {
-            request.metadata_mut().insert("authorization", token);
+        if let Some((key, value)) = credentials {
+            request.metadata_mut().insert(key, value);
         }
         request.set_timeout(FORWARD_TIMEOUT);
         call(client, request).await.map_err(|s| match s.code() {
@@ -417,11 +418,21 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The caller's `authorization` entry, to pass on when forwarding.
-fn authorization<T>(
+/// What a forwarded call carries to stand for its caller: the caller's own
+/// token, or (for a caller known by certificate) who it is, which the leader
+/// believes because this node's certificate says `control_plane`.
+fn credentials<T>(
     request: &Request<T>,
-) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-    request.metadata().get("authorization").cloned()
+    caller: &Caller,
+) -> Option<(&'static str, MetadataValue<Ascii>)> {
+    if let Some(token) = request.metadata().get("authorization") {
+        return Some(("authorization", token.clone()));
+    }
+    let role = serde_json::to_value(caller.role).ok()?;
+    format!("{} {}", role.as_str()?, caller.actor)
+        .parse()
+        .ok()
+        .map(|v| (crate::auth::ON_BEHALF_OF, v))
 }
 
 /// What writing `ops` needs: managing tokens when any op touches one.
@@ -441,7 +452,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::GetResponse>, Status> {
         let caller = self.caller(&request, Need::Read).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let kind = gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?;
         if kind == Kind::AdminToken {
@@ -482,7 +493,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         let caller = self.caller(&request, Need::Read).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let kinds: Vec<Kind> = if msg.kind.is_empty() {
             Kind::ALL.to_vec()
@@ -524,7 +535,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let op = put_op(msg.clone())?;
         caller.require(need_for(std::slice::from_ref(&op)))?;
@@ -544,7 +555,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let op = delete_op(msg.clone())?;
         caller.require(need_for(std::slice::from_ref(&op)))?;
@@ -564,7 +575,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let ops = msg
             .ops
@@ -604,7 +615,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         leader_or_forward!(
             self,
@@ -704,7 +715,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let caller = self.caller(&request, Need::Cluster).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let m = msg
             .member
@@ -760,7 +771,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::MembershipResponse>, Status> {
         let caller = self.caller(&request, Need::Cluster).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         tracing::info!(actor = %caller.actor, node = msg.id, "membership: removing a node");
         leader_or_forward!(
@@ -800,8 +811,8 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        self.caller(&request, Need::Read).await?;
-        let auth = authorization(&request);
+        let caller = self.caller(&request, Need::Read).await?;
+        let auth = credentials(&request, &caller);
         let m = self.metrics();
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -817,8 +828,8 @@ impl pb::admin_server::Admin for AdminService {
                         let mut client = self.client(&node.admin_addr).await?;
                         let mut req = Request::new(pb::NodeStatusRequest {});
                         req.set_timeout(PROBE_TIMEOUT);
-                        if let Some(token) = auth {
-                            req.metadata_mut().insert("authorization", token);
+                        if let Some((key, value)) = auth {
+                            req.metadata_mut().insert(key, value);
                         }
                         client.local_status(req).await.map(Response::into_inner)
                     };
@@ -862,7 +873,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CreateAdminTokenResponse>, Status> {
         let caller = self.caller(&request, Need::Tokens).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let role: AdminRole = serde_json::from_value(serde_json::Value::String(msg.role.clone()))
             .map_err(|_| {
@@ -905,9 +916,9 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::AuditRequest>,
     ) -> Result<Response<pb::AuditResponse>, Status> {
-        self.caller(&request, Need::Read).await?;
+        let caller = self.caller(&request, Need::Read).await?;
         let fwd = is_forwarded(&request);
-        let auth = authorization(&request);
+        let auth = credentials(&request, &caller);
         let msg = request.into_inner();
         let filter = audit::Filter {
             actor: (!msg.actor.is_empty()).then(|| msg.actor.clone()),

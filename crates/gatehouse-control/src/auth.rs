@@ -109,6 +109,24 @@ pub struct Auth {
     /// This node's own bootstrap token, for `cluster init` before it has a cluster.
     local_bootstrap_hash: String,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Listeners use TLS: client certificates can name callers, and the
+    /// config stream requires one.
+    tls: bool,
+}
+
+/// Metadata a node adds when it forwards the call of a caller who
+/// authenticated by certificate: `ROLE ACTOR`. Believed only from a peer
+/// whose own certificate says `control_plane`.
+pub const ON_BEHALF_OF: &str = "x-gatehouse-on-behalf-of";
+
+fn parse_role(role: &str) -> Option<AdminRole> {
+    match role {
+        "admin" => Some(AdminRole::Admin),
+        "editor" => Some(AdminRole::Editor),
+        "viewer" => Some(AdminRole::Viewer),
+        "data_plane" => Some(AdminRole::DataPlane),
+        _ => None,
+    }
 }
 
 impl std::fmt::Debug for Auth {
@@ -125,12 +143,47 @@ fn bearer<T>(request: &Request<T>) -> Option<&str> {
 }
 
 impl Auth {
-    pub fn new(sm: Arc<Shared>, identity: Arc<Identity>, local_bootstrap_hash: String) -> Auth {
+    pub fn new(
+        sm: Arc<Shared>,
+        identity: Arc<Identity>,
+        local_bootstrap_hash: String,
+        tls: bool,
+    ) -> Auth {
         Auth {
             sm,
             identity,
             local_bootstrap_hash,
             failures: Mutex::new(HashMap::new()),
+            tls,
+        }
+    }
+
+    /// Checks a config-stream watcher. With TLS it must present a client
+    /// certificate of role `data_plane` (or `admin`): its identity is the
+    /// certificate's. Without TLS (loopback), an admin token.
+    pub fn check_stream<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        if !self.tls {
+            return self.check(request, Need::Stream);
+        }
+        match gatehouse_proto::tls::peer_identity(request) {
+            Some(peer) => {
+                let caller = parse_role(&peer.role)
+                    .map(|role| Caller {
+                        actor: format!("cert:{}", peer.name),
+                        role,
+                    })
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!(
+                            "certificate {} has role {}, which may not watch the config stream",
+                            peer.name, peer.role
+                        ))
+                    })?;
+                caller.require(Need::Stream)?;
+                Ok(caller)
+            }
+            None => Err(Status::unauthenticated(
+                "the config stream needs a client certificate (mutual TLS) with role data_plane",
+            )),
         }
     }
 
@@ -169,6 +222,37 @@ impl Auth {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let peer = if self.tls {
+            gatehouse_proto::tls::peer_identity(request)
+        } else {
+            None
+        };
+        if let Some(peer) = &peer {
+            // A fellow node forwarding the call of a certificate holder.
+            if peer.role == "control_plane" {
+                if let Some(on_behalf) = request
+                    .metadata()
+                    .get(ON_BEHALF_OF)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    if let Some((role, actor)) = on_behalf.split_once(' ') {
+                        if let Some(role) = parse_role(role) {
+                            return Ok(Caller {
+                                actor: actor.to_string(),
+                                role,
+                            });
+                        }
+                    }
+                }
+            } else if bearer(request).is_none() {
+                if let Some(role) = parse_role(&peer.role) {
+                    return Ok(Caller {
+                        actor: format!("cert:{}", peer.name),
+                        role,
+                    });
+                }
+            }
+        }
         let Some(token) = bearer(request) else {
             return Err(Status::unauthenticated(
                 "no admin token: send `authorization: Bearer TOKEN` (gatehousectl: --token-file or GATEHOUSE_TOKEN)",

@@ -9,6 +9,7 @@ pub mod network;
 pub mod node;
 pub mod store;
 pub mod stream;
+pub mod tls;
 pub mod types;
 
 pub use node::{ControlPlane, NodeConfig, StartError, Tuning};

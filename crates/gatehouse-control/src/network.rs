@@ -21,30 +21,47 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::identity::{FlushFn, Identity};
 use crate::types::{NodeId, NodeInfo, Raft, TypeConfig};
 
-/// Lazily connected channels, one per address, shared by all clients.
+/// Lazily connected channels, one per address, shared by all clients; over
+/// mutual TLS when the node has certificates.
 #[derive(Clone, Default)]
-pub struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+pub struct Channels {
+    map: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Arc<Mutex<Option<ClientTlsConfig>>>,
+}
 
 impl Channels {
     /// A channel to `addr` (host:port); connects on first use, reconnects after failures.
     pub fn get(&self, addr: &str) -> Result<Channel, Status> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let tls = self.tls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint
+                .tls_config(tls.domain_name(gatehouse_proto::tls::host_of(addr)))
+                .map_err(|e| Status::internal(format!("TLS for {addr}: {e}")))?;
+        }
+        let channel = endpoint.connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
+    }
+
+    /// Uses `tls` for new connections from now on (after a reload, too).
+    pub fn set_tls(&self, tls: ClientTlsConfig) {
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls);
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -172,6 +189,8 @@ pub struct RaftService {
     pub identity: Arc<Identity>,
     /// Makes a join durable before it is acknowledged.
     pub flush: FlushFn,
+    /// With TLS, only peers whose certificate says `control_plane` may talk Raft.
+    pub tls: bool,
 }
 
 fn decode<T: DeserializeOwned>(req: &pb::RaftRequest) -> Result<T, Status> {
@@ -186,6 +205,24 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<pb::RaftReply>, Status> {
 }
 
 impl RaftService {
+    /// With TLS, the peer's certificate (verified against the cluster CA)
+    /// must be a control-plane node's: a data plane's or an admin's may not.
+    fn admit_peer<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        match gatehouse_proto::tls::peer_identity(request) {
+            Some(peer) if peer.role == "control_plane" => Ok(()),
+            Some(peer) => Err(Status::permission_denied(format!(
+                "raft traffic needs a control-plane certificate; {} has role {}",
+                peer.name, peer.role
+            ))),
+            None => Err(Status::unauthenticated(
+                "raft traffic needs a control-plane client certificate",
+            )),
+        }
+    }
+
     fn admit(&self, req: &pb::RaftRequest) -> Result<(), Status> {
         self.identity
             .check(&req.cluster_id, req.target_id, &req.target_incarnation)
@@ -202,6 +239,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        self.admit_peer(&request)?;
         let req = request.into_inner();
         self.admit(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req)?;
@@ -212,6 +250,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        self.admit_peer(&request)?;
         let req = request.into_inner();
         self.admit(&req)?;
         let rpc: VoteRequest<NodeId> = decode(&req)?;
@@ -222,6 +261,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftReply>, Status> {
+        self.admit_peer(&request)?;
         let req = request.into_inner();
         self.admit(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(&req)?;
@@ -232,6 +272,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
+        self.admit_peer(&request)?;
         let req = request.into_inner();
         if req.node_id != self.identity.node_id {
             return Err(Status::failed_precondition(format!(

@@ -24,6 +24,7 @@ use crate::network::{Channels, Network, RaftService};
 use crate::store::engine::{Engine, SledEngine, Tree};
 use crate::store::{LogStore, Shared, StateMachineStore};
 use crate::stream::{ConfigStreamService, Registry};
+use crate::tls::{NodeTls, ServerTlsFiles};
 use crate::types::{NodeId, NodeInfo, Raft};
 
 /// Raft timing and log retention.
@@ -69,6 +70,8 @@ pub struct NodeConfig {
     /// admin credential of a cluster this node founds, until the cluster
     /// holds admin tokens of its own (see `auth`).
     pub bootstrap_token_hash: String,
+    /// TLS for Raft (mutual), the admin API and the config stream; plaintext when `None`.
+    pub tls: Option<ServerTlsFiles>,
     pub tuning: Tuning,
 }
 
@@ -87,6 +90,8 @@ pub enum StartError {
     Raft(String),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] gatehouse_proto::tls::TlsFileError),
 }
 
 /// Accepted connections with Nagle's algorithm off: small gRPC messages
@@ -166,7 +171,16 @@ impl ControlPlane {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let tls = cfg
+            .tls
+            .clone()
+            .map(NodeTls::load)
+            .transpose()?
+            .map(Arc::new);
         let channels = Channels::default();
+        if let Some(tls) = &tls {
+            channels.set_tls(tls.client());
+        }
         let network = Network {
             identity: identity.clone(),
             channels: channels.clone(),
@@ -207,6 +221,7 @@ impl ControlPlane {
             raft: raft.clone(),
             identity: identity.clone(),
             flush: flush.clone(),
+            tls: tls.is_some(),
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
@@ -214,6 +229,7 @@ impl ControlPlane {
             shared.clone(),
             identity.clone(),
             cfg.bootstrap_token_hash.clone(),
+            tls.is_some(),
         ));
         let data_planes = Arc::new(Registry::default());
         let stream_service = ConfigStreamServer::new(ConfigStreamService {
@@ -230,31 +246,39 @@ impl ControlPlane {
             sm: shared.clone(),
             identity: identity.clone(),
             info: info.clone(),
-            channels,
+            channels: channels.clone(),
             flush,
             auth,
         })
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
-        let servers = vec![
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(raft_service)
-                    .serve_with_incoming_shutdown(
-                        incoming(raft_listener),
-                        stopped(shutdown.subscribe()),
-                    ),
-            ),
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(admin_service)
-                    .add_service(stream_service)
-                    .serve_with_incoming_shutdown(
-                        incoming(admin_listener),
-                        stopped(shutdown.subscribe()),
-                    ),
-            ),
-        ];
+        let raft_server = tonic::transport::Server::builder().add_service(raft_service);
+        let admin_server = tonic::transport::Server::builder()
+            .add_service(admin_service)
+            .add_service(stream_service);
+        let servers = match &tls {
+            None => vec![
+                tokio::spawn(raft_server.serve_with_incoming_shutdown(
+                    incoming(raft_listener),
+                    stopped(shutdown.subscribe()),
+                )),
+                tokio::spawn(admin_server.serve_with_incoming_shutdown(
+                    incoming(admin_listener),
+                    stopped(shutdown.subscribe()),
+                )),
+            ],
+            Some(tls) => vec![
+                tokio::spawn(raft_server.serve_with_incoming_shutdown(
+                    crate::tls::incoming(raft_listener, tls.raft.clone()),
+                    stopped(shutdown.subscribe()),
+                )),
+                tokio::spawn(admin_server.serve_with_incoming_shutdown(
+                    crate::tls::incoming(admin_listener, tls.admin.clone()),
+                    stopped(shutdown.subscribe()),
+                )),
+                tokio::spawn(reload_tls(tls.clone(), channels, shutdown.subscribe())),
+            ],
+        };
         let servers = {
             let mut servers = servers;
             servers.push(tokio::spawn(store_bootstrap_token(
@@ -336,6 +360,31 @@ async fn store_bootstrap_token(
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// Loads the certificate files again when they change; new connections use
+/// them, connections already open keep theirs.
+async fn reload_tls(
+    tls: Arc<NodeTls>,
+    channels: Channels,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::tls::RELOAD_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        match tls.reload_if_changed() {
+            Ok(true) => {
+                channels.set_tls(tls.client());
+                tracing::info!("reloaded the TLS certificate files");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the TLS files changed but do not load; still using the previous ones")
+            }
         }
     }
 }

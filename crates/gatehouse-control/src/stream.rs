@@ -15,7 +15,7 @@ use gatehouse_proto::pb;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Auth, Need};
+use crate::auth::Auth;
 use crate::store::Shared;
 use crate::types::NodeId;
 
@@ -213,7 +213,7 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
         // A data plane's token (role data_plane) or an admin's.
-        self.auth.check(&request, Need::Stream)?;
+        let caller = self.auth.check_stream(&request)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10s")),
@@ -229,6 +229,14 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
             }
         };
         check_name(&hello.node_name)?;
+        let mut hello = hello;
+        // With mutual TLS the certificate says who the data plane is.
+        if let Some(cert_name) = caller.actor.strip_prefix("cert:") {
+            if cert_name != hello.node_name {
+                tracing::info!(hello = %hello.node_name, certificate = %cert_name, "a data plane named itself differently from its certificate; using the certificate's name");
+                hello.node_name = cert_name.to_string();
+            }
+        }
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut entries = self

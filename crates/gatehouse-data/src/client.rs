@@ -31,6 +31,8 @@ pub struct WatchConfig {
     pub node_name: String,
     /// Sent with the watch: a token with role `data_plane` (or `admin`).
     pub token: gatehouse_proto::BearerToken,
+    /// Mutual TLS to the control plane: its CA, and this data plane's certificate.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// No message (not even a heartbeat) for this long: reconnect.
     pub idle_timeout: Duration,
     pub max_backoff: Duration,
@@ -115,10 +117,18 @@ async fn follow(
     apply: &dyn Apply,
     progressed: &mut bool,
 ) -> StreamEnd {
-    let channel = match Endpoint::from_shared(format!("http://{endpoint}")) {
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let mut channel = match Endpoint::from_shared(format!("{scheme}://{endpoint}")) {
         Ok(e) => e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true),
         Err(e) => return StreamEnd::Connect(e.to_string()),
     };
+    if let Some(tls) = &cfg.tls {
+        let domain = gatehouse_proto::tls::host_of(endpoint).to_string();
+        channel = match channel.tls_config(tls.clone().domain_name(domain)) {
+            Ok(c) => c,
+            Err(e) => return StreamEnd::Connect(e.to_string()),
+        };
+    }
     let channel = match channel.connect().await {
         Ok(c) => c,
         Err(e) => return StreamEnd::Connect(e.to_string()),

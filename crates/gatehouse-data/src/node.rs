@@ -32,8 +32,11 @@ pub struct DataPlaneConfig {
     pub node_name: String,
     /// Where the last-known-good configuration is kept.
     pub state_dir: PathBuf,
-    /// The token the config stream is watched with (role `data_plane`).
+    /// The token the config stream is watched with (role `data_plane`);
+    /// with mutual TLS the certificate is the credential instead.
     pub token: gatehouse_proto::BearerToken,
+    /// Mutual TLS to the control plane.
+    pub control_plane_tls: Option<gatehouse_proto::tls::ClientTlsFiles>,
 }
 
 /// Why a data plane could not start.
@@ -214,6 +217,12 @@ impl DataPlane {
             endpoints: cfg.control_planes.clone(),
             node_name: cfg.node_name.clone(),
             token: cfg.token.clone(),
+            tls: cfg
+                .control_plane_tls
+                .as_ref()
+                .map(|files| files.load())
+                .transpose()
+                .map_err(|e| StartError::Config(format!("control-plane TLS: {e}")))?,
             idle_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
         };

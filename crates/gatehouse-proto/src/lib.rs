@@ -13,6 +13,8 @@ pub mod v1 {
 
 pub use v1 as pb;
 
+pub mod tls;
+
 /// The metadata entry that carries the leader's admin address on UNAVAILABLE.
 pub const LEADER_HINT: &str = "x-gatehouse-leader";
 /// Set on an UNAVAILABLE answer when the cluster did not act on the request

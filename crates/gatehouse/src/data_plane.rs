@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
+use gatehouse_proto::tls::ClientTlsFiles;
 
 /// The data plane's listeners, the same for `data-plane` and `standalone`.
 #[derive(Args)]
@@ -59,6 +60,16 @@ pub struct DataPlaneArgs {
     /// `gatehousectl tokens create NAME --role data_plane`.
     #[arg(long, env = "GATEHOUSE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The cluster CA (PEM): watch the control plane over TLS (https).
+    #[arg(long, env = "GATEHOUSE_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// This data plane's client certificate (PEM, role data_plane), for
+    /// mutual TLS; it replaces the token. Needs --control-plane-key.
+    #[arg(long, env = "GATEHOUSE_CONTROL_PLANE_CERT")]
+    control_plane_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "GATEHOUSE_CONTROL_PLANE_KEY")]
+    control_plane_key: Option<PathBuf>,
 }
 
 /// Flags of `gatehouse standalone`.
@@ -106,9 +117,25 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
     if control_planes.is_empty() {
         bail!("--control-plane needs at least one address");
     }
-    let Some(token) = crate::tokens::client(args.token_file.as_deref())? else {
-        bail!("the data plane needs a token to watch the control plane: set GATEHOUSE_TOKEN or --token-file (make one with `gatehousectl tokens create NAME --role data_plane`)");
+    let control_plane_tls = match (
+        args.control_plane_ca,
+        args.control_plane_cert,
+        args.control_plane_key,
+    ) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => {
+            if cert.is_some() != key.is_some() {
+                bail!("--control-plane-cert and --control-plane-key go together");
+            }
+            Some(ClientTlsFiles { ca, cert, key })
+        }
+        (None, _, _) => bail!("--control-plane-cert needs --control-plane-ca (the cluster CA)"),
     };
+    let has_cert = control_plane_tls.as_ref().is_some_and(|t| t.cert.is_some());
+    let token = crate::tokens::client(args.token_file.as_deref())?;
+    if token.is_none() && !has_cert {
+        bail!("the data plane needs a credential to watch the control plane: a client certificate (--control-plane-cert with TLS) or a token (GATEHOUSE_TOKEN or --token-file; make one with `gatehousectl tokens create NAME --role data_plane`)");
+    }
     Ok(DataPlaneConfig {
         listen: args.listeners.listen,
         tls_listen: args.listeners.tls_listen,
@@ -118,12 +145,9 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
             .name
             .unwrap_or_else(|| format!("dp-{}", args.listeners.listen)),
         state_dir: args.state_dir,
-        token: bearer(&token)?,
+        token: gatehouse_proto::BearerToken::new(token.as_deref())?,
+        control_plane_tls,
     })
-}
-
-fn bearer(token: &str) -> Result<gatehouse_proto::BearerToken> {
-    Ok(gatehouse_proto::BearerToken::new(Some(token))?)
 }
 
 pub async fn run_data_plane(args: DataPlaneArgs) -> Result<()> {
@@ -166,6 +190,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         data_dir: cp_dir.clone(),
         bootstrap: true,
         bootstrap_token_hash: gatehouse_model::admintoken::hash(&token),
+        tls: None,
         tuning: Tuning::default(),
     })
     .await?;
@@ -176,7 +201,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         control_planes: vec![cp.admin_addr.to_string()],
         node_name: "standalone".into(),
         state_dir: args.data_dir.join("data-plane"),
-        token: bearer(&token)?,
+        token: gatehouse_proto::BearerToken::new(Some(&token))?,
+        control_plane_tls: None,
     })
     .await?;
     println!(

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod certs;
 mod data_plane;
 mod tokens;
 
@@ -15,6 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use gatehouse_control::tls::ServerTlsFiles;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
 use gatehouse_telemetry::LogFormat;
 use serde::Deserialize;
@@ -52,6 +54,16 @@ enum Command {
     /// Admin tokens made offline.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Certificates for TLS between the cluster's parts.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a development CA and certificates for control-plane nodes, data
+    /// planes and admins (private keys with mode 0600).
+    Init(certs::InitArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +110,17 @@ struct ControlPlaneArgs {
     /// Allow listening on non-loopback addresses without TLS (logs a warning).
     #[arg(long, env = "GATEHOUSE_INSECURE")]
     insecure: bool,
+    /// This node's certificate (PEM): turns on TLS for Raft (mutual), the
+    /// admin API and the config stream. Needs --tls-key and --tls-ca.
+    /// The files are reloaded when they change.
+    #[arg(long, env = "GATEHOUSE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "GATEHOUSE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) that signed every node's, data plane's and admin's certificate.
+    #[arg(long, env = "GATEHOUSE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Build a Raft snapshot after this many log entries [default: 10000].
     #[arg(long, env = "GATEHOUSE_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
@@ -127,6 +150,9 @@ struct ControlPlaneFile {
     bootstrap_token_file: Option<PathBuf>,
     #[serde(default)]
     insecure: bool,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
     snapshot_every: Option<u64>,
     keep_logs: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -159,10 +185,19 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
         .or(file.raft_listen)
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9401)));
     let insecure = args.insecure || file.insecure;
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        args.tls_ca.or(file.tls_ca),
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(ServerTlsFiles { cert, key, ca }),
+        (None, None, None) => None,
+        _ => bail!("--tls-cert, --tls-key and --tls-ca go together: give all three or none"),
+    };
     for (what, addr) in [("admin listen", admin_listen), ("raft listen", raft_listen)] {
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && tls.is_none() {
             if !insecure {
-                bail!("the {what} address {addr} is not a loopback address: without TLS this needs --insecure");
+                bail!("the {what} address {addr} is not a loopback address: without TLS (--tls-cert, --tls-key, --tls-ca) this needs --insecure");
             }
             tracing::warn!(%addr, "{what} is not loopback and traffic is not encrypted (--insecure)");
         }
@@ -202,6 +237,7 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
             bootstrap: args.bootstrap || file.bootstrap,
             // Filled in by `with_bootstrap_token`, which may write a file.
             bootstrap_token_hash: String::new(),
+            tls,
             tuning: Tuning {
                 heartbeat_ms: heartbeat,
                 election_timeout_min_ms: election,
@@ -263,6 +299,7 @@ async fn main() -> std::process::ExitCode {
         Command::ControlPlane(args) => run_control_plane(args).await,
         Command::DataPlane(args) => data_plane::run_data_plane(args).await,
         Command::Standalone(args) => data_plane::run_standalone(args).await,
+        Command::Certs(CertsCommand::Init(args)) => certs::init(&args),
         Command::Token(TokenCommand::Generate) => {
             println!("{}", tokens::generate());
             Ok(())

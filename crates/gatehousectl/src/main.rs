@@ -34,6 +34,16 @@ struct Cli {
     /// File holding the admin token to call with (GATEHOUSE_TOKEN, when set, wins).
     #[arg(long, global = true, env = "GATEHOUSE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The cluster CA (PEM): talk to the admin API over TLS.
+    #[arg(long, global = true, env = "GATEHOUSE_CA")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM) whose role (admin, editor, viewer) stands
+    /// in for a token. Needs --key and --ca.
+    #[arg(long, global = true, env = "GATEHOUSE_CERT")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "GATEHOUSE_KEY")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -170,13 +180,36 @@ fn token(cli: &Cli) -> Result<Option<String>> {
 }
 
 async fn connect(cli: &Cli) -> Result<AdminClient> {
+    let scheme = if cli.ca.is_some() { "https" } else { "http" };
     let url = if cli.server.contains("://") {
         cli.server.clone()
     } else {
-        format!("http://{}", cli.server)
+        format!("{scheme}://{}", cli.server)
     };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("--server {:?} is not a valid address", cli.server))?
+    let mut endpoint = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--server {:?} is not a valid address", cli.server))?;
+    match &cli.ca {
+        Some(ca) => {
+            let files = gatehouse_proto::tls::ClientTlsFiles {
+                ca: ca.clone(),
+                cert: cli.cert.clone(),
+                key: cli.key.clone(),
+            };
+            let host = url
+                .split_once("://")
+                .map_or(url.as_str(), |(_, rest)| rest)
+                .trim_end_matches('/');
+            let tls = files
+                .load()?
+                .domain_name(gatehouse_proto::tls::host_of(host));
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        None if cli.cert.is_some() || cli.key.is_some() => {
+            bail!("--cert and --key need --ca (the cluster CA)")
+        }
+        None => {}
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(cli.timeout))
         .connect()
