@@ -3,9 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod apikey;
+pub mod diff;
 pub mod error;
 pub mod file;
+pub mod lint;
 pub mod object;
+pub mod secret;
 pub mod selector;
 pub mod state;
 pub mod validate;
