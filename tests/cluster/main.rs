@@ -3,6 +3,7 @@
 mod auth;
 mod bad_input;
 mod basic;
+mod ci_workflow;
 mod data_plane;
 mod durability;
 mod failover;

@@ -132,7 +132,7 @@ impl SecretRef {
         let val = val
             .as_str()
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| "a secret reference's env or file must be a non-empty string")?;
+            .ok_or("a secret reference's env or file must be a non-empty string")?;
         match key.as_str() {
             Some("env") => Ok(SecretRef::Env(val.to_string())),
             Some("file") => Ok(SecretRef::File(PathBuf::from(val))),
@@ -231,11 +231,14 @@ pub(crate) fn walk_file(
     Ok(())
 }
 
+/// A visitor of one secret field: its path in the object and its value.
+type Visit<'a> = dyn FnMut(&[Seg], &mut Value) -> Result<(), SecretError> + 'a;
+
 fn walk_pattern(
     value: &mut Value,
     pattern: &[&str],
     path: &mut Vec<Seg>,
-    f: &mut dyn FnMut(&[Seg], &mut Value) -> Result<(), SecretError>,
+    f: &mut Visit<'_>,
 ) -> Result<(), SecretError> {
     let Some((first, rest)) = pattern.split_first() else {
         return f(path, value);
