@@ -52,10 +52,11 @@ pub struct ConfigFile {
 /// A file that cannot be read as configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{path}: {source}")]
+    // The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax {
@@ -75,8 +76,8 @@ pub enum FileError {
     },
     #[error("{path}: no .yaml or .yml files found")]
     Empty { path: PathBuf },
-    #[error("{path}: {source}")]
-    Secret { path: PathBuf, source: SecretError },
+    #[error("{path}: {error}")]
+    Secret { path: PathBuf, error: SecretError },
 }
 
 impl ConfigFile {
@@ -112,9 +113,9 @@ impl ConfigFile {
         let mut tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let uses =
-            secret::resolve_file(&mut tree, base, mode).map_err(|source| FileError::Secret {
+            secret::resolve_file(&mut tree, base, mode).map_err(|error| FileError::Secret {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
         if uses
             .iter()
@@ -236,9 +237,9 @@ impl Loaded {
         }
         let mut loaded = Loaded::default();
         for file in files {
-            let io = |source| FileError::Io {
+            let io = |error| FileError::Io {
                 path: file.clone(),
-                source,
+                error,
             };
             let size = std::fs::metadata(&file).map_err(io)?.len();
             if size > MAX_FILE_BYTES {
@@ -291,9 +292,9 @@ impl Loaded {
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
-    let io = |source| FileError::Io {
+    let io = |error| FileError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     if !std::fs::metadata(path).map_err(io)?.is_dir() {
         out.push(path.to_path_buf());
