@@ -141,10 +141,10 @@ impl ConfigFile {
         mut reference: impl FnMut(&ObjectRef, &str) -> SecretRef,
     ) -> String {
         let mut tree = serde_yaml_ng::to_value(self).expect("configuration serializes to YAML");
-        secret::walk_file(&mut tree, |kind, name, path, value| {
+        secret::walk_file(&mut tree, |field, name, path, value| {
             if value.is_string() {
                 let target = ObjectRef {
-                    kind,
+                    kind: field.kind,
                     name: name.to_string(),
                 };
                 *value = reference(&target, &secret::path_string(path)).to_yaml();

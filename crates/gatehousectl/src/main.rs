@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use gatehouse_model::file::{ConfigFile, Loaded};
+use gatehouse_model::secret::Resolve;
 use gatehouse_model::{ConfigState, Kind, Object, ObjectRef};
 use gatehouse_proto::pb;
 use gatehouse_proto::pb::admin_client::AdminClient;
@@ -95,6 +96,10 @@ enum Command {
     Validate {
         #[arg(long, short = 'f')]
         file: PathBuf,
+        /// Do not resolve secret references (`{ env: ... }`, `{ file: ... }`):
+        /// check everything else, for CI jobs that have no secrets.
+        #[arg(long)]
+        no_secrets: bool,
     },
     /// Inspect and change the control-plane cluster.
     #[command(subcommand)]
@@ -353,8 +358,13 @@ fn with_source(err: anyhow::Error, loaded: &Loaded) -> anyhow::Error {
     err
 }
 
-fn validate(path: &Path) -> Result<()> {
-    let loaded = Loaded::read(path)?;
+fn validate(path: &Path, no_secrets: bool) -> Result<()> {
+    let mode = if no_secrets {
+        Resolve::Placeholders
+    } else {
+        Resolve::Values
+    };
+    let loaded = Loaded::read_with(path, mode)?;
     // The very function the state machine runs, over an empty configuration.
     ConfigState::default()
         .apply(1, &loaded.to_command())
@@ -643,7 +653,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Diff(args) => return plan::diff(cli, args).await,
         Command::Lint { file } => return lint::run(file),
         Command::Export(args) => export::run(cli, args).await,
-        Command::Validate { file } => validate(file),
+        Command::Validate { file, no_secrets } => validate(file, *no_secrets),
         Command::Get {
             kind,
             name,

@@ -718,3 +718,13 @@ fn errors_in_a_file_with_references_still_name_the_field() {
     assert!(e.starts_with("c.yaml: "), "{e}");
     assert!(e.contains("unknown field `colour`"), "{e}");
 }
+
+#[test]
+fn placeholders_pass_validation_so_the_rest_can_be_checked_without_secrets() {
+    let text = "version: 1\ncertificates:\n  - name: api\n    server_names: [a.example]\n    certificate_pem: \"-----BEGIN CERTIFICATE-----\"\n    private_key_pem: { env: GH_TEST_FILE_UNSET }\njwt_issuers:\n  - name: corp\n    issuer: https://idp.example/\n    audiences: [a]\n    algorithms: [HS256]\n    keys: [{ secret: { file: nope } }]\n";
+    let (file, _) =
+        ConfigFile::parse_with_secrets(text, Path::new("c.yaml"), Resolve::Placeholders).unwrap();
+    for object in file.into_objects() {
+        validate_object(&object).unwrap();
+    }
+}
