@@ -135,21 +135,20 @@ impl Plan {
     /// created or updated, the deletes, all guarded by the plan's revision so
     /// that it fails as a whole if anything changed since.
     pub fn command(&self, desired: &[Object]) -> Command {
+        let by_ref: std::collections::BTreeMap<ObjectRef, &Object> =
+            desired.iter().map(|o| (o.object_ref(), o)).collect();
         let ops = self
             .changes
             .iter()
             .filter_map(|c| match c.action {
-                Action::Create | Action::Update => desired
-                    .iter()
-                    .find(|o| o.object_ref() == c.target)
-                    .map(|o| {
-                        let mut object = o.clone();
-                        object.set_revision(0);
-                        Op::Put {
-                            object,
-                            expected_revision: None,
-                        }
-                    }),
+                Action::Create | Action::Update => by_ref.get(&c.target).map(|o| {
+                    let mut object = (*o).clone();
+                    object.set_revision(0);
+                    Op::Put {
+                        object,
+                        expected_revision: None,
+                    }
+                }),
                 Action::Delete => Some(Op::Delete {
                     target: c.target.clone(),
                     expected_revision: None,
@@ -355,5 +354,7 @@ fn diff_values(
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

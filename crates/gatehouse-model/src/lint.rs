@@ -11,6 +11,7 @@
 //! A route whose policy or upstream is not in the files is not judged on it:
 //! lint sees only what it is given.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -63,23 +64,38 @@ impl fmt::Display for Finding {
     }
 }
 
+/// The policies and upstreams of the files, by name.
 struct Files<'a> {
-    objects: &'a [Object],
+    policies: HashMap<&'a str, &'a Policy>,
+    upstreams: HashMap<&'a str, &'a Upstream>,
 }
 
 impl<'a> Files<'a> {
+    fn new(objects: &'a [Object]) -> Self {
+        let mut files = Files {
+            policies: HashMap::new(),
+            upstreams: HashMap::new(),
+        };
+        for o in objects {
+            match o {
+                Object::Policy(p) => {
+                    files.policies.insert(&p.name, p);
+                }
+                Object::Upstream(u) => {
+                    files.upstreams.insert(&u.name, u);
+                }
+                _ => {}
+            }
+        }
+        files
+    }
+
     fn policy(&self, name: &str) -> Option<&'a Policy> {
-        self.objects.iter().find_map(|o| match o {
-            Object::Policy(p) if p.name == name => Some(p),
-            _ => None,
-        })
+        self.policies.get(name).copied()
     }
 
     fn upstream(&self, name: &str) -> Option<&'a Upstream> {
-        self.objects.iter().find_map(|o| match o {
-            Object::Upstream(u) if u.name == name => Some(u),
-            _ => None,
-        })
+        self.upstreams.get(name).copied()
     }
 }
 
@@ -119,7 +135,7 @@ fn loopback_only(u: &Upstream) -> bool {
 /// Every finding over the objects of some files; `secrets` says how the
 /// files gave each secret field ([`crate::file::Loaded::secrets`]).
 pub fn lint(objects: &[Object], secrets: &[SecretUse]) -> Vec<Finding> {
-    let files = Files { objects };
+    let files = Files::new(objects);
     let mut out = Vec::new();
     let mut add =
         |id: &'static str, target: ObjectRef, field: String, message: String, fix: String| {
@@ -249,13 +265,14 @@ pub fn lint(objects: &[Object], secrets: &[SecretUse]) -> Vec<Finding> {
             );
         }
     }
+    let ignore: HashMap<ObjectRef, &str> = objects
+        .iter()
+        .filter_map(|o| Some((o.object_ref(), o.labels().get(IGNORE_LABEL)?.as_str())))
+        .collect();
     out.retain(|f| {
-        let ignored = objects
-            .iter()
-            .find(|o| o.object_ref() == f.target)
-            .and_then(|o| o.labels().get(IGNORE_LABEL))
-            .is_some_and(|ids| ids.split(',').any(|id| id.trim() == f.id));
-        !ignored
+        !ignore
+            .get(&f.target)
+            .is_some_and(|ids| ids.split(',').any(|id| id.trim() == f.id))
     });
     out
 }
