@@ -33,3 +33,31 @@ pub fn run(path: &Path) -> Result<ExitCode> {
         Ok(ExitCode::from(EXIT_FINDINGS))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use gatehouse_model::file::Loaded;
+    use gatehouse_model::secret::Resolve;
+    use gatehouse_model::ConfigState;
+
+    /// The example team files of deploy/ci stay valid and lint-clean, as docs/ci.md says.
+    #[test]
+    fn the_deploy_example_is_valid_and_clean() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/ci/gateway");
+        let loaded = Loaded::read_with(&dir, Resolve::Placeholders).unwrap();
+        assert!(loaded.objects.len() >= 5);
+        ConfigState::default()
+            .apply(1, &loaded.to_command())
+            .unwrap();
+        let findings = gatehouse_model::lint::lint(&loaded.objects, &loaded.secrets);
+        assert!(findings.is_empty(), "{findings:?}");
+        // Its secret is a reference, not a value.
+        assert!(!loaded.secrets.is_empty());
+        assert!(loaded
+            .secrets
+            .iter()
+            .all(|s| s.source != gatehouse_model::secret::SecretSource::Inline));
+    }
+}
