@@ -157,6 +157,29 @@ async fn ci_workflow_export_diff_apply_prune_and_conflicts() -> anyhow::Result<(
         assert_eq!(mode & 0o777, 0o600, "secret file mode {mode:o}");
     }
 
+    // Lint sees the key as a reference (no GH006), and flags the unguarded routes.
+    let out = ctl(&server, &["lint", "-f", path(&exported)]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("GH001 route \"orders\": policy: has no policy"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("GH006"), "{stdout}");
+    let inline = work.path().join("inline.yaml");
+    std::fs::write(
+        &inline,
+        payments().replace("{ env: CI_TLS_KEY }", &format!("{:?}", key_pem(KEY_V1))),
+    )?;
+    let out = ctl(&server, &["lint", "-f", path(&inline)]);
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout
+            .contains("GH006 certificate \"pay-cert\": private_key_pem: holds key material inline"),
+        "{stdout}"
+    );
+    no_secret("lint", &stdout);
+
     // The export round-trips: no differences, exit 0.
     let out = ctl(&server, &["diff", "-f", path(&exported)]);
     let (stdout, stderr) = text(&out);

@@ -175,8 +175,12 @@ pub fn lint(objects: &[Object], secrets: &[SecretUse]) -> Vec<Finding> {
                         "GH004",
                         target.clone(),
                         "policy".into(),
-                        "is reachable without credentials but has no rate limit".into(),
-                        "give its policy a rate_limits entry keyed by client_ip".into(),
+                        if public {
+                            "is marked public but has no rate limit".into()
+                        } else {
+                            "is reachable without credentials but has no rate limit".into()
+                        },
+                        "give it a policy with a rate_limits entry keyed by client_ip".into(),
                     );
                 }
                 if r.hosts.is_empty() {

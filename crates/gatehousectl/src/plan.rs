@@ -166,7 +166,7 @@ pub async fn apply(cli: &Cli, apply: &ApplyArgs) -> Result<ExitCode> {
     let (loaded, plan) = make_plan(cli, args).await?;
     if let Some(expected) = apply.expected_revision.filter(|r| *r != plan.revision) {
         eprintln!(
-            "error: conflict: the configuration is at revision {}, --expected-revision is {expected}; nothing was written. Run diff again and review the new plan.",
+            "error: conflict: the configuration is at revision {}, --expected-revision is {expected}; nothing was written: run diff again and review the new plan",
             plan.revision
         );
         return Ok(ExitCode::from(EXIT_CONFLICT));
@@ -217,7 +217,7 @@ pub async fn apply(cli: &Cli, apply: &ApplyArgs) -> Result<ExitCode> {
         }
         Err(e) if is_conflict(&e) => {
             eprintln!(
-                "error: conflict: the configuration changed after the plan was made ({e}); nothing was written. Run diff again and review the new plan."
+                "error: conflict: the configuration changed after the plan was made ({e}); nothing was written: run diff again and review the new plan"
             );
             Ok(ExitCode::from(EXIT_CONFLICT))
         }
