@@ -206,6 +206,17 @@ async fn ci_workflow_export_diff_apply_prune_and_conflicts() -> anyhow::Result<(
     );
     no_secret("diff", &stdout);
     no_secret("diff", &stderr);
+    // The same plan as JSON, for tools.
+    let out = ctl(&server, &["diff", "-o", "json", "-f", path(&exported)]);
+    assert_eq!(out.status.code(), Some(2));
+    let json = text(&out).0;
+    no_secret("diff -o json", &json);
+    let plan: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(plan["revision"], base);
+    assert_eq!(plan["changes"][0]["action"], "update");
+    assert_eq!(plan["changes"][0]["target"]["kind"], "certificate");
+    assert_eq!(plan["changes"][0]["fields"][0]["secret"], true);
+    assert_eq!(plan["changes"][1]["fields"][0]["before"], "\"pay-a\"");
 
     // A dry run writes nothing.
     let out = ctl(&server, &["apply", "--dry-run", "-f", path(&exported)]);

@@ -58,7 +58,7 @@ enum Command {
     Apply(plan::ApplyArgs),
     /// Show what `apply` would change, per object and field, as the server
     /// computes it. Exit 0: no differences; 2: differences; 1: error.
-    Diff(plan::PlanArgs),
+    Diff(plan::DiffArgs),
     /// Security lint of files, offline. Exit 0: clean; 2: findings; 1: error.
     Lint {
         #[arg(long, short = 'f')]

@@ -38,6 +38,22 @@ pub struct PlanArgs {
 }
 
 #[derive(Args)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// `text` (one line per change) or `json` (the plan as one JSON object:
+    /// revision, changes with action, target and fields).
+    #[arg(long, short = 'o', value_enum, default_value_t = DiffOutput::Text)]
+    pub output: DiffOutput,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffOutput {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
 pub struct ApplyArgs {
     #[command(flatten)]
     pub plan: PlanArgs,
@@ -146,18 +162,25 @@ fn print_plan(plan: &Plan) {
 }
 
 /// `gatehousectl diff`: 0 when the cluster matches the files, 2 when not.
-pub async fn diff(cli: &Cli, args: &PlanArgs) -> Result<ExitCode> {
+pub async fn diff(cli: &Cli, diff: &DiffArgs) -> Result<ExitCode> {
+    let args = &diff.plan;
     let (_, plan) = make_plan(cli, args).await?;
-    if plan.is_empty() {
+    if diff.output == DiffOutput::Json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else if plan.is_empty() {
         println!(
             "no changes: the cluster at revision {} matches {}",
             plan.revision,
             args.file.display()
         );
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print_plan(&plan);
     }
-    print_plan(&plan);
-    Ok(ExitCode::from(EXIT_DIFFERS))
+    Ok(if plan.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIFFERS)
+    })
 }
 
 /// `gatehousectl apply`: the plan, committed as one write at its revision.
