@@ -138,6 +138,8 @@ async fn ci_workflow_export_diff_apply_prune_and_conflicts() -> anyhow::Result<(
     );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "export: {stderr}");
+    no_secret("export", &stdout);
+    no_secret("export", &stderr);
     assert!(
         stdout.starts_with("exported 5 objects at revision"),
         "{stdout}"
