@@ -439,3 +439,22 @@ async fn ci_workflow_export_diff_apply_prune_and_conflicts() -> anyhow::Result<(
     assert_eq!(snapshot(&cluster).await?, before, "nothing changed");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_the_plan_to_the_leader() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, Options::default()).await?;
+    let leader = cluster.leader().await?;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let server = cluster.node(follower).admin.clone();
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("search.yaml"), SEARCH)?;
+    let out = ctl(&server, &["diff", "-f", path(dir.path())]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stdout.contains("+ route \"search\""), "{stdout}");
+    let out = ctl(&server, &["apply", "-f", path(dir.path())]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = ctl(&server, &["diff", "-f", path(dir.path())]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    Ok(())
+}
