@@ -4,6 +4,7 @@ mod access;
 mod auth;
 mod bad_input;
 mod basic;
+mod ci_workflow;
 mod data_plane;
 mod durability;
 mod failover;

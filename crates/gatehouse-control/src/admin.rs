@@ -964,6 +964,13 @@ impl pb::admin_server::Admin for AdminService {
             .await
         )
     }
+
+    async fn plan(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        self.plan_rpc(request).await
+    }
 }
 
 /// Audit records answered when the request sets no limit.
@@ -977,5 +984,73 @@ fn unreachable_status(id: NodeId, node: &NodeInfo, why: &str) -> pb::NodeStatus 
         role: "unreachable".into(),
         error: why.to_string(),
         ..Default::default()
+    }
+}
+
+// ------------------------------------------------------------------ plan
+
+impl AdminService {
+    /// The declarative plan, made on the leader (forwarded there) after a
+    /// read barrier, on one frozen copy of the state, so the changes and the
+    /// revision they were made at belong together.
+    async fn plan_rpc(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanResponse>, Status> {
+        // A plan reads the whole configuration (secrets blanked out).
+        let caller = self.caller(&request, Need::Read).await?;
+        let fwd = is_forwarded(&request);
+        let auth = credentials(&request, &caller);
+        let msg = request.into_inner();
+        let desired = msg
+            .objects
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                Object::try_from(o.clone())
+                    .map_err(|e| Status::invalid_argument(format!("objects[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        leader_or_forward!(
+            self,
+            fwd,
+            auth,
+            msg.clone(),
+            plan,
+            async {
+                self.ensure_leader()?;
+                self.read_barrier(false).await?;
+                let state = self.sm.read(|d| d.config.frozen());
+                let plan =
+                    gatehouse_model::diff::plan(&state, &desired, msg.prune_owner.as_deref())
+                        .map_err(|e| write_status(&e))?;
+                Ok(Response::new(plan_response(&plan)))
+            }
+            .await
+        )
+    }
+}
+
+fn plan_response(plan: &gatehouse_model::diff::Plan) -> pb::PlanResponse {
+    pb::PlanResponse {
+        config_revision: plan.revision,
+        changes: plan
+            .changes
+            .iter()
+            .map(|c| pb::PlanChange {
+                action: c.action.as_str().to_string(),
+                target: Some(pb::ObjectRef::from(&c.target)),
+                fields: c
+                    .fields
+                    .iter()
+                    .map(|f| pb::FieldChange {
+                        path: f.path.clone(),
+                        before: f.before.clone(),
+                        after: f.after.clone(),
+                        secret: f.secret,
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }

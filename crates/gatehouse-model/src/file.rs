@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::object::*;
+use crate::secret::{self, Resolve, SecretError, SecretRef, SecretUse};
 use crate::state::{Command, Op};
 
 /// The file format version this build reads and writes.
@@ -51,10 +52,11 @@ pub struct ConfigFile {
 /// A file that cannot be read as configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("{path}: {source}")]
+    // The cause is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax {
@@ -74,6 +76,8 @@ pub enum FileError {
     },
     #[error("{path}: no .yaml or .yml files found")]
     Empty { path: PathBuf },
+    #[error("{path}: {error}")]
+    Secret { path: PathBuf, error: SecretError },
 }
 
 impl ConfigFile {
@@ -91,6 +95,64 @@ impl ConfigFile {
             });
         }
         Ok(file)
+    }
+
+    /// Parses one file whose secret fields may hold references (see
+    /// [`crate::secret`]), resolved relative to the file's directory.
+    /// Also reports how each secret field was given.
+    pub fn parse_with_secrets(
+        text: &str,
+        path: &Path,
+        mode: Resolve,
+    ) -> Result<(ConfigFile, Vec<SecretUse>), FileError> {
+        let syntax = |e: serde_yaml_ng::Error| FileError::Syntax {
+            path: path.to_path_buf(),
+            line: e.location().map(|l| l.line()),
+            message: e.to_string(),
+        };
+        let mut tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(syntax)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let uses =
+            secret::resolve_file(&mut tree, base, mode).map_err(|error| FileError::Secret {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        if uses
+            .iter()
+            .all(|u| u.source == secret::SecretSource::Inline)
+        {
+            // Parsed from the text, so that any error carries its line.
+            return Ok((ConfigFile::parse(text, path)?, uses));
+        }
+        let file: ConfigFile = serde_yaml_ng::from_value(tree).map_err(syntax)?;
+        if file.version != FILE_VERSION {
+            return Err(FileError::Version {
+                path: path.to_path_buf(),
+                found: file.version,
+            });
+        }
+        Ok((file, uses))
+    }
+
+    /// The file as YAML with every secret field replaced by the reference
+    /// `reference` gives for it (object, field path).
+    pub fn to_yaml_with_refs(
+        &self,
+        mut reference: impl FnMut(&ObjectRef, &str) -> SecretRef,
+    ) -> String {
+        let mut tree = serde_yaml_ng::to_value(self).expect("configuration serializes to YAML");
+        secret::walk_file(&mut tree, |field, name, path, value| {
+            if value.is_string() {
+                let target = ObjectRef {
+                    kind: field.kind,
+                    name: name.to_string(),
+                };
+                *value = reference(&target, &secret::path_string(path)).to_yaml();
+            }
+            Ok(())
+        })
+        .expect("rewriting references cannot fail");
+        serde_yaml_ng::to_string(&tree).expect("configuration serializes to YAML")
     }
 
     /// Groups objects into a file, sorted by kind then name; revisions are kept.
@@ -152,12 +214,20 @@ impl ConfigFile {
 pub struct Loaded {
     pub objects: Vec<Object>,
     sources: BTreeMap<ObjectRef, PathBuf>,
+    /// How each secret field was given: inline or by reference.
+    pub secrets: Vec<SecretUse>,
 }
 
 impl Loaded {
     /// Reads a file, or every `.yaml`/`.yml` file below a directory (sorted).
     /// Defining one object twice, in one file or two, is an error.
+    /// Secret references are resolved; a missing variable or file is an error.
     pub fn read(path: &Path) -> Result<Loaded, FileError> {
+        Loaded::read_with(path, Resolve::Values)
+    }
+
+    /// [`Loaded::read`], choosing what happens to secret references.
+    pub fn read_with(path: &Path, mode: Resolve) -> Result<Loaded, FileError> {
         let mut files = Vec::new();
         collect_files(path, &mut files)?;
         if files.is_empty() {
@@ -167,16 +237,18 @@ impl Loaded {
         }
         let mut loaded = Loaded::default();
         for file in files {
-            let io = |source| FileError::Io {
+            let io = |error| FileError::Io {
                 path: file.clone(),
-                source,
+                error,
             };
             let size = std::fs::metadata(&file).map_err(io)?.len();
             if size > MAX_FILE_BYTES {
                 return Err(FileError::TooLarge { path: file, size });
             }
             let text = std::fs::read_to_string(&file).map_err(io)?;
-            loaded.add(ConfigFile::parse(&text, &file)?, &file)?;
+            let (parsed, uses) = ConfigFile::parse_with_secrets(&text, &file, mode)?;
+            loaded.add(parsed, &file)?;
+            loaded.secrets.extend(uses);
         }
         Ok(loaded)
     }
@@ -221,9 +293,9 @@ impl Loaded {
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
-    let io = |source| FileError::Io {
+    let io = |error| FileError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     if !std::fs::metadata(path).map_err(io)?.is_dir() {
         out.push(path.to_path_buf());

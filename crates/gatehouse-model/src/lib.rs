@@ -5,9 +5,12 @@
 pub mod admintoken;
 pub mod apikey;
 pub mod audit;
+pub mod diff;
 pub mod error;
 pub mod file;
+pub mod lint;
 pub mod object;
+pub mod secret;
 pub mod selector;
 pub mod state;
 pub mod validate;

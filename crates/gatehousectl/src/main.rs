@@ -6,11 +6,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use gatehouse_model::file::{self, ConfigFile, Loaded};
-use gatehouse_model::{ConfigState, Kind, Object, ObjectRef, Op};
+use gatehouse_model::file::{ConfigFile, Loaded};
+use gatehouse_model::secret::Resolve;
+use gatehouse_model::{ConfigState, Kind, Object, ObjectRef};
 use gatehouse_proto::pb;
 use gatehouse_proto::AdminClient;
 use tonic::transport::Endpoint;
+
+mod export;
+mod lint;
+mod plan;
 
 #[derive(Parser)]
 #[command(
@@ -57,16 +62,23 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create or update the objects in a file or directory, as one atomic change.
+    /// Make the cluster match the files, as one atomic change.
     ///
-    /// Objects identical to the cluster's are left alone; the others are
-    /// written together, guarded by the revisions they were compared at, so a
-    /// concurrent change makes the whole apply fail instead of being overwritten.
-    Apply {
-        /// A YAML file, or a directory of them (read recursively, sorted).
+    /// The server computes the plan (as `diff` shows it) at its current
+    /// revision; the plan is then written as one batch that only succeeds at
+    /// that revision, so a concurrent change makes the whole apply fail
+    /// (exit 3) instead of being overwritten.
+    Apply(plan::ApplyArgs),
+    /// Show what `apply` would change, per object and field, as the server
+    /// computes it. Exit 0: no differences; 2: differences; 1: error.
+    Diff(plan::DiffArgs),
+    /// Security lint of files, offline. Exit 0: clean; 2: findings; 1: error.
+    Lint {
         #[arg(long, short = 'f')]
         file: PathBuf,
     },
+    /// Write the cluster's configuration as files that `diff` reads back unchanged.
+    Export(export::ExportArgs),
     /// Show objects of one kind, or one object.
     Get {
         /// upstream, route, policy, consumer, api_key, jwt_issuer, certificate, admin_token
@@ -97,6 +109,10 @@ enum Command {
     Validate {
         #[arg(long, short = 'f')]
         file: PathBuf,
+        /// Do not resolve secret references (`{ env: ... }`, `{ file: ... }`):
+        /// check everything else, for CI jobs that have no secrets.
+        #[arg(long)]
+        no_secrets: bool,
     },
     /// Inspect and change the control-plane cluster.
     #[command(subcommand)]
@@ -271,6 +287,22 @@ macro_rules! rpc {
 
 mod access;
 
+/// An error answer of the server, kept typed so that a caller can tell a
+/// conflict from other failures; it displays as its message.
+#[derive(Debug)]
+struct ServerError {
+    code: tonic::Code,
+    message: String,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
 /// The server's error as the user should read it, with the leader hint.
 fn status_error(status: tonic::Status) -> anyhow::Error {
     let mut msg = status.message().to_string();
@@ -281,7 +313,10 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     {
         msg.push_str(&format!(" (leader: {leader})"));
     }
-    anyhow!(msg)
+    anyhow::Error::new(ServerError {
+        code: status.code(),
+        message: msg,
+    })
 }
 
 fn from_pb(objects: Vec<pb::Object>) -> Result<Vec<Object>> {
@@ -387,67 +422,13 @@ fn with_source(err: anyhow::Error, loaded: &Loaded) -> anyhow::Error {
     err
 }
 
-async fn apply(cli: &Cli, path: &Path) -> Result<()> {
-    let loaded = Loaded::read(path)?;
-    // The rules that need no cluster state are checked before anything is sent.
-    loaded
-        .to_command()
-        .validate_standalone()
-        .map_err(|e| with_source(e.into(), &loaded))?;
-    let client = connect(cli).await?;
-    let current = from_pb(rpc!(cli, client.list(pb::ListRequest::default()))?.objects)?;
-    let ops = file::plan(&loaded.objects, |r| {
-        current.iter().find(|o| o.object_ref() == *r)
-    });
-    if ops.is_empty() {
-        println!("no changes: the cluster already matches {}", path.display());
-        return Ok(());
-    }
-    let request = pb::ApplyRequest {
-        ops: ops
-            .iter()
-            .map(|op| pb::Operation {
-                op: Some(match op {
-                    Op::Put {
-                        object,
-                        expected_revision,
-                    } => pb::operation::Op::Put(pb::PutRequest {
-                        object: Some(pb::Object::from(object)),
-                        expected_revision: *expected_revision,
-                    }),
-                    Op::Delete {
-                        target,
-                        expected_revision,
-                    } => pb::operation::Op::Delete(pb::DeleteRequest {
-                        target: Some(pb::ObjectRef::from(target)),
-                        expected_revision: *expected_revision,
-                    }),
-                }),
-            })
-            .collect(),
-        expected_config_revision: None,
+fn validate(path: &Path, no_secrets: bool) -> Result<()> {
+    let mode = if no_secrets {
+        Resolve::Placeholders
+    } else {
+        Resolve::Values
     };
-    let reply = rpc!(cli, client.apply(request)).map_err(|e| with_source(e, &loaded))?;
-    for op in &ops {
-        let verb = match op {
-            Op::Put {
-                expected_revision: Some(0),
-                ..
-            } => "created",
-            Op::Put { .. } => "updated",
-            Op::Delete { .. } => "deleted",
-        };
-        println!("{} {verb}", op.target());
-    }
-    println!(
-        "applied {} changes at revision {}",
-        reply.changed, reply.revision
-    );
-    Ok(())
-}
-
-fn validate(path: &Path) -> Result<()> {
-    let loaded = Loaded::read(path)?;
+    let loaded = Loaded::read_with(path, mode)?;
     // The very function the state machine runs, over an empty configuration.
     ConfigState::default()
         .apply(1, &loaded.to_command())
@@ -730,10 +711,13 @@ async fn keys(cli: &Cli, cmd: &KeysCommand) -> Result<()> {
     Ok(())
 }
 
-async fn run(cli: &Cli) -> Result<()> {
-    match &cli.command {
-        Command::Apply { file } => apply(cli, file).await,
-        Command::Validate { file } => validate(file),
+async fn run(cli: &Cli) -> Result<ExitCode> {
+    let done: Result<()> = match &cli.command {
+        Command::Apply(args) => return plan::apply(cli, args).await,
+        Command::Diff(args) => return plan::diff(cli, args).await,
+        Command::Lint { file } => return lint::run(file),
+        Command::Export(args) => export::run(cli, args).await,
+        Command::Validate { file, no_secrets } => validate(file, *no_secrets),
         Command::Get {
             kind,
             name,
@@ -804,14 +788,26 @@ async fn run(cli: &Cli) -> Result<()> {
         Command::Keys(cmd) => keys(cli, cmd).await,
         Command::Tokens(cmd) => access::tokens(cli, cmd).await,
         Command::Audit(args) => access::audit(cli, args).await,
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors exit 1 like any error: 2 means "differences" to `diff`.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match run(&cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

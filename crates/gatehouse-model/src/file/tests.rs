@@ -654,3 +654,79 @@ fn plan_replaces_changed_objects_at_the_revision_read() {
     ));
     assert_eq!(state, before);
 }
+
+// ---------------------------------------------------------------- secret references
+
+#[test]
+fn references_resolve_and_round_trip_through_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = ConfigFile::from_objects(&[
+        Object::from(fixtures::certificate("api")),
+        Object::from(fixtures::jwt_issuer("corp")),
+    ]);
+    file.certificates[0].revision = 0;
+    // Exported with file references, one secret file each.
+    let text = file.to_yaml_with_refs(|target, field| {
+        let name = format!("{}-{}-{}", target.kind, target.name, field);
+        SecretRef::File(PathBuf::from("secrets").join(name))
+    });
+    assert!(!text.contains("MIGHAgEAMBMGByqGSM49"), "{text}");
+    assert!(!text.contains(fixtures::HMAC_SECRET), "{text}");
+    assert!(
+        text.contains("file: secrets/certificate-api-private_key_pem"),
+        "{text}"
+    );
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(
+        dir.path().join("secrets/certificate-api-private_key_pem"),
+        fixtures::KEY_PEM,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("secrets/jwt_issuer-corp-keys[0].secret"),
+        fixtures::HMAC_SECRET,
+    )
+    .unwrap();
+    let path = dir.path().join("all.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let loaded = Loaded::read(dir.path()).unwrap();
+    assert_eq!(loaded.objects, file.clone().into_objects());
+    assert_eq!(loaded.secrets.len(), 2);
+    assert!(loaded
+        .secrets
+        .iter()
+        .all(|s| matches!(s.source, crate::secret::SecretSource::Ref(_))));
+    // Missing: the error names the file, the object and the field.
+    std::fs::remove_file(dir.path().join("secrets/certificate-api-private_key_pem")).unwrap();
+    let e = Loaded::read(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!(
+            "{}: certificate \"api\": private_key_pem: cannot read secret file",
+            path.display()
+        )),
+        "{e}"
+    );
+    // Lint reads references without their values.
+    let loaded = Loaded::read_with(dir.path(), Resolve::Placeholders).unwrap();
+    assert_eq!(loaded.objects.len(), 2);
+}
+
+#[test]
+fn errors_in_a_file_with_references_still_name_the_field() {
+    let text = "version: 1\ncertificates:\n  - name: api\n    server_names: [a.example]\n    certificate_pem: x\n    private_key_pem: { env: GH_TEST_FILE_UNSET }\n    colour: blue\n";
+    let e = ConfigFile::parse_with_secrets(text, Path::new("c.yaml"), Resolve::Placeholders)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("c.yaml: "), "{e}");
+    assert!(e.contains("unknown field `colour`"), "{e}");
+}
+
+#[test]
+fn placeholders_pass_validation_so_the_rest_can_be_checked_without_secrets() {
+    let text = "version: 1\ncertificates:\n  - name: api\n    server_names: [a.example]\n    certificate_pem: \"-----BEGIN CERTIFICATE-----\"\n    private_key_pem: { env: GH_TEST_FILE_UNSET }\njwt_issuers:\n  - name: corp\n    issuer: https://idp.example/\n    audiences: [a]\n    algorithms: [HS256]\n    keys: [{ secret: { file: nope } }]\n";
+    let (file, _) =
+        ConfigFile::parse_with_secrets(text, Path::new("c.yaml"), Resolve::Placeholders).unwrap();
+    for object in file.into_objects() {
+        validate_object(&object).unwrap();
+    }
+}
