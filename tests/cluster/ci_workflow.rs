@@ -25,6 +25,7 @@ fn ctl(server: &str, args: &[&str]) -> Output {
         .arg(server)
         .args(args)
         .env("CI_TLS_KEY", key_pem(KEY_V1))
+        .env("GATEHOUSE_TOKEN", gatehouse_e2e::TOKEN)
         .output()
         .expect("run gatehousectl")
 }
