@@ -9,7 +9,10 @@ itself:
   `gatehousectl` exists for that subcommand (an unknown variable is silently
   ignored by the binary, so a typo would go unnoticed). Checked against the
   binaries' own --help when they are built (GATEHOUSE_BIN_DIR, default
-  target/debug), else against the `env = "..."` names in the sources;
+  target/debug), else against the `env = "..."` names in the sources. The
+  token variables (GATEHOUSE_TOKEN, GATEHOUSE_BOOTSTRAP_TOKEN) are read
+  outside clap: their names come from the help text that mentions them, or
+  from the string literals of tokens.rs and gatehousectl's sources;
 - a server given a non-loopback listen address also gets --insecure (it
   refuses to start otherwise), and admin (9400) and Raft (9401) ports are
   never published or exposed outside the private network;
