@@ -9,10 +9,19 @@ itself:
   `gatehousectl` exists for that subcommand (an unknown variable is silently
   ignored by the binary, so a typo would go unnoticed). Checked against the
   binaries' own --help when they are built (GATEHOUSE_BIN_DIR, default
-  target/debug), else against the `env = "..."` names in the sources;
+  target/debug), else against the `env = "..."` names in the sources. The
+  token variables (GATEHOUSE_TOKEN, GATEHOUSE_BOOTSTRAP_TOKEN) are read
+  outside clap: their names come from the help text that mentions them, or
+  from the string literals of tokens.rs and gatehousectl's sources;
 - a server given a non-loopback listen address also gets --insecure (it
   refuses to start otherwise), and admin (9400) and Raft (9401) ports are
   never published or exposed outside the private network;
+- every data plane is given a token (GATEHOUSE_TOKEN, GATEHOUSE_TOKEN_FILE
+  or --token-file: it refuses to start without one), and tokens come from
+  secrets, never from the files: Kubernetes token variables use a
+  secretKeyRef to a Secret that the README tells how to create (no Secret
+  object in the manifests), compose `*_TOKEN_FILE` variables name a secret
+  mounted in that service, whose file is ignored by git;
 - `$(VAR)` in a Kubernetes env value names a variable defined before it
   (Kubernetes leaves it as literal text otherwise);
 - selectors, named ports, scale targets and kustomize resources resolve;
@@ -86,6 +95,8 @@ class Cli:
                 self._merge("gatehousectl", self._from_help([str(ctl), "cluster", sub, "--help"]))
             for sub in ("create", "revoke", "list"):
                 self._merge("gatehousectl", self._from_help([str(ctl), "keys", sub, "--help"]))
+                self._merge("gatehousectl", self._from_help([str(ctl), "tokens", sub, "--help"]))
+            self._merge("gatehousectl", self._from_help([str(ctl), "audit", "--help"]))
         else:
             # Without binaries only the variable names can be read reliably.
             self.source = "env = \"...\" names in crates/gatehouse*/src (no binaries built)"
@@ -102,10 +113,17 @@ class Cli:
             self.known["control-plane"] = (set(), cp_only | globals_)
             self.known["data-plane"] = (set(), dp_envs | globals_)
             self.known["standalone"] = (set(), dp_envs | globals_)
-            self.known["gatehousectl"] = (
-                set(),
-                envs_of([ROOT / "crates" / "gatehousectl" / "src" / "main.rs"]),
-            )
+            # Tokens are read from the environment directly, not through clap
+            # (tokens.rs: GATEHOUSE_BOOTSTRAP_TOKEN, GATEHOUSE_TOKEN; gatehousectl:
+            # std::env::var("GATEHOUSE_TOKEN")).
+            literals = lambda files: {  # noqa: E731
+                m for f in files for m in re.findall(r'"(GATEHOUSE_[A-Z0-9_]+)"', f.read_text())
+            }
+            token_envs = literals([src / "tokens.rs"])
+            for sub in ("control-plane", "data-plane", "standalone"):
+                self.known[sub] = (set(), self.known[sub][1] | token_envs)
+            ctl_src = sorted((ROOT / "crates" / "gatehousectl" / "src").glob("*.rs"))
+            self.known["gatehousectl"] = (set(), envs_of(ctl_src) | literals(ctl_src))
         self.check_flags = bool(self.known["control-plane"][0])
 
     @staticmethod
@@ -113,6 +131,9 @@ class Cli:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out))
         envs = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out))
+        # Variables read outside clap are named in the help text instead, e.g.
+        # "GATEHOUSE_TOKEN, when set, wins" under --token-file.
+        envs |= set(re.findall(r"\b(GATEHOUSE_[A-Z0-9_]*[A-Z0-9])\b", out))
         return flags, envs
 
     def _merge(self, key: str, more: tuple[set[str], set[str]]) -> None:
@@ -174,6 +195,32 @@ def check_insecure(where: str, sub: str, args: list[str], env: dict[str, str]) -
             problem(where, f"{var}={value} is not loopback: `{sub}` refuses to start without --insecure")
 
 
+# Where each server takes its admin token from (tokens.rs, data_plane.rs):
+# the variable holding the token itself, then the file variable and flag.
+TOKEN_SOURCES = {
+    "data-plane": ("GATEHOUSE_TOKEN", "GATEHOUSE_TOKEN_FILE", "--token-file"),
+}
+
+
+def check_token_given(where: str, sub: str, args: list[str], env: dict[str, str]) -> None:
+    """A data plane refuses to start without a token (GATEHOUSE_TOKEN or a token file)."""
+    if sub not in TOKEN_SOURCES:
+        return
+    var, file_var, flag = TOKEN_SOURCES[sub]
+    if var in env or file_var in env or any(a == flag or a.startswith(flag + "=") for a in args):
+        return
+    problem(
+        where,
+        f"`{sub}` is given no token ({var}, {file_var} or {flag}): "
+        "it refuses to start without one (role data_plane)",
+    )
+
+
+def is_token_var(name: str) -> bool:
+    """A variable that holds a token itself (not the name of a file)."""
+    return name.startswith("GATEHOUSE_") and name.endswith("_TOKEN")
+
+
 # ---------------------------------------------------------------------------
 # Kubernetes
 
@@ -207,6 +254,7 @@ def check_kubernetes(cli: Cli) -> None:
             objs.append((f"{rel(f)} {d.get('kind')}/{d.get('metadata', {}).get('name')}", d))
 
     workloads = {}  # (kind, name) -> (where, template labels, {port name: number})
+    secret_refs: dict[str, list[str]] = {}  # Secret name -> containers reading a token from it
     for where, d in objs:
         kind = d["kind"]
         ns = d["metadata"].get("namespace")
@@ -237,6 +285,12 @@ def check_kubernetes(cli: Cli) -> None:
                     if ref not in defined:
                         problem(cwhere, f"env {e['name']} uses $({ref}), which is not defined before it")
                 defined.add(e["name"])
+                if is_token_var(e["name"]):
+                    ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                    if not ref:
+                        problem(cwhere, f"env {e['name']} must come from a Secret (valueFrom.secretKeyRef), not a value")
+                    else:
+                        secret_refs.setdefault(ref.get("name"), []).append(cwhere)
                 if "value" in e:
                     env[e["name"]] = re.sub(r"\$\((\w+)\)", r"\1", e["value"])
                 else:
@@ -247,6 +301,7 @@ def check_kubernetes(cli: Cli) -> None:
                 continue
             sub = args[0]
             cli.check(cwhere, sub, args[1:], list(env))
+            check_token_given(cwhere, sub, args[1:], env)
             # POD_IP stands for a pod-network address: not loopback.
             check_insecure(cwhere, sub, args[1:], {k: v.replace("POD_IP", "10.0.0.1") for k, v in env.items()})
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -262,6 +317,19 @@ def check_kubernetes(cli: Cli) -> None:
                     if got.get("path") != path or ports.get(got.get("port")) != 9090:
                         problem(cwhere, f"{probe} should be GET {path} on the ops port 9090")
         workloads[(kind, d["metadata"]["name"])] = (where, labels, ports)
+
+    # Token Secrets are made by hand (README.md says how), never shipped here.
+    readme = (kdir / "README.md").read_text()
+    for name, users in sorted(secret_refs.items()):
+        if not re.search(rf"create secret generic {re.escape(name)}(?![\w-])", readme):
+            problem(
+                users[0],
+                f"reads a token from Secret {name!r}, which {rel(kdir / 'README.md')} "
+                f"does not tell how to create (`kubectl create secret generic {name} ...`)",
+            )
+    for where, d in objs:
+        if d["kind"] == "Secret":
+            problem(where, "a Secret in the manifests would ship its value: create token Secrets by hand")
 
     for where, d in objs:
         kind, spec = d["kind"], d.get("spec", {})
@@ -318,6 +386,8 @@ def check_compose(cli: Cli) -> None:
     services = doc.get("services", {})
     networks = doc.get("networks", {})
     volumes = doc.get("volumes", {})
+    secrets = doc.get("secrets", {}) or {}
+    check_compose_secret_files(path, secrets)
     subnets = {
         n: [ipaddress.ip_network(c["subnet"]) for c in (v or {}).get("ipam", {}).get("config", [])]
         for n, v in networks.items()
@@ -365,6 +435,18 @@ def check_compose(cli: Cli) -> None:
         if isinstance(env, list):
             env = dict(e.split("=", 1) for e in env)
         env = {k: str(v) for k, v in env.items()}
+        mounted = {}  # path in the container -> secret name
+        for sec in s.get("secrets", []):
+            src = sec if isinstance(sec, str) else sec.get("source", "")
+            target = src if isinstance(sec, str) else sec.get("target", src)
+            if src not in secrets:
+                problem(where, f"uses secret {src!r}, which the top-level `secrets:` does not define")
+            mounted[target if target.startswith("/") else f"/run/secrets/{target}"] = src
+        for var, value in env.items():
+            if is_token_var(var):
+                problem(where, f"{var} puts a token in the compose file: mount a secret and name it with {var}_FILE")
+            elif var.startswith("GATEHOUSE_") and var.endswith("_TOKEN_FILE") and value not in mounted:
+                problem(where, f"{var}={value}: no secret of this service is mounted there")
         if s.get("entrypoint") == ["/usr/local/bin/gatehousectl"]:
             cli.check(where, "gatehousectl", [a for a in cmd if a.startswith("--")], list(env))
             continue
@@ -373,6 +455,7 @@ def check_compose(cli: Cli) -> None:
             continue
         sub = cmd[0]
         cli.check(where, sub, cmd[1:], list(env))
+        check_token_given(where, sub, cmd[1:], env)
         check_insecure(where, sub, cmd[1:], env)
         if sub in LISTEN_VARS:
             for var in LISTEN_VARS[sub]:
@@ -389,6 +472,37 @@ def check_compose(cli: Cli) -> None:
                 svc = cp.strip().rsplit(":", 1)[0]
                 if svc and svc not in services:
                     problem(where, f"GATEHOUSE_CONTROL_PLANES names {svc!r}, not a service")
+
+
+def gitignored(f: Path) -> bool:
+    """Whether a .gitignore between deploy/ and f's directory ignores f (plain globs only)."""
+    d = f.parent
+    while d != DEPLOY.parent:
+        gi = d / ".gitignore"
+        if gi.is_file():
+            relpath = str(f.relative_to(d))
+            for pat in gi.read_text().splitlines():
+                pat = pat.strip()
+                if pat and not pat.startswith(("#", "!")) and (
+                    fnmatch.fnmatch(relpath, pat.lstrip("/")) or fnmatch.fnmatch(f.name, pat)
+                ):
+                    return True
+        d = d.parent
+    return False
+
+
+def check_compose_secret_files(path: Path, secrets: dict) -> None:
+    """File-based secrets hold tokens made by hand: never committed."""
+    for name, conf in secrets.items():
+        where = f"{rel(path)} secret {name}"
+        f = (conf or {}).get("file")
+        if not f:
+            continue
+        target = (path.parent / f).resolve()
+        if not target.is_relative_to(DEPLOY):
+            problem(where, f"file {f} is outside deploy/")
+        elif not gitignored(target):
+            problem(where, f"file {f} is not ignored by a .gitignore beside it: a token could be committed")
 
 
 # ---------------------------------------------------------------------------
@@ -467,12 +581,12 @@ def check_dockerfile() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Secrets: no tokens, passwords or keys in deploy/
+# Secrets: no API keys, admin tokens (ght_...), passwords or keys in deploy/
 
 
 def check_no_secrets() -> None:
     bad = re.compile(
-        r"(ghk_[A-Za-z0-9]+_|BEGIN [A-Z ]*PRIVATE KEY|password\s*[:=]\s*\S+|"
+        r"(ghk_[A-Za-z0-9]+_|ght_[A-Za-z0-9]{20,}|BEGIN [A-Z ]*PRIVATE KEY|password\s*[:=]\s*\S+|"
         r"requirepass|GATEHOUSE_[A-Z_]*TOKEN\s*[:=])",
         re.IGNORECASE,
     )
