@@ -460,6 +460,7 @@ fn production_options(snapshot_every: u64) -> Options {
         keep_logs: 1_000,
         heartbeat_ms: 150,
         election_timeout_ms: 1_000,
+        tls: None,
     }
 }
 

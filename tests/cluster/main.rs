@@ -11,3 +11,4 @@ mod failover;
 mod hardening;
 mod membership;
 mod protocols;
+mod tls;

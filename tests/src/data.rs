@@ -31,6 +31,9 @@ pub struct DataPlaneProc {
     pub tls: Option<String>,
     pub state_dir: PathBuf,
     control_planes: Vec<String>,
+    /// Flags added to the command line, and the token (`None`: no GATEHOUSE_TOKEN).
+    extra_args: Vec<String>,
+    token: Option<String>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -60,11 +63,34 @@ impl DataPlaneProc {
         Self::start_with(name, control_planes, dir, true)
     }
 
+    /// A data plane with extra flags and `token` instead of the sandbox's
+    /// admin token (`None`: no token at all).
+    pub fn start_custom(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        extra_args: &[String],
+        token: Option<&str>,
+    ) -> Result<DataPlaneProc> {
+        Self::build(name, control_planes, dir, false, extra_args, token)
+    }
+
     fn start_with(
         name: &str,
         control_planes: &[String],
         dir: &std::path::Path,
         tls: bool,
+    ) -> Result<DataPlaneProc> {
+        Self::build(name, control_planes, dir, tls, &[], Some(crate::TOKEN))
+    }
+
+    fn build(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        tls: bool,
+        extra_args: &[String],
+        token: Option<&str>,
     ) -> Result<DataPlaneProc> {
         let mut dp = DataPlaneProc {
             name: name.to_string(),
@@ -73,6 +99,8 @@ impl DataPlaneProc {
             tls: tls.then(|| "127.0.0.1:0".to_string()),
             state_dir: dir.join(name),
             control_planes: control_planes.to_vec(),
+            extra_args: extra_args.to_vec(),
+            token: token.map(str::to_string),
             log: dir.join(format!("{name}.log")),
             child: None,
         };
@@ -89,7 +117,11 @@ impl DataPlaneProc {
             .arg(&self.state_dir)
             .args(["--drain-seconds", "5"])
             .env("RUST_LOG", "info")
-            .env("GATEHOUSE_TOKEN", crate::TOKEN);
+            .env_remove("GATEHOUSE_TOKEN")
+            .args(&self.extra_args);
+        if let Some(token) = &self.token {
+            cmd.env("GATEHOUSE_TOKEN", token);
+        }
         if let Some(tls) = &self.tls {
             cmd.args(["--tls-listen", tls]);
         }

@@ -143,6 +143,9 @@ pub struct Options {
     pub keep_logs: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// A directory made by `gatehouse certs init` (see [`make_certs`]): the
+    /// nodes then use TLS with `cp-N.pem`, and the sandbox's clients `ca.pem`.
+    pub tls: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -152,6 +155,7 @@ impl Default for Options {
             keep_logs: 1_000,
             heartbeat_ms: 100,
             election_timeout_ms: 700,
+            tls: None,
         }
     }
 }
@@ -199,6 +203,58 @@ impl Drop for Cluster {
 /// Connects to an admin API as the sandbox's admin.
 pub async fn admin(addr: &str) -> Result<AdminClient> {
     admin_as(Some(TOKEN), addr).await
+}
+
+/// Makes a development CA and certificates with `gatehouse certs init` in
+/// `dir`: control-plane nodes `cp-1`..`cp-N`, the data planes and admins named.
+pub fn make_certs(
+    dir: &Path,
+    control_planes: u64,
+    data_planes: &[&str],
+    admins: &[&str],
+) -> Result<()> {
+    let cps: Vec<String> = (1..=control_planes).map(|i| format!("cp-{i}")).collect();
+    let out = Command::new(bin("gatehouse"))
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .args(["--control-plane", &cps.join(",")])
+        .args(["--data-plane", &data_planes.join(",")])
+        .args(["--admin", &admins.join(",")])
+        .output()?;
+    if !out.status.success() {
+        bail!("certs init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Connects to a TLS admin API, trusting `certs`/ca.pem, with `token` and,
+/// when given, the client certificate `certs`/`NAME`.pem.
+pub async fn admin_tls(
+    certs: &Path,
+    token: Option<&str>,
+    client_cert: Option<&str>,
+    addr: &str,
+) -> Result<AdminClient> {
+    let files = gatehouse_proto::tls::ClientTlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: client_cert.map(|n| certs.join(format!("{n}.pem"))),
+        key: client_cert.map(|n| certs.join(format!("{n}-key.pem"))),
+    };
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(
+            files
+                .load()?
+                .domain_name(gatehouse_proto::tls::host_of(addr)),
+        )?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connect to {addr} over TLS"))?;
+    Ok(pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        gatehouse_proto::BearerToken::new(token)?,
+    ))
 }
 
 /// Connects to an admin API with `token` (`None`: no credential).
@@ -249,7 +305,7 @@ impl Cluster {
                 cluster.node(id).raft.clone(),
                 cluster.node(id).admin.clone(),
             );
-            let mut client = admin(&cluster.node(1).admin).await?;
+            let mut client = cluster.client(1).await?;
             client
                 .add_node(pb::AddNodeRequest {
                     member: Some(pb::Member {
@@ -307,6 +363,14 @@ impl Cluster {
         if bootstrap {
             cmd.arg("--bootstrap");
         }
+        if let Some(certs) = &o.tls {
+            cmd.arg("--tls-cert")
+                .arg(certs.join(format!("cp-{id}.pem")))
+                .arg("--tls-key")
+                .arg(certs.join(format!("cp-{id}-key.pem")))
+                .arg("--tls-ca")
+                .arg(certs.join("ca.pem"));
+        }
         let (child, ready) = spawn_ready(cmd, &node.log)?;
         node.admin = ready.field("admin")?;
         node.raft = ready.field("raft")?;
@@ -336,7 +400,10 @@ impl Cluster {
     }
 
     pub async fn client(&self, id: u64) -> Result<AdminClient> {
-        admin(&self.node(id).admin).await
+        match &self.options.tls {
+            Some(certs) => admin_tls(certs, Some(TOKEN), None, &self.node(id).admin).await,
+            None => admin(&self.node(id).admin).await,
+        }
     }
 
     /// This node's own status.

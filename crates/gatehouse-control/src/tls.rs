@@ -218,3 +218,109 @@ pub fn incoming(
     });
     ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::ServerName;
+
+    /// A CA, and a function that issues a server certificate with `cn`.
+    struct Ca {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        pem: String,
+    }
+
+    impl Ca {
+        fn new() -> Ca {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let pem = params.self_signed(&key).unwrap().pem();
+            Ca {
+                issuer: rcgen::Issuer::new(params, key),
+                pem,
+            }
+        }
+
+        fn issue(&self, cn: &str) -> (String, String) {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationalUnitName, "control_plane");
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    /// Handshakes with a server on `addr` and returns the CN of the certificate it showed.
+    async fn served_cn(addr: SocketAddr, ca_pem: &str) -> String {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        gatehouse_proto::tls::identity_of(cert.as_ref())
+            .unwrap()
+            .name
+    }
+
+    #[tokio::test]
+    async fn changed_files_are_served_to_new_connections_and_bad_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new();
+        let files = ServerTlsFiles {
+            cert: dir.path().join("node.pem"),
+            key: dir.path().join("node-key.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        let write = |(cert, key): (String, String)| {
+            std::fs::write(&files.cert, cert).unwrap();
+            std::fs::write(&files.key, key).unwrap();
+        };
+        std::fs::write(&files.ca, &ca.pem).unwrap();
+        write(ca.issue("first"));
+        let tls = NodeTls::load(files.clone()).unwrap();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The admin listener's configuration: client certificates optional.
+        let mut accepted = incoming(listener, tls.admin.clone());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(conn) = accepted.next().await {
+                drop(conn);
+            }
+        });
+        assert_eq!(served_cn(addr, &ca.pem).await, "first");
+        assert!(!tls.reload_if_changed().unwrap(), "nothing changed yet");
+
+        write(ca.issue("second-with-a-longer-name"));
+        assert!(tls.reload_if_changed().unwrap());
+        assert_eq!(served_cn(addr, &ca.pem).await, "second-with-a-longer-name");
+
+        // A broken key is reported, and the previous certificate stays in use.
+        std::fs::write(&files.key, "not a key").unwrap();
+        let err = tls.reload_if_changed().unwrap_err();
+        assert!(err.to_string().contains("private key"), "{err}");
+        assert_eq!(served_cn(addr, &ca.pem).await, "second-with-a-longer-name");
+        // Reported once per change, not on every check.
+        assert!(!tls.reload_if_changed().unwrap());
+    }
+}
