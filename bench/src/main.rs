@@ -461,6 +461,7 @@ fn production_options(snapshot_every: u64) -> Options {
         heartbeat_ms: 150,
         election_timeout_ms: 1_000,
         tls: None,
+        secrets_key: None,
     }
 }
 

@@ -11,4 +11,5 @@ mod failover;
 mod hardening;
 mod membership;
 mod protocols;
+mod secrets;
 mod tls;

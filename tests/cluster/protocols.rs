@@ -14,12 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A development CA and a leaf certificate per name.
-struct Pki {
-    ca: CertificateDer<'static>,
-    leaves: Vec<(String, String, String, CertificateDer<'static>)>,
+pub(crate) struct Pki {
+    pub(crate) ca: CertificateDer<'static>,
+    pub(crate) leaves: Vec<(String, String, String, CertificateDer<'static>)>,
 }
 
-fn pki(names: &[&str]) -> Pki {
+pub(crate) fn pki(names: &[&str]) -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -48,7 +48,7 @@ fn pki(names: &[&str]) -> Pki {
 }
 
 /// Connects with TLS, offering `alpn`, and returns the stream.
-async fn connect(
+pub(crate) async fn connect(
     addr: &str,
     sni: &str,
     ca: &CertificateDer<'static>,

@@ -128,7 +128,7 @@ impl DataPlaneProc {
         let (child, ready) = spawn_ready(cmd, &self.log)?;
         self.proxy = ready.field("proxy")?;
         self.ops = ready.field("ops")?;
-        if self.tls.is_some() {
+        if self.tls.is_some() || self.extra_args.iter().any(|a| a == "--tls-listen") {
             self.tls = Some(ready.field("tls")?);
         }
         self.child = Some(child);

@@ -146,6 +146,8 @@ pub struct Options {
     /// A directory made by `gatehouse certs init` (see [`make_certs`]): the
     /// nodes then use TLS with `cp-N.pem`, and the sandbox's clients `ca.pem`.
     pub tls: Option<PathBuf>,
+    /// A file with the key that seals key material (`--secrets-key-file`).
+    pub secrets_key: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -156,6 +158,7 @@ impl Default for Options {
             heartbeat_ms: 100,
             election_timeout_ms: 700,
             tls: None,
+            secrets_key: None,
         }
     }
 }
@@ -362,6 +365,9 @@ impl Cluster {
             .env("GATEHOUSE_BOOTSTRAP_TOKEN", TOKEN);
         if bootstrap {
             cmd.arg("--bootstrap");
+        }
+        if let Some(key) = &o.secrets_key {
+            cmd.arg("--secrets-key-file").arg(key);
         }
         if let Some(certs) = &o.tls {
             cmd.arg("--tls-cert")

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gatehouse_model::audit::Origin;
 use gatehouse_model::object::{AdminRole, AdminToken, ApiKey};
+use gatehouse_model::seal::{self, SealKey};
 use gatehouse_model::selector::Selector;
 use gatehouse_model::{admintoken, apikey, audit};
 use gatehouse_model::{Command, Kind, Object, ObjectRef, Op, WriteError, WriteOk};
@@ -46,6 +47,8 @@ pub struct AdminService {
     /// Makes the identity durable before a join is acknowledged.
     pub flush: FlushFn,
     pub auth: Arc<Auth>,
+    /// Seals key material before it enters the log (secrets at rest).
+    pub seal: Option<SealKey>,
 }
 
 /// Why a call could not be served here.
@@ -272,7 +275,20 @@ impl AdminService {
     /// Commits a command through Raft on this node, which must be the leader,
     /// recording `caller` and this node's clock for the audit log.
     async fn write(&self, caller: &Caller, mut cmd: Command) -> Result<WriteOk, Failure> {
+        // Key material is checked in the clear, then sealed for the log.
+        for op in &mut cmd.ops {
+            if let Op::Put { object, .. } = op {
+                seal::open_object(object, self.seal.as_ref()).map_err(invalid)?;
+            }
+        }
         cmd.validate_standalone().map_err(|e| write_status(&e))?;
+        if let Some(key) = &self.seal {
+            for op in &mut cmd.ops {
+                if let Op::Put { object, .. } = op {
+                    seal::seal_object(object, key).map_err(|e| Status::internal(e.to_string()))?;
+                }
+            }
+        }
         self.ensure_leader()?;
         cmd.origin = Some(Origin {
             actor: caller.actor.clone(),
@@ -1002,7 +1018,7 @@ impl AdminService {
         let fwd = is_forwarded(&request);
         let auth = credentials(&request, &caller);
         let msg = request.into_inner();
-        let desired = msg
+        let mut desired = msg
             .objects
             .iter()
             .enumerate()
@@ -1011,6 +1027,10 @@ impl AdminService {
                     .map_err(|e| Status::invalid_argument(format!("objects[{i}]: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Compare key material in the clear: a sealed value differs at every sealing.
+        for object in &mut desired {
+            seal::open_object(object, self.seal.as_ref()).map_err(invalid)?;
+        }
         leader_or_forward!(
             self,
             fwd,
@@ -1020,7 +1040,10 @@ impl AdminService {
             async {
                 self.ensure_leader()?;
                 self.read_barrier(false).await?;
-                let state = self.sm.read(|d| d.config.frozen());
+                let mut state = self.sm.read(|d| d.config.frozen());
+                if let Some(key) = &self.seal {
+                    state = opened(&state, key).map_err(invalid)?;
+                }
                 let plan =
                     gatehouse_model::diff::plan(&state, &desired, msg.prune_owner.as_deref())
                         .map_err(|e| write_status(&e))?;
@@ -1029,6 +1052,26 @@ impl AdminService {
             .await
         )
     }
+}
+
+/// `state` with its sealed key material opened, for comparing with files.
+fn opened(
+    state: &gatehouse_model::ConfigState,
+    key: &SealKey,
+) -> Result<gatehouse_model::ConfigState, seal::SealError> {
+    let objects = state
+        .list_all()
+        .map(|mut o| {
+            if seal::has_sealed(&o) {
+                seal::open_object(&mut o, Some(key))?;
+            }
+            Ok(o)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(gatehouse_model::ConfigState::from_objects(
+        state.revision(),
+        objects,
+    ))
 }
 
 fn plan_response(plan: &gatehouse_model::diff::Plan) -> pb::PlanResponse {

@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub bootstrap_token_hash: String,
     /// TLS for Raft (mutual), the admin API and the config stream; plaintext when `None`.
     pub tls: Option<ServerTlsFiles>,
+    /// Seals key material in the replicated state; stored as given when `None`.
+    pub secrets_key: Option<gatehouse_model::seal::SealKey>,
     pub tuning: Tuning,
 }
 
@@ -249,6 +251,7 @@ impl ControlPlane {
             channels: channels.clone(),
             flush,
             auth,
+            seal: cfg.secrets_key.clone(),
         })
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);

@@ -82,15 +82,32 @@ impl Compiled {
             })
             .collect();
         let router = Router::compile(&routes).map_err(|e| e.to_string())?;
+        // Sealed key material is opened here, into the compiled revision
+        // only: the state, and the last-known-good file, keep it sealed.
+        let open = |o: &Object| -> Result<Object, String> {
+            let mut o = o.clone();
+            gatehouse_model::seal::open_object(&mut o, shared.seal.as_ref())
+                .map_err(|e| e.to_string())?;
+            Ok(o)
+        };
         let mut issuers = HashMap::new();
         for o in state.list(Kind::JwtIssuer) {
-            if let Object::JwtIssuer(j) = o {
+            if let Object::JwtIssuer(j) = open(o)? {
                 issuers.insert(
                     j.name.clone(),
-                    Arc::new(crate::jwt::CompiledIssuer::compile(j)?),
+                    Arc::new(crate::jwt::CompiledIssuer::compile(&j)?),
                 );
             }
         }
+        let certificates: Vec<gatehouse_model::object::Certificate> = state
+            .list(Kind::Certificate)
+            .map(open)
+            .filter_map(|o| match o {
+                Ok(Object::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()?;
         let mut policies: HashMap<&str, Arc<CompiledPolicy>> = HashMap::new();
         for o in state.list(Kind::Policy) {
             if let Object::Policy(p) = o {
@@ -141,10 +158,7 @@ impl Compiled {
             routes: compiled_routes,
             pools: pools.into_values().collect(),
             credentials: Credentials::compile(state)?,
-            tls: CertStore::compile(state.list(Kind::Certificate).filter_map(|o| match o {
-                Object::Certificate(c) => Some(c),
-                _ => None,
-            }))?,
+            tls: CertStore::compile(certificates.iter())?,
         })
     }
 }

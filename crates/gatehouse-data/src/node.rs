@@ -37,6 +37,8 @@ pub struct DataPlaneConfig {
     pub token: gatehouse_proto::BearerToken,
     /// Mutual TLS to the control plane.
     pub control_plane_tls: Option<gatehouse_proto::tls::ClientTlsFiles>,
+    /// Opens sealed key material (Certificate private keys, HMAC secrets).
+    pub secrets_key: Option<gatehouse_model::seal::SealKey>,
 }
 
 /// Why a data plane could not start.
@@ -116,7 +118,10 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            seal: cfg.secrets_key.clone(),
+            ..Shared::default()
+        });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
         let (lkg_tx, lkg_rx) = watch::channel(None);
         let lkg_writer = tokio::spawn(write_last_known_good(lkg_path.clone(), lkg_rx));

@@ -65,6 +65,8 @@ pub struct Shared {
     pub clients: crate::upstream::ClientCache,
     /// Rate-limit counters, across revisions.
     pub limiters: crate::limits::LimiterRegistry,
+    /// Opens sealed key material when a revision is compiled.
+    pub seal: Option<gatehouse_model::seal::SealKey>,
 }
 
 /// The route a request went to, for its metrics.

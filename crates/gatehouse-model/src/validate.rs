@@ -759,8 +759,10 @@ fn certificate(c: &Check<'_>, cert: &Certificate) -> Result {
         "certificate_pem",
         "holds no PEM certificate",
     )?;
+    // A sealed key was checked in the clear by the leader before it sealed it.
     c.ensure(
-        cert.private_key_pem.contains("PRIVATE KEY-----"),
+        cert.private_key_pem.contains("PRIVATE KEY-----")
+            || crate::seal::is_sealed(&cert.private_key_pem),
         "private_key_pem",
         "holds no PEM private key",
     )

@@ -70,6 +70,10 @@ pub struct DataPlaneArgs {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "GATEHOUSE_CONTROL_PLANE_KEY")]
     control_plane_key: Option<PathBuf>,
+    /// File with the control plane's secrets key, to open sealed key material
+    /// (GATEHOUSE_SECRETS_KEY, the key itself, wins).
+    #[arg(long, env = "GATEHOUSE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
 }
 
 /// Flags of `gatehouse standalone`.
@@ -147,6 +151,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         state_dir: args.state_dir,
         token: gatehouse_proto::BearerToken::new(token.as_deref())?,
         control_plane_tls,
+        secrets_key: crate::tokens::secrets_key(args.secrets_key_file.as_deref())?,
     })
 }
 
@@ -181,6 +186,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
     // the in-process data plane watches with it too.
     let cp_dir = args.data_dir.join("control-plane");
     let token = crate::tokens::bootstrap(None, &cp_dir)?;
+    let secrets_key = crate::tokens::secrets_key_or_new(&args.data_dir.join("secrets.key"))?;
     let cp = ControlPlane::start(NodeConfig {
         node_id: 1,
         admin_listen: args.admin_listen,
@@ -191,6 +197,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         bootstrap: true,
         bootstrap_token_hash: gatehouse_model::admintoken::hash(&token),
         tls: None,
+        secrets_key: Some(secrets_key.clone()),
         tuning: Tuning::default(),
     })
     .await?;
@@ -203,6 +210,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         state_dir: args.data_dir.join("data-plane"),
         token: gatehouse_proto::BearerToken::new(Some(&token))?,
         control_plane_tls: None,
+        secrets_key: Some(secrets_key),
     })
     .await?;
     println!(

@@ -57,6 +57,16 @@ enum Command {
     /// Certificates for TLS between the cluster's parts.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The key that seals key material at rest.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new random secrets key (64 hex digits), for --secrets-key-file
+    /// on every control-plane node and data plane.
+    GenerateKey,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +131,12 @@ struct ControlPlaneArgs {
     /// The cluster CA (PEM) that signed every node's, data plane's and admin's certificate.
     #[arg(long, env = "GATEHOUSE_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// File with the key that seals Certificate private keys and HMAC
+    /// secrets before they enter the replicated log (GATEHOUSE_SECRETS_KEY,
+    /// the key itself, wins). Every node and data plane needs the same key.
+    /// Without one, key material is stored as given.
+    #[arg(long, env = "GATEHOUSE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Build a Raft snapshot after this many log entries [default: 10000].
     #[arg(long, env = "GATEHOUSE_SNAPSHOT_EVERY")]
     snapshot_every: Option<u64>,
@@ -153,6 +169,7 @@ struct ControlPlaneFile {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
+    secrets_key_file: Option<PathBuf>,
     snapshot_every: Option<u64>,
     keep_logs: Option<u64>,
     heartbeat_ms: Option<u64>,
@@ -226,6 +243,11 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
         .or(file.data_dir)
         .unwrap_or_else(|| PathBuf::from(format!("gatehouse-data/node-{node_id}")));
     let bootstrap_token_file = args.bootstrap_token_file.or(file.bootstrap_token_file);
+    let secrets_key =
+        tokens::secrets_key(args.secrets_key_file.or(file.secrets_key_file).as_deref())?;
+    if secrets_key.is_none() {
+        tracing::warn!("no secrets key (--secrets-key-file): certificate private keys and HMAC secrets are stored as given");
+    }
     Ok((
         NodeConfig {
             node_id,
@@ -238,6 +260,7 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
             // Filled in by `with_bootstrap_token`, which may write a file.
             bootstrap_token_hash: String::new(),
             tls,
+            secrets_key,
             tuning: Tuning {
                 heartbeat_ms: heartbeat,
                 election_timeout_min_ms: election,
@@ -300,6 +323,10 @@ async fn main() -> std::process::ExitCode {
         Command::DataPlane(args) => data_plane::run_data_plane(args).await,
         Command::Standalone(args) => data_plane::run_standalone(args).await,
         Command::Certs(CertsCommand::Init(args)) => certs::init(&args),
+        Command::Secrets(SecretsCommand::GenerateKey) => {
+            println!("{}", gatehouse_model::seal::SealKey::generate_text());
+            Ok(())
+        }
         Command::Token(TokenCommand::Generate) => {
             println!("{}", tokens::generate());
             Ok(())

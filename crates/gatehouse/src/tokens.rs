@@ -85,6 +85,60 @@ pub fn client(file: Option<&Path>) -> Result<Option<String>> {
     file.map(read_file).transpose()
 }
 
+/// The environment variable holding the secrets key itself.
+pub const SECRETS_KEY_ENV: &str = "GATEHOUSE_SECRETS_KEY";
+
+/// The key that seals key material at rest: `GATEHOUSE_SECRETS_KEY`, else
+/// the file. 64 hex digits or the base64 of 32 bytes.
+pub fn secrets_key(file: Option<&Path>) -> Result<Option<gatehouse_model::seal::SealKey>> {
+    use gatehouse_model::seal::SealKey;
+    let hint = "expected 64 hex digits or the base64 of 32 bytes; make one with `gatehouse secrets generate-key`";
+    if let Ok(text) = std::env::var(SECRETS_KEY_ENV) {
+        if !text.trim().is_empty() {
+            return SealKey::parse(&text)
+                .map(Some)
+                .ok_or_else(|| anyhow::anyhow!("{SECRETS_KEY_ENV}: not a secrets key ({hint})"));
+        }
+    }
+    let Some(path) = file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read secrets key file {}", path.display()))?;
+    SealKey::parse(&text).map(Some).ok_or_else(|| {
+        anyhow::anyhow!(
+            "secrets key file {}: not a secrets key ({hint})",
+            path.display()
+        )
+    })
+}
+
+/// Reads `path`, or makes it (mode 0600) with a new key when missing: for standalone.
+pub fn secrets_key_or_new(path: &Path) -> Result<gatehouse_model::seal::SealKey> {
+    if let Some(key) = secrets_key(None)? {
+        return Ok(key);
+    }
+    if !path.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut f = options
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        writeln!(f, "{}", gatehouse_model::seal::SealKey::generate_text())?;
+        f.sync_all()?;
+        tracing::info!(file = %path.display(), "generated a secrets key for key material at rest");
+    }
+    secrets_key(Some(path))?.ok_or_else(|| anyhow::anyhow!("{}: no key", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
