@@ -260,3 +260,50 @@ async fn a_peer_that_keeps_guessing_is_refused_for_a_while() -> anyhow::Result<(
     assert!(err.message().contains("too many failed"), "{err:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reports_its_health_and_counts_admin_calls_by_code() -> anyhow::Result<()> {
+    use gatehouse_e2e::data::get;
+    let cluster = Cluster::start(
+        1,
+        Options {
+            ops: true,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let node = cluster.node(1);
+    let ops = node.ops.clone().expect("an ops listener");
+    let ready = get(&format!("http://{ops}/readyz"), &[]).await?;
+    assert_eq!(ready.status, 200);
+    assert!(String::from_utf8_lossy(&ready.body).starts_with("ready: term "));
+
+    ctl(&node.admin, &["tokens", "create", "v", "--role", "viewer"]);
+    let viewer_out = ctl(&node.admin, &["tokens", "create", "w", "--role", "viewer"]);
+    let viewer = String::from_utf8(viewer_out.stdout)?.trim().to_string();
+    let denied = ctl_as(&viewer, &node.admin, &["delete", "admin_token", "v"]);
+    assert!(!denied.status.success());
+
+    let metrics = get(&format!("http://{ops}/metrics"), &[]).await?;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "gatehouse_cp_raft_is_leader 1",
+        "gatehouse_cp_admin_requests_total{method=\"CreateAdminToken\",code=\"Ok\"} 2",
+        "gatehouse_cp_admin_requests_total{method=\"Delete\",code=\"PermissionDenied\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
+    // The two token writes went through the admin API and were timed (the
+    // bootstrap token is stored by the node itself).
+    let commits = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gatehouse_cp_write_commit_seconds_count "))
+        .expect("the commit histogram");
+    assert_eq!(commits, "2", "{text}");
+    let missing = get(&format!("http://{ops}/nope"), &[]).await?;
+    assert_eq!(missing.status, 404);
+    Ok(())
+}

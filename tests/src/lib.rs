@@ -148,6 +148,8 @@ pub struct Options {
     pub tls: Option<PathBuf>,
     /// A file with the key that seals key material (`--secrets-key-file`).
     pub secrets_key: Option<PathBuf>,
+    /// Start each node's ops listener (`--ops-listen`) on a free port.
+    pub ops: bool,
 }
 
 impl Default for Options {
@@ -159,6 +161,7 @@ impl Default for Options {
             election_timeout_ms: 700,
             tls: None,
             secrets_key: None,
+            ops: false,
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct Node {
     /// The admin address; fixed once the node first started on port 0.
     pub admin: String,
     pub raft: String,
+    /// The ops listener's address, when the node has one.
+    pub ops: Option<String>,
     pub data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -340,6 +345,7 @@ impl Cluster {
             id,
             admin: "127.0.0.1:0".into(),
             raft: "127.0.0.1:0".into(),
+            ops: None,
             data_dir,
             log: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -366,6 +372,9 @@ impl Cluster {
         if bootstrap {
             cmd.arg("--bootstrap");
         }
+        if o.ops {
+            cmd.args(["--ops-listen", node.ops.as_deref().unwrap_or("127.0.0.1:0")]);
+        }
         if let Some(key) = &o.secrets_key {
             cmd.arg("--secrets-key-file").arg(key);
         }
@@ -380,6 +389,9 @@ impl Cluster {
         let (child, ready) = spawn_ready(cmd, &node.log)?;
         node.admin = ready.field("admin")?;
         node.raft = ready.field("raft")?;
+        if o.ops {
+            node.ops = Some(ready.field("ops")?);
+        }
         node.child = Some(child);
         Ok(())
     }

@@ -49,6 +49,7 @@ pub struct AdminService {
     pub auth: Arc<Auth>,
     /// Seals key material before it enters the log (secrets at rest).
     pub seal: Option<SealKey>,
+    pub metrics: Arc<crate::ops::Metrics>,
 }
 
 /// Why a call could not be served here.
@@ -294,6 +295,7 @@ impl AdminService {
             actor: caller.actor.clone(),
             at_ms: now_ms(),
         });
+        let _timer = crate::ops::CommitTimer::start(&self.metrics);
         match self.raft.client_write(cmd).await {
             Ok(resp) => resp.data.map_err(|e| write_status(&e).into()),
             // Leadership moved after the entry was proposed: it may yet commit,

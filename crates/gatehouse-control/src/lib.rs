@@ -7,6 +7,7 @@ pub mod auth;
 pub mod identity;
 pub mod network;
 pub mod node;
+pub mod ops;
 pub mod store;
 pub mod stream;
 pub mod tls;

@@ -74,6 +74,8 @@ pub struct NodeConfig {
     pub tls: Option<ServerTlsFiles>,
     /// Seals key material in the replicated state; stored as given when `None`.
     pub secrets_key: Option<gatehouse_model::seal::SealKey>,
+    /// The ops listener (`/healthz`, `/readyz`, `/metrics`); off when `None`.
+    pub ops_listen: Option<SocketAddr>,
     pub tuning: Tuning,
 }
 
@@ -107,6 +109,8 @@ pub struct ControlPlane {
     pub node_id: NodeId,
     pub admin_addr: SocketAddr,
     pub raft_addr: SocketAddr,
+    /// The ops listener's address, when it has one.
+    pub ops_addr: Option<SocketAddr>,
     pub raft: Raft,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -139,6 +143,11 @@ impl ControlPlane {
         };
         let raft_listener = bind(cfg.raft_listen, "raft").await?;
         let admin_listener = bind(cfg.admin_listen, "admin").await?;
+        let ops_listener = match cfg.ops_listen {
+            Some(addr) => Some(bind(addr, "ops").await?),
+            None => None,
+        };
+        let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         let raft_addr = raft_listener
             .local_addr()
             .map_err(|e| StartError::Raft(e.to_string()))?;
@@ -234,6 +243,8 @@ impl ControlPlane {
             tls.is_some(),
         ));
         let data_planes = Arc::new(Registry::default());
+        let data_planes_for_ops = data_planes.clone();
+        let metrics = Arc::new(crate::ops::Metrics::default());
         let stream_service = ConfigStreamServer::new(ConfigStreamService {
             node_id: cfg.node_id,
             sm: shared.clone(),
@@ -252,11 +263,13 @@ impl ControlPlane {
             flush,
             auth,
             seal: cfg.secrets_key.clone(),
+            metrics: metrics.clone(),
         })
         .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES)
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);
         let raft_server = tonic::transport::Server::builder().add_service(raft_service);
         let admin_server = tonic::transport::Server::builder()
+            .layer(crate::ops::CountLayer(metrics.clone()))
             .add_service(admin_service)
             .add_service(stream_service);
         let servers = match &tls {
@@ -284,6 +297,24 @@ impl ControlPlane {
         };
         let servers = {
             let mut servers = servers;
+            let shutdown_rx = shutdown.subscribe();
+            let (raft2, metrics2) = (raft.clone(), metrics.clone());
+            servers.push(tokio::spawn(async move {
+                crate::ops::follow_raft(raft2, metrics2, shutdown_rx).await;
+                Ok(())
+            }));
+            if let Some(listener) = ops_listener {
+                let ops = Arc::new(crate::ops::Ops {
+                    raft: raft.clone(),
+                    metrics: metrics.clone(),
+                    data_planes: data_planes_for_ops.clone(),
+                });
+                let shutdown_rx = shutdown.subscribe();
+                servers.push(tokio::spawn(async move {
+                    crate::ops::serve(listener, ops, shutdown_rx).await;
+                    Ok(())
+                }));
+            }
             servers.push(tokio::spawn(store_bootstrap_token(
                 raft.clone(),
                 shared.clone(),
@@ -297,6 +328,7 @@ impl ControlPlane {
             node_id: cfg.node_id,
             admin_addr,
             raft_addr,
+            ops_addr,
             raft,
             shared,
             shutdown,

@@ -49,6 +49,15 @@ impl Registry {
         }
     }
 
+    /// How many data planes are connected.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every connected data plane, as the status API reports it.
     pub fn status(&self, node_id: NodeId, revision: u64) -> Vec<pb::DataPlaneStatus> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());

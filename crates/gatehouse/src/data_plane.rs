@@ -198,6 +198,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         bootstrap_token_hash: gatehouse_model::admintoken::hash(&token),
         tls: None,
         secrets_key: Some(secrets_key.clone()),
+        ops_listen: None,
         tuning: Tuning::default(),
     })
     .await?;

@@ -98,6 +98,10 @@ struct ControlPlaneArgs {
     /// Address of Raft traffic between control-plane nodes [default: 127.0.0.1:9401].
     #[arg(long, env = "GATEHOUSE_RAFT_LISTEN")]
     raft_listen: Option<SocketAddr>,
+    /// Address of the ops listener: /healthz, /readyz (a member with a known
+    /// leader) and /metrics (Raft, writes, admin calls). Off unless set.
+    #[arg(long, env = "GATEHOUSE_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
     /// Admin address other nodes and clients use, when not the listen address.
     #[arg(long, env = "GATEHOUSE_ADVERTISE_ADMIN")]
     advertise_admin: Option<String>,
@@ -158,6 +162,7 @@ struct ControlPlaneFile {
     node_id: Option<u64>,
     admin_listen: Option<SocketAddr>,
     raft_listen: Option<SocketAddr>,
+    ops_listen: Option<SocketAddr>,
     advertise_admin: Option<String>,
     advertise_raft: Option<String>,
     data_dir: Option<PathBuf>,
@@ -211,6 +216,12 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
         (None, None, None) => None,
         _ => bail!("--tls-cert, --tls-key and --tls-ca go together: give all three or none"),
     };
+    let ops_listen = args.ops_listen.or(file.ops_listen);
+    if let Some(addr) = ops_listen {
+        if !addr.ip().is_loopback() && !insecure {
+            bail!("the ops listen address {addr} is not a loopback address: it serves plaintext HTTP, which needs --insecure");
+        }
+    }
     for (what, addr) in [("admin listen", admin_listen), ("raft listen", raft_listen)] {
         if !addr.ip().is_loopback() && tls.is_none() {
             if !insecure {
@@ -261,6 +272,7 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
             bootstrap_token_hash: String::new(),
             tls,
             secrets_key,
+            ops_listen,
             tuning: Tuning {
                 heartbeat_ms: heartbeat,
                 election_timeout_min_ms: election,
@@ -305,8 +317,13 @@ async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     let node = ControlPlane::start(cfg).await?;
     // One line on stdout that scripts and tests can wait for.
     println!(
-        "ready node_id={} admin={} raft={}",
-        node.node_id, node.admin_addr, node.raft_addr
+        "ready node_id={} admin={} raft={}{}",
+        node.node_id,
+        node.admin_addr,
+        node.raft_addr,
+        node.ops_addr
+            .map(|a| format!(" ops={a}"))
+            .unwrap_or_default()
     );
     shutdown_signal().await;
     tracing::info!("shutting down");
