@@ -278,8 +278,15 @@ async fn a_node_reports_its_health_and_counts_admin_calls_by_code() -> anyhow::R
     assert_eq!(ready.status, 200);
     assert!(String::from_utf8_lossy(&ready.body).starts_with("ready: term "));
 
-    ctl(&node.admin, &["tokens", "create", "v", "--role", "viewer"]);
+    let first = ctl(&node.admin, &["tokens", "create", "v", "--role", "viewer"]);
+    assert!(
+        first.status.success(),
+        "{}\n{}",
+        stderr(&first),
+        node.log_tail()
+    );
     let viewer_out = ctl(&node.admin, &["tokens", "create", "w", "--role", "viewer"]);
+    assert!(viewer_out.status.success(), "{}", stderr(&viewer_out));
     let viewer = String::from_utf8(viewer_out.stdout)?.trim().to_string();
     let denied = ctl_as(&viewer, &node.admin, &["delete", "admin_token", "v"]);
     assert!(!denied.status.success());

@@ -283,6 +283,32 @@ impl AdminService {
             }
         }
         cmd.validate_standalone().map_err(|e| write_status(&e))?;
+        // The cluster's first write through the bootstrap token also stores
+        // the token (as the node itself does when idle), so creating another
+        // token first does not lock the bootstrap token out.
+        if caller.unstored_bootstrap {
+            let bootstrap = ObjectRef {
+                kind: Kind::AdminToken,
+                name: crate::auth::BOOTSTRAP_TOKEN_NAME.to_string(),
+            };
+            let hash = self.identity.bootstrap_hash().filter(|h| !h.is_empty());
+            if let (Some(hash), false) = (hash, cmd.ops.iter().any(|op| op.target() == bootstrap)) {
+                let token = AdminToken {
+                    name: bootstrap.name,
+                    labels: Default::default(),
+                    revision: 0,
+                    role: AdminRole::Admin,
+                    token_hash: hash,
+                };
+                cmd.ops.insert(
+                    0,
+                    Op::Put {
+                        object: token.into(),
+                        expected_revision: None,
+                    },
+                );
+            }
+        }
         if let Some(key) = &self.seal {
             for op in &mut cmd.ops {
                 if let Op::Put { object, .. } = op {

@@ -85,6 +85,9 @@ pub struct Caller {
     /// `token:NAME`, as the audit log records it.
     pub actor: String,
     pub role: AdminRole,
+    /// Authenticated by the cluster's bootstrap token before it was stored:
+    /// the caller's first write stores it too, so that it keeps working.
+    pub unstored_bootstrap: bool,
 }
 
 impl Caller {
@@ -171,6 +174,7 @@ impl Auth {
                     .map(|role| Caller {
                         actor: format!("cert:{}", peer.name),
                         role,
+                        unstored_bootstrap: false,
                     })
                     .ok_or_else(|| {
                         Status::permission_denied(format!(
@@ -240,6 +244,7 @@ impl Auth {
                             return Ok(Caller {
                                 actor: actor.to_string(),
                                 role,
+                                unstored_bootstrap: false,
                             });
                         }
                     }
@@ -249,6 +254,7 @@ impl Auth {
                     return Ok(Caller {
                         actor: format!("cert:{}", peer.name),
                         role,
+                        unstored_bootstrap: false,
                     });
                 }
             }
@@ -275,12 +281,14 @@ impl Auth {
             return Ok(Caller {
                 actor: format!("token:{name}"),
                 role,
+                unstored_bootstrap: false,
             });
         }
         if !any_token && self.is_bootstrap(&hash) {
             return Ok(Caller {
                 actor: format!("token:{BOOTSTRAP_TOKEN_NAME}"),
                 role: AdminRole::Admin,
+                unstored_bootstrap: true,
             });
         }
         Err(Status::unauthenticated(
@@ -358,6 +366,7 @@ mod tests {
         let viewer = Caller {
             actor: "token:v".into(),
             role: Viewer,
+            unstored_bootstrap: false,
         };
         let denied = viewer.require(Config).unwrap_err();
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);
