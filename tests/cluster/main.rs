@@ -2,6 +2,7 @@
 
 mod access;
 mod auth;
+mod backup;
 mod bad_input;
 mod basic;
 mod ci_workflow;

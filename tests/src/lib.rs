@@ -404,6 +404,33 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, and waits for the node to shut down cleanly (SIGKILL after 20 s).
+    pub fn stop(&mut self, id: u64) -> Result<bool> {
+        let Some(mut child) = self.node_mut(id).child.take() else {
+            return Ok(false);
+        };
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a node stopped with [`Cluster::stop`] or [`Cluster::kill`] again.
+    pub fn start_again(&mut self, id: u64) -> Result<()> {
+        self.spawn(id, false)
+    }
+
     /// Starts a stopped node again on the same ports and data directory.
     pub fn restart(&mut self, id: u64) -> Result<()> {
         self.kill(id);

@@ -101,6 +101,9 @@ pub struct ConfigStreamService {
     pub registry: Arc<Registry>,
     pub heartbeat: Duration,
     pub auth: Arc<Auth>,
+    /// Set when the node shuts down: streams end, so that the server's
+    /// graceful shutdown is not held up by data planes that stay connected.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -275,6 +278,7 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
         let name = hello.node_name.clone();
         // A data plane that holds revision 0 has nothing yet: it gets a snapshot.
         let held = (hello.revision > 0).then_some(hello.revision);
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _registration = registration;
             let mut held = held;
@@ -294,6 +298,12 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                     held = Some(revision);
                 }
                 tokio::select! {
+                    _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("this control-plane node is shutting down; watch another")))
+                            .await;
+                        return;
+                    }
                     changed = revisions.changed() => {
                         if changed.is_err() {
                             return;

@@ -125,6 +125,9 @@ enum Command {
     Tokens(access::TokensCommand),
     /// Who changed what, and when: the cluster's audit log of writes.
     Audit(access::AuditArgs),
+    /// Back up every object and the audit log to a file, and restore it.
+    #[command(subcommand)]
+    Snapshot(backup::SnapshotCommand),
 }
 
 #[derive(Subcommand)]
@@ -286,6 +289,7 @@ macro_rules! rpc {
 }
 
 mod access;
+mod backup;
 
 /// An error answer of the server, kept typed so that a caller can tell a
 /// conflict from other failures; it displays as its message.
@@ -788,6 +792,7 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Keys(cmd) => keys(cli, cmd).await,
         Command::Tokens(cmd) => access::tokens(cli, cmd).await,
         Command::Audit(args) => access::audit(cli, args).await,
+        Command::Snapshot(cmd) => backup::snapshot(cli, cmd).await,
     };
     done.map(|()| ExitCode::SUCCESS)
 }
