@@ -13,8 +13,10 @@
 #                        bundles, strict (unknown fields fail), for the oldest
 #                        supported version and the newest bundled one
 #   scripts/check_deploy.py  what schemas cannot see: flags and GATEHOUSE_*
-#                        variables the binaries really read, --insecure with
-#                        non-loopback addresses, private ports, references
+#                        variables the binaries really read, TLS or --insecure
+#                        for non-loopback addresses, data-plane credentials,
+#                        credential files from secrets, no key material
+#                        committed, private ports, references
 #   gatehousectl validate  the sample configuration in deploy/compose/gateway
 #
 # The tools go into a venv under target/ (pinned versions, installed once from

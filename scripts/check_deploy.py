@@ -13,15 +13,28 @@ itself:
   token variables (GATEHOUSE_TOKEN, GATEHOUSE_BOOTSTRAP_TOKEN) are read
   outside clap: their names come from the help text that mentions them, or
   from the string literals of tokens.rs and gatehousectl's sources;
-- a server given a non-loopback listen address also gets --insecure (it
-  refuses to start otherwise), and admin (9400) and Raft (9401) ports are
-  never published or exposed outside the private network;
-- every data plane is given a token (GATEHOUSE_TOKEN, GATEHOUSE_TOKEN_FILE
-  or --token-file: it refuses to start without one), and tokens come from
-  secrets, never from the files: Kubernetes token variables use a
-  secretKeyRef to a Secret that the README tells how to create (no Secret
-  object in the manifests), compose `*_TOKEN_FILE` variables name a secret
-  mounted in that service, whose file is ignored by git;
+- a control-plane node given a non-loopback listen address has TLS (all
+  three of --tls-cert/--tls-key/--tls-ca, or their variables) or
+  --insecure, and a data plane whose plaintext proxy or ops listener is not
+  loopback has --insecure (each refuses to start otherwise); admin (9400)
+  and Raft (9401) ports are never published or exposed outside the private
+  network;
+- every data plane has a credential for the config stream: a client
+  certificate (--control-plane-cert/-key with --control-plane-ca) or a
+  token (GATEHOUSE_TOKEN, GATEHOUSE_TOKEN_FILE or --token-file). One that
+  watches over TLS needs the certificate (a control plane with TLS refuses
+  tokens on the stream), and data planes use TLS exactly when the control
+  plane they watch does;
+- tokens, keys and certificates come from secrets, never from the files:
+  variables holding a token or the secrets key itself come from a Secret
+  (Kubernetes secretKeyRef) and never carry a value in compose; variables
+  naming a token, key or certificate file name a compose secret mounted in
+  that service, or a file in a Kubernetes Secret volume; every Secret
+  the manifests use is one the README tells how to create (no Secret object
+  in the manifests), and compose secret files are ignored by git;
+- no file under deploy/ that git would commit holds a private key, an
+  admin token, an API key or a secrets key, or is named like one
+  (`*.token`, `*.key`, `*-key.pem`);
 - `$(VAR)` in a Kubernetes env value names a variable defined before it
   (Kubernetes leaves it as literal text otherwise);
 - selectors, named ports, scale targets and kustomize resources resolve;
@@ -177,8 +190,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def given(args: list[str], env: dict[str, str], var: str, flag: str) -> bool:
+    """Whether a setting is given as a variable or a flag."""
+    return var in env or any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+# The files that turn TLS on, per subcommand: (variable, flag).
+TLS_SETTINGS = {
+    "control-plane": [
+        ("GATEHOUSE_TLS_CERT", "--tls-cert"),
+        ("GATEHOUSE_TLS_KEY", "--tls-key"),
+        ("GATEHOUSE_TLS_CA", "--tls-ca"),
+    ],
+}
+
+
+def has_tls(sub: str, args: list[str], env: dict[str, str]) -> bool:
+    """A control-plane node with all three TLS files (a problem is reported for some but not all)."""
+    settings = TLS_SETTINGS.get(sub, [])
+    return bool(settings) and all(given(args, env, v, f) for v, f in settings)
+
+
 def check_insecure(where: str, sub: str, args: list[str], env: dict[str, str]) -> None:
-    for var, needs in LISTEN_VARS.get(sub, {}).items():
+    insecure = "--insecure" in args or env.get("GATEHOUSE_INSECURE") == "true"
+    settings = TLS_SETTINGS.get(sub, [])
+    have = [v for v, f in settings if given(args, env, v, f)]
+    if have and len(have) != len(settings):
+        missing = [v for v, _ in settings if v not in have]
+        problem(where, f"{', '.join(have)} without {', '.join(missing)}: `{sub}` needs all three TLS files or none")
+    tls = has_tls(sub, args, env)
+    for var, plaintext in LISTEN_VARS.get(sub, {}).items():
         flag = "--" + var.removeprefix("GATEHOUSE_").lower().replace("_", "-")
         value = env.get(var)
         for i, a in enumerate(args):
@@ -186,39 +227,73 @@ def check_insecure(where: str, sub: str, args: list[str], env: dict[str, str]) -
                 value = args[i + 1]
             elif a.startswith(flag + "="):
                 value = a.split("=", 1)[1]
-        if value is None or not needs:
+        if value is None or not plaintext:
             continue
         host = host_of(value)
         if host in ("0.0.0.0", "::"):
             problem(where, f"{var}={value}: bind a private address, not every interface")
-        if not is_loopback(host) and "--insecure" not in args and env.get("GATEHOUSE_INSECURE") != "true":
-            problem(where, f"{var}={value} is not loopback: `{sub}` refuses to start without --insecure")
+        if is_loopback(host) or insecure:
+            continue
+        if sub == "control-plane" and not tls:
+            problem(
+                where,
+                f"{var}={value} is not loopback: `{sub}` refuses to start without TLS "
+                "(--tls-cert, --tls-key, --tls-ca) or --insecure",
+            )
+        elif sub == "data-plane":
+            problem(where, f"{var}={value} is not loopback: `{sub}` refuses to start without --insecure (a plaintext listener)")
+    if sub == "control-plane" and tls and insecure:
+        problem(where, "--insecure with TLS: not needed, and it would hide a lost TLS setting later; drop it")
 
 
-# Where each server takes its admin token from (tokens.rs, data_plane.rs):
-# the variable holding the token itself, then the file variable and flag.
-TOKEN_SOURCES = {
-    "data-plane": ("GATEHOUSE_TOKEN", "GATEHOUSE_TOKEN_FILE", "--token-file"),
+def check_credential(where: str, sub: str, args: list[str], env: dict[str, str]) -> None:
+    """A data plane's credential for the config stream: a client certificate or a token."""
+    if sub != "data-plane":
+        return
+    ca = given(args, env, "GATEHOUSE_CONTROL_PLANE_CA", "--control-plane-ca")
+    cert = given(args, env, "GATEHOUSE_CONTROL_PLANE_CERT", "--control-plane-cert")
+    key = given(args, env, "GATEHOUSE_CONTROL_PLANE_KEY", "--control-plane-key")
+    token = "GATEHOUSE_TOKEN" in env or given(args, env, "GATEHOUSE_TOKEN_FILE", "--token-file")
+    if cert != key:
+        problem(where, "GATEHOUSE_CONTROL_PLANE_CERT and GATEHOUSE_CONTROL_PLANE_KEY go together")
+    if (cert or key) and not ca:
+        problem(where, "a client certificate needs GATEHOUSE_CONTROL_PLANE_CA (the cluster CA)")
+    if not (cert and key) and not token:
+        problem(
+            where,
+            f"`{sub}` is given no credential: a client certificate (GATEHOUSE_CONTROL_PLANE_CERT/_KEY "
+            "with _CA) or a token (GATEHOUSE_TOKEN, GATEHOUSE_TOKEN_FILE or --token-file); "
+            "it refuses to start without one",
+        )
+    elif ca and not (cert and key):
+        problem(
+            where,
+            "watches the control plane over TLS with a token: a control plane with TLS accepts only "
+            "a client certificate (role data_plane) on the config stream",
+        )
+
+
+def data_plane_tls(args: list[str], env: dict[str, str]) -> bool:
+    return given(args, env, "GATEHOUSE_CONTROL_PLANE_CA", "--control-plane-ca")
+
+
+def holds_secret(name: str) -> bool:
+    """A variable that holds a token or the secrets key itself (not the name of a file)."""
+    return name.startswith("GATEHOUSE_") and (name.endswith("_TOKEN") or name == "GATEHOUSE_SECRETS_KEY")
+
+
+# Variables that name a file holding a token, a key or a certificate.
+CREDENTIAL_FILE_VARS = {
+    "GATEHOUSE_TLS_CERT", "GATEHOUSE_TLS_KEY", "GATEHOUSE_TLS_CA",
+    "GATEHOUSE_CONTROL_PLANE_CA", "GATEHOUSE_CONTROL_PLANE_CERT", "GATEHOUSE_CONTROL_PLANE_KEY",
+    "GATEHOUSE_CA", "GATEHOUSE_CERT", "GATEHOUSE_KEY",
 }
 
 
-def check_token_given(where: str, sub: str, args: list[str], env: dict[str, str]) -> None:
-    """A data plane refuses to start without a token (GATEHOUSE_TOKEN or a token file)."""
-    if sub not in TOKEN_SOURCES:
-        return
-    var, file_var, flag = TOKEN_SOURCES[sub]
-    if var in env or file_var in env or any(a == flag or a.startswith(flag + "=") for a in args):
-        return
-    problem(
-        where,
-        f"`{sub}` is given no token ({var}, {file_var} or {flag}): "
-        "it refuses to start without one (role data_plane)",
+def names_credential_file(name: str) -> bool:
+    return name in CREDENTIAL_FILE_VARS or (
+        name.startswith("GATEHOUSE_") and name.endswith(("_TOKEN_FILE", "_KEY_FILE"))
     )
-
-
-def is_token_var(name: str) -> bool:
-    """A variable that holds a token itself (not the name of a file)."""
-    return name.startswith("GATEHOUSE_") and name.endswith("_TOKEN")
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +307,39 @@ def load_docs(path: Path) -> list[dict]:
 
 def matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def check_secret_file(where: str, var: str, path: str, mounts: dict[str, str], secret_files: dict) -> None:
+    """A credential file of a container: in a volume backed by a Secret, under a key it maps."""
+    path = re.sub(r"\$\((\w+)\)", r"\1", path)
+    best = max((m for m in mounts if path.startswith(m + "/")), key=len, default=None)
+    if best is None:
+        problem(where, f"{var}={path} is in no volume mount: mount the Secret that holds it")
+        return
+    vol = mounts[best]
+    if vol not in secret_files:
+        problem(where, f"{var}={path} is in volume {vol!r}, which is not backed by a Secret")
+        return
+    files = secret_files[vol]
+    name = path[len(best) + 1:]
+    if files is not None and "$" not in name and "POD_" not in name and name not in files:
+        problem(where, f"{var}={path}: volume {vol!r} holds no {name!r} (it maps {', '.join(sorted(files))})")
+
+
+def check_tls_agrees(tls_of: dict[str, list[tuple[str, bool]]]) -> None:
+    """Data planes watch over TLS exactly when the control plane serves TLS."""
+    cps = tls_of.get("control-plane", [])
+    if not cps:
+        return
+    cp_tls = all(t for _, t in cps)
+    for where, t in tls_of.get("data-plane", []):
+        if t != cp_tls:
+            problem(
+                where,
+                "watches the control plane over TLS, which serves plaintext" if t
+                else "watches the control plane in plaintext, which serves TLS: give GATEHOUSE_CONTROL_PLANE_CA "
+                "and a client certificate",
+            )
 
 
 def check_kubernetes(cli: Cli) -> None:
@@ -254,7 +362,8 @@ def check_kubernetes(cli: Cli) -> None:
             objs.append((f"{rel(f)} {d.get('kind')}/{d.get('metadata', {}).get('name')}", d))
 
     workloads = {}  # (kind, name) -> (where, template labels, {port name: number})
-    secret_refs: dict[str, list[str]] = {}  # Secret name -> containers reading a token from it
+    secret_refs: dict[str, list[str]] = {}  # Secret name -> containers or pods using it
+    tls_of: dict[str, list[tuple[str, bool]]] = {}  # subcommand -> [(where, TLS on the cluster link)]
     for where, d in objs:
         kind = d["kind"]
         ns = d["metadata"].get("namespace")
@@ -271,8 +380,29 @@ def check_kubernetes(cli: Cli) -> None:
         if pod.get("hostNetwork"):
             problem(where, "hostNetwork would put the plaintext ports on the node's network")
         ports: dict[str, int] = {}
+        # Secret-backed volumes: name -> {file name: Secret} (None: every key of a Secret).
+        secret_files: dict[str, dict[str, str] | None] = {}
+        for v in pod.get("volumes", []):
+            sources = []
+            if "secret" in v:
+                sources = [{"secret": {"name": v["secret"].get("secretName"), "items": v["secret"].get("items")}}]
+            elif "projected" in v:
+                sources = v["projected"].get("sources", [])
+            files: dict[str, str] | None = {}
+            for src in sources:
+                sec = src.get("secret")
+                if not sec:
+                    continue
+                secret_refs.setdefault(sec.get("name"), []).append(f"{where} volume {v['name']}")
+                if sec.get("items") is None:
+                    files = None
+                elif files is not None:
+                    files.update({i["path"]: sec.get("name") for i in sec["items"]})
+            if sources and any("secret" in src for src in sources):
+                secret_files[v["name"]] = files
         for c in pod["containers"]:
             cwhere = f"{where} container {c['name']}"
+            mounts = {m["mountPath"].rstrip("/"): m["name"] for m in c.get("volumeMounts", [])}
             for p in c.get("ports", []):
                 if "hostPort" in p:
                     problem(cwhere, f"hostPort {p['hostPort']} exposes a port on the node")
@@ -285,12 +415,14 @@ def check_kubernetes(cli: Cli) -> None:
                     if ref not in defined:
                         problem(cwhere, f"env {e['name']} uses $({ref}), which is not defined before it")
                 defined.add(e["name"])
-                if is_token_var(e["name"]):
+                if holds_secret(e["name"]):
                     ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                     if not ref:
                         problem(cwhere, f"env {e['name']} must come from a Secret (valueFrom.secretKeyRef), not a value")
                     else:
                         secret_refs.setdefault(ref.get("name"), []).append(cwhere)
+                if names_credential_file(e["name"]):
+                    check_secret_file(cwhere, e["name"], e.get("value", ""), mounts, secret_files)
                 if "value" in e:
                     env[e["name"]] = re.sub(r"\$\((\w+)\)", r"\1", e["value"])
                 else:
@@ -301,7 +433,11 @@ def check_kubernetes(cli: Cli) -> None:
                 continue
             sub = args[0]
             cli.check(cwhere, sub, args[1:], list(env))
-            check_token_given(cwhere, sub, args[1:], env)
+            check_credential(cwhere, sub, args[1:], env)
+            if sub == "control-plane":
+                tls_of.setdefault(sub, []).append((cwhere, has_tls(sub, args[1:], env)))
+            elif sub == "data-plane":
+                tls_of.setdefault(sub, []).append((cwhere, data_plane_tls(args[1:], env)))
             # POD_IP stands for a pod-network address: not loopback.
             check_insecure(cwhere, sub, args[1:], {k: v.replace("POD_IP", "10.0.0.1") for k, v in env.items()})
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -318,18 +454,19 @@ def check_kubernetes(cli: Cli) -> None:
                         problem(cwhere, f"{probe} should be GET {path} on the ops port 9090")
         workloads[(kind, d["metadata"]["name"])] = (where, labels, ports)
 
-    # Token Secrets are made by hand (README.md says how), never shipped here.
+    check_tls_agrees(tls_of)
+    # Secrets are made by hand (README.md says how), never shipped here.
     readme = (kdir / "README.md").read_text()
     for name, users in sorted(secret_refs.items()):
-        if not re.search(rf"create secret generic {re.escape(name)}(?![\w-])", readme):
+        if not re.search(rf"create secret (generic|tls) {re.escape(name)}(?![\w-])", readme):
             problem(
                 users[0],
-                f"reads a token from Secret {name!r}, which {rel(kdir / 'README.md')} "
-                f"does not tell how to create (`kubectl create secret generic {name} ...`)",
+                f"uses Secret {name!r}, which {rel(kdir / 'README.md')} "
+                f"does not tell how to create (`kubectl create secret generic|tls {name} ...`)",
             )
     for where, d in objs:
         if d["kind"] == "Secret":
-            problem(where, "a Secret in the manifests would ship its value: create token Secrets by hand")
+            problem(where, "a Secret in the manifests would ship its value: create Secrets by hand")
 
     for where, d in objs:
         kind, spec = d["kind"], d.get("spec", {})
@@ -345,7 +482,7 @@ def check_kubernetes(cli: Cli) -> None:
                         problem(where, f"targetPort {tp!r} is not a port of the selected pods")
                     num = ports.get(tp, tp)
                     if num in (ADMIN_PORT, RAFT_PORT) and spec.get("type", "ClusterIP") != "ClusterIP":
-                        problem(where, f"exposes the plaintext port {num} as {spec['type']}")
+                        problem(where, f"exposes the admin/Raft port {num} as {spec['type']}")
         elif kind == "PodDisruptionBudget":
             sel = spec["selector"].get("matchLabels", {})
             if not any(matches(sel, w[1]) for w in workloads.values()):
@@ -393,6 +530,15 @@ def check_compose(cli: Cli) -> None:
         for n, v in networks.items()
     }
     seen_ips: dict[str, str] = {}
+    # Which control-plane services serve TLS, for the data planes and ctl that call them.
+    cp_tls: dict[str, bool] = {}
+    for name, s in services.items():
+        cmd = s.get("command", [])
+        cmd = cmd.split() if isinstance(cmd, str) else [str(a) for a in cmd]
+        env = s.get("environment", {})
+        env = dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
+        if cmd[:1] == ["control-plane"]:
+            cp_tls[name] = has_tls("control-plane", cmd[1:], env)
     for name, s in services.items():
         where = f"{where0} service {name}"
         deps = s.get("depends_on", [])
@@ -443,19 +589,30 @@ def check_compose(cli: Cli) -> None:
                 problem(where, f"uses secret {src!r}, which the top-level `secrets:` does not define")
             mounted[target if target.startswith("/") else f"/run/secrets/{target}"] = src
         for var, value in env.items():
-            if is_token_var(var):
-                problem(where, f"{var} puts a token in the compose file: mount a secret and name it with {var}_FILE")
-            elif var.startswith("GATEHOUSE_") and var.endswith("_TOKEN_FILE") and value not in mounted:
+            if holds_secret(var):
+                problem(where, f"{var} puts a secret in the compose file: mount a secret and name its file with {var}_FILE")
+            elif names_credential_file(var) and value not in mounted:
                 problem(where, f"{var}={value}: no secret of this service is mounted there")
         if s.get("entrypoint") == ["/usr/local/bin/gatehousectl"]:
             cli.check(where, "gatehousectl", [a for a in cmd if a.startswith("--")], list(env))
+            if ("GATEHOUSE_CERT" in env) != ("GATEHOUSE_KEY" in env):
+                problem(where, "GATEHOUSE_CERT and GATEHOUSE_KEY go together")
+            if ("GATEHOUSE_CERT" in env) and "GATEHOUSE_CA" not in env:
+                problem(where, "GATEHOUSE_CERT needs GATEHOUSE_CA (the cluster CA)")
+            server = env.get("GATEHOUSE_SERVER", "").rsplit(":", 1)[0]
+            if server in cp_tls and cp_tls[server] != ("GATEHOUSE_CA" in env):
+                problem(
+                    where,
+                    f"GATEHOUSE_SERVER {server} serves TLS: gatehousectl needs GATEHOUSE_CA" if cp_tls[server]
+                    else f"GATEHOUSE_CA with {server}, which serves plaintext",
+                )
             continue
         if not cmd:
             problem(where, "no command: the image's default command only prints --help")
             continue
         sub = cmd[0]
         cli.check(where, sub, cmd[1:], list(env))
-        check_token_given(where, sub, cmd[1:], env)
+        check_credential(where, sub, cmd[1:], env)
         check_insecure(where, sub, cmd[1:], env)
         if sub in LISTEN_VARS:
             for var in LISTEN_VARS[sub]:
@@ -472,6 +629,8 @@ def check_compose(cli: Cli) -> None:
                 svc = cp.strip().rsplit(":", 1)[0]
                 if svc and svc not in services:
                     problem(where, f"GATEHOUSE_CONTROL_PLANES names {svc!r}, not a service")
+                elif svc in cp_tls:
+                    check_tls_agrees({"control-plane": [(svc, cp_tls[svc])], "data-plane": [(where, data_plane_tls(cmd[1:], env))]})
 
 
 def gitignored(f: Path) -> bool:
@@ -483,9 +642,16 @@ def gitignored(f: Path) -> bool:
             relpath = str(f.relative_to(d))
             for pat in gi.read_text().splitlines():
                 pat = pat.strip()
-                if pat and not pat.startswith(("#", "!")) and (
-                    fnmatch.fnmatch(relpath, pat.lstrip("/")) or fnmatch.fnmatch(f.name, pat)
-                ):
+                if not pat or pat.startswith(("#", "!")):
+                    continue
+                if pat.endswith("/"):
+                    # A directory: everything below it.
+                    dirs = relpath.split("/")[:-1]
+                    if any(fnmatch.fnmatch(x, pat.strip("/")) for x in dirs) or (
+                        "/" in pat.strip("/") and relpath.startswith(pat.lstrip("/"))
+                    ):
+                        return True
+                elif fnmatch.fnmatch(relpath, pat.lstrip("/")) or fnmatch.fnmatch(f.name, pat):
                     return True
         d = d.parent
     return False
@@ -502,7 +668,7 @@ def check_compose_secret_files(path: Path, secrets: dict) -> None:
         if not target.is_relative_to(DEPLOY):
             problem(where, f"file {f} is outside deploy/")
         elif not gitignored(target):
-            problem(where, f"file {f} is not ignored by a .gitignore beside it: a token could be committed")
+            problem(where, f"file {f} is not ignored by a .gitignore beside it: a token or key could be committed")
 
 
 # ---------------------------------------------------------------------------
@@ -581,20 +747,42 @@ def check_dockerfile() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Secrets: no API keys, admin tokens (ght_...), passwords or keys in deploy/
+# Secrets: no private keys, admin tokens (ght_...), API keys (ghk_...),
+# secrets keys or passwords in anything git would commit under deploy/
+
+
+# Anywhere, comments and READMEs included: committed is committed.
+KEY_MATERIAL = re.compile(
+    r"(-----BEGIN [A-Z ]*PRIVATE KEY-----|\bght_[A-Za-z0-9]{40}\b|\bghk_[A-Za-z0-9]{6,}_[A-Za-z0-9]{20,}"
+    r"|(?<![\w:])[0-9a-fA-F]{64}(?!\w))"
+)
+# In YAML settings (comments aside): values that look like credentials.
+YAML_SECRET = re.compile(
+    r"(password\s*[:=]\s*\S+|requirepass|GATEHOUSE_[A-Z_]*TOKEN\s*[:=]|GATEHOUSE_SECRETS_KEY\s*[:=])",
+    re.IGNORECASE,
+)
+# Files named like tokens, keys or private keys.
+SECRET_NAMES = ("*.token", "*.key", "*-key.pem", "*.p12", "*.pfx")
 
 
 def check_no_secrets() -> None:
-    bad = re.compile(
-        r"(ghk_[A-Za-z0-9]+_|ght_[A-Za-z0-9]{20,}|BEGIN [A-Z ]*PRIVATE KEY|password\s*[:=]\s*\S+|"
-        r"requirepass|GATEHOUSE_[A-Z_]*TOKEN\s*[:=])",
-        re.IGNORECASE,
-    )
     for f in sorted(DEPLOY.rglob("*")):
-        if f.is_file() and f.suffix in (".yaml", ".yml", "") and f.name != "README.md":
-            for n, line in enumerate(f.read_text().splitlines(), 1):
-                if bad.search(line) and not line.lstrip().startswith("#"):
-                    problem(f"{rel(f)}:{n}", "looks like a secret; deploy/ must not carry any")
+        if not f.is_file() or f.name == ".gitignore" or gitignored(f):
+            continue
+        if any(fnmatch.fnmatch(f.name, pat) for pat in SECRET_NAMES):
+            problem(rel(f), "named like a token or key, and no .gitignore keeps it out of git: never commit one")
+        try:
+            text = f.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        yaml_file = f.suffix in (".yaml", ".yml", "")
+        for n, line in enumerate(text.splitlines(), 1):
+            m = KEY_MATERIAL.search(line)
+            if m:
+                what = "a private key" if "PRIVATE KEY" in m.group(0) else "a token or key"
+                problem(f"{rel(f)}:{n}", f"looks like {what}; deploy/ must not carry any")
+            elif yaml_file and YAML_SECRET.search(line) and not line.lstrip().startswith("#"):
+                problem(f"{rel(f)}:{n}", "looks like a secret; deploy/ must not carry any")
 
 
 def main() -> int:
