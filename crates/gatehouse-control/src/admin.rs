@@ -746,6 +746,20 @@ impl pb::admin_server::Admin for AdminService {
             Err(RaftError::APIError(e)) => return Err(Status::failed_precondition(e.to_string())),
             Err(RaftError::Fatal(e)) => return Err(fatal(e)),
         }
+        // Answer once the new cluster holds its bootstrap token (the leader,
+        // whichever node it is, stores it), so the first write cannot race it.
+        let stored = crate::node::await_bootstrap_stored(
+            &self.raft,
+            &self.sm,
+            &self.identity,
+            Duration::from_secs(10),
+        )
+        .await;
+        if !stored {
+            tracing::warn!(
+                "the bootstrap admin token is not stored yet; it is accepted until it is"
+            );
+        }
         let m = self.metrics();
         Ok(Response::new(membership_response(
             m.last_log_index.unwrap_or_default(),

@@ -222,6 +222,18 @@ impl ControlPlane {
                 .await
                 .map_err(|e| StartError::Bootstrap(e.to_string()))?;
             tracing::info!(node_id = cfg.node_id, "initialized a new one-node cluster");
+            if !await_bootstrap_stored(
+                &raft,
+                &shared,
+                &identity,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            {
+                tracing::warn!(
+                    "the bootstrap admin token is not stored yet; it is accepted until it is"
+                );
+            }
         }
 
         let (shutdown, _) = watch::channel(false);
@@ -358,45 +370,77 @@ async fn store_bootstrap_token(
     identity: Arc<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    use gatehouse_model::object::{AdminRole, AdminToken};
-    use gatehouse_model::{Command, Kind};
-    loop {
-        let has_token = shared.read(|d| d.config.list(Kind::AdminToken).next().is_some());
-        if has_token {
-            return Ok(());
-        }
-        let leader = {
-            let m = raft.metrics().borrow().clone();
-            m.current_leader == Some(identity.node_id)
-        };
-        if let (true, Some(hash)) = (leader, identity.bootstrap_hash().filter(|h| !h.is_empty())) {
-            let token = AdminToken {
-                name: crate::auth::BOOTSTRAP_TOKEN_NAME.to_string(),
-                labels: Default::default(),
-                revision: 0,
-                role: AdminRole::Admin,
-                token_hash: hash,
-            };
-            let mut cmd = Command::put(token.into(), Some(0));
-            cmd.origin = Some(gatehouse_model::audit::Origin {
-                actor: "system:bootstrap".to_string(),
-                at_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-            });
-            match raft.client_write(cmd).await {
-                Ok(r) if r.data.is_ok() => {
-                    tracing::info!("stored the bootstrap admin token as admin_token \"bootstrap\"");
-                    return Ok(());
-                }
-                Ok(r) => tracing::debug!(result = ?r.data, "bootstrap token not stored"),
-                Err(e) => tracing::debug!(error = %e, "bootstrap token not stored yet"),
-            }
-        }
+    while !try_store_bootstrap(&raft, &shared, &identity).await {
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
+    }
+    Ok(())
+}
+
+/// One attempt: `true` once the cluster holds an admin token.
+pub(crate) async fn try_store_bootstrap(raft: &Raft, shared: &Shared, identity: &Identity) -> bool {
+    use gatehouse_model::object::{AdminRole, AdminToken};
+    use gatehouse_model::{Command, Kind};
+    if shared.read(|d| d.config.list(Kind::AdminToken).next().is_some()) {
+        return true;
+    }
+    let leader = raft.metrics().borrow().current_leader == Some(identity.node_id);
+    let Some(hash) = identity.bootstrap_hash().filter(|h| !h.is_empty()) else {
+        return false;
+    };
+    if !leader {
+        return false;
+    }
+    let token = AdminToken {
+        name: crate::auth::BOOTSTRAP_TOKEN_NAME.to_string(),
+        labels: Default::default(),
+        revision: 0,
+        role: AdminRole::Admin,
+        token_hash: hash,
+    };
+    let mut cmd = Command::put(token.into(), Some(0));
+    cmd.origin = Some(gatehouse_model::audit::Origin {
+        actor: "system:bootstrap".to_string(),
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    });
+    match raft.client_write(cmd).await {
+        Ok(r) if r.data.is_ok() => {
+            tracing::info!("stored the bootstrap admin token as admin_token \"bootstrap\"");
+            true
+        }
+        Ok(r) => {
+            tracing::debug!(result = ?r.data, "bootstrap token not stored");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "bootstrap token not stored yet");
+            false
+        }
+    }
+}
+
+/// Waits (up to `timeout`) until the cluster holds an admin token, storing the
+/// bootstrap token when this node leads: a new cluster is then ready for the
+/// first client, whose write cannot race the bootstrap token's.
+pub(crate) async fn await_bootstrap_stored(
+    raft: &Raft,
+    shared: &Shared,
+    identity: &Identity,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if try_store_bootstrap(raft, shared, identity).await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
