@@ -9,3 +9,4 @@ mod failover;
 mod hardening;
 mod membership;
 mod protocols;
+mod ratelimit;

@@ -31,6 +31,8 @@ pub struct DataPlaneProc {
     pub tls: Option<String>,
     pub state_dir: PathBuf,
     control_planes: Vec<String>,
+    /// More flags, kept across restarts.
+    extra: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -48,7 +50,17 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, false)
+        Self::start_with(name, control_planes, dir, false, &[])
+    }
+
+    /// Like [`DataPlaneProc::start`], with more flags (e.g. `--redis-url`).
+    pub fn start_args(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        extra: &[String],
+    ) -> Result<DataPlaneProc> {
+        Self::start_with(name, control_planes, dir, false, extra)
     }
 
     /// Like [`DataPlaneProc::start`], with a TLS listener as well.
@@ -57,7 +69,7 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, true)
+        Self::start_with(name, control_planes, dir, true, &[])
     }
 
     fn start_with(
@@ -65,6 +77,7 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
         tls: bool,
+        extra: &[String],
     ) -> Result<DataPlaneProc> {
         let mut dp = DataPlaneProc {
             name: name.to_string(),
@@ -73,6 +86,7 @@ impl DataPlaneProc {
             tls: tls.then(|| "127.0.0.1:0".to_string()),
             state_dir: dir.join(name),
             control_planes: control_planes.to_vec(),
+            extra: extra.to_vec(),
             log: dir.join(format!("{name}.log")),
             child: None,
         };
@@ -88,6 +102,7 @@ impl DataPlaneProc {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--drain-seconds", "5"])
+            .args(&self.extra)
             .env("RUST_LOG", "info");
         if let Some(tls) = &self.tls {
             cmd.args(["--tls-listen", tls]);

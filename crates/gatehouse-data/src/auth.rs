@@ -133,6 +133,7 @@ impl CompiledPolicy {
     pub fn compile(
         p: &Policy,
         limiters: &crate::limits::LimiterRegistry,
+        metrics: &crate::metrics::Metrics,
         issuers: &HashMap<String, Arc<crate::jwt::CompiledIssuer>>,
     ) -> Result<CompiledPolicy, String> {
         let header = p
@@ -179,7 +180,7 @@ impl CompiledPolicy {
             limits: p
                 .rate_limits
                 .iter()
-                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters))
+                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters, metrics))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -399,6 +400,7 @@ mod tests {
                 firewall: Default::default(),
             },
             &Default::default(),
+            &Default::default(),
             &HashMap::new(),
         )
         .unwrap()
@@ -519,6 +521,7 @@ mod tests {
                 rate_limits: vec![],
                 firewall: Default::default(),
             },
+            &Default::default(),
             &Default::default(),
             &HashMap::new(),
         )

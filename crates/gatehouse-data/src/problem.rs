@@ -23,6 +23,7 @@
 //! | `header-fields-too-large` | 431 | the headers exceed the limit |
 //! | `bad-gateway` | 502 | the upstream could not be reached or answered with a broken response |
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
+//! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
 //!
@@ -83,6 +84,9 @@ pub enum Reject {
     BadGateway,
     /// 503: no healthy target, or the circuit breaker is open.
     UpstreamUnavailable,
+    /// 503: a cluster rate limit with `on_store_failure: closed` could not
+    /// reach its counter store in time.
+    RateLimitUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
     /// 504: the upstream did not answer within the timeout.
@@ -186,6 +190,11 @@ impl Reject {
                 problem_type!("upstream-unavailable"),
                 "Upstream unavailable",
             ),
+            Reject::RateLimitUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("rate-limit-unavailable"),
+                "Rate limit store unavailable",
+            ),
             Reject::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 problem_type!("not-ready"),
@@ -249,6 +258,7 @@ impl Reject {
             | Reject::HeaderFieldsTooLarge
             | Reject::BadGateway
             | Reject::UpstreamUnavailable
+            | Reject::RateLimitUnavailable
             | Reject::NotReady
             | Reject::GatewayTimeout => {}
         }

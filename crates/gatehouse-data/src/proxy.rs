@@ -7,6 +7,7 @@
 //! pick a target of the upstream       -> 503 when none can take it
 //! rewrite: hop-by-hop headers out, X-Forwarded-* and Forwarded rebuilt,
 //!          traceparent kept or started, strip_prefix applied
+//! rate limits (local, or Redis for cluster) -> 429 / 503 when a closed limit's store fails
 //! call the upstream with its timeout  -> 502 (connect, protocol) / 504 (timeout)
 //! response: hop-by-hop headers out; WebSocket upgrades spliced through
 //! metrics: requests by route and status, latency by route
@@ -65,6 +66,8 @@ pub struct Shared {
     pub clients: crate::upstream::ClientCache,
     /// Rate-limit counters, across revisions.
     pub limiters: crate::limits::LimiterRegistry,
+    /// The counter store of cluster limits and the data-plane count.
+    pub cluster_limits: crate::limits::ClusterEnv,
 }
 
 /// The route a request went to, for its metrics.
@@ -214,22 +217,33 @@ impl Proxy {
         };
 
         // Count the request against the policy's limits.
-        let limited = route.policy.as_ref().and_then(|policy| {
-            crate::limits::check(
-                &policy.limits,
-                &crate::limits::LimitContext {
-                    consumer: consumer.as_deref().map(|c| c.name.as_str()),
-                    client_ip,
-                    route: &route.name,
-                    headers: req.headers(),
-                },
-            )
-        });
+        let limited = match &route.policy {
+            Some(policy) if !policy.limits.is_empty() => {
+                crate::limits::check(
+                    &policy.limits,
+                    &crate::limits::LimitContext {
+                        consumer: consumer.as_deref().map(|c| c.name.as_str()),
+                        client_ip,
+                        route: &route.name,
+                        headers: req.headers(),
+                    },
+                    &self.shared.cluster_limits,
+                    &self.shared.metrics,
+                )
+                .await
+            }
+            _ => None,
+        };
         if let Some(decision) = &limited {
-            if let Some(wait) = decision.retry_after {
-                let mut response = reject(&Reject::TooManyRequests {
+            let refusal = match decision.retry_after {
+                Some(wait) => Some(Reject::TooManyRequests {
                     retry_after_secs: wait.as_secs(),
-                });
+                }),
+                None if decision.unavailable => Some(Reject::RateLimitUnavailable),
+                None => None,
+            };
+            if let Some(refusal) = refusal {
+                let mut response = reject(&refusal);
                 for (name, value) in &decision.headers {
                     response.headers_mut().insert(name.clone(), value.clone());
                 }

@@ -19,6 +19,7 @@ fn all() -> Vec<Reject> {
         Reject::HeaderFieldsTooLarge,
         Reject::BadGateway,
         Reject::UpstreamUnavailable,
+        Reject::RateLimitUnavailable,
         Reject::NotReady,
         Reject::GatewayTimeout,
     ]
@@ -41,6 +42,7 @@ fn every_reason_has_its_status_and_documented_slug() {
         (431, "header-fields-too-large"),
         (502, "bad-gateway"),
         (503, "upstream-unavailable"),
+        (503, "rate-limit-unavailable"),
         (503, "not-ready"),
         (504, "gateway-timeout"),
     ];
