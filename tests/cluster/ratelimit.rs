@@ -546,3 +546,121 @@ async fn a_redis_cluster_of_three_masters_holds_the_limits() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_count_per_consumer_across_data_planes_and_usage_reads_them() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisServer::start(dir.path())?;
+    let setup = Setup::start(
+        2,
+        &[
+            "--redis-url".to_string(),
+            redis.url(),
+            "--rate-limit-timeout-ms".into(),
+            "2000".into(),
+        ],
+    )
+    .await?;
+    let server = setup.cluster.node(1).admin.clone();
+    let file = setup.dir.path().join("quotas.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+consumers:
+  - name: acme
+  - name: globex
+policies:
+  - name: plan
+    authentication: [api_key]
+    quotas:
+      - {{ name: daily, period: day, limit: 3, on_store_failure: closed }}
+      - {{ name: monthly, period: month, limit: 100 }}
+upstreams:
+  - name: app
+    targets: [{{ address: \"{}\" }}]
+routes:
+  - name: plan
+    paths: [{{ prefix: /plan }}]
+    upstream: app
+    policy: plan
+",
+            setup.upstream.addr
+        ),
+    )?;
+    apply(&server, file.to_str().unwrap());
+    let key_of = |consumer: &str| {
+        let out = gatehouse_e2e::ctl(&server, &["keys", "create", "--consumer", consumer]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (acme, globex) = (key_of("acme"), key_of("globex"));
+    for dp in 0..2 {
+        let url = setup.url(dp, "/plan");
+        let probe = key_of("globex");
+        eventually(Duration::from_secs(15), "the plan and its keys", || async {
+            let r = get(&url, &[("x-api-key", &probe)]).await.ok()?;
+            (r.status == 200).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {}", setup.dps[dp].log_tail()))?;
+    }
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for i in 0..5 {
+        let r = get(&setup.url(i % 2, "/plan"), &[("x-api-key", &acme)]).await?;
+        statuses.push(r.status);
+        last = Some(r);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    let refused = last.unwrap();
+    assert_eq!(
+        refused.json()?["type"],
+        "https://gatehouse.dev/problems/quota-exceeded"
+    );
+    let wait: u64 = refused.headers["retry-after"].to_str()?.parse()?;
+    assert!((1..=86_400).contains(&wait), "until the day ends: {wait}");
+    assert_eq!(
+        get(&setup.url(1, "/plan"), &[("x-api-key", &globex)])
+            .await?
+            .status,
+        200,
+        "another consumer has its own quota"
+    );
+
+    let out = gatehouse_e2e::ctl(
+        &server,
+        &["usage", "acme", "--redis-url", &redis.url(), "-o", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let used = |quota: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["quota"] == quota)
+            .map(|r| (r["used"].as_u64().unwrap(), r["limit"].as_u64().unwrap()))
+    };
+    assert_eq!(used("daily"), Some((3, 3)), "{rows}");
+    assert_eq!(used("monthly"), Some((3, 100)), "{rows}");
+    let table = gatehouse_e2e::ctl(&server, &["usage", "acme", "--redis-url", &redis.url()]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    eprintln!("gatehousectl usage acme:\n{table}");
+    assert!(table.starts_with("POLICY"), "{table}");
+    let missing = gatehouse_e2e::ctl(&server, &["usage", "nobody", "--redis-url", &redis.url()]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("\"nobody\""),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    Ok(())
+}

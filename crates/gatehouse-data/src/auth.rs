@@ -125,6 +125,8 @@ pub struct CompiledPolicy {
     challenge: HeaderValue,
     /// The policy's rate limits.
     pub limits: Vec<crate::limits::CompiledLimit>,
+    /// The policy's per-consumer quotas.
+    pub quotas: Vec<crate::limits::CompiledQuota>,
     /// The policy's firewall rules.
     pub firewall: crate::firewall::CompiledFirewall,
 }
@@ -177,6 +179,11 @@ impl CompiledPolicy {
                 .collect::<Result<_, String>>()?,
             challenge,
             firewall: crate::firewall::CompiledFirewall::compile(&p.name, &p.firewall)?,
+            quotas: p
+                .quotas
+                .iter()
+                .map(|q| crate::limits::CompiledQuota::compile(&p.name, q, metrics))
+                .collect(),
             limits: p
                 .rate_limits
                 .iter()
@@ -397,6 +404,7 @@ mod tests {
                     ..Default::default()
                 },
                 rate_limits: vec![],
+                quotas: vec![],
                 firewall: Default::default(),
             },
             &Default::default(),
@@ -519,6 +527,7 @@ mod tests {
                 jwt: Some(gatehouse_model::object::JwtAuth { issuers: vec![] }),
                 authorization: Default::default(),
                 rate_limits: vec![],
+                quotas: vec![],
                 firewall: Default::default(),
             },
             &Default::default(),

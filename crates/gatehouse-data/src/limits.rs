@@ -164,6 +164,24 @@ struct LimitCounters {
     fallback: Counter,
 }
 
+/// The counter of one limit and outcome. A function, not an expression in a
+/// struct literal: the family's read guard must be gone before the next
+/// lookup, which may need its write lock.
+fn counter(
+    family: &prometheus_client::metrics::family::Family<LimitLabels, Counter>,
+    policy: &str,
+    limit: &str,
+    outcome: &str,
+) -> Counter {
+    family
+        .get_or_create(&LimitLabels {
+            policy: policy.to_string(),
+            limit: limit.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .clone()
+}
+
 /// One limit, compiled.
 pub struct CompiledLimit {
     name: String,
@@ -251,41 +269,17 @@ impl CompiledLimit {
             ),
             quota,
         );
-        let counter = |outcome: &str| {
-            metrics
-                .limit_decisions
-                .get_or_create(&LimitLabels {
-                    policy: policy.to_string(),
-                    limit: l.name.clone(),
-                    outcome: outcome.to_string(),
-                })
-                .clone()
+        let fallback = match l.on_store_failure {
+            StoreFailure::Open => "open",
+            StoreFailure::Closed => "closed",
+            StoreFailure::Local => "local",
         };
         let counters = LimitCounters {
-            allowed: counter("allowed"),
-            limited: counter("limited"),
-            unavailable: counter("unavailable"),
-            deny_cache_hits: metrics
-                .limit_deny_cache_hits
-                .get_or_create(&LimitLabels {
-                    policy: policy.to_string(),
-                    limit: l.name.clone(),
-                    outcome: "limited".into(),
-                })
-                .clone(),
-            fallback: metrics
-                .limit_fallbacks
-                .get_or_create(&LimitLabels {
-                    policy: policy.to_string(),
-                    limit: l.name.clone(),
-                    outcome: match l.on_store_failure {
-                        StoreFailure::Open => "open",
-                        StoreFailure::Closed => "closed",
-                        StoreFailure::Local => "local",
-                    }
-                    .to_string(),
-                })
-                .clone(),
+            allowed: counter(&metrics.limit_decisions, policy, &l.name, "allowed"),
+            limited: counter(&metrics.limit_decisions, policy, &l.name, "limited"),
+            unavailable: counter(&metrics.limit_decisions, policy, &l.name, "unavailable"),
+            deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &l.name, "limited"),
+            fallback: counter(&metrics.limit_fallbacks, policy, &l.name, fallback),
         };
         Ok(CompiledLimit {
             name: l.name.clone(),
@@ -452,6 +446,133 @@ fn warn_store_failure(error: &str) {
         .map_or(0, |d| d.as_secs());
     if LAST.swap(now, Ordering::Relaxed) != now {
         tracing::warn!(%error, "rate-limit store unavailable; limits follow on_store_failure");
+    }
+}
+
+/// One quota of a policy, compiled.
+pub struct CompiledQuota {
+    policy: String,
+    name: String,
+    period: gatehouse_model::object::QuotaPeriod,
+    limit: u64,
+    on_store_failure: StoreFailure,
+    /// Consumers over the quota, until the period ends.
+    exhausted: TimedKeys,
+    counters: LimitCounters,
+}
+
+impl std::fmt::Debug for CompiledQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledQuota")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl CompiledQuota {
+    pub fn compile(policy: &str, q: &gatehouse_model::object::Quota, metrics: &Metrics) -> Self {
+        let name = format!("quota:{}", q.name);
+        let fallback = match q.on_store_failure {
+            StoreFailure::Closed => "closed",
+            StoreFailure::Open | StoreFailure::Local => "open",
+        };
+        let counters = LimitCounters {
+            allowed: counter(&metrics.limit_decisions, policy, &name, "allowed"),
+            limited: counter(&metrics.limit_decisions, policy, &name, "limited"),
+            unavailable: counter(&metrics.limit_decisions, policy, &name, "unavailable"),
+            deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &name, "limited"),
+            fallback: counter(&metrics.limit_fallbacks, policy, &name, fallback),
+        };
+        CompiledQuota {
+            policy: policy.to_string(),
+            name: q.name.clone(),
+            period: q.period,
+            limit: q.limit,
+            on_store_failure: q.on_store_failure,
+            exhausted: TimedKeys::default(),
+            counters,
+        }
+    }
+}
+
+/// Counts the request against the policy's quotas (after its rate limits
+/// admitted it), all of them or none, in one Redis call. `Some` when
+/// refused: the wait until the used-up period ends (429), or `None` inside
+/// when a `closed` quota cannot reach its store (503).
+pub async fn check_quotas(
+    quotas: &[CompiledQuota],
+    consumer: Option<&str>,
+    env: &ClusterEnv,
+    m: &Metrics,
+) -> Option<Option<Duration>> {
+    // Validation makes a policy with quotas authenticate; no consumer, no quota.
+    let consumer = consumer?;
+    if quotas.is_empty() {
+        return None;
+    }
+    let now = std::time::SystemTime::now();
+    let instant = Instant::now();
+    let mut asks = Vec::with_capacity(quotas.len());
+    let mut until_end = Vec::with_capacity(quotas.len());
+    for q in quotas {
+        let period = gatehouse_model::quota::period_of(q.period, now);
+        let key = gatehouse_model::quota::redis_key(consumer, &q.policy, &q.name, &period);
+        let left = period.end.duration_since(now).unwrap_or_default();
+        if let Some(until) = q.exhausted.get(&key, instant) {
+            q.counters.deny_cache_hits.inc();
+            q.counters.limited.inc();
+            return Some(Some(until - instant));
+        }
+        // Kept one more period after it ends, for `gatehousectl usage`.
+        let keep = period.end + period.end.duration_since(period.start).unwrap_or_default();
+        let expire_at = keep
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        asks.push((key, q.limit, expire_at));
+        until_end.push(left);
+    }
+    let answer = match &env.store {
+        None => Err("no rate-limit store is configured".to_string()),
+        Some(store) => {
+            let r = store.count_quotas(&asks).await;
+            if r.is_ok() {
+                m.redis_duration.observe(instant.elapsed().as_secs_f64());
+            } else {
+                m.redis_errors.inc();
+            }
+            r
+        }
+    };
+    match answer {
+        Ok(Ok(_)) => {
+            for q in quotas {
+                q.counters.allowed.inc();
+            }
+            None
+        }
+        Ok(Err(i)) => {
+            let i = i.min(quotas.len() - 1);
+            quotas[i].counters.limited.inc();
+            let (key, _, _) = asks.swap_remove(i);
+            quotas[i]
+                .exhausted
+                .set(key, instant + until_end[i], instant);
+            Some(Some(until_end[i]))
+        }
+        Err(e) => {
+            warn_store_failure(&e);
+            let mut refused = None;
+            for q in quotas {
+                q.counters.fallback.inc();
+                if q.on_store_failure == StoreFailure::Closed {
+                    q.counters.unavailable.inc();
+                    refused = Some(None);
+                } else {
+                    q.counters.allowed.inc();
+                }
+            }
+            refused
+        }
     }
 }
 

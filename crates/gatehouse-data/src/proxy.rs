@@ -250,6 +250,29 @@ impl Proxy {
                 return (name, response);
             }
         }
+        // Then the consumer's quotas, so a request a limit refused uses none.
+        if let Some(policy) = route.policy.as_ref().filter(|p| !p.quotas.is_empty()) {
+            let refused = crate::limits::check_quotas(
+                &policy.quotas,
+                consumer.as_deref().map(|c| c.name.as_str()),
+                &self.shared.cluster_limits,
+                &self.shared.metrics,
+            )
+            .await;
+            match refused {
+                None => {}
+                Some(Some(wait)) => {
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    return (
+                        name,
+                        reject(&Reject::QuotaExceeded {
+                            retry_after_secs: secs.max(1),
+                        }),
+                    );
+                }
+                Some(None) => return (name, reject(&Reject::RateLimitUnavailable)),
+            }
+        }
 
         let path = if route.strip_prefix {
             found.stripped(&canonical)

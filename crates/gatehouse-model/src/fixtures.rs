@@ -164,6 +164,7 @@ pub fn policy(name: &str) -> Policy {
         jwt: None,
         authorization: Authorization::default(),
         rate_limits: Vec::new(),
+        quotas: Vec::new(),
         firewall: Firewall::default(),
     }
 }
@@ -217,6 +218,12 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 on_store_failure: StoreFailure::Closed,
             },
         ],
+        quotas: vec![Quota {
+            name: "daily".to_string(),
+            period: QuotaPeriod::Day,
+            limit: 10_000,
+            on_store_failure: StoreFailure::Closed,
+        }],
         firewall: Firewall {
             allow_ips: strings(&["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"]),
             deny_ips: strings(&["10.6.6.6"]),

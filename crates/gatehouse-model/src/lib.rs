@@ -6,6 +6,7 @@ pub mod apikey;
 pub mod error;
 pub mod file;
 pub mod object;
+pub mod quota;
 pub mod selector;
 pub mod state;
 pub mod validate;

@@ -45,6 +45,26 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_t
 return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 ";
 
+/// The quotas of one policy for one consumer, in one step: the request is
+/// counted against every quota unless one of them is used up, and then
+/// against none. The keys share the consumer's hash tag (one cluster slot).
+/// KEYS: the counts; ARGV: their limits, then the Unix times they expire at.
+/// Returns `{0, i}` when quota `i` (from 1) is used up, or `{1, used...}`.
+pub const QUOTAS: &str = r"
+local n = #KEYS
+for i = 1, n do
+  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used >= tonumber(ARGV[i]) then return {0, i} end
+end
+local out = {1}
+for i = 1, n do
+  local used = redis.call('INCR', KEYS[i])
+  if used == 1 then redis.call('EXPIREAT', KEYS[i], ARGV[n + i]) end
+  out[i + 1] = used
+end
+return out
+";
+
 /// Where the counters live, as the data plane's flags give it.
 #[derive(Clone)]
 pub enum StoreTarget {
@@ -103,6 +123,7 @@ enum Conn {
 pub struct Store {
     conn: Arc<ArcSwapOption<Conn>>,
     script: redis::Script,
+    quota: redis::Script,
     timeout: Duration,
     _task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -191,6 +212,7 @@ impl Store {
         Ok(Store {
             conn,
             script: redis::Script::new(GCRA),
+            quota: redis::Script::new(QUOTAS),
             timeout,
             _task: task,
         })
@@ -198,6 +220,46 @@ impl Store {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Counts one request against quotas (key, limit, Unix expiry), all
+    /// or none, bounded by the decision timeout: `Ok(Err(i))` when quota `i`
+    /// is used up, `Ok(Ok(used))` with each quota's count otherwise.
+    pub async fn count_quotas(
+        &self,
+        quotas: &[(String, u64, u64)],
+    ) -> Result<Result<Vec<u64>, usize>, String> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err("not connected yet".into());
+        };
+        let mut invocation = self.quota.prepare_invoke();
+        for (key, _, _) in quotas {
+            invocation.key(key);
+        }
+        for (_, limit, _) in quotas {
+            invocation.arg(*limit);
+        }
+        for (_, _, expire_at) in quotas {
+            invocation.arg(*expire_at);
+        }
+        let call = async {
+            match (*conn).clone() {
+                Conn::Single(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
+                Conn::Cluster(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(reply)) => match reply.split_first() {
+                Some((1, used)) => Ok(Ok(used
+                    .iter()
+                    .map(|u| u64::try_from(*u).unwrap_or(0))
+                    .collect())),
+                Some((0, [i, ..])) => Ok(Err(usize::try_from(*i - 1).unwrap_or(0))),
+                _ => Err(format!("unexpected reply from the quota script: {reply:?}")),
+            },
+        }
     }
 
     /// One GCRA decision for `key`, bounded by the decision timeout.

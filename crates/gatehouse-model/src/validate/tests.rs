@@ -754,6 +754,38 @@ fn rate_limits_are_checked() {
 }
 
 #[test]
+fn quotas_are_checked() {
+    let mut p = full_policy("strict", "corp");
+    p.quotas[0].on_store_failure = StoreFailure::Local;
+    assert_invalid(
+        p,
+        "quotas[0].on_store_failure",
+        r#"policy "strict": quotas[0].on_store_failure: must be open or closed: a quota has no local share"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.quotas.push(p.quotas[0].clone());
+    assert_invalid(
+        p,
+        "quotas[1].name",
+        r#"policy "strict": quotas[1].name: "daily" is used by another quota"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.quotas[0].limit = 0;
+    assert_invalid(
+        p,
+        "quotas[0].limit",
+        r#"policy "strict": quotas[0].limit: 0 is out of range (1 to 1000000000000)"#,
+    );
+    let mut p = policy("open");
+    p.quotas = full_policy("x", "corp").quotas;
+    assert_invalid(
+        p,
+        "quotas[0].name",
+        r#"policy "open": quotas[0].name: quotas count per consumer but the policy authenticates no one"#,
+    );
+}
+
+#[test]
 fn firewall_limits_and_cors_are_checked() {
     let mut p = full_policy("strict", "corp");
     p.firewall.max_header_bytes = Some(100);
