@@ -664,3 +664,65 @@ routes:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_mode_admits_at_most_one_lease_more_with_fewer_redis_calls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisServer::start(dir.path())?;
+    let flags = vec![
+        "--redis-url".to_string(),
+        redis.url(),
+        "--rate-limit-timeout-ms".into(),
+        "2000".into(),
+    ];
+    let setup = Setup::start(3, &flags).await?;
+    setup
+        .apply(&[
+            (
+                "leased",
+                "key: [route], limit: 1000, window: 1h, lease: 10, on_store_failure: closed",
+            ),
+            (
+                "steady",
+                "key: [route], limit: 100, window: 1s, lease: 5, on_store_failure: closed",
+            ),
+        ])
+        .await?;
+
+    let before = redis.calls("evalsha")?;
+    let seen = load(&setup, "/leased", 16, 1600, Duration::from_secs(120)).await;
+    let calls = redis.calls("evalsha")? - before;
+    let admitted = seen.iter().filter(|(_, s, _)| *s == 200).count() as u64;
+    let unavailable = seen.iter().filter(|(_, s, _)| *s == 503).count();
+    eprintln!(
+        "cost mode (L=1000 per 1h, lease 10, 3 data planes, 60/30/10 % of {} requests): \
+         admitted {admitted} ({:.4} L), {calls} EVALSHA ({:.3} per request), unavailable {unavailable}",
+        seen.len(),
+        admitted as f64 / 1000.0,
+        calls as f64 / seen.len() as f64
+    );
+    assert!(admitted <= 1000 + 10, "at most one lease over: {admitted}");
+    assert!(
+        admitted >= 1000 - 3 * 16 * 10,
+        "leases left unspent: {admitted}"
+    );
+
+    let run = Duration::from_secs(5);
+    let before = redis.calls("evalsha")?;
+    let seen = load(&setup, "/steady", 16, u64::MAX, run).await;
+    let calls = redis.calls("evalsha")? - before;
+    let n = seen.iter().filter(|(_, s, _)| *s == 200).count() as f64;
+    let span = seen.iter().map(|(_, _, t)| *t).max().unwrap_or_default();
+    let exact_bound = 100.0 + span.as_secs_f64() * 100.0;
+    eprintln!(
+        "cost mode (100 per 1s, lease 5, {} requests over {span:?}): admitted {n} against an exact \
+         bound of {exact_bound:.1} ({:.4}), {calls} EVALSHA",
+        seen.len(),
+        n / exact_bound
+    );
+    assert!(
+        n <= exact_bound + 5.0 + 1.0,
+        "admitted {n}: more than one lease over the exact bound {exact_bound:.1}"
+    );
+    Ok(())
+}

@@ -200,6 +200,11 @@ pub struct CompiledLimit {
     refused: TimedKeys,
     /// This node's share while Redis is unavailable (`on_store_failure: local`).
     fallback: TimedKeys,
+    /// Cost mode: tokens to take from Redis at once (0: exact mode).
+    lease: u64,
+    /// Cost mode: tokens this node took and has not spent, by Redis key,
+    /// and until when they may be spent.
+    leases: Mutex<HashMap<String, (u64, Instant)>>,
     counters: LimitCounters,
 }
 
@@ -294,6 +299,8 @@ impl CompiledLimit {
             redis_prefix: format!("gatehouse:rl:{{{policy}/{}/", l.name),
             refused: TimedKeys::default(),
             fallback: TimedKeys::default(),
+            lease: l.lease,
+            leases: Mutex::new(HashMap::new()),
             counters,
         })
     }
@@ -385,6 +392,13 @@ impl CompiledLimit {
     ) -> Verdict {
         let redis_key = self.redis_key(&key);
         let sent = Instant::now();
+        // Tokens this node already holds first: Redis may have refused a
+        // concurrent request of the same key after this node leased them.
+        if self.lease > 0 {
+            if let Some(count) = self.spend_lease(&redis_key, sent) {
+                return Verdict::Counted(count);
+            }
+        }
         if let Some(until) = self.refused.get(&redis_key, sent) {
             self.counters.deny_cache_hits.inc();
             return Verdict::Counted(Count {
@@ -394,16 +408,18 @@ impl CompiledLimit {
             });
         }
         match store
-            .decide(&redis_key, self.period, self.capacity, 1)
+            .decide(&redis_key, self.period, self.capacity, self.lease.max(1))
             .await
         {
             Ok(a) => {
                 m.redis_duration.observe(sent.elapsed().as_secs_f64());
-                let wait = (!a.allowed).then_some(a.wait);
+                let wait = (a.taken == 0).then_some(a.wait);
                 if let Some(w) = wait {
                     // From when the question was sent, so never later than
                     // Redis's own answer.
                     self.refused.set(redis_key, sent + w, Instant::now());
+                } else if a.taken > 1 {
+                    self.keep_lease(redis_key, a.taken - 1, sent);
                 }
                 Verdict::Counted(Count {
                     remaining: a.remaining,
@@ -434,6 +450,56 @@ impl CompiledLimit {
                 }
             }
         }
+    }
+}
+
+impl CompiledLimit {
+    /// How long leased tokens may be spent: the time the whole cluster
+    /// needs to earn a lease. Tokens used in an interval were then taken
+    /// within that interval and one lease time before it, which bounds the
+    /// excess over exact mode by one lease (docs/rate-limiting.md).
+    fn lease_time(&self) -> Duration {
+        self.period
+            .saturating_mul(u32::try_from(self.lease).unwrap_or(u32::MAX))
+    }
+
+    /// Spends one leased token of `key`, if this node holds one.
+    fn spend_lease(&self, key: &str, now: Instant) -> Option<Count> {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, until) = leases.get_mut(key)?;
+        if *tokens == 0 || *until <= now {
+            leases.remove(key);
+            return None;
+        }
+        *tokens -= 1;
+        let left = *tokens;
+        Some(Count {
+            // What this node holds; the bucket may hold more.
+            remaining: left,
+            reset: self.period.saturating_mul(
+                u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
+            ),
+            wait: None,
+        })
+    }
+
+    /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
+    fn keep_lease(&self, key: String, tokens: u64, taken_at: Instant) {
+        let until = taken_at + self.lease_time();
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if leases.len() >= SWEEP_AT && !leases.contains_key(&key) {
+            let now = Instant::now();
+            leases.retain(|_, (_, u)| *u > now);
+        }
+        let entry = leases.entry(key).or_insert((0, until));
+        if entry.1 <= taken_at {
+            // An expired lease nobody asked for since: its tokens are gone.
+            *entry = (0, until);
+        }
+        // Concurrent misses may each bring a lease: the tokens add up and
+        // the earliest deadline holds for all, which keeps the bound.
+        entry.0 += tokens;
+        entry.1 = entry.1.min(until);
     }
 }
 
@@ -694,6 +760,7 @@ mod tests {
             window,
             burst,
             on_store_failure: StoreFailure::Open,
+            lease: 0,
         }
     }
 

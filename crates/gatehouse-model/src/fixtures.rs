@@ -207,6 +207,7 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 window: Duration::from_secs(60),
                 burst: 20,
                 on_store_failure: StoreFailure::Local,
+                lease: 5,
             },
             RateLimit {
                 name: "per-ip".to_string(),
@@ -216,6 +217,7 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 window: Duration::from_secs(1),
                 burst: 0,
                 on_store_failure: StoreFailure::Closed,
+                lease: 0,
             },
         ],
         quotas: vec![Quota {

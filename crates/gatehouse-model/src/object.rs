@@ -418,6 +418,11 @@ pub struct RateLimit {
     pub burst: u64,
     #[serde(default)]
     pub on_store_failure: StoreFailure,
+    /// Cost mode of a cluster limit: each data plane takes up to this many
+    /// tokens from Redis at once and spends them locally (0: one Redis call
+    /// per request, exact).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease: u64,
 }
 
 /// A number of requests per consumer per calendar period (UTC), for usage

@@ -522,6 +522,14 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
             Duration::from_millis(100),
             Duration::from_secs(31 * 24 * 3600),
         )?;
+        if l.lease > 0 {
+            c.ensure(
+                l.scope == LimitScope::Cluster,
+                f("lease"),
+                "applies to scope: cluster only",
+            )?;
+            c.range(&f("lease"), l.lease, 1, 10_000.min(l.limit + l.burst))?;
+        }
     }
     c.count("quotas", &p.quotas, 0, 8)?;
     for (i, q) in p.quotas.iter().enumerate() {

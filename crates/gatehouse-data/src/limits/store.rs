@@ -24,25 +24,28 @@ use redis::sentinel::{SentinelClient, SentinelServerType};
 /// Generic cell rate algorithm over one key holding the theoretical arrival
 /// time (TAT) in microseconds of Redis's clock.
 ///
-/// ARGV: emission interval (µs per request), capacity (limit + burst), cost.
-/// Returns `{allowed, remaining, wait_us, reset_us}`: `wait_us` is how long
-/// until a refused request would be admitted, `reset_us` how long until the
-/// bucket is full again. A refused request changes nothing.
+/// ARGV: emission interval (µs per request), capacity (limit + burst), and
+/// how many tokens to take at most (1, or a lease). Takes as many as the
+/// bucket holds up to that. Returns `{taken, remaining, wait_us, reset_us}`:
+/// `wait_us` is how long until a refused request would be admitted,
+/// `reset_us` how long until the bucket is full again. A refused request
+/// changes nothing.
 pub const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
+local want = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval * cost
-local allow_at = new_tat - interval * capacity
-if allow_at > now then
-  return {0, 0, allow_at - now, tat - now}
+local avail = math.floor((now + interval * capacity - tat) / interval)
+if avail < 1 then
+  return {0, 0, tat + interval - interval * capacity - now, tat - now}
 end
+local taken = math.min(want, avail)
+local new_tat = tat + interval * taken
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+return {taken, avail - taken, 0, new_tat - now}
 ";
 
 /// The quotas of one policy for one consumer, in one step: the request is
@@ -107,7 +110,8 @@ pub enum StoreError {
 /// What one decision in Redis answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
-    pub allowed: bool,
+    /// Tokens taken: 0 when refused.
+    pub taken: u64,
     pub remaining: u64,
     pub wait: Duration,
     pub reset: Duration,
@@ -262,13 +266,14 @@ impl Store {
         }
     }
 
-    /// One GCRA decision for `key`, bounded by the decision timeout.
+    /// One GCRA decision for `key` taking up to `want` tokens, bounded by
+    /// the decision timeout.
     pub async fn decide(
         &self,
         key: &str,
         interval: Duration,
         capacity: u64,
-        cost: u64,
+        want: u64,
     ) -> Result<Answer, String> {
         let Some(conn) = self.conn.load_full() else {
             return Err("not connected yet".into());
@@ -277,7 +282,7 @@ impl Store {
             .unwrap_or(u64::MAX)
             .max(1);
         let mut invocation = self.script.key(key);
-        invocation.arg(interval_us).arg(capacity).arg(cost);
+        invocation.arg(interval_us).arg(capacity).arg(want);
         let call = async {
             match (*conn).clone() {
                 Conn::Single(mut c) => {
@@ -295,10 +300,10 @@ impl Store {
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err("timed out".into()),
             Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok((allowed, remaining, wait, reset))) => {
+            Ok(Ok((taken, remaining, wait, reset))) => {
                 let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
                 Ok(Answer {
-                    allowed: allowed == 1,
+                    taken: u64::try_from(taken).unwrap_or(0),
                     remaining: u64::try_from(remaining).unwrap_or(0),
                     wait: us(wait),
                     reset: us(reset),

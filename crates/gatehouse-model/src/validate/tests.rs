@@ -743,6 +743,20 @@ fn rate_limits_are_checked() {
         "rate_limits[0].limit",
         r#"policy "strict": rate_limits[0].limit: 0 is out of range (1 to 1000000000)"#,
     );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[1].lease = 2;
+    assert_invalid(
+        p,
+        "rate_limits[1].lease",
+        r#"policy "strict": rate_limits[1].lease: applies to scope: cluster only"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[0].lease = 121;
+    assert_invalid(
+        p,
+        "rate_limits[0].lease",
+        r#"policy "strict": rate_limits[0].lease: 121 is out of range (1 to 120)"#,
+    );
     // Keyed by consumer on a policy that authenticates no one.
     let mut p = policy("open");
     p.rate_limits = full_policy("x", "corp").rate_limits;
