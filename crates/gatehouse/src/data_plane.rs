@@ -137,6 +137,8 @@ pub struct StandaloneArgs {
     raft_listen: SocketAddr,
     #[command(flatten)]
     listeners: Listeners,
+    #[command(flatten)]
+    redis: RedisArgs,
 }
 
 /// ` tls=ADDR` for the ready line, when the TLS listener is on.
@@ -227,8 +229,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         control_planes: vec![cp.admin_addr.to_string()],
         node_name: "standalone".into(),
         state_dir: args.data_dir.join("data-plane"),
-        rate_limit_store: None,
-        rate_limit_timeout: Duration::from_millis(50),
+        rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
+        rate_limit_store: args.redis.target()?,
     })
     .await?;
     println!(
