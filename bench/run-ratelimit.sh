@@ -8,7 +8,8 @@
 # Installs redis-server with apt-get when it is missing (Debian or Ubuntu, as
 # root or with sudo), builds release binaries, and runs everything on
 # 127.0.0.1 only. Results are printed and kept in
-# target/bench-results/ratelimit-<UTC timestamp>.md.
+# target/bench-results/ratelimit-<UTC timestamp>.md. Extra arguments go to
+# gatehouse-bench proxies (e.g. --quiet-wait 20 on a machine shared with builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,6 @@ mkdir -p "$(dirname "$out")"
     echo
     target/release/gatehouse-bench proxies --connections 32 --warmup 3 --duration 10 --rate-fraction 0.5 \
         --proxy-threads 1 --backend-threads 1 --client-threads 1 \
-        --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease
+        --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease "$@"
 } 2> >(tee "${out%.md}.log" >&2) | tee "$out"
 echo "results: $out (progress and warnings: ${out%.md}.log)" >&2

@@ -204,7 +204,7 @@ pub struct CompiledLimit {
     lease: u64,
     /// Cost mode: tokens this node took and has not spent, by Redis key,
     /// and until when they may be spent.
-    leases: Mutex<HashMap<String, (u64, Instant)>>,
+    leases: Mutex<HashMap<String, Lease>>,
     counters: LimitCounters,
 }
 
@@ -394,9 +394,20 @@ impl CompiledLimit {
         let sent = Instant::now();
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
+        let mut leasing = None;
         if self.lease > 0 {
-            if let Some(count) = self.spend_lease(&redis_key, sent) {
-                return Verdict::Counted(count);
+            match self.spend_lease(&redis_key, sent) {
+                Spend::Spent(count) => return Verdict::Counted(count),
+                // This request fetches the next lease; until it is back,
+                // others of this key ask for one token each.
+                Spend::Fetch => {
+                    leasing = Some(LeaseInFlight {
+                        limit: self,
+                        key: redis_key.clone(),
+                        done: false,
+                    })
+                }
+                Spend::One => {}
             }
         }
         if let Some(until) = self.refused.get(&redis_key, sent) {
@@ -407,8 +418,9 @@ impl CompiledLimit {
                 wait: Some(until - sent),
             });
         }
+        let want = if leasing.is_some() { self.lease } else { 1 };
         match store
-            .decide(&redis_key, self.period, self.capacity, self.lease.max(1))
+            .decide(&redis_key, self.period, self.capacity, want)
             .await
         {
             Ok(a) => {
@@ -418,8 +430,8 @@ impl CompiledLimit {
                     // From when the question was sent, so never later than
                     // Redis's own answer.
                     self.refused.set(redis_key, sent + w, Instant::now());
-                } else if a.taken > 1 {
-                    self.keep_lease(redis_key, a.taken - 1, sent);
+                } else if let Some(lease) = leasing.take() {
+                    lease.done(a.taken - 1, sent);
                 }
                 Verdict::Counted(Count {
                     remaining: a.remaining,
@@ -455,51 +467,106 @@ impl CompiledLimit {
 
 impl CompiledLimit {
     /// How long leased tokens may be spent: the time the whole cluster
-    /// needs to earn a lease. Tokens used in an interval were then taken
-    /// within that interval and one lease time before it, which bounds the
-    /// excess over exact mode by one lease (docs/rate-limiting.md).
+    /// needs to earn a lease, and at least a second. A data plane holds at
+    /// most one lease of a key at a time (plus the one being fetched), which
+    /// bounds the excess over exact mode by `lease` per data plane; when the
+    /// lease time is `lease × interval`, also by `lease` in all
+    /// (docs/rate-limiting.md).
     fn lease_time(&self) -> Duration {
         self.period
             .saturating_mul(u32::try_from(self.lease).unwrap_or(u32::MAX))
+            .max(Duration::from_secs(1))
     }
 
-    /// Spends one leased token of `key`, if this node holds one.
-    fn spend_lease(&self, key: &str, now: Instant) -> Option<Count> {
+    /// Spends one leased token of `key` if this node holds one; otherwise
+    /// says whether this request fetches the next lease.
+    fn spend_lease(&self, key: &str, now: Instant) -> Spend {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, until) = leases.get_mut(key)?;
-        if *tokens == 0 || *until <= now {
-            leases.remove(key);
-            return None;
+        let Some(lease) = leases.get_mut(key) else {
+            if leases.len() >= SWEEP_AT {
+                leases.retain(|_, l| l.fetching || l.until > now);
+            }
+            leases.insert(
+                key.to_string(),
+                Lease {
+                    tokens: 0,
+                    until: now,
+                    fetching: true,
+                },
+            );
+            return Spend::Fetch;
+        };
+        if lease.tokens > 0 && lease.until > now {
+            lease.tokens -= 1;
+            let left = lease.tokens;
+            return Spend::Spent(Count {
+                // What this node holds; the bucket may hold more.
+                remaining: left,
+                reset: self.period.saturating_mul(
+                    u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
+                ),
+                wait: None,
+            });
         }
-        *tokens -= 1;
-        let left = *tokens;
-        Some(Count {
-            // What this node holds; the bucket may hold more.
-            remaining: left,
-            reset: self.period.saturating_mul(
-                u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
-            ),
-            wait: None,
-        })
+        if lease.fetching {
+            return Spend::One;
+        }
+        lease.tokens = 0;
+        lease.fetching = true;
+        Spend::Fetch
     }
+}
 
+/// A data plane's tokens of one key in cost mode.
+struct Lease {
+    tokens: u64,
+    /// Until when they may be spent.
+    until: Instant,
+    /// A request is fetching the next lease.
+    fetching: bool,
+}
+
+enum Spend {
+    Spent(Count),
+    /// Fetch a lease for this request and the next ones.
+    Fetch,
+    /// Another request is fetching: ask Redis for one token.
+    One,
+}
+
+/// The lease a request is fetching; if the request ends without it (Redis
+/// failed or refused, or the client went away), the next one fetches.
+struct LeaseInFlight<'a> {
+    limit: &'a CompiledLimit,
+    key: String,
+    done: bool,
+}
+
+impl LeaseInFlight<'_> {
     /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
-    fn keep_lease(&self, key: String, tokens: u64, taken_at: Instant) {
-        let until = taken_at + self.lease_time();
-        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        if leases.len() >= SWEEP_AT && !leases.contains_key(&key) {
-            let now = Instant::now();
-            leases.retain(|_, (_, u)| *u > now);
+    fn done(mut self, tokens: u64, taken_at: Instant) {
+        let until = taken_at + self.limit.lease_time();
+        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            *lease = Lease {
+                tokens,
+                until,
+                fetching: false,
+            };
         }
-        let entry = leases.entry(key).or_insert((0, until));
-        if entry.1 <= taken_at {
-            // An expired lease nobody asked for since: its tokens are gone.
-            *entry = (0, until);
+        self.done = true;
+    }
+}
+
+impl Drop for LeaseInFlight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
         }
-        // Concurrent misses may each bring a lease: the tokens add up and
-        // the earliest deadline holds for all, which keeps the bound.
-        entry.0 += tokens;
-        entry.1 = entry.1.min(until);
+        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            lease.fetching = false;
+        }
     }
 }
 
