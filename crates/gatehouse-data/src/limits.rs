@@ -1032,4 +1032,49 @@ mod tests {
         assert!(keys.take("k", interval, 5, now + interval).wait.is_some());
         assert!(keys.take("other", interval, 5, now).wait.is_none());
     }
+
+    #[test]
+    fn one_lease_per_key_is_fetched_at_a_time_and_a_dropped_fetch_frees_it() {
+        let reg = LimiterRegistry::default();
+        let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 5;
+        let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
+        let now = Instant::now();
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // While it is out, others ask for one token each.
+        assert!(matches!(c.spend_lease("k", now), Spend::One));
+        LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        }
+        .done(4, now);
+        for left in (0..4).rev() {
+            match c.spend_lease("k", now) {
+                Spend::Spent(count) => assert_eq!(count.remaining, left),
+                _ => panic!("a leased token was not spent"),
+            }
+        }
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // A fetch that ends without a lease (Redis failed, client gone) lets
+        // the next request fetch.
+        drop(LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        });
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // Tokens are not spent after the lease time (1 s here).
+        LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        }
+        .done(4, now);
+        assert!(matches!(
+            c.spend_lease("k", now + Duration::from_secs(2)),
+            Spend::Fetch
+        ));
+    }
 }
