@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
-# Installs what it needs on a fresh machine; needs only the Rust toolchain.
+# Installs what it needs on a fresh machine (redis-server through apt-get);
+# needs the Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The rate-limit tests start real redis-server processes (and redis-cli for
+# a Redis Cluster); a fresh CI machine (root) gets them from Debian.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    step "installing redis-server and redis-tools"
+    apt-get update -qq && apt-get install -y -qq redis-server redis-tools
+fi
 
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check

@@ -1,6 +1,8 @@
 //! `gatehouse-bench proxies`: the same backend reached directly and through
 //! nginx, HAProxy and Gatehouse, each proxy with one worker thread or process,
-//! measured with the same load in one run.
+//! measured with the same load in one run. Gatehouse also with a rate limit
+//! on the route: local, cluster (exact) and cluster in cost mode (leases),
+//! the cluster ones counted in a real `redis-server` started for the run.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,7 +46,8 @@ pub struct ProxiesArgs {
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     client_threads: u64,
-    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse.
+    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse,
+    /// gatehouse-local, gatehouse-cluster, gatehouse-lease.
     #[arg(
         long,
         value_delimiter = ',',
@@ -69,6 +72,35 @@ pub enum Kind {
     Nginx,
     Haproxy,
     Gatehouse,
+    /// Gatehouse with a local (governor) rate limit on the route.
+    GatehouseLocal,
+    /// Gatehouse with a cluster rate limit in Redis, exact mode.
+    GatehouseCluster,
+    /// Gatehouse with a cluster rate limit in Redis, cost mode (lease 100).
+    GatehouseLease,
+}
+
+/// The lease of the cost-mode target.
+const LEASE: u64 = 100;
+
+impl Kind {
+    /// The rate limit on the route, for the Gatehouse targets with one. It
+    /// never refuses (10^9 per second), so every request costs a decision.
+    fn limit(self) -> Option<String> {
+        let base = "key: [client_ip], limit: 1000000000, window: 1s";
+        match self {
+            Kind::GatehouseLocal => Some(format!("{{ name: l, {base} }}")),
+            Kind::GatehouseCluster => Some(format!("{{ name: l, scope: cluster, {base} }}")),
+            Kind::GatehouseLease => Some(format!(
+                "{{ name: l, scope: cluster, lease: {LEASE}, {base} }}"
+            )),
+            _ => None,
+        }
+    }
+
+    fn uses_redis(self) -> bool {
+        matches!(self, Kind::GatehouseCluster | Kind::GatehouseLease)
+    }
 }
 
 impl fmt::Display for Kind {
@@ -78,6 +110,9 @@ impl fmt::Display for Kind {
             Kind::Nginx => "nginx",
             Kind::Haproxy => "HAProxy",
             Kind::Gatehouse => "Gatehouse",
+            Kind::GatehouseLocal => "Gatehouse, local limit",
+            Kind::GatehouseCluster => "Gatehouse, cluster limit (exact)",
+            Kind::GatehouseLease => "Gatehouse, cluster limit (lease 100)",
         })
     }
 }
@@ -208,6 +243,8 @@ async fn wait_serving(url: &str, proc: &mut Option<&mut Proc>) -> Result<()> {
 /// A target that is up: its URL and (for proxies) its process.
 struct Running {
     url: String,
+    /// Gatehouse's ops listener, for its request count.
+    ops: Option<String>,
     proc: Option<Proc>,
     /// Version and worker facts, for the report.
     notes: Vec<String>,
@@ -266,6 +303,7 @@ http {{
     let proc = spawn_logged("nginx", cmd, &log)?;
     Ok(Some(Running {
         url: format!("http://127.0.0.1:{port}/"),
+        ops: None,
         proc: Some(proc),
         notes: vec![
             version_of(&nginx, "-v"),
@@ -322,6 +360,7 @@ backend backend
     let proc = spawn_logged("haproxy", cmd, &root.join("stderr.log"))?;
     Ok(Some(Running {
         url: format!("http://127.0.0.1:{port}/"),
+        ops: None,
         proc: Some(proc),
         notes: vec![
             version_of(&haproxy, "-v"),
@@ -330,8 +369,14 @@ backend backend
     }))
 }
 
-async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Running> {
-    let root = dir.join("gatehouse");
+async fn start_gatehouse(
+    dir: &Path,
+    backend: SocketAddr,
+    threads: u64,
+    kind: Kind,
+    redis: Option<&gatehouse_e2e::redis::RedisServer>,
+) -> Result<Running> {
+    let root = dir.join(format!("{kind:?}").to_lowercase());
     std::fs::create_dir_all(&root)?;
     let log = root.join("stderr.log");
     let mut cmd = Command::new(bin("gatehouse"));
@@ -343,6 +388,10 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
         .args(["--listen", "127.0.0.1:0"])
         .args(["--ops-listen", "127.0.0.1:0"])
         .args(["--log-level", "warn"])
+        .args(match (kind.uses_redis(), redis) {
+            (true, Some(r)) => vec!["--redis-url".to_string(), r.url()],
+            _ => vec![],
+        })
         .env_remove("RUST_LOG")
         .env("GATEHOUSE_BOOTSTRAP_TOKEN", gatehouse_e2e::TOKEN)
         .env("TOKIO_WORKER_THREADS", threads.to_string());
@@ -354,11 +403,19 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
     };
     let admin = ready.field("admin")?;
     let proxy = ready.field("proxy")?;
+    let ops = ready.field("ops")?;
     let file = root.join("gateway.yaml");
+    let (policies, policy) = match kind.limit() {
+        Some(limit) => (
+            format!("policies:\n  - name: limited\n    rate_limits:\n      - {limit}\n"),
+            "    policy: limited\n",
+        ),
+        None => (String::new(), ""),
+    };
     std::fs::write(
         &file,
         format!(
-            "version: 1\nupstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n"
+            "version: 1\n{policies}upstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n{policy}"
         ),
     )?;
     // The control plane may still be electing itself: retry for a while.
@@ -381,9 +438,13 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
     }
     Ok(Running {
         url: format!("http://{proxy}/"),
+        ops: Some(ops),
         proc: Some(proc),
         notes: vec![format!(
-            "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn"
+            "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn{}",
+            kind.limit()
+                .map(|l| format!(", rate limit {l}"))
+                .unwrap_or_default()
         )],
     })
 }
@@ -567,6 +628,24 @@ struct Phase {
     cpu: Cpu,
     /// Busy cores just before the phase, with no load from us.
     idle_busy: f64,
+    /// Rate-limit script calls in Redis and requests Gatehouse answered,
+    /// over the whole phase (warmup included).
+    redis: Option<(u64, u64)>,
+}
+
+/// Requests Gatehouse answered so far, from its metrics.
+async fn gatehouse_requests(ops: &str) -> Result<u64> {
+    let reply = gatehouse_e2e::data::get(&format!("http://{ops}/metrics"), &[]).await?;
+    Ok(String::from_utf8_lossy(&reply.body)
+        .lines()
+        .filter(|l| l.starts_with("gatehouse_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Script calls (`EVALSHA` and `EVAL`) Redis served so far.
+fn redis_calls(redis: &gatehouse_e2e::redis::RedisServer) -> Result<u64> {
+    Ok(redis.calls("evalsha")? + redis.calls("eval")?)
 }
 
 /// Runs the load against `url` and samples CPU use inside the measured window.
@@ -576,6 +655,7 @@ async fn measure(
     rate: Option<f64>,
     proxy_pid: Option<u32>,
     backend_pid: u32,
+    counted: Option<(&gatehouse_e2e::redis::RedisServer, &str)>,
 ) -> Result<Phase> {
     let cfg = LoadConfig {
         target: Target::parse(url)?,
@@ -590,6 +670,10 @@ async fn measure(
     let warmup = cfg.warmup;
     let duration = cfg.duration;
     let idle_busy = wait_quiet(Duration::from_secs(args.quiet_wait), args.quiet_cores).await;
+    let before_counts = match counted {
+        Some((redis, ops)) => Some((redis_calls(redis)?, gatehouse_requests(ops).await?)),
+        None => None,
+    };
     let load = tokio::task::spawn_blocking(move || load::run(cfg));
     // A window a little inside the measured one (connections open first).
     let margin = Duration::from_millis(200).min(duration / 4);
@@ -598,10 +682,18 @@ async fn measure(
     tokio::time::sleep(duration - 2 * margin).await;
     let after = sample(proxy_pid, backend_pid);
     let result = load.await??;
+    let redis = match (counted, before_counts) {
+        (Some((redis, ops)), Some((calls, requests))) => Some((
+            redis_calls(redis)?.saturating_sub(calls),
+            gatehouse_requests(ops).await?.saturating_sub(requests),
+        )),
+        _ => None,
+    };
     Ok(Phase {
         result,
         cpu: before.until(&after),
         idle_busy,
+        redis,
     })
 }
 
@@ -657,6 +749,10 @@ impl Slot {
             .as_ref()
             .map_or(String::new(), |r| r.url.clone())
     }
+
+    fn ops(&self) -> Option<String> {
+        self.running.as_ref().and_then(|r| r.ops.clone())
+    }
 }
 
 async fn start(
@@ -664,10 +760,12 @@ async fn start(
     args: &ProxiesArgs,
     dir: &Path,
     backend: SocketAddr,
+    redis: Option<&gatehouse_e2e::redis::RedisServer>,
 ) -> Result<Option<Running>> {
     let mut running = match kind {
         Kind::Direct => Some(Running {
             url: format!("http://{backend}/"),
+            ops: None,
             proc: None,
             notes: vec![format!(
                 "gatehouse-bench backend, {} worker thread(s)",
@@ -676,7 +774,9 @@ async fn start(
         }),
         Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
         Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads)?,
-        Kind::Gatehouse => Some(start_gatehouse(dir, backend, args.proxy_threads).await?),
+        Kind::Gatehouse | Kind::GatehouseLocal | Kind::GatehouseCluster | Kind::GatehouseLease => {
+            Some(start_gatehouse(dir, backend, args.proxy_threads, kind, redis).await?)
+        }
     };
     if let Some(r) = running.as_mut() {
         wait_serving(&r.url, &mut r.proc.as_mut()).await?;
@@ -718,6 +818,15 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
 
+    // One Redis for the cluster limits, as a real deployment would have.
+    let redis = if kinds.iter().any(|k| k.uses_redis()) {
+        let r = gatehouse_e2e::redis::RedisServer::start(dir.path())?;
+        eprintln!("redis-server on port {}", r.port);
+        Some(r)
+    } else {
+        None
+    };
+
     // Every target is started (and left idle) before the first measurement.
     let mut slots = Vec::new();
     for kind in kinds {
@@ -728,7 +837,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             open: None,
             failure: None,
         };
-        match start(kind, &args, dir.path(), backend_addr).await {
+        match start(kind, &args, dir.path(), backend_addr, redis.as_ref()).await {
             Ok(Some(r)) => slot.running = Some(r),
             Ok(None) => {
                 let hint = install_hint(kind);
@@ -744,7 +853,12 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
         let url = slot.url();
         eprintln!("{}: closed loop at {url}", slot.kind);
-        match measure(&args, &url, None, slot.pid(), backend_pid).await {
+        let ops = slot.ops();
+        let counted = match (&redis, &ops) {
+            (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
+            _ => None,
+        };
+        match measure(&args, &url, None, slot.pid(), backend_pid, counted).await {
             Ok(p) => {
                 report_phase(slot.kind, "closed loop", &p);
                 slot.closed = Some(p);
@@ -776,7 +890,12 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
         let url = slot.url();
         eprintln!("{}: open loop at {rate:.0} requests/s", slot.kind);
-        match measure(&args, &url, Some(rate), slot.pid(), backend_pid).await {
+        let ops = slot.ops();
+        let counted = match (&redis, &ops) {
+            (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
+            _ => None,
+        };
+        match measure(&args, &url, Some(rate), slot.pid(), backend_pid, counted).await {
             Ok(p) => {
                 report_phase(slot.kind, "fixed rate", &p);
                 slot.open = Some(p);
@@ -824,6 +943,13 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     }
     backend.check_running()?;
     drop(backend);
+    if let Some(r) = &redis {
+        notes.push(format!(
+            "redis: {} on 127.0.0.1:{}, no persistence; its CPU is in \"cpu others\"",
+            version_of(Path::new("redis-server"), "--version"),
+            r.port
+        ));
+    }
 
     print_tables(&args, Some(rate), &rows, &notes);
     Ok(())
@@ -933,6 +1059,28 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
                     p.cpu.others,
                     cores(p.cpu.machine),
                     p.idle_busy,
+                );
+            }
+        }
+    }
+    let counted: Vec<_> = rows
+        .iter()
+        .filter_map(|r| {
+            let (c, o) = r.outcome.as_ref().ok()?;
+            Some((r.kind, c.redis?, o.redis?))
+        })
+        .collect();
+    if !counted.is_empty() {
+        println!();
+        println!("Redis commands per request: rate-limit script calls (`EVALSHA` + `EVAL` from `INFO commandstats`) over requests Gatehouse answered (`gatehouse_requests_total`), each whole phase including its warmup.");
+        println!();
+        println!("| target | phase | script calls | requests | calls per request |");
+        println!("|---|---|---:|---:|---:|");
+        for (kind, closed, open) in counted {
+            for (what, (calls, requests)) in [("closed loop", closed), ("fixed rate", open)] {
+                println!(
+                    "| {kind} | {what} | {calls} | {requests} | {:.3} |",
+                    calls as f64 / requests.max(1) as f64
                 );
             }
         }

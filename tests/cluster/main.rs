@@ -12,5 +12,6 @@ mod failover;
 mod hardening;
 mod membership;
 mod protocols;
+mod ratelimit;
 mod secrets;
 mod tls;

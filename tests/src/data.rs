@@ -51,7 +51,17 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, false)
+        Self::start_with(name, control_planes, dir, false, &[])
+    }
+
+    /// Like [`DataPlaneProc::start`], with more flags (e.g. `--redis-url`).
+    pub fn start_args(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        extra: &[String],
+    ) -> Result<DataPlaneProc> {
+        Self::start_with(name, control_planes, dir, false, extra)
     }
 
     /// Like [`DataPlaneProc::start`], with a TLS listener as well.
@@ -60,7 +70,7 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, true)
+        Self::start_with(name, control_planes, dir, true, &[])
     }
 
     /// A data plane with extra flags and `token` instead of the sandbox's
@@ -80,8 +90,9 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
         tls: bool,
+        extra: &[String],
     ) -> Result<DataPlaneProc> {
-        Self::build(name, control_planes, dir, tls, &[], Some(crate::TOKEN))
+        Self::build(name, control_planes, dir, tls, extra, Some(crate::TOKEN))
     }
 
     fn build(

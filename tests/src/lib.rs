@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 pub mod data;
+pub mod redis;
 
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;

@@ -58,6 +58,12 @@ impl Registry {
         self.len() == 0
     }
 
+    /// How many data planes are connected to this node.
+    pub fn count(&self) -> u64 {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.len() as u64
+    }
+
     /// Every connected data plane, as the status API reports it.
     pub fn status(&self, node_id: NodeId, revision: u64) -> Vec<pb::DataPlaneStatus> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -296,6 +302,16 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                         }
                     }
                     held = Some(revision);
+                    // Tell the data-plane count at once, not at the next idle beat.
+                    let beat = pb::WatchResponse {
+                        msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat {
+                            revision,
+                            data_planes: registry.count(),
+                        })),
+                    };
+                    if tx.send(Ok(beat)).await.is_err() {
+                        return;
+                    }
                 }
                 tokio::select! {
                     _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => {
@@ -312,7 +328,10 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                     () = tokio::time::sleep(heartbeat) => {
                         let revision = sm.read(|d| d.config.revision());
                         let beat = pb::WatchResponse {
-                            msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat { revision })),
+                            msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat {
+                                revision,
+                                data_planes: registry.count(),
+                            })),
                         };
                         if tx.send(Ok(beat)).await.is_err() {
                             return;

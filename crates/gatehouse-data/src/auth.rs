@@ -125,6 +125,8 @@ pub struct CompiledPolicy {
     challenge: HeaderValue,
     /// The policy's rate limits.
     pub limits: Vec<crate::limits::CompiledLimit>,
+    /// The policy's per-consumer quotas.
+    pub quotas: Vec<crate::limits::CompiledQuota>,
     /// The policy's firewall rules.
     pub firewall: crate::firewall::CompiledFirewall,
 }
@@ -133,6 +135,7 @@ impl CompiledPolicy {
     pub fn compile(
         p: &Policy,
         limiters: &crate::limits::LimiterRegistry,
+        metrics: &crate::metrics::Metrics,
         issuers: &HashMap<String, Arc<crate::jwt::CompiledIssuer>>,
     ) -> Result<CompiledPolicy, String> {
         let header = p
@@ -176,10 +179,15 @@ impl CompiledPolicy {
                 .collect::<Result<_, String>>()?,
             challenge,
             firewall: crate::firewall::CompiledFirewall::compile(&p.name, &p.firewall)?,
+            quotas: p
+                .quotas
+                .iter()
+                .map(|q| crate::limits::CompiledQuota::compile(&p.name, q, metrics))
+                .collect(),
             limits: p
                 .rate_limits
                 .iter()
-                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters))
+                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters, metrics))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -396,8 +404,10 @@ mod tests {
                     ..Default::default()
                 },
                 rate_limits: vec![],
+                quotas: vec![],
                 firewall: Default::default(),
             },
+            &Default::default(),
             &Default::default(),
             &HashMap::new(),
         )
@@ -517,8 +527,10 @@ mod tests {
                 jwt: Some(gatehouse_model::object::JwtAuth { issuers: vec![] }),
                 authorization: Default::default(),
                 rate_limits: vec![],
+                quotas: vec![],
                 firewall: Default::default(),
             },
+            &Default::default(),
             &Default::default(),
             &HashMap::new(),
         )

@@ -21,6 +21,9 @@ pub trait Apply: Send + Sync + 'static {
 
     /// Told when the stream connects (`true`) and when it breaks.
     fn stream_state(&self, _connected: bool) {}
+
+    /// Told how many data planes the control plane reports.
+    fn data_planes(&self, _count: u64) {}
 }
 
 /// Where and as whom to watch.
@@ -177,7 +180,13 @@ async fn read_stream(
         };
         *progressed = true;
         let update = match msg.msg {
-            Some(Msg::Heartbeat(_)) | None => continue,
+            Some(Msg::Heartbeat(beat)) => {
+                if beat.data_planes > 0 {
+                    apply.data_planes(beat.data_planes);
+                }
+                continue;
+            }
+            None => continue,
             Some(Msg::Snapshot(chunk)) => {
                 let (revision, objs) = pending.get_or_insert_with(|| (chunk.revision, Vec::new()));
                 if *revision != chunk.revision {

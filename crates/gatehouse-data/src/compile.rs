@@ -113,7 +113,12 @@ impl Compiled {
             if let Object::Policy(p) = o {
                 policies.insert(
                     &p.name,
-                    Arc::new(CompiledPolicy::compile(p, &shared.limiters, &issuers)?),
+                    Arc::new(CompiledPolicy::compile(
+                        p,
+                        &shared.limiters,
+                        &shared.metrics,
+                        &issuers,
+                    )?),
                 );
             }
         }

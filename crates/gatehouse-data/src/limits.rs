@@ -1,31 +1,46 @@
-//! Rate limits of policies, counted in this data plane with governor (GCRA).
+//! Rate limits of policies: GCRA buckets, counted in this data plane with
+//! governor (`scope: local`) or in Redis for the whole cluster
+//! (`scope: cluster`, see [`store`]).
 //!
 //! A limit of `limit` requests per `window` replenishes one request every
 //! `window / limit` and lets up to `limit + burst` through at once after a
 //! quiet spell: a token bucket, so a client that keeps to the rate is never
 //! refused and one that bursts gets at most the bucket.
 //!
-//! Counters outlive revisions: they are kept in a [`LimiterRegistry`] keyed
-//! by policy, limit and quota, so a config change that leaves a limit alone
-//! does not hand every client a fresh bucket. Idle keys are evicted in the
-//! background, which bounds memory by the clients active in one window.
+//! Local counters outlive revisions: they are kept in a [`LimiterRegistry`]
+//! keyed by policy, limit and quota, so a config change that leaves a limit
+//! alone does not hand every client a fresh bucket. Idle keys are evicted in
+//! the background, which bounds memory by the clients active in one window.
 //!
-//! Limits with `scope: cluster` are counted here too, per data plane, until
-//! the shared counter store is built: N data planes then admit up to N times
-//! the limit. `docs/configuration.md` says so.
+//! Cluster limits ask Redis once per request, except for a key this node
+//! already saw refused: until the time Redis said it may retry, it is refused
+//! here without asking (a refusal changes nothing in Redis, so the answer
+//! would be the same). When Redis fails or is slower than the decision
+//! timeout, the limit's `on_store_failure` decides: `open` admits, `closed`
+//! refuses with 503, `local` counts this node's share of the limit (the
+//! limit divided by the number of data planes the control plane reports).
+//! Without a configured store, cluster limits are counted on each node with
+//! the full limit, as local ones.
+
+pub mod store;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use gatehouse_model::object::RateLimit;
+use gatehouse_model::object::{LimitScope, RateLimit, StoreFailure};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
+use sha2::{Digest, Sha256};
+
+use crate::metrics::{LimitLabels, Metrics};
 
 type Limiter =
     RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
@@ -67,12 +82,104 @@ impl LimiterRegistry {
     }
 }
 
+/// What cluster limits need at request time besides the compiled revision.
+#[derive(Debug, Default)]
+pub struct ClusterEnv {
+    /// The counter store; `None` when no Redis is configured.
+    pub store: Option<store::Store>,
+    /// Data planes the control plane reports (0 until it said).
+    pub data_planes: AtomicU64,
+}
+
+impl ClusterEnv {
+    fn share_divisor(&self) -> u64 {
+        self.data_planes.load(Ordering::Relaxed).max(1)
+    }
+}
+
 #[derive(Debug)]
 enum KeyPart {
     Consumer,
     ClientIp,
     Route,
     Header(HeaderName),
+}
+
+/// Keys with a deadline: refused keys until they may retry, or local GCRA
+/// buckets until they are full again. Expired entries are dropped when the
+/// map grows, so it holds at most the keys active within their deadline.
+#[derive(Default)]
+struct TimedKeys(Mutex<HashMap<String, Instant>>);
+
+/// Entries past which a [`TimedKeys`] sweeps out expired keys.
+const SWEEP_AT: usize = 4096;
+
+impl TimedKeys {
+    fn get(&self, key: &str, now: Instant) -> Option<Instant> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).copied().filter(|t| *t > now)
+    }
+
+    fn set(&self, key: String, until: Instant, now: Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= SWEEP_AT && !map.contains_key(&key) {
+            map.retain(|_, t| *t > now);
+        }
+        map.insert(key, until);
+    }
+
+    /// One GCRA step on a bucket kept here (the `local` fallback).
+    fn take(&self, key: &str, interval: Duration, capacity: u64, now: Instant) -> Count {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let ahead = map
+            .get(key)
+            .map_or(Duration::ZERO, |tat| tat.saturating_duration_since(now));
+        let new_ahead = ahead + interval;
+        let bucket = interval.saturating_mul(u32::try_from(capacity).unwrap_or(u32::MAX));
+        if new_ahead > bucket {
+            return Count {
+                remaining: 0,
+                reset: ahead,
+                wait: Some(new_ahead - bucket),
+            };
+        }
+        if map.len() >= SWEEP_AT && !map.contains_key(key) {
+            map.retain(|_, t| *t > now);
+        }
+        map.insert(key.to_string(), now + new_ahead);
+        Count {
+            remaining: ((bucket - new_ahead).as_nanos() / interval.as_nanos().max(1)) as u64,
+            reset: new_ahead,
+            wait: None,
+        }
+    }
+}
+
+/// The metrics of one limit, looked up once per revision.
+struct LimitCounters {
+    allowed: Counter,
+    limited: Counter,
+    unavailable: Counter,
+    deny_cache_hits: Counter,
+    fallback: Counter,
+}
+
+/// The counter of one limit and outcome. A function, not an expression in a
+/// struct literal: the family's read guard must be gone before the next
+/// lookup, which may need its write lock.
+fn counter(
+    family: &prometheus_client::metrics::family::Family<LimitLabels, Counter>,
+    policy: &str,
+    limit: &str,
+    outcome: &str,
+) -> Counter {
+    family
+        .get_or_create(&LimitLabels {
+            policy: policy.to_string(),
+            limit: limit.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .clone()
 }
 
 /// One limit, compiled.
@@ -84,6 +191,21 @@ pub struct CompiledLimit {
     window: Duration,
     capacity: u64,
     period: Duration,
+    scope: LimitScope,
+    on_store_failure: StoreFailure,
+    /// `gatehouse:rl:{policy/limit/`: the hash tag covers the whole bucket
+    /// name, so whatever keys one bucket uses land in one cluster slot.
+    redis_prefix: String,
+    /// Keys Redis refused, until they may retry.
+    refused: TimedKeys,
+    /// This node's share while Redis is unavailable (`on_store_failure: local`).
+    fallback: TimedKeys,
+    /// Cost mode: tokens to take from Redis at once (0: exact mode).
+    lease: u64,
+    /// Cost mode: tokens this node took and has not spent, by Redis key,
+    /// and until when they may be spent.
+    leases: Mutex<HashMap<String, Lease>>,
+    counters: LimitCounters,
 }
 
 impl std::fmt::Debug for CompiledLimit {
@@ -94,11 +216,30 @@ impl std::fmt::Debug for CompiledLimit {
     }
 }
 
+/// One limit's answer for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Count {
+    remaining: u64,
+    /// Until the bucket is full again.
+    reset: Duration,
+    /// When refused, how long until a retry would be admitted.
+    wait: Option<Duration>,
+}
+
+enum Verdict {
+    Counted(Count),
+    /// The store failed and the limit is `open`: no answer, admitted.
+    Admitted,
+    /// The store failed and the limit is `closed`.
+    Unavailable,
+}
+
 impl CompiledLimit {
     pub fn compile(
         policy: &str,
         l: &RateLimit,
         registry: &LimiterRegistry,
+        metrics: &Metrics,
     ) -> Result<CompiledLimit, String> {
         let fail = |what: &str| format!("policy \"{policy}\": rate limit \"{}\": {what}", l.name);
         let parts = l
@@ -133,6 +274,18 @@ impl CompiledLimit {
             ),
             quota,
         );
+        let fallback = match l.on_store_failure {
+            StoreFailure::Open => "open",
+            StoreFailure::Closed => "closed",
+            StoreFailure::Local => "local",
+        };
+        let counters = LimitCounters {
+            allowed: counter(&metrics.limit_decisions, policy, &l.name, "allowed"),
+            limited: counter(&metrics.limit_decisions, policy, &l.name, "limited"),
+            unavailable: counter(&metrics.limit_decisions, policy, &l.name, "unavailable"),
+            deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &l.name, "limited"),
+            fallback: counter(&metrics.limit_fallbacks, policy, &l.name, fallback),
+        };
         Ok(CompiledLimit {
             name: l.name.clone(),
             parts,
@@ -141,9 +294,20 @@ impl CompiledLimit {
             window: l.window,
             capacity,
             period,
+            scope: l.scope,
+            on_store_failure: l.on_store_failure,
+            redis_prefix: format!("gatehouse:rl:{{{policy}/{}/", l.name),
+            refused: TimedKeys::default(),
+            fallback: TimedKeys::default(),
+            lease: l.lease,
+            leases: Mutex::new(HashMap::new()),
+            counters,
         })
     }
 
+    /// The bucket a request counts against. Values are normalised so that
+    /// spelling a header value differently (case, surrounding blanks) or an
+    /// IPv4 address as IPv4-mapped IPv6 does not give a fresh bucket.
     fn key(&self, ctx: &LimitContext<'_>) -> String {
         let mut key = String::new();
         for (i, part) in self.parts.iter().enumerate() {
@@ -152,17 +316,396 @@ impl CompiledLimit {
             }
             match part {
                 KeyPart::Consumer => key.push_str(ctx.consumer.unwrap_or("")),
-                KeyPart::ClientIp => key.push_str(&ctx.client_ip.to_string()),
+                KeyPart::ClientIp => key.push_str(&ctx.client_ip.to_canonical().to_string()),
                 KeyPart::Route => key.push_str(ctx.route),
-                KeyPart::Header(h) => key.push_str(
-                    ctx.headers
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(""),
-                ),
+                KeyPart::Header(h) => {
+                    if let Some(v) = ctx.headers.get(h) {
+                        let v = String::from_utf8_lossy(v.as_bytes());
+                        let mut words = v.split_ascii_whitespace();
+                        if let Some(first) = words.next() {
+                            key.push_str(&first.to_lowercase());
+                            for w in words {
+                                key.push(' ');
+                                key.push_str(&w.to_lowercase());
+                            }
+                        }
+                    }
+                }
             }
         }
         key
+    }
+
+    /// The Redis key of a bucket: a hash of the key, so neither a header
+    /// value (which may be a credential) nor its length reaches Redis.
+    fn redis_key(&self, key: &str) -> String {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut k = String::with_capacity(self.redis_prefix.len() + 33);
+        k.push_str(&self.redis_prefix);
+        k.push_str(&hex::encode(&digest[..16]));
+        k.push('}');
+        k
+    }
+
+    fn local(&self, key: &str) -> Count {
+        match self.limiter.check_key(&key.to_string()) {
+            Ok(snapshot) => {
+                let remaining = u64::from(snapshot.remaining_burst_capacity());
+                Count {
+                    remaining,
+                    reset: self
+                        .period
+                        .saturating_mul((self.capacity - remaining.min(self.capacity)) as u32),
+                    wait: None,
+                }
+            }
+            Err(not_until) => Count {
+                remaining: 0,
+                reset: self.period.saturating_mul(self.capacity as u32),
+                wait: Some(not_until.wait_time_from(DefaultClock::default().now())),
+            },
+        }
+    }
+
+    async fn verdict(&self, ctx: &LimitContext<'_>, env: &ClusterEnv, m: &Metrics) -> Verdict {
+        let key = self.key(ctx);
+        let verdict = match (self.scope, &env.store) {
+            (LimitScope::Local, _) | (LimitScope::Cluster, None) => {
+                Verdict::Counted(self.local(&key))
+            }
+            (LimitScope::Cluster, Some(store)) => self.cluster(key, store, env, m).await,
+        };
+        match &verdict {
+            Verdict::Counted(c) if c.wait.is_some() => self.counters.limited.inc(),
+            Verdict::Counted(_) | Verdict::Admitted => self.counters.allowed.inc(),
+            Verdict::Unavailable => self.counters.unavailable.inc(),
+        };
+        verdict
+    }
+
+    async fn cluster(
+        &self,
+        key: String,
+        store: &store::Store,
+        env: &ClusterEnv,
+        m: &Metrics,
+    ) -> Verdict {
+        let redis_key = self.redis_key(&key);
+        let sent = Instant::now();
+        // Tokens this node already holds first: Redis may have refused a
+        // concurrent request of the same key after this node leased them.
+        let mut leasing = None;
+        if self.lease > 0 {
+            match self.spend_lease(&redis_key, sent) {
+                Spend::Spent(count) => return Verdict::Counted(count),
+                // This request fetches the next lease; until it is back,
+                // others of this key ask for one token each.
+                Spend::Fetch => {
+                    leasing = Some(LeaseInFlight {
+                        limit: self,
+                        key: redis_key.clone(),
+                        done: false,
+                    })
+                }
+                Spend::One => {}
+            }
+        }
+        if let Some(until) = self.refused.get(&redis_key, sent) {
+            self.counters.deny_cache_hits.inc();
+            return Verdict::Counted(Count {
+                remaining: 0,
+                reset: until - sent,
+                wait: Some(until - sent),
+            });
+        }
+        let want = if leasing.is_some() { self.lease } else { 1 };
+        match store
+            .decide(&redis_key, self.period, self.capacity, want)
+            .await
+        {
+            Ok(a) => {
+                m.redis_duration.observe(sent.elapsed().as_secs_f64());
+                let wait = (a.taken == 0).then_some(a.wait);
+                if let Some(w) = wait {
+                    // From when the question was sent, so never later than
+                    // Redis's own answer.
+                    self.refused.set(redis_key, sent + w, Instant::now());
+                } else if let Some(lease) = leasing.take() {
+                    lease.done(a.taken - 1, sent);
+                }
+                Verdict::Counted(Count {
+                    remaining: a.remaining,
+                    reset: a.reset,
+                    wait,
+                })
+            }
+            Err(e) => {
+                m.redis_errors.inc();
+                self.counters.fallback.inc();
+                warn_store_failure(&e);
+                match self.on_store_failure {
+                    StoreFailure::Open => Verdict::Admitted,
+                    StoreFailure::Closed => Verdict::Unavailable,
+                    StoreFailure::Local => {
+                        let n = env.share_divisor();
+                        let interval = self
+                            .period
+                            .saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+                        let capacity = self.capacity.div_ceil(n).max(1);
+                        Verdict::Counted(self.fallback.take(
+                            &key,
+                            interval,
+                            capacity,
+                            Instant::now(),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CompiledLimit {
+    /// How long leased tokens may be spent: the time the whole cluster
+    /// needs to earn a lease, and at least a second. A data plane holds at
+    /// most one lease of a key at a time (plus the one being fetched), which
+    /// bounds the excess over exact mode by `lease` per data plane; when the
+    /// lease time is `lease × interval`, also by `lease` in all
+    /// (docs/rate-limiting.md).
+    fn lease_time(&self) -> Duration {
+        self.period
+            .saturating_mul(u32::try_from(self.lease).unwrap_or(u32::MAX))
+            .max(Duration::from_secs(1))
+    }
+
+    /// Spends one leased token of `key` if this node holds one; otherwise
+    /// says whether this request fetches the next lease.
+    fn spend_lease(&self, key: &str, now: Instant) -> Spend {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lease) = leases.get_mut(key) else {
+            if leases.len() >= SWEEP_AT {
+                leases.retain(|_, l| l.fetching || l.until > now);
+            }
+            leases.insert(
+                key.to_string(),
+                Lease {
+                    tokens: 0,
+                    until: now,
+                    fetching: true,
+                },
+            );
+            return Spend::Fetch;
+        };
+        if lease.tokens > 0 && lease.until > now {
+            lease.tokens -= 1;
+            let left = lease.tokens;
+            return Spend::Spent(Count {
+                // What this node holds; the bucket may hold more.
+                remaining: left,
+                reset: self.period.saturating_mul(
+                    u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
+                ),
+                wait: None,
+            });
+        }
+        if lease.fetching {
+            return Spend::One;
+        }
+        lease.tokens = 0;
+        lease.fetching = true;
+        Spend::Fetch
+    }
+}
+
+/// A data plane's tokens of one key in cost mode.
+struct Lease {
+    tokens: u64,
+    /// Until when they may be spent.
+    until: Instant,
+    /// A request is fetching the next lease.
+    fetching: bool,
+}
+
+enum Spend {
+    Spent(Count),
+    /// Fetch a lease for this request and the next ones.
+    Fetch,
+    /// Another request is fetching: ask Redis for one token.
+    One,
+}
+
+/// The lease a request is fetching; if the request ends without it (Redis
+/// failed or refused, or the client went away), the next one fetches.
+struct LeaseInFlight<'a> {
+    limit: &'a CompiledLimit,
+    key: String,
+    done: bool,
+}
+
+impl LeaseInFlight<'_> {
+    /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
+    fn done(mut self, tokens: u64, taken_at: Instant) {
+        let until = taken_at + self.limit.lease_time();
+        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            *lease = Lease {
+                tokens,
+                until,
+                fetching: false,
+            };
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for LeaseInFlight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            lease.fetching = false;
+        }
+    }
+}
+
+/// Logs a failed decision at most once a second: Redis being down would
+/// otherwise write a line per request.
+fn warn_store_failure(error: &str) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(%error, "rate-limit store unavailable; limits follow on_store_failure");
+    }
+}
+
+/// One quota of a policy, compiled.
+pub struct CompiledQuota {
+    policy: String,
+    name: String,
+    period: gatehouse_model::object::QuotaPeriod,
+    limit: u64,
+    on_store_failure: StoreFailure,
+    /// Consumers over the quota, until the period ends.
+    exhausted: TimedKeys,
+    counters: LimitCounters,
+}
+
+impl std::fmt::Debug for CompiledQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledQuota")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl CompiledQuota {
+    pub fn compile(policy: &str, q: &gatehouse_model::object::Quota, metrics: &Metrics) -> Self {
+        let name = format!("quota:{}", q.name);
+        let fallback = match q.on_store_failure {
+            StoreFailure::Closed => "closed",
+            StoreFailure::Open | StoreFailure::Local => "open",
+        };
+        let counters = LimitCounters {
+            allowed: counter(&metrics.limit_decisions, policy, &name, "allowed"),
+            limited: counter(&metrics.limit_decisions, policy, &name, "limited"),
+            unavailable: counter(&metrics.limit_decisions, policy, &name, "unavailable"),
+            deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &name, "limited"),
+            fallback: counter(&metrics.limit_fallbacks, policy, &name, fallback),
+        };
+        CompiledQuota {
+            policy: policy.to_string(),
+            name: q.name.clone(),
+            period: q.period,
+            limit: q.limit,
+            on_store_failure: q.on_store_failure,
+            exhausted: TimedKeys::default(),
+            counters,
+        }
+    }
+}
+
+/// Counts the request against the policy's quotas (after its rate limits
+/// admitted it), all of them or none, in one Redis call. `Some` when
+/// refused: the wait until the used-up period ends (429), or `None` inside
+/// when a `closed` quota cannot reach its store (503).
+pub async fn check_quotas(
+    quotas: &[CompiledQuota],
+    consumer: Option<&str>,
+    env: &ClusterEnv,
+    m: &Metrics,
+) -> Option<Option<Duration>> {
+    // Validation makes a policy with quotas authenticate; no consumer, no quota.
+    let consumer = consumer?;
+    if quotas.is_empty() {
+        return None;
+    }
+    let now = std::time::SystemTime::now();
+    let instant = Instant::now();
+    let mut asks = Vec::with_capacity(quotas.len());
+    let mut until_end = Vec::with_capacity(quotas.len());
+    for q in quotas {
+        let period = gatehouse_model::quota::period_of(q.period, now);
+        let key = gatehouse_model::quota::redis_key(consumer, &q.policy, &q.name, &period);
+        let left = period.end.duration_since(now).unwrap_or_default();
+        if let Some(until) = q.exhausted.get(&key, instant) {
+            q.counters.deny_cache_hits.inc();
+            q.counters.limited.inc();
+            return Some(Some(until - instant));
+        }
+        // Kept one more period after it ends, for `gatehousectl usage`.
+        let keep = period.end + period.end.duration_since(period.start).unwrap_or_default();
+        let expire_at = keep
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        asks.push((key, q.limit, expire_at));
+        until_end.push(left);
+    }
+    let answer = match &env.store {
+        None => Err("no rate-limit store is configured".to_string()),
+        Some(store) => {
+            let r = store.count_quotas(&asks).await;
+            if r.is_ok() {
+                m.redis_duration.observe(instant.elapsed().as_secs_f64());
+            } else {
+                m.redis_errors.inc();
+            }
+            r
+        }
+    };
+    match answer {
+        Ok(Ok(_)) => {
+            for q in quotas {
+                q.counters.allowed.inc();
+            }
+            None
+        }
+        Ok(Err(i)) => {
+            let i = i.min(quotas.len() - 1);
+            quotas[i].counters.limited.inc();
+            let (key, _, _) = asks.swap_remove(i);
+            quotas[i]
+                .exhausted
+                .set(key, instant + until_end[i], instant);
+            Some(Some(until_end[i]))
+        }
+        Err(e) => {
+            warn_store_failure(&e);
+            let mut refused = None;
+            for q in quotas {
+                q.counters.fallback.inc();
+                if q.on_store_failure == StoreFailure::Closed {
+                    q.counters.unavailable.inc();
+                    refused = Some(None);
+                } else {
+                    q.counters.allowed.inc();
+                }
+            }
+            refused
+        }
     }
 }
 
@@ -181,67 +724,99 @@ pub struct LimitContext<'a> {
 pub struct Decision {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub retry_after: Option<Duration>,
+    /// A `closed` limit could not reach its store: refuse with 503 (unless a
+    /// limit refused with 429, which says more).
+    pub unavailable: bool,
 }
 
 /// Counts the request against every limit; the most restrictive answer wins.
-pub fn check(limits: &[CompiledLimit], ctx: &LimitContext<'_>) -> Option<Decision> {
+/// Cluster limits of one request are asked concurrently (and pipelined on
+/// the one connection).
+pub async fn check(
+    limits: &[CompiledLimit],
+    ctx: &LimitContext<'_>,
+    env: &ClusterEnv,
+    metrics: &Metrics,
+) -> Option<Decision> {
     if limits.is_empty() {
         return None;
     }
-    let clock = DefaultClock::default();
-    // (limit, remaining, reset, wait when refused) of the tightest limit.
-    let mut tightest: Option<(u64, u64, Duration, Option<Duration>)> = None;
-    for limit in limits {
-        let key = limit.key(ctx);
-        let (remaining, wait) = match limit.limiter.check_key(&key) {
-            Ok(snapshot) => (u64::from(snapshot.remaining_burst_capacity()), None),
-            Err(not_until) => (0, Some(not_until.wait_time_from(clock.now()))),
+    let verdicts: Vec<(&CompiledLimit, Verdict)> = if limits.len() == 1 {
+        vec![(&limits[0], limits[0].verdict(ctx, env, metrics).await)]
+    } else {
+        futures::future::join_all(
+            limits
+                .iter()
+                .map(|l| async move { (l, l.verdict(ctx, env, metrics).await) }),
+        )
+        .await
+    };
+    // (limit, the count) of the tightest limit.
+    let mut tightest: Option<(u64, Count)> = None;
+    let mut unavailable = false;
+    for (limit, verdict) in verdicts {
+        let count = match verdict {
+            Verdict::Counted(c) => c,
+            Verdict::Admitted => continue,
+            Verdict::Unavailable => {
+                unavailable = true;
+                continue;
+            }
         };
-        // Time until the bucket is full again.
-        let reset = limit
-            .period
-            .saturating_mul((limit.capacity - remaining.min(limit.capacity)) as u32);
         let tighter = match &tightest {
             None => true,
-            Some((_, r, _, w)) => match (wait, w) {
-                (Some(a), Some(b)) => a > *b,
+            Some((_, t)) => match (count.wait, t.wait) {
+                (Some(a), Some(b)) => a > b,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (None, None) => remaining < *r,
+                (None, None) => count.remaining < t.remaining,
             },
         };
         if tighter {
-            tightest = Some((limit.limit, remaining, reset, wait));
+            tightest = Some((limit.limit, count));
         }
     }
-    let (limit, remaining, reset, wait) = tightest?;
     let policy = limits
         .iter()
         .map(|l| format!("{};w={}", l.limit, l.window.as_secs().max(1)))
         .collect::<Vec<_>>()
         .join(", ");
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    let state = format!(
-        "limit={limit}, remaining={remaining}, reset={}",
-        secs(reset)
-    );
     let mut headers = Vec::new();
     if let Ok(v) = HeaderValue::from_str(&policy) {
         headers.push((RATELIMIT_POLICY, v));
     }
-    if let Ok(v) = HeaderValue::from_str(&state) {
-        headers.push((RATELIMIT, v));
+    if let Some((limit, c)) = &tightest {
+        let state = format!(
+            "limit={limit}, remaining={}, reset={}",
+            c.remaining,
+            secs(c.reset)
+        );
+        if let Ok(v) = HeaderValue::from_str(&state) {
+            headers.push((RATELIMIT, v));
+        }
     }
     Some(Decision {
         headers,
-        retry_after: wait.map(|w| Duration::from_secs(secs(w).max(1))),
+        retry_after: tightest
+            .and_then(|(_, c)| c.wait)
+            .map(|w| Duration::from_secs(secs(w).max(1))),
+        unavailable,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gatehouse_model::object::{LimitScope, StoreFailure};
+
+    fn run(limits: &[CompiledLimit], ctx: &LimitContext<'_>) -> Option<Decision> {
+        futures::executor::block_on(check(
+            limits,
+            ctx,
+            &ClusterEnv::default(),
+            &Metrics::default(),
+        ))
+    }
 
     fn limit(name: &str, key: &[&str], limit: u64, window: Duration, burst: u64) -> RateLimit {
         RateLimit {
@@ -252,6 +827,7 @@ mod tests {
             window,
             burst,
             on_store_failure: StoreFailure::Open,
+            lease: 0,
         }
     }
 
@@ -271,12 +847,13 @@ mod tests {
             "p",
             &limit("ip", &["client_ip"], 3, Duration::from_secs(60), 0),
             &reg,
+            &Metrics::default(),
         )
         .unwrap();
         let h = HeaderMap::new();
         let limits = [l];
         for expected_remaining in [2, 1, 0] {
-            let d = check(&limits, &ctx(&h, "10.0.0.1")).unwrap();
+            let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
             assert!(d.retry_after.is_none());
             let state = d
                 .headers
@@ -292,7 +869,7 @@ mod tests {
                 "{state}"
             );
         }
-        let d = check(&limits, &ctx(&h, "10.0.0.1")).unwrap();
+        let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
         let wait = d.retry_after.unwrap();
         assert!(
             wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
@@ -307,7 +884,7 @@ mod tests {
             "3;w=60"
         );
         // Another client has its own bucket.
-        assert!(check(&limits, &ctx(&h, "10.0.0.2"))
+        assert!(run(&limits, &ctx(&h, "10.0.0.2"))
             .unwrap()
             .retry_after
             .is_none());
@@ -320,16 +897,16 @@ mod tests {
         let big = limit("big", &["consumer"], 100, Duration::from_secs(60), 0);
         let h = HeaderMap::new();
         let limits = [
-            CompiledLimit::compile("p", &big, &reg).unwrap(),
-            CompiledLimit::compile("p", &small, &reg).unwrap(),
+            CompiledLimit::compile("p", &big, &reg, &Metrics::default()).unwrap(),
+            CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap(),
         ];
-        assert!(check(&limits, &ctx(&h, "10.0.0.1"))
+        assert!(run(&limits, &ctx(&h, "10.0.0.1"))
             .unwrap()
             .retry_after
             .is_none());
-        let again = [CompiledLimit::compile("p", &small, &reg).unwrap()];
+        let again = [CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap()];
         assert!(
-            check(&again, &ctx(&h, "10.0.0.1"))
+            run(&again, &ctx(&h, "10.0.0.1"))
                 .unwrap()
                 .retry_after
                 .is_some(),
@@ -338,9 +915,9 @@ mod tests {
         drop(limits);
         drop(again);
         reg.evict_idle();
-        let fresh = [CompiledLimit::compile("p", &small, &reg).unwrap()];
+        let fresh = [CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap()];
         assert!(
-            check(&fresh, &ctx(&h, "10.0.0.1"))
+            run(&fresh, &ctx(&h, "10.0.0.1"))
                 .unwrap()
                 .retry_after
                 .is_none(),
@@ -361,23 +938,143 @@ mod tests {
                 0,
             ),
             &reg,
+            &Metrics::default(),
         )
         .unwrap()];
         let mut a = HeaderMap::new();
         a.insert("x-tenant", "a".parse().unwrap());
         let mut b = HeaderMap::new();
         b.insert("x-tenant", "b".parse().unwrap());
-        assert!(check(&l, &ctx(&a, "10.0.0.1"))
-            .unwrap()
-            .retry_after
-            .is_none());
-        assert!(check(&l, &ctx(&a, "10.0.0.1"))
+        assert!(run(&l, &ctx(&a, "10.0.0.1")).unwrap().retry_after.is_none());
+        assert!(run(&l, &ctx(&a, "10.0.0.1")).unwrap().retry_after.is_some());
+        assert!(run(&l, &ctx(&b, "10.0.0.1")).unwrap().retry_after.is_none());
+    }
+
+    #[test]
+    fn casing_and_padding_of_a_header_value_do_not_give_a_fresh_bucket() {
+        let reg = LimiterRegistry::default();
+        let l = [CompiledLimit::compile(
+            "p",
+            &limit(
+                "tenant",
+                &["header:X-Tenant", "client_ip"],
+                1,
+                Duration::from_secs(60),
+                0,
+            ),
+            &reg,
+            &Metrics::default(),
+        )
+        .unwrap()];
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-tenant", HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let first = with("Acme Corp");
+        assert_eq!(run(&l, &ctx(&first, "10.0.0.1")).unwrap().retry_after, None);
+        for spelling in ["acme corp", "ACME CORP", "  Acme   Corp\t", "acme\tcorp"] {
+            let h = with(spelling);
+            assert!(
+                run(&l, &ctx(&h, "10.0.0.1")).unwrap().retry_after.is_some(),
+                "{spelling:?} is the same tenant"
+            );
+        }
+        // The same address written as IPv4-mapped IPv6 is the same client.
+        assert!(run(&l, &ctx(&first, "::ffff:10.0.0.1"))
             .unwrap()
             .retry_after
             .is_some());
-        assert!(check(&l, &ctx(&b, "10.0.0.1"))
-            .unwrap()
-            .retry_after
-            .is_none());
+        assert_eq!(
+            l[0].redis_key(&l[0].key(&ctx(&with(" ACME corp "), "10.0.0.1"))),
+            l[0].redis_key(&l[0].key(&ctx(&first, "10.0.0.1")))
+        );
+    }
+
+    #[test]
+    fn redis_keys_carry_one_hash_tag_and_no_header_value() {
+        let reg = LimiterRegistry::default();
+        let l = CompiledLimit::compile(
+            "billing",
+            &limit(
+                "per-key",
+                &["header:X-Api-Key"],
+                1,
+                Duration::from_secs(1),
+                0,
+            ),
+            &reg,
+            &Metrics::default(),
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "secret-value".parse().unwrap());
+        let key = l.redis_key(&l.key(&ctx(&h, "10.0.0.1")));
+        assert!(key.starts_with("gatehouse:rl:{billing/per-key/"), "{key}");
+        assert!(key.ends_with('}'));
+        assert_eq!(key.matches('{').count(), 1);
+        assert!(!key.contains("secret"));
+    }
+
+    #[test]
+    fn the_local_fallback_is_a_gcra_bucket_of_the_given_share() {
+        let keys = TimedKeys::default();
+        let now = Instant::now();
+        // A limit of 10 per second shared by 2 nodes: 5 at once, then one per 200 ms.
+        let interval = Duration::from_millis(200);
+        for left in (0..5).rev() {
+            let c = keys.take("k", interval, 5, now);
+            assert_eq!((c.remaining, c.wait), (left, None));
+        }
+        let refused = keys.take("k", interval, 5, now);
+        assert_eq!(refused.wait, Some(interval));
+        assert!(keys.take("k", interval, 5, now + interval).wait.is_none());
+        assert!(keys.take("k", interval, 5, now + interval).wait.is_some());
+        assert!(keys.take("other", interval, 5, now).wait.is_none());
+    }
+
+    #[test]
+    fn one_lease_per_key_is_fetched_at_a_time_and_a_dropped_fetch_frees_it() {
+        let reg = LimiterRegistry::default();
+        let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 5;
+        let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
+        let now = Instant::now();
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // While it is out, others ask for one token each.
+        assert!(matches!(c.spend_lease("k", now), Spend::One));
+        LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        }
+        .done(4, now);
+        for left in (0..4).rev() {
+            match c.spend_lease("k", now) {
+                Spend::Spent(count) => assert_eq!(count.remaining, left),
+                _ => panic!("a leased token was not spent"),
+            }
+        }
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // A fetch that ends without a lease (Redis failed, client gone) lets
+        // the next request fetch.
+        drop(LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        });
+        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // Tokens are not spent after the lease time (1 s here).
+        LeaseInFlight {
+            limit: &c,
+            key: "k".into(),
+            done: false,
+        }
+        .done(4, now);
+        assert!(matches!(
+            c.spend_lease("k", now + Duration::from_secs(2)),
+            Spend::Fetch
+        ));
     }
 }

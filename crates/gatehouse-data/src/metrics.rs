@@ -28,6 +28,14 @@ pub struct RouteLabels {
     pub route: Arc<String>,
 }
 
+/// One rate limit of one policy, and what it answered (or which fallback).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub policy: String,
+    pub limit: String,
+    pub outcome: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to about 6.5 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
@@ -42,6 +50,12 @@ pub struct Metrics {
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
     pub target_healthy: Family<TargetLabels, Gauge>,
+    pub limit_decisions: Family<LimitLabels, Counter>,
+    pub limit_deny_cache_hits: Family<LimitLabels, Counter>,
+    pub limit_fallbacks: Family<LimitLabels, Counter>,
+    pub redis_duration: Histogram,
+    pub redis_errors: Counter,
+    pub data_planes: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,7 +105,50 @@ impl Default for Metrics {
             "1 while a target takes traffic (health checks and passive ejection)",
             target_healthy.clone(),
         );
+        let limit_decisions = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "ratelimit_decisions",
+            "Rate-limit decisions, by policy, limit and outcome (allowed, limited, unavailable)",
+            limit_decisions.clone(),
+        );
+        let limit_deny_cache_hits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "ratelimit_deny_cache_hits",
+            "Cluster-limit refusals answered on this node without asking Redis (the key was refused until a known time)",
+            limit_deny_cache_hits.clone(),
+        );
+        let limit_fallbacks = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "ratelimit_fallbacks",
+            "Cluster-limit decisions Redis did not answer in time, by the failure mode applied (outcome: open, closed, local)",
+            limit_fallbacks.clone(),
+        );
+        // 50 µs to about 0.8 s.
+        let redis_duration = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        registry.register(
+            "ratelimit_redis_duration_seconds",
+            "Time of one cluster-limit decision in Redis, answered ones only",
+            redis_duration.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "ratelimit_redis_errors",
+            "Cluster-limit decisions that failed or timed out",
+            redis_errors.clone(),
+        );
+        let data_planes = Gauge::default();
+        registry.register(
+            "data_planes_reported",
+            "Data planes the control plane reports; a cluster limit's local fallback is its limit divided by this",
+            data_planes.clone(),
+        );
         Metrics {
+            data_planes,
+            limit_decisions,
+            limit_deny_cache_hits,
+            limit_fallbacks,
+            redis_duration,
+            redis_errors,
             target_healthy,
             registry,
             requests,

@@ -39,6 +39,11 @@ pub struct DataPlaneConfig {
     pub control_plane_tls: Option<gatehouse_proto::tls::ClientTlsFiles>,
     /// Opens sealed key material (Certificate private keys, HMAC secrets).
     pub secrets_key: Option<gatehouse_model::seal::SealKey>,
+    /// The counter store of `scope: cluster` rate limits (none: counted per node).
+    pub rate_limit_store: Option<crate::limits::store::StoreTarget>,
+    /// How long one cluster rate-limit decision may take before the limit's
+    /// `on_store_failure` applies.
+    pub rate_limit_timeout: Duration,
 }
 
 /// Why a data plane could not start.
@@ -98,6 +103,17 @@ impl Apply for Applier {
         Ok(())
     }
 
+    fn data_planes(&self, count: u64) {
+        self.shared
+            .cluster_limits
+            .data_planes
+            .store(count, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .metrics
+            .data_planes
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     fn stream_state(&self, connected: bool) {
         self.shared
             .metrics
@@ -118,8 +134,19 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
+        let store = match &cfg.rate_limit_store {
+            Some(target) => Some(
+                crate::limits::store::Store::start(target, cfg.rate_limit_timeout)
+                    .map_err(|e| StartError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             seal: cfg.secrets_key.clone(),
+            cluster_limits: crate::limits::ClusterEnv {
+                store,
+                data_planes: Default::default(),
+            },
             ..Shared::default()
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");

@@ -20,9 +20,11 @@
 //! | `method-not-allowed` | 405 | a route matches the path but not the method; carries `Allow` |
 //! | `payload-too-large` | 413 | the body exceeds the limit |
 //! | `too-many-requests` | 429 | a rate limit refused the request; carries `Retry-After` |
+//! | `quota-exceeded` | 429 | the consumer used its quota for the period; carries `Retry-After` (the period's end) |
 //! | `header-fields-too-large` | 431 | the headers exceed the limit |
 //! | `bad-gateway` | 502 | the upstream could not be reached or answered with a broken response |
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
+//! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
 //!
@@ -77,12 +79,18 @@ pub enum Reject {
     PayloadTooLarge,
     /// 429: a rate limit refused the request; retry after this many seconds.
     TooManyRequests { retry_after_secs: u64 },
+    /// 429: the consumer's quota for the period is used up; retry after
+    /// this many seconds (when the period ends).
+    QuotaExceeded { retry_after_secs: u64 },
     /// 431: the request headers are larger than allowed.
     HeaderFieldsTooLarge,
     /// 502: the upstream connection failed or the upstream broke the protocol.
     BadGateway,
     /// 503: no healthy target, or the circuit breaker is open.
     UpstreamUnavailable,
+    /// 503: a cluster rate limit with `on_store_failure: closed` could not
+    /// reach its counter store in time.
+    RateLimitUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
     /// 504: the upstream did not answer within the timeout.
@@ -171,6 +179,11 @@ impl Reject {
                 problem_type!("too-many-requests"),
                 "Too many requests",
             ),
+            Reject::QuotaExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                problem_type!("quota-exceeded"),
+                "Quota exceeded",
+            ),
             Reject::HeaderFieldsTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 problem_type!("header-fields-too-large"),
@@ -185,6 +198,11 @@ impl Reject {
                 StatusCode::SERVICE_UNAVAILABLE,
                 problem_type!("upstream-unavailable"),
                 "Upstream unavailable",
+            ),
+            Reject::RateLimitUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("rate-limit-unavailable"),
+                "Rate limit store unavailable",
             ),
             Reject::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -239,7 +257,8 @@ impl Reject {
             Reject::MethodNotAllowed { allow } => {
                 headers.insert(ALLOW, allow.clone());
             }
-            Reject::TooManyRequests { retry_after_secs } => {
+            Reject::TooManyRequests { retry_after_secs }
+            | Reject::QuotaExceeded { retry_after_secs } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             Reject::BadRequest
@@ -249,6 +268,7 @@ impl Reject {
             | Reject::HeaderFieldsTooLarge
             | Reject::BadGateway
             | Reject::UpstreamUnavailable
+            | Reject::RateLimitUnavailable
             | Reject::NotReady
             | Reject::GatewayTimeout => {}
         }

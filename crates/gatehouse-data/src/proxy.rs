@@ -7,6 +7,7 @@
 //! pick a target of the upstream       -> 503 when none can take it
 //! rewrite: hop-by-hop headers out, X-Forwarded-* and Forwarded rebuilt,
 //!          traceparent kept or started, strip_prefix applied
+//! rate limits (local, or Redis for cluster) -> 429 / 503 when a closed limit's store fails
 //! call the upstream with its timeout  -> 502 (connect, protocol) / 504 (timeout)
 //! response: hop-by-hop headers out; WebSocket upgrades spliced through
 //! metrics: requests by route and status, latency by route
@@ -67,6 +68,8 @@ pub struct Shared {
     pub limiters: crate::limits::LimiterRegistry,
     /// Opens sealed key material when a revision is compiled.
     pub seal: Option<gatehouse_model::seal::SealKey>,
+    /// The counter store of cluster limits and the data-plane count.
+    pub cluster_limits: crate::limits::ClusterEnv,
 }
 
 /// The route a request went to, for its metrics.
@@ -216,26 +219,60 @@ impl Proxy {
         };
 
         // Count the request against the policy's limits.
-        let limited = route.policy.as_ref().and_then(|policy| {
-            crate::limits::check(
-                &policy.limits,
-                &crate::limits::LimitContext {
-                    consumer: consumer.as_deref().map(|c| c.name.as_str()),
-                    client_ip,
-                    route: &route.name,
-                    headers: req.headers(),
-                },
-            )
-        });
+        let limited = match &route.policy {
+            Some(policy) if !policy.limits.is_empty() => {
+                crate::limits::check(
+                    &policy.limits,
+                    &crate::limits::LimitContext {
+                        consumer: consumer.as_deref().map(|c| c.name.as_str()),
+                        client_ip,
+                        route: &route.name,
+                        headers: req.headers(),
+                    },
+                    &self.shared.cluster_limits,
+                    &self.shared.metrics,
+                )
+                .await
+            }
+            _ => None,
+        };
         if let Some(decision) = &limited {
-            if let Some(wait) = decision.retry_after {
-                let mut response = reject(&Reject::TooManyRequests {
+            let refusal = match decision.retry_after {
+                Some(wait) => Some(Reject::TooManyRequests {
                     retry_after_secs: wait.as_secs(),
-                });
+                }),
+                None if decision.unavailable => Some(Reject::RateLimitUnavailable),
+                None => None,
+            };
+            if let Some(refusal) = refusal {
+                let mut response = reject(&refusal);
                 for (name, value) in &decision.headers {
                     response.headers_mut().insert(name.clone(), value.clone());
                 }
                 return (name, response);
+            }
+        }
+        // Then the consumer's quotas, so a request a limit refused uses none.
+        if let Some(policy) = route.policy.as_ref().filter(|p| !p.quotas.is_empty()) {
+            let refused = crate::limits::check_quotas(
+                &policy.quotas,
+                consumer.as_deref().map(|c| c.name.as_str()),
+                &self.shared.cluster_limits,
+                &self.shared.metrics,
+            )
+            .await;
+            match refused {
+                None => {}
+                Some(Some(wait)) => {
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    return (
+                        name,
+                        reject(&Reject::QuotaExceeded {
+                            retry_after_secs: secs.max(1),
+                        }),
+                    );
+                }
+                Some(None) => return (name, reject(&Reject::RateLimitUnavailable)),
             }
         }
 

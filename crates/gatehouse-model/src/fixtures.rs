@@ -164,6 +164,7 @@ pub fn policy(name: &str) -> Policy {
         jwt: None,
         authorization: Authorization::default(),
         rate_limits: Vec::new(),
+        quotas: Vec::new(),
         firewall: Firewall::default(),
     }
 }
@@ -206,6 +207,7 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 window: Duration::from_secs(60),
                 burst: 20,
                 on_store_failure: StoreFailure::Local,
+                lease: 5,
             },
             RateLimit {
                 name: "per-ip".to_string(),
@@ -215,8 +217,15 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 window: Duration::from_secs(1),
                 burst: 0,
                 on_store_failure: StoreFailure::Closed,
+                lease: 0,
             },
         ],
+        quotas: vec![Quota {
+            name: "daily".to_string(),
+            period: QuotaPeriod::Day,
+            limit: 10_000,
+            on_store_failure: StoreFailure::Closed,
+        }],
         firewall: Firewall {
             allow_ips: strings(&["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"]),
             deny_ips: strings(&["10.6.6.6"]),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod file;
 pub mod lint;
 pub mod object;
+pub mod quota;
 pub mod seal;
 pub mod secret;
 pub mod selector;

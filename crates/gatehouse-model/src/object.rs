@@ -122,6 +122,10 @@ macro_rules! object_kinds {
         /// Any configuration object. On the wire it is JSON with a `kind` tag.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "kind", rename_all = "snake_case")]
+        // A Policy is the largest kind (about 500 bytes); objects are few and
+        // live in persistent maps, so boxing every variant would cost an
+        // allocation each for nothing measured.
+        #[allow(clippy::large_enum_variant)]
         pub enum Object {
             $($kind($kind),)*
         }
@@ -340,6 +344,9 @@ pub struct Policy {
     pub authorization: Authorization,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimit>,
+    /// Per-consumer quotas over calendar days or months, counted in Redis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<Quota>,
     #[serde(default)]
     pub firewall: Firewall,
 }
@@ -411,6 +418,43 @@ pub struct RateLimit {
     pub burst: u64,
     #[serde(default)]
     pub on_store_failure: StoreFailure,
+    /// Cost mode of a cluster limit: each data plane takes up to this many
+    /// tokens from Redis at once and spends them locally (0: one Redis call
+    /// per request, exact).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease: u64,
+}
+
+/// A number of requests per consumer per calendar period (UTC), for usage
+/// plans: counted in the shared counter store, reset when the period ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub name: String,
+    pub period: QuotaPeriod,
+    /// Requests admitted per consumer per period.
+    pub limit: u64,
+    /// `open` or `closed`: a quota has no local share.
+    #[serde(default)]
+    pub on_store_failure: StoreFailure,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    /// From 00:00 UTC to the next.
+    Day,
+    /// From the first day of a month, 00:00 UTC, to the next.
+    Month,
+}
+
+impl QuotaPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

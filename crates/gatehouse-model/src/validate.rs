@@ -522,6 +522,33 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
             Duration::from_millis(100),
             Duration::from_secs(31 * 24 * 3600),
         )?;
+        if l.lease > 0 {
+            c.ensure(
+                l.scope == LimitScope::Cluster,
+                f("lease"),
+                "applies to scope: cluster only",
+            )?;
+            c.range(&f("lease"), l.lease, 1, 10_000.min(l.limit + l.burst))?;
+        }
+    }
+    c.count("quotas", &p.quotas, 0, 8)?;
+    for (i, q) in p.quotas.iter().enumerate() {
+        let f = |s: &str| format!("quotas[{i}].{s}");
+        check_name(&q.name).map_err(|m| c.fail(f("name"), m))?;
+        if p.quotas[..i].iter().any(|o| o.name == q.name) {
+            return Err(c.fail(f("name"), format!("{:?} is used by another quota", q.name)));
+        }
+        c.range(&f("limit"), q.limit, 1, 1_000_000_000_000)?;
+        c.ensure(
+            q.on_store_failure != StoreFailure::Local,
+            f("on_store_failure"),
+            "must be open or closed: a quota has no local share",
+        )?;
+        c.ensure(
+            !p.authentication.is_empty(),
+            f("name"),
+            "quotas count per consumer but the policy authenticates no one",
+        )?;
     }
     let fw = &p.firewall;
     for (field, list) in [

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
+use gatehouse_data::limits::store::StoreTarget;
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
 use gatehouse_proto::tls::ClientTlsFiles;
 
@@ -74,6 +75,72 @@ pub struct DataPlaneArgs {
     /// (GATEHOUSE_SECRETS_KEY, the key itself, wins).
     #[arg(long, env = "GATEHOUSE_SECRETS_KEY_FILE")]
     secrets_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
+
+/// Where `scope: cluster` rate limits are counted. Without one of these,
+/// each data plane counts cluster limits on its own.
+#[derive(Args)]
+pub struct RedisArgs {
+    /// One Redis server for cluster rate limits:
+    /// redis://[user:password@]host:port[/db] (no TLS in this build).
+    #[arg(long, env = "GATEHOUSE_REDIS_URL", hide_env_values = true,
+          conflicts_with_all = ["redis_cluster", "redis_sentinel"])]
+    redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster for cluster rate limits (redis://host:port);
+    /// repeat or separate with commas.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "GATEHOUSE_REDIS_CLUSTER",
+        hide_env_values = true,
+        conflicts_with = "redis_sentinel"
+    )]
+    redis_cluster: Vec<String>,
+    /// Redis Sentinels (redis://host:port) that name the master for cluster rate
+    /// limits; repeat or separate with commas. Needs --redis-sentinel-master.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "GATEHOUSE_REDIS_SENTINEL",
+        hide_env_values = true,
+        requires = "redis_sentinel_master"
+    )]
+    redis_sentinel: Vec<String>,
+    /// The master name the sentinels watch.
+    #[arg(long, env = "GATEHOUSE_REDIS_SENTINEL_MASTER")]
+    redis_sentinel_master: Option<String>,
+    /// How long one cluster rate-limit decision may wait for Redis before the
+    /// limit's on_store_failure applies, in milliseconds.
+    #[arg(long, default_value_t = 50, env = "GATEHOUSE_RATE_LIMIT_TIMEOUT_MS",
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rate_limit_timeout_ms: u64,
+}
+
+impl RedisArgs {
+    fn target(self) -> Result<Option<StoreTarget>> {
+        let clean = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        if let Some(url) = self.redis_url {
+            return Ok(Some(StoreTarget::Single(url.trim().to_string())));
+        }
+        let cluster = clean(self.redis_cluster);
+        if !cluster.is_empty() {
+            return Ok(Some(StoreTarget::Cluster(cluster)));
+        }
+        let sentinels = clean(self.redis_sentinel);
+        match (sentinels.is_empty(), self.redis_sentinel_master) {
+            (false, Some(master)) => Ok(Some(StoreTarget::Sentinel { sentinels, master })),
+            (false, None) => bail!("--redis-sentinel needs --redis-sentinel-master"),
+            (true, Some(_)) => bail!("--redis-sentinel-master needs --redis-sentinel"),
+            (true, None) => Ok(None),
+        }
+    }
 }
 
 /// Flags of `gatehouse standalone`.
@@ -90,6 +157,8 @@ pub struct StandaloneArgs {
     raft_listen: SocketAddr,
     #[command(flatten)]
     listeners: Listeners,
+    #[command(flatten)]
+    redis: RedisArgs,
 }
 
 /// ` tls=ADDR` for the ready line, when the TLS listener is on.
@@ -152,6 +221,8 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         token: gatehouse_proto::BearerToken::new(token.as_deref())?,
         control_plane_tls,
         secrets_key: crate::tokens::secrets_key(args.secrets_key_file.as_deref())?,
+        rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
+        rate_limit_store: args.redis.target()?,
     })
 }
 
@@ -212,6 +283,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         token: gatehouse_proto::BearerToken::new(Some(&token))?,
         control_plane_tls: None,
         secrets_key: Some(secrets_key),
+        rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
+        rate_limit_store: args.redis.target()?,
     })
     .await?;
     println!(

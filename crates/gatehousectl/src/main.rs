@@ -128,6 +128,34 @@ enum Command {
     /// Back up every object and the audit log to a file, and restore it.
     #[command(subcommand)]
     Snapshot(backup::SnapshotCommand),
+    /// Show a consumer's use of its quotas in the current periods.
+    ///
+    /// Reads the policies from the cluster and the counts straight from the
+    /// Redis the data planes count in (give it the data planes' --redis-url or
+    /// --redis-cluster). Every policy with quotas is listed: a consumer that
+    /// never called a route of a policy has used 0 of it.
+    Usage {
+        consumer: String,
+        /// The Redis server the data planes count in.
+        #[arg(
+            long,
+            env = "GATEHOUSE_REDIS_URL",
+            hide_env_values = true,
+            conflicts_with = "redis_cluster",
+            required_unless_present = "redis_cluster"
+        )]
+        redis_url: Option<String>,
+        /// Seed nodes of the Redis Cluster the data planes count in.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            env = "GATEHOUSE_REDIS_CLUSTER",
+            hide_env_values = true
+        )]
+        redis_cluster: Vec<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -793,8 +821,149 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Tokens(cmd) => access::tokens(cli, cmd).await,
         Command::Audit(args) => access::audit(cli, args).await,
         Command::Snapshot(cmd) => backup::snapshot(cli, cmd).await,
+        Command::Usage {
+            consumer,
+            redis_url,
+            redis_cluster,
+            output,
+        } => usage(cli, consumer, redis_url.as_deref(), redis_cluster, *output).await,
     };
     done.map(|()| ExitCode::SUCCESS)
+}
+
+/// One row of `gatehousectl usage`.
+#[derive(serde::Serialize)]
+struct QuotaUse {
+    policy: String,
+    quota: String,
+    period: String,
+    used: u64,
+    limit: u64,
+    resets: String,
+}
+
+async fn usage(
+    cli: &Cli,
+    consumer: &str,
+    redis_url: Option<&str>,
+    redis_cluster: &[String],
+    output: Output,
+) -> Result<()> {
+    let client = connect(cli).await?;
+    let found = rpc!(
+        cli,
+        client.get(pb::GetRequest {
+            kind: Kind::Consumer.as_str().into(),
+            name: consumer.to_string(),
+            stale: false,
+        })
+    )
+    .with_context(|| format!("consumer {consumer:?}"))?;
+    if found.object.is_none() {
+        bail!("consumer {consumer:?} does not exist");
+    }
+    let policies = from_pb(
+        rpc!(
+            cli,
+            client.list(pb::ListRequest {
+                kind: Kind::Policy.as_str().into(),
+                selector: String::new(),
+                stale: false,
+            })
+        )?
+        .objects,
+    )?;
+    let now = std::time::SystemTime::now();
+    let mut rows = Vec::new();
+    let mut keys = Vec::new();
+    for o in &policies {
+        let Object::Policy(p) = o else { continue };
+        for q in &p.quotas {
+            let period = gatehouse_model::quota::period_of(q.period, now);
+            keys.push(gatehouse_model::quota::redis_key(
+                consumer, &p.name, &q.name, &period,
+            ));
+            rows.push(QuotaUse {
+                policy: p.name.clone(),
+                quota: q.name.clone(),
+                period: period.label.clone(),
+                used: 0,
+                limit: q.limit,
+                resets: humantime::format_rfc3339_seconds(period.end).to_string(),
+            });
+        }
+    }
+    if !keys.is_empty() {
+        // A password in the URL is never printed: errors are the redis crate's own text.
+        let timeout = Duration::from_secs(cli.timeout);
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&keys);
+        // The consumer is the hash tag of every key: one slot, so one MGET.
+        let counts: Vec<Option<u64>> = match redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url).map_err(|e| anyhow!("--redis-url: {e}"))?;
+                let mut conn =
+                    tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+                        .await
+                        .map_err(|_| anyhow!("redis did not answer within {timeout:?}"))?
+                        .map_err(|e| anyhow!("cannot connect to redis: {e}"))?;
+                cmd.query_async(&mut conn)
+                    .await
+                    .map_err(|e| anyhow!("redis: {e}"))?
+            }
+            None => {
+                let client = redis::cluster::ClusterClient::new(redis_cluster.to_vec())
+                    .map_err(|e| anyhow!("--redis-cluster: {e}"))?;
+                let mut conn = tokio::time::timeout(timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| anyhow!("redis did not answer within {timeout:?}"))?
+                    .map_err(|e| anyhow!("cannot connect to the redis cluster: {e}"))?;
+                cmd.query_async(&mut conn)
+                    .await
+                    .map_err(|e| anyhow!("redis: {e}"))?
+            }
+        };
+        for (row, used) in rows.iter_mut().zip(counts) {
+            row.used = used.unwrap_or(0);
+        }
+    }
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(&rows)?),
+        Output::Table => {
+            if rows.is_empty() {
+                println!("no policy has quotas");
+                return Ok(());
+            }
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.policy.clone(),
+                        r.quota.clone(),
+                        r.period.clone(),
+                        r.used.to_string(),
+                        r.limit.to_string(),
+                        r.limit.saturating_sub(r.used).to_string(),
+                        r.resets.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "POLICY",
+                    "QUOTA",
+                    "PERIOD",
+                    "USED",
+                    "LIMIT",
+                    "REMAINING",
+                    "RESETS",
+                ],
+                &table,
+            );
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]

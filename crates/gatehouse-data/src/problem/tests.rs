@@ -16,9 +16,13 @@ fn all() -> Vec<Reject> {
         Reject::TooManyRequests {
             retry_after_secs: 7,
         },
+        Reject::QuotaExceeded {
+            retry_after_secs: 60,
+        },
         Reject::HeaderFieldsTooLarge,
         Reject::BadGateway,
         Reject::UpstreamUnavailable,
+        Reject::RateLimitUnavailable,
         Reject::NotReady,
         Reject::GatewayTimeout,
     ]
@@ -38,9 +42,11 @@ fn every_reason_has_its_status_and_documented_slug() {
         (405, "method-not-allowed"),
         (413, "payload-too-large"),
         (429, "too-many-requests"),
+        (429, "quota-exceeded"),
         (431, "header-fields-too-large"),
         (502, "bad-gateway"),
         (503, "upstream-unavailable"),
+        (503, "rate-limit-unavailable"),
         (503, "not-ready"),
         (504, "gateway-timeout"),
     ];
@@ -115,7 +121,7 @@ fn only_the_reasons_that_need_one_carry_an_extra_header() {
         let expected: Vec<&HeaderName> = match reject {
             Reject::Unauthorized { .. } => vec![&extra[1]],
             Reject::MethodNotAllowed { .. } => vec![&extra[0]],
-            Reject::TooManyRequests { .. } => vec![&extra[2]],
+            Reject::TooManyRequests { .. } | Reject::QuotaExceeded { .. } => vec![&extra[2]],
             _ => vec![],
         };
         assert_eq!(present, expected, "{reject:?}");

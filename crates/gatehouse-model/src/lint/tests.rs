@@ -20,6 +20,7 @@ fn clean() -> (Route, Policy, Upstream) {
         window: std::time::Duration::from_secs(1),
         burst: 0,
         on_store_failure: StoreFailure::Open,
+        lease: 0,
     }];
     (route, policy, fixtures::upstream("orders"))
 }

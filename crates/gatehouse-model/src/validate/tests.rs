@@ -743,6 +743,20 @@ fn rate_limits_are_checked() {
         "rate_limits[0].limit",
         r#"policy "strict": rate_limits[0].limit: 0 is out of range (1 to 1000000000)"#,
     );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[1].lease = 2;
+    assert_invalid(
+        p,
+        "rate_limits[1].lease",
+        r#"policy "strict": rate_limits[1].lease: applies to scope: cluster only"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.rate_limits[0].lease = 121;
+    assert_invalid(
+        p,
+        "rate_limits[0].lease",
+        r#"policy "strict": rate_limits[0].lease: 121 is out of range (1 to 120)"#,
+    );
     // Keyed by consumer on a policy that authenticates no one.
     let mut p = policy("open");
     p.rate_limits = full_policy("x", "corp").rate_limits;
@@ -750,6 +764,38 @@ fn rate_limits_are_checked() {
         p,
         "rate_limits[0].key",
         r#"policy "open": rate_limits[0].key: is keyed by consumer but the policy authenticates no one"#,
+    );
+}
+
+#[test]
+fn quotas_are_checked() {
+    let mut p = full_policy("strict", "corp");
+    p.quotas[0].on_store_failure = StoreFailure::Local;
+    assert_invalid(
+        p,
+        "quotas[0].on_store_failure",
+        r#"policy "strict": quotas[0].on_store_failure: must be open or closed: a quota has no local share"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.quotas.push(p.quotas[0].clone());
+    assert_invalid(
+        p,
+        "quotas[1].name",
+        r#"policy "strict": quotas[1].name: "daily" is used by another quota"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.quotas[0].limit = 0;
+    assert_invalid(
+        p,
+        "quotas[0].limit",
+        r#"policy "strict": quotas[0].limit: 0 is out of range (1 to 1000000000000)"#,
+    );
+    let mut p = policy("open");
+    p.quotas = full_policy("x", "corp").quotas;
+    assert_invalid(
+        p,
+        "quotas[0].name",
+        r#"policy "open": quotas[0].name: quotas count per consumer but the policy authenticates no one"#,
     );
 }
 

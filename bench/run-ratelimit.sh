@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# What rate limiting costs the proxy: the backend direct, Gatehouse plain,
+# with a local limit, with a cluster limit in Redis (exact) and with one in
+# cost mode (lease 100), one worker each, with the parameters
+# docs/benchmarks.md reports. Redis commands per request come from Redis's
+# INFO commandstats.
+#
+# Installs redis-server with apt-get when it is missing (Debian or Ubuntu, as
+# root or with sudo), builds release binaries, and runs everything on
+# 127.0.0.1 only. Results are printed and kept in
+# target/bench-results/ratelimit-<UTC timestamp>.md. Extra arguments go to
+# gatehouse-bench proxies (e.g. --quiet-wait 20 on a machine shared with builds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    echo "installing redis-server and redis-tools with apt-get" >&2
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq redis-server redis-tools
+fi
+
+cargo build --release -p gatehouse -p gatehousectl -p gatehouse-bench
+
+out="target/bench-results/ratelimit-$(date -u +%Y%m%dT%H%M%SZ).md"
+mkdir -p "$(dirname "$out")"
+{
+    echo "# $(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo
+    echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- $(uname -sr), $(rustc --version), $(redis-server --version)"
+    echo
+    target/release/gatehouse-bench proxies --connections 32 --warmup 3 --duration 10 --rate-fraction 0.5 \
+        --proxy-threads 1 --backend-threads 1 --client-threads 1 \
+        --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease "$@"
+} 2> >(tee "${out%.md}.log" >&2) | tee "$out"
+echo "results: $out (progress and warnings: ${out%.md}.log)" >&2
