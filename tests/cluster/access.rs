@@ -213,6 +213,9 @@ async fn roles_decide_what_each_token_may_do_and_the_audit_log_names_who_did_it(
     assert_eq!(who("consumer", "alice", "create"), ["token:ci"]);
     assert_eq!(who("admin_token", "ci", "delete"), ["token:bootstrap"]);
     assert!(who("consumer", "intruder", "create").is_empty());
+    // Membership changes are audited too (the sandbox added nodes 2 and 3).
+    assert_eq!(who("member", "2", "add_node"), ["token:bootstrap"]);
+    assert_eq!(who("member", "3", "add_node"), ["token:bootstrap"]);
     let by_ci = ctl(&at_leader, &["audit", "--actor", "token:ci", "-o", "json"]);
     assert_eq!(String::from_utf8_lossy(&by_ci.stdout).lines().count(), 1);
 

@@ -210,6 +210,18 @@ impl AdminService {
             .max_encoding_message_size(MAX_ADMIN_REQUEST_BYTES))
     }
 
+    /// Records a membership change in the audit log, in a command of its own
+    /// after the change (a change whose record fails is logged here instead).
+    async fn record_membership(&self, caller: &Caller, action: audit::Action, nodes: Vec<NodeId>) {
+        let cmd = Command {
+            membership: Some(audit::MembershipChange { action, nodes }),
+            ..Command::default()
+        };
+        if self.write(caller, cmd).await.is_err() {
+            tracing::warn!(actor = %caller.actor, ?action, "membership changed, but its audit record could not be written");
+        }
+    }
+
     /// Authenticates the caller and checks it may do `need`. A token made
     /// moments ago may be in this node's log but not applied yet: then wait
     /// (briefly) for the log to be applied before calling the token unknown.
@@ -646,6 +658,7 @@ impl pb::admin_server::Admin for AdminService {
                     ops,
                     expected_config_revision: msg.expected_config_revision,
                     origin: None,
+                    membership: None,
                 };
                 self.write(&caller, cmd).await.map(write_response)
             }
@@ -705,7 +718,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ClusterInitRequest>,
     ) -> Result<Response<pb::MembershipResponse>, Status> {
-        self.caller(&request, Need::Cluster).await?;
+        let caller = self.caller(&request, Need::Cluster).await?;
         if self.raft.is_initialized().await.map_err(fatal)? {
             return Err(Status::already_exists("the cluster is already initialized"));
         }
@@ -738,6 +751,7 @@ impl pb::admin_server::Admin for AdminService {
                 )));
             }
         }
+        let nodes_initialized: Vec<NodeId> = nodes.keys().copied().collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => {}
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
@@ -760,6 +774,8 @@ impl pb::admin_server::Admin for AdminService {
                 "the bootstrap admin token is not stored yet; it is accepted until it is"
             );
         }
+        self.record_membership(&caller, audit::Action::InitCluster, nodes_initialized)
+            .await;
         let m = self.metrics();
         Ok(Response::new(membership_response(
             m.last_log_index.unwrap_or_default(),
@@ -817,6 +833,8 @@ impl pb::admin_server::Admin for AdminService {
                     self.change(ChangeMembers::AddVoterIds([m.id].into()))
                         .await?
                 };
+                self.record_membership(&caller, audit::Action::AddNode, vec![m.id])
+                    .await;
                 Ok(Response::new(resp))
             }
             .await
@@ -859,7 +877,10 @@ impl pb::admin_server::Admin for AdminService {
                 } else {
                     ChangeMembers::RemoveNodes([msg.id].into())
                 };
-                Ok(Response::new(self.change(change).await?))
+                let resp = self.change(change).await?;
+                self.record_membership(&caller, audit::Action::RemoveNode, vec![msg.id])
+                    .await;
+                Ok(Response::new(resp))
             }
             .await
         )
@@ -980,10 +1001,14 @@ impl pb::admin_server::Admin for AdminService {
         let msg = request.into_inner();
         let filter = audit::Filter {
             actor: (!msg.actor.is_empty()).then(|| msg.actor.clone()),
-            kind: if msg.kind.is_empty() {
-                None
-            } else {
-                Some(gatehouse_proto::parse_kind("kind", &msg.kind).map_err(invalid)?)
+            kind: match msg.kind.as_str() {
+                "" => None,
+                audit::MEMBER_KIND => Some(audit::MEMBER_KIND.to_string()),
+                k => Some(
+                    gatehouse_proto::parse_kind("kind", k)
+                        .map_err(invalid)?
+                        .to_string(),
+                ),
             },
             since_ms: msg.since_ms,
             until_ms: msg.until_ms,

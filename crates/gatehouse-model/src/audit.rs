@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::object::{Kind, Object};
+use crate::object::Object;
 
 /// The most records kept; the oldest are dropped first.
 pub const AUDIT_LIMIT: usize = 100_000;
@@ -29,6 +29,22 @@ pub enum Action {
     Create,
     Update,
     Delete,
+    /// Membership: a cluster was initialized, a node added or removed.
+    InitCluster,
+    AddNode,
+    RemoveNode,
+}
+
+/// The kind audit records of membership changes name instead of an object kind.
+pub const MEMBER_KIND: &str = "member";
+
+/// A membership change, recorded in the audit log by a command of its own
+/// (membership itself changes through Raft, outside the configuration).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    pub action: Action,
+    /// The node ids concerned.
+    pub nodes: Vec<u64>,
 }
 
 impl Action {
@@ -37,6 +53,9 @@ impl Action {
             Action::Create => "create",
             Action::Update => "update",
             Action::Delete => "delete",
+            Action::InitCluster => "init_cluster",
+            Action::AddNode => "add_node",
+            Action::RemoveNode => "remove_node",
         }
     }
 }
@@ -48,7 +67,9 @@ pub struct AuditRecord {
     pub at_ms: u64,
     pub actor: String,
     pub action: Action,
-    pub kind: Kind,
+    /// The object's kind, or [`MEMBER_KIND`] for a membership change.
+    pub kind: String,
+    /// The object's name, or the node ids of a membership change.
     pub name: String,
     /// Lower-case hex SHA-256 of the object as written; empty for a delete.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -65,7 +86,8 @@ pub fn digest(object: &Object) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     pub actor: Option<String>,
-    pub kind: Option<Kind>,
+    /// An object kind's name, or [`MEMBER_KIND`].
+    pub kind: Option<String>,
     /// Unix milliseconds, inclusive.
     pub since_ms: Option<u64>,
     /// Unix milliseconds, exclusive.
@@ -75,7 +97,7 @@ pub struct Filter {
 impl Filter {
     pub fn matches(&self, r: &AuditRecord) -> bool {
         self.actor.as_ref().is_none_or(|a| *a == r.actor)
-            && self.kind.is_none_or(|k| k == r.kind)
+            && self.kind.as_ref().is_none_or(|k| *k == r.kind)
             && self.since_ms.is_none_or(|s| r.at_ms >= s)
             && self.until_ms.is_none_or(|u| r.at_ms < u)
     }

@@ -159,6 +159,7 @@ impl Plan {
             ops,
             expected_config_revision: Some(self.revision),
             origin: None,
+            membership: None,
         }
     }
 

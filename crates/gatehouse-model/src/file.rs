@@ -288,6 +288,7 @@ impl Loaded {
                 .collect(),
             expected_config_revision: None,
             origin: None,
+            membership: None,
         }
     }
 }

@@ -32,6 +32,9 @@ pub struct Command {
     /// Who proposed the write, for the audit log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// A membership change to record in the audit log (with no operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<audit::MembershipChange>,
 }
 
 /// One operation of a command.
@@ -497,6 +500,26 @@ impl ConfigState {
         }
 
         if cmd.ops.is_empty() {
+            if let Some(change) = &cmd.membership {
+                let origin = cmd.origin.clone().unwrap_or_default();
+                self.audit.push_back(AuditRecord {
+                    revision: self.revision,
+                    at_ms: origin.at_ms,
+                    actor: origin.actor,
+                    action: change.action,
+                    kind: audit::MEMBER_KIND.to_string(),
+                    name: change
+                        .nodes
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    digest: String::new(),
+                });
+                while self.audit.len() > AUDIT_LIMIT {
+                    self.audit.pop_front();
+                }
+            }
             return Ok(WriteOk {
                 revision: self.revision,
                 changed: 0,
@@ -521,7 +544,7 @@ impl ConfigState {
                     origin.actor.clone()
                 },
                 action,
-                kind: target.kind,
+                kind: target.kind.to_string(),
                 name: target.name,
                 digest,
             });

@@ -15,6 +15,7 @@ fn state_with(objects: &[Object]) -> ConfigState {
             .collect(),
         expected_config_revision: None,
         origin: None,
+        membership: None,
     };
     state.apply(5, &cmd).unwrap();
     state

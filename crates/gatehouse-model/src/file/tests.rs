@@ -631,6 +631,7 @@ fn plan_replaces_changed_objects_at_the_revision_read() {
         ops,
         expected_config_revision: None,
         origin: None,
+        membership: None,
     };
     state.apply(7, &cmd).unwrap();
     assert!(plan(&desired, |r| state.get(r.kind, &r.name)).is_empty());
@@ -642,6 +643,7 @@ fn plan_replaces_changed_objects_at_the_revision_read() {
         ops: vec![cmd.ops[0].clone()],
         expected_config_revision: None,
         origin: None,
+        membership: None,
     };
     let before = state.clone();
     assert!(matches!(

@@ -216,6 +216,7 @@ fn seed() -> Command {
         ops: specs.iter().map(|s| s.op(None)).collect(),
         expected_config_revision: Some(0),
         origin: None,
+        membership: None,
     }
 }
 
@@ -247,6 +248,7 @@ fn history() -> impl Strategy<Value = Vec<(u64, Command)>> {
                             .collect(),
                         expected_config_revision: config.resolve(&indexes, step),
                         origin: None,
+                        membership: None,
                     };
                     (indexes[step], cmd)
                 });

@@ -39,6 +39,7 @@ fn batch(ops: Vec<Op>) -> Command {
         ops,
         expected_config_revision: None,
         origin: None,
+        membership: None,
     }
 }
 
@@ -808,6 +809,7 @@ fn every_change_is_audited_with_its_origin_and_a_digest_not_the_object() {
             actor: actor.to_string(),
             at_ms,
         }),
+        membership: None,
     };
     s.apply(1, &by("token:alice", 1_000, vec![put(up("billing"))]))
         .unwrap();
