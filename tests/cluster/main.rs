@@ -7,5 +7,6 @@ mod data_plane;
 mod durability;
 mod failover;
 mod hardening;
+mod limits;
 mod membership;
 mod protocols;

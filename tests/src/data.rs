@@ -31,6 +31,8 @@ pub struct DataPlaneProc {
     pub tls: Option<String>,
     pub state_dir: PathBuf,
     control_planes: Vec<String>,
+    /// Flags added to every (re)start.
+    extra_args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -48,7 +50,17 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, false)
+        Self::start_with(name, control_planes, dir, false, &[])
+    }
+
+    /// Like [`DataPlaneProc::start`], with extra flags (e.g. resource limits).
+    pub fn start_with_args(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        args: &[&str],
+    ) -> Result<DataPlaneProc> {
+        Self::start_with(name, control_planes, dir, false, args)
     }
 
     /// Like [`DataPlaneProc::start`], with a TLS listener as well.
@@ -57,7 +69,7 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
     ) -> Result<DataPlaneProc> {
-        Self::start_with(name, control_planes, dir, true)
+        Self::start_with(name, control_planes, dir, true, &[])
     }
 
     fn start_with(
@@ -65,6 +77,7 @@ impl DataPlaneProc {
         control_planes: &[String],
         dir: &std::path::Path,
         tls: bool,
+        args: &[&str],
     ) -> Result<DataPlaneProc> {
         let mut dp = DataPlaneProc {
             name: name.to_string(),
@@ -73,6 +86,7 @@ impl DataPlaneProc {
             tls: tls.then(|| "127.0.0.1:0".to_string()),
             state_dir: dir.join(name),
             control_planes: control_planes.to_vec(),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             log: dir.join(format!("{name}.log")),
             child: None,
         };
@@ -88,6 +102,7 @@ impl DataPlaneProc {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--drain-seconds", "5"])
+            .args(&self.extra_args)
             .env("RUST_LOG", "info");
         if let Some(tls) = &self.tls {
             cmd.args(["--tls-listen", tls]);
@@ -266,13 +281,21 @@ impl Upstream {
                                 }
                             });
                         }
-                        let body = serde_json::json!({
+                        let mut body = serde_json::json!({
                             "upstream": name,
                             "method": req.method().as_str(),
                             "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
                             "headers": headers,
                         });
+                        let request_body = req.into_body();
                         async move {
+                            // Read the whole request body before answering, as
+                            // a real service would: a body the gateway cuts off
+                            // then fails the call instead of racing the answer.
+                            match request_body.collect().await {
+                                Ok(b) => body["body_bytes"] = b.to_bytes().len().into(),
+                                Err(_) => body["body_error"] = true.into(),
+                            }
                             if slow {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }

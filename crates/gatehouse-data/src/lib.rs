@@ -18,6 +18,7 @@ pub mod ops;
 pub mod path;
 pub mod problem;
 pub mod proxy;
+pub mod resources;
 pub mod router;
 pub mod tls;
 pub mod upstream;

@@ -42,6 +42,21 @@ pub struct Metrics {
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
     pub target_healthy: Family<TargetLabels, Gauge>,
+    /// Requests refused with 503 because the in-flight cap was reached.
+    pub requests_shed: Counter,
+    /// Connections closed at accept because a listener was at its cap.
+    pub connections_refused: Counter,
+    /// Connections open, across listeners.
+    pub connections_open: Gauge,
+    /// Requests an injection rule matched, by rule set (`sql_injection`,
+    /// `xss`) and action (`detected`, `blocked`).
+    pub firewall_matches: Family<FirewallLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FirewallLabels {
+    pub rule: &'static str,
+    pub action: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,7 +106,35 @@ impl Default for Metrics {
             "1 while a target takes traffic (health checks and passive ejection)",
             target_healthy.clone(),
         );
+        let requests_shed = Counter::default();
+        registry.register(
+            "requests_shed",
+            "Requests refused with 503 because the data plane was at its cap of requests in flight",
+            requests_shed.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a listener was at its connection cap",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open on the proxy listeners",
+            connections_open.clone(),
+        );
+        let firewall_matches = Family::<FirewallLabels, Counter>::default();
+        registry.register(
+            "firewall_matches",
+            "Requests an injection rule matched, by rule set and action (detected or blocked)",
+            firewall_matches.clone(),
+        );
         Metrics {
+            requests_shed,
+            connections_refused,
+            connections_open,
+            firewall_matches,
             target_healthy,
             registry,
             requests,

@@ -2,6 +2,7 @@
 //! and the upstream call.
 //!
 //! ```text
+//! take a slot of the in-flight cap    -> 503 overloaded when none is free
 //! load the revision (arc-swap)        -> 503 not ready when none was applied yet
 //! route (host, path, method)          -> 404 / 405
 //! pick a target of the upstream       -> 503 when none can take it
@@ -31,7 +32,9 @@ use crate::compile::Compiled;
 use crate::headers::{self, ClientInfo, HopByHop, Trust};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::problem::Reject;
+use crate::resources::{caused_by, BodyTimedOut, Limits, TimeoutBody};
 use crate::router::Match;
+use tokio::sync::Semaphore;
 
 /// The body type of every response the proxy sends, and of the requests it
 /// makes (so a retry can send an empty body of the same type).
@@ -40,20 +43,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Errors of bodies: hyper's, or a body size cap's.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Whether an upstream call failed because the request body broke its cap.
-fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
 /// What every request reads: the revision being served and the metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
     pub config: ArcSwapOption<Compiled>,
     pub metrics: Metrics,
@@ -65,6 +56,31 @@ pub struct Shared {
     pub clients: crate::upstream::ClientCache,
     /// Rate-limit counters, across revisions.
     pub limiters: crate::limits::LimiterRegistry,
+    /// Connection, request and timing limits.
+    pub limits: Limits,
+    /// One permit per request being served (`limits.max_requests_in_flight`).
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(limits: Limits) -> Shared {
+        Shared {
+            config: ArcSwapOption::default(),
+            metrics: Metrics::default(),
+            unready_reason: ArcSwapOption::default(),
+            health: Default::default(),
+            clients: Default::default(),
+            limiters: Default::default(),
+            in_flight: Arc::new(Semaphore::new(limits.max_requests_in_flight)),
+            limits,
+        }
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new(Limits::default())
+    }
 }
 
 /// The route a request went to, for its metrics.
@@ -108,7 +124,25 @@ impl Proxy {
         tls: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let (route, response) = self.serve(req, peer, tls).await;
+        // Shed load rather than queue it: a slot per request, held until the
+        // response body is done.
+        let (route, response) = match self.shared.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (route, response) = self.serve(req, peer, tls).await;
+                let response = response.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _held = &permit;
+                        frame
+                    })
+                    .boxed()
+                });
+                (route, response)
+            }
+            Err(_) => {
+                self.shared.metrics.requests_shed.inc();
+                (None, reject(&Reject::Overloaded))
+            }
+        };
         let elapsed = start.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
         let route = match route {
@@ -293,12 +327,19 @@ impl Proxy {
             .policy
             .as_ref()
             .and_then(|p| p.firewall.max_body_bytes);
+        // A client that stops sending its body does not hold the request
+        // open (a bodiless request needs no timer).
+        let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
+            body.map_err(BoxError::from).boxed()
+        } else {
+            TimeoutBody::new(body, self.shared.limits.body_read_timeout).boxed()
+        };
         let mut body = Some(match cap {
             Some(cap) => {
                 http_body_util::Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
                     .boxed()
             }
-            None => body.map_err(BoxError::from).boxed(),
+            None => body,
         });
         let mut last = Reject::UpstreamUnavailable;
         for attempt in 0..attempts {
@@ -366,8 +407,11 @@ impl Proxy {
                     return (name, resp.map(|b| b.map_err(BoxError::from).boxed()));
                 }
                 Ok(Err(e)) => {
-                    if body_too_large(&e) {
+                    if caused_by::<http_body_util::LengthLimitError>(&e) {
                         return (name, reject(&Reject::PayloadTooLarge));
+                    }
+                    if caused_by::<BodyTimedOut>(&e) {
+                        return (name, reject(&Reject::RequestTimeout));
                     }
                     let connect = e.is_connect();
                     health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
