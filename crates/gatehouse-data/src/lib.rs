@@ -5,10 +5,12 @@
 pub mod auth;
 pub mod client;
 pub mod compile;
+pub mod cors;
 pub mod firewall;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod inspect;
 pub mod jwt;
 pub mod limits;
 pub mod lkg;
