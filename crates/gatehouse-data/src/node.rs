@@ -382,6 +382,33 @@ async fn serve_connection<I, S, B>(
     }
 }
 
+/// Serves one client connection on `io` exactly as the plaintext proxy
+/// listener does (its HTTP settings, limits and pipeline), with `shared`'s
+/// revision, until the client is done. For in-memory tests and the fuzz
+/// target that sends raw bytes through the whole pipeline.
+pub async fn serve_proxy_connection<I>(shared: Arc<Shared>, io: I, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = Guard::proxy(&shared.limits, &shared);
+    let proxy = Proxy::new(shared.clone());
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(req, peer, false).await }
+    });
+    // The sender stays alive until the connection ends: no shutdown.
+    let (running, stop) = watch::channel(false);
+    serve_connection(
+        TokioIo::new(io),
+        service,
+        guard.builder.clone(),
+        guard.header_read_timeout,
+        stop,
+    )
+    .await;
+    drop(running);
+}
+
 /// Accepts connections (through TLS when given an acceptor) until shutdown,
 /// within the guard's connection cap, then drains them gracefully.
 async fn serve<F, S, B>(
