@@ -44,11 +44,13 @@ pub struct ProxiesArgs {
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     client_threads: u64,
-    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse.
+    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse,
+    /// gatehouse-firewall (the same route under a policy with the default
+    /// firewall rule set: SQL-injection and XSS patterns, blocking).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,nginx,haproxy,gatehouse"
+        default_value = "direct,nginx,haproxy,gatehouse,gatehouse-firewall"
     )]
     targets: Vec<Kind>,
     /// Per-request time limit, milliseconds.
@@ -69,6 +71,7 @@ pub enum Kind {
     Nginx,
     Haproxy,
     Gatehouse,
+    GatehouseFirewall,
 }
 
 impl fmt::Display for Kind {
@@ -78,6 +81,7 @@ impl fmt::Display for Kind {
             Kind::Nginx => "nginx",
             Kind::Haproxy => "HAProxy",
             Kind::Gatehouse => "Gatehouse",
+            Kind::GatehouseFirewall => "Gatehouse + firewall rules",
         })
     }
 }
@@ -330,8 +334,26 @@ backend backend
     }))
 }
 
-async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Running> {
-    let root = dir.join("gatehouse");
+/// The firewall rules of the `gatehouse-firewall` target: the built-in
+/// injection pattern sets, blocking, on the path, the query and a body prefix.
+const FIREWALL_POLICY: &str =
+    "policies:\n  - name: firewall\n    firewall:\n      sql_injection: block\n      xss: block\n";
+
+/// The request target of both Gatehouse targets: a query gives the
+/// injection rules something to read.
+const GATEHOUSE_TARGET: &str = "items?q=blue+running+shoes&page=2";
+
+async fn start_gatehouse(
+    dir: &Path,
+    backend: SocketAddr,
+    threads: u64,
+    firewall: bool,
+) -> Result<Running> {
+    let root = dir.join(if firewall {
+        "gatehouse-firewall"
+    } else {
+        "gatehouse"
+    });
     std::fs::create_dir_all(&root)?;
     let log = root.join("stderr.log");
     let mut cmd = Command::new(bin("gatehouse"));
@@ -354,10 +376,15 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
     let admin = ready.field("admin")?;
     let proxy = ready.field("proxy")?;
     let file = root.join("gateway.yaml");
+    let (policies, policy) = if firewall {
+        (FIREWALL_POLICY, "    policy: firewall\n")
+    } else {
+        ("", "")
+    };
     std::fs::write(
         &file,
         format!(
-            "version: 1\nupstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n"
+            "version: 1\n{policies}upstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n{policy}"
         ),
     )?;
     // The control plane may still be electing itself: retry for a while.
@@ -378,12 +405,18 @@ async fn start_gatehouse(dir: &Path, backend: SocketAddr, threads: u64) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let mut notes = vec![format!(
+        "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn, requests to /{GATEHOUSE_TARGET}"
+    )];
+    if firewall {
+        notes.push(
+            "policy firewall: sql_injection: block, xss: block (the built-in pattern sets)".into(),
+        );
+    }
     Ok(Running {
-        url: format!("http://{proxy}/"),
+        url: format!("http://{proxy}/{GATEHOUSE_TARGET}"),
         proc: Some(proc),
-        notes: vec![format!(
-            "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn"
-        )],
+        notes,
     })
 }
 
@@ -675,7 +708,10 @@ async fn start(
         }),
         Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
         Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads)?,
-        Kind::Gatehouse => Some(start_gatehouse(dir, backend, args.proxy_threads).await?),
+        Kind::Gatehouse => Some(start_gatehouse(dir, backend, args.proxy_threads, false).await?),
+        Kind::GatehouseFirewall => {
+            Some(start_gatehouse(dir, backend, args.proxy_threads, true).await?)
+        }
     };
     if let Some(r) = running.as_mut() {
         wait_serving(&r.url, &mut r.proc.as_mut()).await?;
@@ -806,7 +842,8 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if let Some(mut p) = running.proc.take() {
                 p.stop();
                 let log = tail(&p.log);
-                if slot.kind != Kind::Gatehouse && !log.trim().is_empty() {
+                let gatehouse = matches!(slot.kind, Kind::Gatehouse | Kind::GatehouseFirewall);
+                if !gatehouse && !log.trim().is_empty() {
                     notes.push(format!("{}: its log ends with: {}", slot.kind, log.trim()));
                 }
             }
