@@ -34,9 +34,14 @@ if [ "$fuzz_seconds" -gt 0 ]; then
         cd fuzz
         export RUSTC_BOOTSTRAP=1
         cargo fuzz build --dev
+        # A fresh corpus each time: libFuzzer replays a whole corpus before
+        # its time limit counts, so a corpus kept from long runs would make
+        # the smoke run long too.
+        smoke="$(mktemp -d)"
+        trap 'rm -rf "$smoke"' EXIT
         for target in $(cargo fuzz list); do
-            mkdir -p "corpus/$target"
-            cargo fuzz run --dev "$target" "corpus/$target" seeds/"$target" -- \
+            mkdir -p "$smoke/$target"
+            cargo fuzz run --dev "$target" "$smoke/$target" seeds/"$target" -- \
                 -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -print_final_stats=1
         done
     )
