@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Proxy throughput and latency (the backend direct, and behind nginx, HAProxy
-# and Gatehouse, one worker each) and config propagation (3 control-plane
+# and Gatehouse, one worker each; Gatehouse twice: without a policy, and with
+# the default firewall rule set) and config propagation (3 control-plane
 # nodes, 2 data planes), with the parameters docs/benchmarks.md reports.
 #
 # Installs nginx and haproxy with apt-get when they are missing (Debian or

@@ -28,3 +28,32 @@ step "deployment files (offline: hadolint, yamllint, compose schema, kubernetes-
 
 step "tests (unit, property, storage conformance, end-to-end)"
 cargo test --workspace --locked
+
+# Fuzz smoke run: every cargo-fuzz target builds and survives a short run
+# (docs/security.md says how to run them for long). The toolchain is stable;
+# cargo-fuzz needs nightly flags, which RUSTC_BOOTSTRAP=1 allows. A debug
+# build (--dev) compiles in about half the time of an optimised one, which
+# matters more here than executions per second. Set GATEHOUSE_FUZZ_SECONDS=0
+# to skip, or higher for a longer run.
+fuzz_seconds="${GATEHOUSE_FUZZ_SECONDS:-20}"
+if [ "$fuzz_seconds" -gt 0 ]; then
+    step "fuzz smoke run (${fuzz_seconds}s per target)"
+    if ! cargo fuzz --help >/dev/null 2>&1; then
+        cargo install cargo-fuzz --locked
+    fi
+    (
+        cd fuzz
+        export RUSTC_BOOTSTRAP=1
+        cargo fuzz build --dev
+        # A fresh corpus each time: libFuzzer replays a whole corpus before
+        # its time limit counts, so a corpus kept from long runs would make
+        # the smoke run long too.
+        smoke="$(mktemp -d)"
+        trap 'rm -rf "$smoke"' EXIT
+        for target in $(cargo fuzz list); do
+            mkdir -p "$smoke/$target"
+            cargo fuzz run --dev "$target" "$smoke/$target" seeds/"$target" -- \
+                -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -print_final_stats=1
+        done
+    )
+fi

@@ -17,6 +17,7 @@
 //! Build with `--release` (see `bench/run-admin-writes.sh`): the sandbox takes
 //! the `gatehouse` binary from the same target directory as this one.
 
+mod firewall_cost;
 mod load;
 mod propagation;
 mod proxies;
@@ -72,6 +73,9 @@ enum Cmd {
     /// Time from a route write's acknowledgement by the leader of a 3-node
     /// control plane until both of 2 data planes serve it.
     Propagation(propagation::PropagationArgs),
+    /// CPU time per request of the firewall's content rules (off, and the
+    /// default injection rule set), in process.
+    FirewallCost(firewall_cost::FirewallCostArgs),
 }
 
 #[derive(clap::Args)]
@@ -188,6 +192,7 @@ fn main() -> Result<()> {
         Cmd::Http(args) => http_load(args),
         Cmd::Proxies(args) => rt.block_on(proxies::proxies(args)),
         Cmd::Propagation(args) => rt.block_on(propagation::propagation(args)),
+        Cmd::FirewallCost(args) => firewall_cost::firewall_cost(args),
     }
 }
 

@@ -47,11 +47,13 @@ pub struct ProxiesArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     client_threads: u64,
     /// The targets, measured in this order: direct, nginx, haproxy, gatehouse,
-    /// gatehouse-local, gatehouse-cluster, gatehouse-lease.
+    /// gatehouse-local, gatehouse-cluster, gatehouse-lease, gatehouse-firewall
+    /// (the same route under a policy with the default firewall rule set:
+    /// SQL-injection and XSS patterns, blocking).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,nginx,haproxy,gatehouse"
+        default_value = "direct,nginx,haproxy,gatehouse,gatehouse-firewall"
     )]
     targets: Vec<Kind>,
     /// Per-request time limit, milliseconds.
@@ -78,6 +80,8 @@ pub enum Kind {
     GatehouseCluster,
     /// Gatehouse with a cluster rate limit in Redis, cost mode (lease 100).
     GatehouseLease,
+    /// Gatehouse with the default firewall rule set on the route.
+    GatehouseFirewall,
 }
 
 /// The lease of the cost-mode target.
@@ -113,6 +117,7 @@ impl fmt::Display for Kind {
             Kind::GatehouseLocal => "Gatehouse, local limit",
             Kind::GatehouseCluster => "Gatehouse, cluster limit (exact)",
             Kind::GatehouseLease => "Gatehouse, cluster limit (lease 100)",
+            Kind::GatehouseFirewall => "Gatehouse + firewall rules",
         })
     }
 }
@@ -369,6 +374,15 @@ backend backend
     }))
 }
 
+/// The firewall rules of the `gatehouse-firewall` target: the built-in
+/// injection pattern sets, blocking, on the path, the query and a body prefix.
+const FIREWALL_POLICY: &str =
+    "policies:\n  - name: firewall\n    firewall:\n      sql_injection: block\n      xss: block\n";
+
+/// The request target of both Gatehouse targets: a query gives the
+/// injection rules something to read.
+const GATEHOUSE_TARGET: &str = "items?q=blue+running+shoes&page=2";
+
 async fn start_gatehouse(
     dir: &Path,
     backend: SocketAddr,
@@ -376,6 +390,7 @@ async fn start_gatehouse(
     kind: Kind,
     redis: Option<&gatehouse_e2e::redis::RedisServer>,
 ) -> Result<Running> {
+    let firewall = kind == Kind::GatehouseFirewall;
     let root = dir.join(format!("{kind:?}").to_lowercase());
     std::fs::create_dir_all(&root)?;
     let log = root.join("stderr.log");
@@ -405,12 +420,16 @@ async fn start_gatehouse(
     let proxy = ready.field("proxy")?;
     let ops = ready.field("ops")?;
     let file = root.join("gateway.yaml");
-    let (policies, policy) = match kind.limit() {
-        Some(limit) => (
-            format!("policies:\n  - name: limited\n    rate_limits:\n      - {limit}\n"),
-            "    policy: limited\n",
-        ),
-        None => (String::new(), ""),
+    let (policies, policy) = if firewall {
+        (FIREWALL_POLICY.to_string(), "    policy: firewall\n")
+    } else {
+        match kind.limit() {
+            Some(limit) => (
+                format!("policies:\n  - name: limited\n    rate_limits:\n      - {limit}\n"),
+                "    policy: limited\n",
+            ),
+            None => (String::new(), ""),
+        }
     };
     std::fs::write(
         &file,
@@ -436,16 +455,22 @@ async fn start_gatehouse(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let mut notes = vec![format!(
+        "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn, requests to /{GATEHOUSE_TARGET}"
+    )];
+    if firewall {
+        notes.push(
+            "policy firewall: sql_injection: block, xss: block (the built-in pattern sets)".into(),
+        );
+    }
+    if let Some(limit) = kind.limit() {
+        notes.push(format!("rate limit {limit}"));
+    }
     Ok(Running {
-        url: format!("http://{proxy}/"),
+        url: format!("http://{proxy}/{GATEHOUSE_TARGET}"),
         ops: Some(ops),
         proc: Some(proc),
-        notes: vec![format!(
-            "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn{}",
-            kind.limit()
-                .map(|l| format!(", rate limit {l}"))
-                .unwrap_or_default()
-        )],
+        notes,
     })
 }
 
@@ -774,7 +799,11 @@ async fn start(
         }),
         Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
         Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads)?,
-        Kind::Gatehouse | Kind::GatehouseLocal | Kind::GatehouseCluster | Kind::GatehouseLease => {
+        Kind::Gatehouse
+        | Kind::GatehouseLocal
+        | Kind::GatehouseCluster
+        | Kind::GatehouseLease
+        | Kind::GatehouseFirewall => {
             Some(start_gatehouse(dir, backend, args.proxy_threads, kind, redis).await?)
         }
     };
@@ -926,7 +955,8 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if let Some(mut p) = running.proc.take() {
                 p.stop();
                 let log = tail(&p.log);
-                if slot.kind != Kind::Gatehouse && !log.trim().is_empty() {
+                let gatehouse = matches!(slot.kind, Kind::Gatehouse | Kind::GatehouseFirewall);
+                if !gatehouse && !log.trim().is_empty() {
                     notes.push(format!("{}: its log ends with: {}", slot.kind, log.trim()));
                 }
             }

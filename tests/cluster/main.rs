@@ -10,6 +10,7 @@ mod data_plane;
 mod durability;
 mod failover;
 mod hardening;
+mod limits;
 mod membership;
 mod protocols;
 mod ratelimit;

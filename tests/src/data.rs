@@ -64,6 +64,17 @@ impl DataPlaneProc {
         Self::start_with(name, control_planes, dir, false, extra)
     }
 
+    /// Like [`DataPlaneProc::start`], with extra flags (e.g. resource limits).
+    pub fn start_with_args(
+        name: &str,
+        control_planes: &[String],
+        dir: &std::path::Path,
+        args: &[&str],
+    ) -> Result<DataPlaneProc> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::start_with(name, control_planes, dir, false, &args)
+    }
+
     /// Like [`DataPlaneProc::start`], with a TLS listener as well.
     pub fn start_tls(
         name: &str,
@@ -310,13 +321,21 @@ impl Upstream {
                                 }
                             });
                         }
-                        let body = serde_json::json!({
+                        let mut body = serde_json::json!({
                             "upstream": name,
                             "method": req.method().as_str(),
                             "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or(""),
                             "headers": headers,
                         });
+                        let request_body = req.into_body();
                         async move {
+                            // Read the whole request body before answering, as
+                            // a real service would: a body the gateway cuts off
+                            // then fails the call instead of racing the answer.
+                            match request_body.collect().await {
+                                Ok(b) => body["body_bytes"] = b.to_bytes().len().into(),
+                                Err(_) => body["body_error"] = true.into(),
+                            }
                             if slow {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }

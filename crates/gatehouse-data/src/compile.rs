@@ -20,6 +20,8 @@ pub struct CompiledRoute {
     pub name: Arc<String>,
     pub upstream: Arc<Pool>,
     pub strip_prefix: bool,
+    /// Forward the path as the client sent it (no canonicalisation).
+    pub raw_path: bool,
     /// The policy that guards the route, if any.
     pub policy: Option<Arc<CompiledPolicy>>,
     /// The route's latency histogram, looked up once per revision.
@@ -152,6 +154,7 @@ impl Compiled {
                     name,
                     upstream,
                     strip_prefix: r.strip_prefix,
+                    raw_path: r.raw_path,
                     policy,
                     latency,
                 })

@@ -1,15 +1,22 @@
 //! The firewall rules of a policy: which client addresses may pass, which
-//! methods, and how large the headers and the body may be. Compiled with the
-//! revision; checked after routing (the rules belong to the route's policy)
-//! and before authentication, so a refused request costs no key lookup.
+//! methods, how large the headers and the body may be, which user agents are
+//! refused, the injection pattern rules (`inspect.rs`) and CORS (`cors.rs`).
+//! Compiled with the revision; checked after routing (the rules belong to
+//! the route's policy) and before authentication, so a refused request costs
+//! no key lookup. Only the body inspection runs later: after authentication,
+//! so that an unauthenticated client cannot make the gateway read a body.
 
 use std::net::IpAddr;
 
-use gatehouse_model::object::Firewall;
-use http::header::CONTENT_LENGTH;
+use gatehouse_model::object::{Firewall, RuleMode};
+use http::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, Method};
+use regex::RegexSet;
 
+use crate::cors::CompiledCors;
 use crate::headers::{Cidr, Trust};
+use crate::inspect::{decode, Finding, Inspector};
+use crate::metrics::{FirewallLabels, Metrics};
 use crate::problem::Reject;
 
 /// A policy's firewall, compiled.
@@ -23,6 +30,32 @@ pub struct CompiledFirewall {
     max_header_bytes: Option<u64>,
     /// Enforced from `Content-Length` here, and while streaming by the proxy.
     pub max_body_bytes: Option<u64>,
+    /// Refused user agents, case-insensitive.
+    user_agents: Option<RegexSet>,
+    /// The injection rules, and what they read besides the path and query.
+    inspector: Inspector,
+    inspect_headers: Vec<HeaderName>,
+    inspect_body_bytes: usize,
+    /// CORS, answered at the gateway.
+    pub cors: Option<CompiledCors>,
+}
+
+/// Where an injection rule matched, for the log (never the text itself).
+#[derive(Clone, Copy, Debug)]
+pub enum Location<'a> {
+    Path,
+    Query,
+    Header(&'a HeaderName),
+    Body,
+}
+
+/// How a body is decoded before the injection rules read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `application/x-www-form-urlencoded`: percent-decoded, `+` as space.
+    Form,
+    /// Other text (JSON, XML, text/*, multipart): percent-decoded.
+    Text,
 }
 
 fn cidrs(policy: &str, field: &str, list: &[String]) -> Result<Vec<Cidr>, String> {
@@ -51,7 +84,170 @@ impl CompiledFirewall {
                 .collect::<Result<_, _>>()?,
             max_header_bytes: f.max_header_bytes,
             max_body_bytes: f.max_body_bytes,
+            user_agents: if f.deny_user_agents.is_empty() {
+                None
+            } else {
+                Some(
+                    regex::RegexSetBuilder::new(&f.deny_user_agents)
+                        .case_insensitive(true)
+                        .size_limit(gatehouse_model::validate::MAX_REGEX_BYTES * 4)
+                        .dfa_size_limit(gatehouse_model::validate::MAX_REGEX_BYTES * 4)
+                        .build()
+                        .map_err(|_| {
+                            format!(
+                                "policy \"{policy}\": firewall.deny_user_agents: does not compile"
+                            )
+                        })?,
+                )
+            },
+            inspector: Inspector::new(f.sql_injection, f.xss),
+            inspect_headers: f
+                .inspect_headers
+                .iter()
+                .map(|h| {
+                    HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                        format!("policy \"{policy}\": firewall.inspect_headers: {h:?}")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            inspect_body_bytes: usize::try_from(f.inspect_body_bytes).unwrap_or(usize::MAX),
+            cors: f
+                .cors
+                .as_ref()
+                .map(|c| CompiledCors::compile(policy, c))
+                .transpose()?,
         })
+    }
+
+    /// The user-agent rules and the injection rules on the path (as routed),
+    /// the query and the chosen headers, each percent-decoded first. A
+    /// `detect` match is logged and counted and the request goes on.
+    pub fn check_content(
+        &self,
+        policy: &str,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        metrics: &Metrics,
+    ) -> Result<(), Reject> {
+        if let Some(agents) = &self.user_agents {
+            let refused = headers
+                .get_all(USER_AGENT)
+                .iter()
+                .any(|ua| agents.is_match(&String::from_utf8_lossy(ua.as_bytes())));
+            if refused {
+                tracing::info!(policy, "request refused: user agent denied");
+                return Err(Reject::Blocked);
+            }
+        }
+        if !self.inspector.is_on() {
+            return Ok(());
+        }
+        self.scan(policy, Location::Path, &decode(path, false), metrics)?;
+        if let Some(q) = query {
+            self.scan(policy, Location::Query, &decode(q, true), metrics)?;
+        }
+        for name in &self.inspect_headers {
+            for value in headers.get_all(name) {
+                let text = String::from_utf8_lossy(value.as_bytes());
+                self.scan(
+                    policy,
+                    Location::Header(name),
+                    &decode(&text, false),
+                    metrics,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many bytes of the body to inspect, and how, for a request with
+    /// these headers; `None` when the body is not inspected (the rules are
+    /// off, the cap is 0, or the content type is not text).
+    pub fn body_inspection(&self, headers: &HeaderMap) -> Option<(usize, BodyKind)> {
+        if !self.inspector.is_on() || self.inspect_body_bytes == 0 {
+            return None;
+        }
+        let kind = match headers.get(CONTENT_TYPE) {
+            // Without a type, read it as text rather than not at all.
+            None => BodyKind::Text,
+            Some(v) => {
+                let v = v.to_str().ok()?.trim().to_ascii_lowercase();
+                let essence = v.split(';').next().unwrap_or("").trim();
+                if essence == "application/x-www-form-urlencoded" {
+                    BodyKind::Form
+                } else if essence.starts_with("text/")
+                    || essence == "application/json"
+                    || essence.ends_with("+json")
+                    || essence == "application/xml"
+                    || essence.ends_with("+xml")
+                    || essence == "application/graphql"
+                    || essence == "multipart/form-data"
+                {
+                    BodyKind::Text
+                } else {
+                    return None;
+                }
+            }
+        };
+        Some((self.inspect_body_bytes, kind))
+    }
+
+    /// The injection rules on the first bytes of a body.
+    pub fn check_body(
+        &self,
+        policy: &str,
+        prefix: &[u8],
+        kind: BodyKind,
+        metrics: &Metrics,
+    ) -> Result<(), Reject> {
+        let cap = prefix.len().min(self.inspect_body_bytes);
+        let text = String::from_utf8_lossy(&prefix[..cap]);
+        let decoded = decode(&text, kind == BodyKind::Form);
+        self.scan(policy, Location::Body, &decoded, metrics)
+    }
+
+    fn scan(
+        &self,
+        policy: &str,
+        location: Location<'_>,
+        text: &str,
+        metrics: &Metrics,
+    ) -> Result<(), Reject> {
+        let Some(Finding {
+            family,
+            pattern,
+            mode,
+        }) = self.inspector.scan(text)
+        else {
+            return Ok(());
+        };
+        let action = if mode == RuleMode::Block {
+            "blocked"
+        } else {
+            "detected"
+        };
+        metrics
+            .firewall_matches
+            .get_or_create(&FirewallLabels {
+                rule: family.label(),
+                action,
+            })
+            .inc();
+        // The matched text stays out of the log: it is attacker-controlled.
+        tracing::warn!(
+            policy,
+            rule = family.label(),
+            pattern,
+            ?location,
+            action,
+            "injection rule matched"
+        );
+        if mode == RuleMode::Block {
+            Err(Reject::Blocked)
+        } else {
+            Ok(())
+        }
     }
 
     /// Checks a request from `client` (the address the trust rules give).

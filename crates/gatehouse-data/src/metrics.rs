@@ -56,6 +56,21 @@ pub struct Metrics {
     pub redis_duration: Histogram,
     pub redis_errors: Counter,
     pub data_planes: Gauge,
+    /// Requests refused with 503 because the in-flight cap was reached.
+    pub requests_shed: Counter,
+    /// Connections closed at accept because a listener was at its cap.
+    pub connections_refused: Counter,
+    /// Connections open, across listeners.
+    pub connections_open: Gauge,
+    /// Requests an injection rule matched, by rule set (`sql_injection`,
+    /// `xss`) and action (`detected`, `blocked`).
+    pub firewall_matches: Family<FirewallLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FirewallLabels {
+    pub rule: &'static str,
+    pub action: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,6 +157,30 @@ impl Default for Metrics {
             "Data planes the control plane reports; a cluster limit's local fallback is its limit divided by this",
             data_planes.clone(),
         );
+        let requests_shed = Counter::default();
+        registry.register(
+            "requests_shed",
+            "Requests refused with 503 because the data plane was at its cap of requests in flight",
+            requests_shed.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because a listener was at its connection cap",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open on the proxy listeners",
+            connections_open.clone(),
+        );
+        let firewall_matches = Family::<FirewallLabels, Counter>::default();
+        registry.register(
+            "firewall_matches",
+            "Requests an injection rule matched, by rule set and action (detected or blocked)",
+            firewall_matches.clone(),
+        );
         Metrics {
             data_planes,
             limit_decisions,
@@ -149,6 +188,10 @@ impl Default for Metrics {
             limit_fallbacks,
             redis_duration,
             redis_errors,
+            requests_shed,
+            connections_refused,
+            connections_open,
+            firewall_matches,
             target_healthy,
             registry,
             requests,

@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use gatehouse_model::ConfigState;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, Apply, WatchConfig};
 use crate::compile::Compiled;
 use crate::lkg;
 use crate::proxy::{Proxy, Shared};
+use crate::resources::Limits;
 
 /// What a data plane needs to start.
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub struct DataPlaneConfig {
     /// How long one cluster rate-limit decision may take before the limit's
     /// `on_store_failure` applies.
     pub rate_limit_timeout: Duration,
+    /// Connection, request and timing limits of the proxy listeners.
+    pub limits: Limits,
 }
 
 /// Why a data plane could not start.
@@ -147,7 +151,7 @@ impl DataPlane {
                 store,
                 data_planes: Default::default(),
             },
-            ..Shared::default()
+            ..Shared::new(cfg.limits.clone())
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
         let (lkg_tx, lkg_rx) = watch::channel(None);
@@ -225,6 +229,7 @@ impl DataPlane {
             tasks.push(tokio::spawn(serve(
                 listener,
                 Some(acceptor),
+                Guard::proxy(&cfg.limits, &shared),
                 shutdown.subscribe(),
                 move |peer| make(peer, true),
             )));
@@ -232,6 +237,7 @@ impl DataPlane {
         tasks.push(tokio::spawn(serve(
             proxy_listener,
             None,
+            Guard::proxy(&cfg.limits, &shared),
             shutdown.subscribe(),
             move |peer| proxy_service(peer, false),
         )));
@@ -239,6 +245,7 @@ impl DataPlane {
         tasks.push(tokio::spawn(serve(
             ops_listener,
             None,
+            Guard::ops(&cfg.limits),
             shutdown.subscribe(),
             move |_peer| {
                 let shared = ops_shared.clone();
@@ -289,11 +296,169 @@ impl DataPlane {
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a listener enforces on its connections.
+struct Guard {
+    /// Its connection slots.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    refused: Option<Counter>,
+    open: Option<Gauge>,
+    builder: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Guard {
+    fn new(limits: &Limits, max_connections: usize) -> Guard {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Slowloris: a request head must be complete within the timeout.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        // Per-connection concurrency, and rapid reset (CVE-2023-44487):
+        // too many streams reset before they were served close the connection.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams);
+        Guard {
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            refused: None,
+            open: None,
+            builder,
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+
+    fn proxy(limits: &Limits, shared: &Shared) -> Guard {
+        Guard {
+            refused: Some(shared.metrics.connections_refused.clone()),
+            open: Some(shared.metrics.connections_open.clone()),
+            ..Guard::new(limits, limits.max_connections)
+        }
+    }
+
+    /// The ops listener is for probes and scrapes: a few connections.
+    fn ops(limits: &Limits) -> Guard {
+        Guard::new(limits, 64)
+    }
+}
+
+/// Signals `first` on a connection's first request.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    first: Arc<Notify>,
+}
+
+impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.first.notify_one();
+        self.inner.call(req)
+    }
+}
+
+/// Serves one connection: closes it when no request starts within the
+/// header read timeout, and shuts it down gracefully (a GOAWAY for HTTP/2)
+/// when the listener stops.
+async fn serve_connection<I, S, B>(
+    io: I,
+    service: S,
+    builder: auto::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let first = Arc::new(Notify::new());
+    let service = FirstRequest {
+        inner: service,
+        first: first.clone(),
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let idle_at_start = tokio::time::timeout(header_read_timeout, first.notified());
+    let result = tokio::select! {
+        result = conn.as_mut() => Some(result),
+        () = stopped(&mut shutdown) => None,
+        waited = idle_at_start => match waited {
+            Ok(()) => tokio::select! {
+                result = conn.as_mut() => Some(result),
+                () = stopped(&mut shutdown) => None,
+            },
+            Err(_) => {
+                // Nothing arrived that makes a request (a slow or silent
+                // client, any protocol): let it go, with a GOAWAY for HTTP/2.
+                tracing::debug!("no request within the header read timeout");
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(header_read_timeout, conn.as_mut()).await;
+                return;
+            }
+        },
+    };
+    let result = match result {
+        Some(result) => result,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Serves one client connection on `io` exactly as the plaintext proxy
+/// listener does (its HTTP settings, limits and pipeline), with `shared`'s
+/// revision, until the client is done. For in-memory tests and the fuzz
+/// target that sends raw bytes through the whole pipeline.
+pub async fn serve_proxy_connection<I>(shared: Arc<Shared>, io: I, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let guard = Guard::proxy(&shared.limits, &shared);
+    let proxy = Proxy::new(shared.clone());
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(req, peer, false).await }
+    });
+    // The sender stays alive until the connection ends: no shutdown.
+    let (running, stop) = watch::channel(false);
+    serve_connection(
+        TokioIo::new(io),
+        service,
+        guard.builder.clone(),
+        guard.header_read_timeout,
+        stop,
+    )
+    .await;
+    drop(running);
+}
+
 /// Accepts connections (through TLS when given an acceptor) until shutdown,
-/// then drains them gracefully.
+/// within the guard's connection cap, then drains them gracefully.
 async fn serve<F, S, B>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    guard: Guard,
     mut shutdown: watch::Receiver<bool>,
     make: F,
 ) where
@@ -307,8 +472,6 @@ async fn serve<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -320,41 +483,46 @@ async fn serve<F, S, B>(
                         continue;
                     }
                 };
+                // At the cap, close at once: a queue of waiting connections
+                // would only grow under the load that filled it.
+                let Ok(slot) = guard.slots.clone().try_acquire_owned() else {
+                    if let Some(refused) = &guard.refused {
+                        refused.inc();
+                    }
+                    tracing::debug!(%peer, "connection refused: at the connection cap");
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let service = make(peer);
-                let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+                let (builder, tls, stop) = (guard.builder.clone(), tls.clone(), shutdown.clone());
+                let (timeout, open) = (guard.header_read_timeout, guard.open.clone());
                 tokio::spawn(async move {
-                    let result = match tls {
-                        None => {
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => {
-                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%peer, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    if let Some(open) = &open {
+                        open.inc();
                     }
+                    match tls {
+                        None => serve_connection(TokioIo::new(stream), service, builder, timeout, stop).await,
+                        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => serve_connection(TokioIo::new(s), service, builder, timeout, stop).await,
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        },
+                    }
+                    if let Some(open) = &open {
+                        open.dec();
+                    }
+                    drop(slot);
                 });
             }
             () = stopped(&mut shutdown) => break,
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection holds a slot until it ends: having them all back
+    // means every connection has drained.
+    let all = u32::try_from(guard.max_connections).unwrap_or(u32::MAX);
+    let _ = guard.slots.acquire_many(all).await;
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

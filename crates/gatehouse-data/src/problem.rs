@@ -16,8 +16,10 @@
 //! | `bad-request` | 400 | the request is malformed (bad framing, bad target, bad header syntax) |
 //! | `unauthorized` | 401 | no or invalid credentials; carries `WWW-Authenticate` |
 //! | `forbidden` | 403 | the caller is known but not allowed, or its address is denied |
+//! | `blocked` | 403 | a firewall rule (injection patterns, user agent, CORS origin) refused the request |
 //! | `no-route` | 404 | no route matches the host and path |
 //! | `method-not-allowed` | 405 | a route matches the path but not the method; carries `Allow` |
+//! | `request-timeout` | 408 | the client sent the request body too slowly |
 //! | `payload-too-large` | 413 | the body exceeds the limit |
 //! | `too-many-requests` | 429 | a rate limit refused the request; carries `Retry-After` |
 //! | `quota-exceeded` | 429 | the consumer used its quota for the period; carries `Retry-After` (the period's end) |
@@ -26,6 +28,7 @@
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
 //! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
+//! | `overloaded` | 503 | the data plane is at its cap of requests in flight; carries `Retry-After` |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
 //!
 //! A new reason is one variant plus one arm in `Reject::spec` and, if it
@@ -70,6 +73,11 @@ pub enum Reject {
     Unauthorized { challenge: HeaderValue },
     /// 403: authenticated but not allowed, or the client address is denied.
     Forbidden,
+    /// 403: a firewall rule (injection patterns, user agent, CORS origin)
+    /// refused the request. Never says which rule or what matched.
+    Blocked,
+    /// 408: the request body did not arrive in time.
+    RequestTimeout,
     /// 404: no route matches.
     NoRoute,
     /// 405: the path matches but the method does not. `allow` is the `Allow`
@@ -93,6 +101,8 @@ pub enum Reject {
     RateLimitUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
+    /// 503: the data plane is at its cap of requests in flight (load shedding).
+    Overloaded,
     /// 504: the upstream did not answer within the timeout.
     GatewayTimeout,
 }
@@ -158,6 +168,21 @@ impl Reject {
                 StatusCode::FORBIDDEN,
                 problem_type!("forbidden"),
                 "Forbidden",
+            ),
+            Reject::Blocked => (
+                StatusCode::FORBIDDEN,
+                problem_type!("blocked"),
+                "Request blocked by a firewall rule",
+            ),
+            Reject::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                problem_type!("request-timeout"),
+                "Request body not received in time",
+            ),
+            Reject::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("overloaded"),
+                "Gateway overloaded",
             ),
             Reject::NoRoute => (
                 StatusCode::NOT_FOUND,
@@ -261,8 +286,13 @@ impl Reject {
             | Reject::QuotaExceeded { retry_after_secs } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
+            Reject::Overloaded => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             Reject::BadRequest
             | Reject::Forbidden
+            | Reject::Blocked
+            | Reject::RequestTimeout
             | Reject::NoRoute
             | Reject::PayloadTooLarge
             | Reject::HeaderFieldsTooLarge

@@ -2,37 +2,50 @@
 //! and the upstream call.
 //!
 //! ```text
+//! take a slot of the in-flight cap    -> 503 overloaded when none is free
 //! load the revision (arc-swap)        -> 503 not ready when none was applied yet
-//! route (host, path, method)          -> 404 / 405
+//! canonicalise the path, route        -> 400 / 404 / 405 (a CORS preflight
+//!   (host, path, method)                  is routed by the method it asks about)
+//! firewall: addresses, methods, sizes,
+//!   user agents, injection rules       -> 403 / 405 / 413 / 431
+//! CORS preflight answered here         -> 204, or 403 for a disallowed origin
+//! authenticate, authorise, rate limit  -> 401 / 403 / 429
+//! injection rules on the body's start  -> 403 (408 / 413 when reading it fails)
 //! pick a target of the upstream       -> 503 when none can take it
 //! rewrite: hop-by-hop headers out, X-Forwarded-* and Forwarded rebuilt,
 //!          traceparent kept or started, strip_prefix applied
 //! rate limits (local, or Redis for cluster) -> 429 / 503 when a closed limit's store fails
 //! call the upstream with its timeout  -> 502 (connect, protocol) / 504 (timeout)
 //! response: hop-by-hop headers out; WebSocket upgrades spliced through
+//! CORS headers on the response of a CORS route
 //! metrics: requests by route and status, latency by route
 //! ```
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use gatehouse_model::object::UpstreamProtocol;
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Frame;
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use crate::auth::CompiledPolicy;
 use crate::compile::Compiled;
 use crate::headers::{self, ClientInfo, HopByHop, Trust};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::problem::Reject;
+use crate::resources::{caused_by, BodyTimedOut, Limits, TimeoutBody};
 use crate::router::Match;
+use tokio::sync::Semaphore;
 
 /// The body type of every response the proxy sends, and of the requests it
 /// makes (so a retry can send an empty body of the same type).
@@ -41,20 +54,8 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Errors of bodies: hyper's, or a body size cap's.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Whether an upstream call failed because the request body broke its cap.
-fn body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
 /// What every request reads: the revision being served and the metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
     pub config: ArcSwapOption<Compiled>,
     pub metrics: Metrics,
@@ -70,13 +71,42 @@ pub struct Shared {
     pub seal: Option<gatehouse_model::seal::SealKey>,
     /// The counter store of cluster limits and the data-plane count.
     pub cluster_limits: crate::limits::ClusterEnv,
+    /// Connection, request and timing limits.
+    pub limits: Limits,
+    /// One permit per request being served (`limits.max_requests_in_flight`).
+    pub in_flight: Arc<Semaphore>,
 }
 
-/// The route a request went to, for its metrics.
-type RouteTag = (
-    Arc<String>,
-    prometheus_client::metrics::histogram::Histogram,
-);
+impl Shared {
+    pub fn new(limits: Limits) -> Shared {
+        Shared {
+            config: ArcSwapOption::default(),
+            metrics: Metrics::default(),
+            unready_reason: ArcSwapOption::default(),
+            health: Default::default(),
+            clients: Default::default(),
+            limiters: Default::default(),
+            seal: None,
+            cluster_limits: Default::default(),
+            in_flight: Arc::new(Semaphore::new(limits.max_requests_in_flight)),
+            limits,
+        }
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new(Limits::default())
+    }
+}
+
+/// The route a request went to, for its metrics, and the CORS rules its
+/// response gets (with the request's `Origin`).
+struct RouteTag {
+    name: Arc<String>,
+    latency: prometheus_client::metrics::histogram::Histogram,
+    cors: Option<(Arc<CompiledPolicy>, HeaderValue)>,
+}
 
 /// The proxy: its shared state, and the label of requests no route matched.
 #[derive(Clone, Debug)]
@@ -113,11 +143,40 @@ impl Proxy {
         tls: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let (route, response) = self.serve(req, peer, tls).await;
+        // Shed load rather than queue it: a slot per request, held until the
+        // response body is done.
+        let (route, mut response) = match self.shared.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let (route, response) = self.serve(req, peer, tls).await;
+                let response = response.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _held = &permit;
+                        frame
+                    })
+                    .boxed()
+                });
+                (route, response)
+            }
+            Err(_) => {
+                self.shared.metrics.requests_shed.inc();
+                (None, reject(&Reject::Overloaded))
+            }
+        };
         let elapsed = start.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
         let route = match route {
-            Some((name, latency)) => {
+            Some(RouteTag {
+                name,
+                latency,
+                cors,
+            }) => {
+                // Every answer on a CORS route tells the browser whether its
+                // origin may read it, refusals included.
+                if let Some((policy, origin)) = cors {
+                    if let Some(cors) = &policy.firewall.cors {
+                        cors.decorate(&origin, response.headers_mut());
+                    }
+                }
                 latency.observe(elapsed);
                 name
             }
@@ -168,23 +227,52 @@ impl Proxy {
             .unwrap_or("")
             .to_string();
         // Route on the canonical path and forward that same path, so no
-        // encoded or dotted variant reaches a route it should not.
-        let canonical = match crate::path::canonicalize(req.uri().path()) {
-            Ok(p) => p.into_owned(),
-            Err(_) => return (None, reject(&Reject::BadRequest)),
+        // encoded or dotted variant reaches a route it should not. A path the
+        // canonicaliser refuses may only reach a route that opted out of it
+        // (`raw_path`), matched on the path as sent.
+        let (routed, canonical_ok) = match crate::path::canonicalize(req.uri().path()) {
+            Ok(p) => (p.into_owned(), true),
+            Err(_) => (req.uri().path().to_string(), false),
         };
-        let found = match config
-            .router
-            .route(&host, &canonical, req.method().as_str())
-        {
-            Match::Found(m) => m,
-            Match::NotFound => return (None, reject(&Reject::NoRoute)),
-            Match::MethodNotAllowed { allowed } => {
-                return (None, reject(&Reject::method_not_allowed(allowed)))
-            }
+        // A CORS preflight is routed by the method it asks about, and
+        // answered here when that route's policy has CORS rules.
+        let preflight = crate::cors::preflight_method(req.method(), req.headers()).and_then(
+            |asked| match config.router.route(&host, &routed, asked.as_str()) {
+                Match::Found(m) => {
+                    let route = &config.routes[m.route];
+                    let cors = route
+                        .policy
+                        .as_ref()
+                        .is_some_and(|p| p.firewall.cors.is_some());
+                    cors.then_some((m, asked))
+                }
+                _ => None,
+            },
+        );
+        let (found, preflight) = match preflight {
+            Some((m, asked)) => (m, Some(asked)),
+            None => match config.router.route(&host, &routed, req.method().as_str()) {
+                Match::Found(m) => (m, None),
+                _ if !canonical_ok => return (None, reject(&Reject::BadRequest)),
+                Match::NotFound => return (None, reject(&Reject::NoRoute)),
+                Match::MethodNotAllowed { allowed } => {
+                    return (None, reject(&Reject::method_not_allowed(allowed)))
+                }
+            },
         };
         let route = &config.routes[found.route];
-        let name = Some((route.name.clone(), route.latency.clone()));
+        if !canonical_ok && !route.raw_path {
+            return (None, reject(&Reject::BadRequest));
+        }
+        let cors = route.policy.as_ref().and_then(|p| {
+            let origin = req.headers().get(http::header::ORIGIN)?;
+            (p.firewall.cors.is_some() && preflight.is_none()).then(|| (p.clone(), origin.clone()))
+        });
+        let name = Some(RouteTag {
+            name: route.name.clone(),
+            latency: route.latency.clone(),
+            cors,
+        });
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
@@ -195,11 +283,35 @@ impl Proxy {
             None => peer.ip().to_canonical(),
         };
         if let Some(policy) = &route.policy {
-            if let Err(r) = policy
-                .firewall
-                .check(client_ip, req.method(), req.headers())
-            {
+            let fw = &policy.firewall;
+            let method = preflight.as_ref().unwrap_or(req.method());
+            if let Err(r) = fw.check(client_ip, method, req.headers()).and_then(|()| {
+                fw.check_content(
+                    &policy.name,
+                    &routed,
+                    req.uri().query(),
+                    req.headers(),
+                    &self.shared.metrics,
+                )
+            }) {
                 return (name, reject(&r));
+            }
+            // A preflight carries no credentials: it is answered before
+            // authentication, and never reaches the upstream.
+            if let (Some(asked), Some(cors)) = (&preflight, &fw.cors) {
+                return match cors.preflight(asked, req.headers()) {
+                    Ok(headers) => {
+                        let mut response = Response::new(
+                            http_body_util::Empty::new()
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        *response.status_mut() = StatusCode::NO_CONTENT;
+                        *response.headers_mut() = headers;
+                        (name, response)
+                    }
+                    Err(r) => (name, reject(&r)),
+                };
             }
         }
 
@@ -276,11 +388,14 @@ impl Proxy {
             }
         }
 
-        let path = if route.strip_prefix {
-            found.stripped(&canonical)
+        let path = if route.raw_path {
+            req.uri().path()
+        } else if route.strip_prefix {
+            found.stripped(&routed)
         } else {
-            &canonical
+            &routed
         };
+        let path = path.to_string();
         // The credential never travels on to the upstream.
         let original_query = req.uri().query().map(str::to_string);
         let query = match &route.policy {
@@ -332,13 +447,43 @@ impl Proxy {
             .policy
             .as_ref()
             .and_then(|p| p.firewall.max_body_bytes);
+        // A client that stops sending its body does not hold the request
+        // open (a bodiless request needs no timer).
+        let body: ProxyBody = if hyper::body::Body::is_end_stream(&body) {
+            body.map_err(BoxError::from).boxed()
+        } else {
+            TimeoutBody::new(body, self.shared.limits.body_read_timeout).boxed()
+        };
         let mut body = Some(match cap {
             Some(cap) => {
                 http_body_util::Limited::new(body, usize::try_from(cap).unwrap_or(usize::MAX))
                     .boxed()
             }
-            None => body.map_err(BoxError::from).boxed(),
+            None => body,
         });
+        // The injection rules read the first bytes of a textual body, after
+        // authentication; what was read is sent on unchanged.
+        if let Some(policy) = &route.policy {
+            let inspect = (!replayable_body_empty(&body))
+                .then(|| policy.firewall.body_inspection(&parts.headers))
+                .flatten();
+            if let Some(((n, kind), b)) = inspect.and_then(|i| Some((i, body.take()?))) {
+                match read_prefix(b, n).await {
+                    Ok((prefix, rest)) => {
+                        if let Err(r) = policy.firewall.check_body(
+                            &policy.name,
+                            &prefix,
+                            kind,
+                            &self.shared.metrics,
+                        ) {
+                            return (name, reject(&r));
+                        }
+                        body = Some(rest);
+                    }
+                    Err(e) => return (name, reject(&body_error(e.as_ref()))),
+                }
+            }
+        }
         let mut last = Reject::UpstreamUnavailable;
         for attempt in 0..attempts {
             if attempt > 0 && !route.upstream.take_retry() {
@@ -405,8 +550,10 @@ impl Proxy {
                     return (name, resp.map(|b| b.map_err(BoxError::from).boxed()));
                 }
                 Ok(Err(e)) => {
-                    if body_too_large(&e) {
-                        return (name, reject(&Reject::PayloadTooLarge));
+                    if caused_by::<http_body_util::LengthLimitError>(&e)
+                        || caused_by::<BodyTimedOut>(&e)
+                    {
+                        return (name, reject(&body_error(&e)));
                     }
                     let connect = e.is_connect();
                     health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
@@ -419,6 +566,91 @@ impl Proxy {
             }
         }
         (name, reject(&last))
+    }
+}
+
+/// Whether a request body is known to be empty.
+fn replayable_body_empty(body: &Option<ProxyBody>) -> bool {
+    body.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+}
+
+/// The refusal for a request body that failed while it was read.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> Reject {
+    if caused_by::<http_body_util::LengthLimitError>(e) {
+        Reject::PayloadTooLarge
+    } else if caused_by::<BodyTimedOut>(e) {
+        Reject::RequestTimeout
+    } else {
+        Reject::BadRequest
+    }
+}
+
+/// Reads `body` until `n` bytes of data (or its end) and returns them, with
+/// a body that sends everything read and then the rest.
+async fn read_prefix(mut body: ProxyBody, n: usize) -> Result<(Bytes, ProxyBody), BoxError> {
+    let mut frames = VecDeque::new();
+    let mut prefix = BytesMut::new();
+    let mut buffered = 0u64;
+    while prefix.len() < n {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let take = data.len().min(n - prefix.len());
+                    prefix.extend_from_slice(&data[..take]);
+                    buffered += data.len() as u64;
+                }
+                frames.push_back(frame);
+            }
+        }
+    }
+    let replay = Replay {
+        frames,
+        buffered,
+        rest: body,
+    };
+    Ok((prefix.freeze(), replay.boxed()))
+}
+
+/// Frames already read, then the rest of the body.
+struct Replay {
+    frames: VecDeque<Frame<Bytes>>,
+    /// Data bytes in `frames`, for the size hint (which decides framing).
+    buffered: u64,
+    rest: ProxyBody,
+}
+
+impl hyper::body::Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.frames.pop_front() {
+            if let Some(data) = frame.data_ref() {
+                this.buffered -= data.len() as u64;
+            }
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        std::pin::Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + self.buffered);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + self.buffered);
+        }
+        hint
     }
 }
 

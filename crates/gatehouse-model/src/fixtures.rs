@@ -111,6 +111,7 @@ pub fn route(name: &str, upstream: &str) -> Route {
         methods: Vec::new(),
         upstream: upstream.to_string(),
         strip_prefix: false,
+        raw_path: false,
         policy: None,
     }
 }
@@ -235,6 +236,9 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
             allowed_methods: strings(&["GET", "POST", "DELETE"]),
             sql_injection: RuleMode::Block,
             xss: RuleMode::Detect,
+            inspect_headers: strings(&["referer", "cookie"]),
+            inspect_body_bytes: 4096,
+            deny_user_agents: strings(&["sqlmap", "^nikto/"]),
             cors: Some(Cors {
                 allowed_origins: strings(&[
                     "https://app.example.com",

@@ -122,9 +122,10 @@ macro_rules! object_kinds {
         /// Any configuration object. On the wire it is JSON with a `kind` tag.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "kind", rename_all = "snake_case")]
-        // A Policy is the largest kind (about 500 bytes); objects are few and
-        // live in persistent maps, so boxing every variant would cost an
-        // allocation each for nothing measured.
+        // A Policy (with its firewall) is the largest kind. Objects live in
+        // the state's persistent maps and are compiled off the request path,
+        // so the size of a moved Object costs nothing that matters; boxing
+        // one kind would make every constructor of it noisier.
         #[allow(clippy::large_enum_variant)]
         pub enum Object {
             $($kind($kind),)*
@@ -308,6 +309,11 @@ pub struct Route {
     /// Remove the matched prefix before forwarding.
     #[serde(default, skip_serializing_if = "is_false")]
     pub strip_prefix: bool,
+    /// Opt out of path canonicalisation: the upstream receives the path
+    /// exactly as the client sent it, and a path the canonicaliser refuses
+    /// (an encoded `/`, say) may still reach this route. Off by default.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub raw_path: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
 }
@@ -474,7 +480,7 @@ pub enum StoreFailure {
     Local,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Firewall {
     /// Only these client networks may pass (when non-empty), as CIDRs.
@@ -495,8 +501,40 @@ pub struct Firewall {
     pub sql_injection: RuleMode,
     #[serde(default)]
     pub xss: RuleMode,
+    /// Headers (besides the path and the query) that the injection rules read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inspect_headers: Vec<String>,
+    /// How much of a textual request body the injection rules read (0: none).
+    #[serde(
+        default = "defaults::inspect_body_bytes",
+        skip_serializing_if = "defaults::is_inspect_body_bytes"
+    )]
+    pub inspect_body_bytes: u64,
+    /// Requests whose `User-Agent` matches one of these regular expressions
+    /// (case-insensitive) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_user_agents: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<Cors>,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Firewall {
+            allow_ips: Vec::new(),
+            deny_ips: Vec::new(),
+            trusted_proxies: Vec::new(),
+            max_body_bytes: None,
+            max_header_bytes: None,
+            allowed_methods: Vec::new(),
+            sql_injection: RuleMode::Off,
+            xss: RuleMode::Off,
+            inspect_headers: Vec::new(),
+            inspect_body_bytes: defaults::inspect_body_bytes(),
+            deny_user_agents: Vec::new(),
+            cors: None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -678,6 +716,12 @@ pub mod defaults {
     }
     pub fn api_key_header() -> String {
         "x-api-key".to_string()
+    }
+    pub fn inspect_body_bytes() -> u64 {
+        8 * 1024
+    }
+    pub fn is_inspect_body_bytes(v: &u64) -> bool {
+        *v == inspect_body_bytes()
     }
     pub fn cors_max_age() -> Duration {
         Duration::from_secs(600)

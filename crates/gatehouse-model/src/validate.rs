@@ -392,6 +392,11 @@ fn route(c: &Check<'_>, r: &Route) -> Result {
     if r.strip_prefix && !r.paths.iter().all(|p| p.prefix.is_some()) {
         return Err(c.fail("strip_prefix", "needs every path to be a prefix match"));
     }
+    // A raw path is forwarded byte for byte; removing a prefix matched on
+    // the canonical form from it would cut at the wrong place.
+    if r.raw_path && r.strip_prefix {
+        return Err(c.fail("raw_path", "cannot be combined with strip_prefix"));
+    }
     for (i, m) in r.methods.iter().enumerate() {
         c.ensure(
             is_method(m),
@@ -576,6 +581,36 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
         )?;
     }
     c.no_duplicates("firewall.allowed_methods", &fw.allowed_methods)?;
+    c.count("firewall.inspect_headers", &fw.inspect_headers, 0, 32)?;
+    for (i, h) in fw.inspect_headers.iter().enumerate() {
+        c.ensure(
+            is_token(h) && h.bytes().all(|b| !b.is_ascii_uppercase()),
+            format!("firewall.inspect_headers[{i}]"),
+            format!("{h:?} is not a lower-case header name"),
+        )?;
+    }
+    c.no_duplicates("firewall.inspect_headers", &fw.inspect_headers)?;
+    c.range(
+        "firewall.inspect_body_bytes",
+        fw.inspect_body_bytes,
+        0,
+        1 << 20,
+    )?;
+    c.count("firewall.deny_user_agents", &fw.deny_user_agents, 0, 64)?;
+    for (i, re) in fw.deny_user_agents.iter().enumerate() {
+        let field = format!("firewall.deny_user_agents[{i}]");
+        c.ensure(
+            !re.is_empty() && re.len() <= 256,
+            field.clone(),
+            "must be a regular expression of 1 to 256 characters",
+        )?;
+        user_agent_regex(re).map_err(|e| {
+            c.fail(
+                field,
+                format!("invalid regex: {}", one_line(&e.to_string())),
+            )
+        })?;
+    }
     if let Some(cors) = &fw.cors {
         c.count(
             "firewall.cors.allowed_origins",
@@ -624,6 +659,16 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
         }
     }
     Ok(())
+}
+
+/// Compiles one `deny_user_agents` pattern the way the data plane does:
+/// case-insensitive, within the size limits of route regexes.
+pub fn user_agent_regex(re: &str) -> std::result::Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(re)
+        .case_insensitive(true)
+        .size_limit(MAX_REGEX_BYTES / 4)
+        .dfa_size_limit(MAX_REGEX_BYTES / 4)
+        .build()
 }
 
 fn consumer(c: &Check<'_>, o: &Consumer) -> Result {

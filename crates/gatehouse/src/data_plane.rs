@@ -9,6 +9,7 @@ use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
 use gatehouse_data::limits::store::StoreTarget;
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
+use gatehouse_data::resources::Limits;
 use gatehouse_proto::tls::ClientTlsFiles;
 
 /// The data plane's listeners, the same for `data-plane` and `standalone`.
@@ -27,6 +28,62 @@ pub struct Listeners {
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
     drain_seconds: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Resource limits of the proxy listeners (`docs/configuration.md`).
+#[derive(Args)]
+pub struct LimitArgs {
+    /// Open connections per proxy listener; a connection past the cap is closed at once.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), env = "GATEHOUSE_MAX_CONNECTIONS")]
+    max_connections: u32,
+    /// Requests served at once by this data plane; past the cap a request gets
+    /// 503 `overloaded` with `Retry-After: 1`.
+    #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..), env = "GATEHOUSE_MAX_REQUESTS_IN_FLIGHT")]
+    max_requests_in_flight: u32,
+    /// Time a connection has to send its first request, and an HTTP/1.1 request
+    /// its whole head; the connection is closed after it (slowloris).
+    #[arg(long, default_value = "10s", value_parser = duration, env = "GATEHOUSE_HEADER_READ_TIMEOUT")]
+    header_read_timeout: Duration,
+    /// Longest wait for the next bytes of a request body; after it the request
+    /// gets 408 `request-timeout`.
+    #[arg(long, default_value = "30s", value_parser = duration, env = "GATEHOUSE_BODY_READ_TIMEOUT")]
+    body_read_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..), env = "GATEHOUSE_H2_MAX_CONCURRENT_STREAMS")]
+    h2_max_concurrent_streams: u32,
+    /// Streams an HTTP/2 client may reset before they are served, per connection,
+    /// before the connection is closed (rapid reset).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), env = "GATEHOUSE_H2_MAX_PENDING_ACCEPT_RESET_STREAMS")]
+    h2_max_pending_accept_reset_streams: u32,
+    /// Streams the gateway may reset for a client's protocol errors, per
+    /// HTTP/2 connection, before the connection is closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), env = "GATEHOUSE_H2_MAX_LOCAL_ERROR_RESET_STREAMS")]
+    h2_max_local_error_reset_streams: u32,
+}
+
+/// A duration such as `10s`, `500ms` or `2m`, at least 1 ms and at most a day.
+fn duration(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s or 500ms)"))?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(86_400) {
+        return Err("must be between 1ms and 24h".into());
+    }
+    Ok(d)
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections as usize,
+            max_requests_in_flight: self.max_requests_in_flight as usize,
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
+            h2_max_pending_accept_reset_streams: self.h2_max_pending_accept_reset_streams as usize,
+            h2_max_local_error_reset_streams: self.h2_max_local_error_reset_streams as usize,
+        }
+    }
 }
 
 /// Flags of `gatehouse data-plane`.
@@ -223,6 +280,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         secrets_key: crate::tokens::secrets_key(args.secrets_key_file.as_deref())?,
         rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
         rate_limit_store: args.redis.target()?,
+        limits: args.listeners.limits.limits(),
     })
 }
 
@@ -285,6 +343,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         secrets_key: Some(secrets_key),
         rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
         rate_limit_store: args.redis.target()?,
+        limits: args.listeners.limits.limits(),
     })
     .await?;
     println!(

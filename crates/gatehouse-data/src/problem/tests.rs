@@ -10,8 +10,10 @@ fn all() -> Vec<Reject> {
             challenge: HeaderValue::from_static(r#"Bearer realm="gatehouse""#),
         },
         Reject::Forbidden,
+        Reject::Blocked,
         Reject::NoRoute,
         Reject::method_not_allowed(["GET", "HEAD"]),
+        Reject::RequestTimeout,
         Reject::PayloadTooLarge,
         Reject::TooManyRequests {
             retry_after_secs: 7,
@@ -24,6 +26,7 @@ fn all() -> Vec<Reject> {
         Reject::UpstreamUnavailable,
         Reject::RateLimitUnavailable,
         Reject::NotReady,
+        Reject::Overloaded,
         Reject::GatewayTimeout,
     ]
 }
@@ -38,8 +41,10 @@ fn every_reason_has_its_status_and_documented_slug() {
         (400, "bad-request"),
         (401, "unauthorized"),
         (403, "forbidden"),
+        (403, "blocked"),
         (404, "no-route"),
         (405, "method-not-allowed"),
+        (408, "request-timeout"),
         (413, "payload-too-large"),
         (429, "too-many-requests"),
         (429, "quota-exceeded"),
@@ -48,6 +53,7 @@ fn every_reason_has_its_status_and_documented_slug() {
         (503, "upstream-unavailable"),
         (503, "rate-limit-unavailable"),
         (503, "not-ready"),
+        (503, "overloaded"),
         (504, "gateway-timeout"),
     ];
     let got: Vec<(u16, &str)> = all()
@@ -121,7 +127,9 @@ fn only_the_reasons_that_need_one_carry_an_extra_header() {
         let expected: Vec<&HeaderName> = match reject {
             Reject::Unauthorized { .. } => vec![&extra[1]],
             Reject::MethodNotAllowed { .. } => vec![&extra[0]],
-            Reject::TooManyRequests { .. } | Reject::QuotaExceeded { .. } => vec![&extra[2]],
+            Reject::TooManyRequests { .. } | Reject::QuotaExceeded { .. } | Reject::Overloaded => {
+                vec![&extra[2]]
+            }
             _ => vec![],
         };
         assert_eq!(present, expected, "{reject:?}");

@@ -33,6 +33,7 @@ fn route(name: &str, hosts: &[&str], paths: &[PathMatch], methods: &[&str]) -> R
         methods: methods.iter().map(|m| m.to_string()).collect(),
         upstream: "backend".into(),
         strip_prefix: false,
+        raw_path: false,
         policy: None,
     }
 }

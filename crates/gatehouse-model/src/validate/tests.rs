@@ -1212,3 +1212,69 @@ fn rsa_keys_under_2048_bits_are_refused_at_write_time() {
     }
     assert_valid(with_pem(include_str!("testdata/rsa-2048.pub.pem")));
 }
+
+#[test]
+fn raw_path_is_explicit_and_not_combined_with_strip_prefix() {
+    let mut r = route("files", "files");
+    r.raw_path = true;
+    assert_valid(r.clone());
+    r.paths = vec![PathMatch {
+        prefix: Some("/files".to_string()),
+        ..PathMatch::default()
+    }];
+    r.strip_prefix = true;
+    assert_invalid(
+        r,
+        "raw_path",
+        r#"route "files": raw_path: cannot be combined with strip_prefix"#,
+    );
+}
+
+#[test]
+fn injection_inspection_and_user_agent_rules_are_checked() {
+    let p = full_policy("strict", "issuer");
+    assert_valid(p.clone());
+
+    let mut bad = p.clone();
+    bad.firewall.deny_user_agents = vec!["(unclosed".to_string()];
+    let err = assert_invalid_field(bad, "firewall.deny_user_agents[0]");
+    assert!(err.to_string().contains("invalid regex"), "{err}");
+
+    let mut bad = p.clone();
+    bad.firewall.deny_user_agents = vec![String::new()];
+    assert_invalid(
+        bad,
+        "firewall.deny_user_agents[0]",
+        r#"policy "strict": firewall.deny_user_agents[0]: must be a regular expression of 1 to 256 characters"#,
+    );
+
+    let mut bad = p.clone();
+    bad.firewall.deny_user_agents = vec!["a".repeat(257)];
+    assert_invalid_field(bad, "firewall.deny_user_agents[0]");
+
+    let mut bad = p.clone();
+    bad.firewall.inspect_headers = vec!["Referer".to_string()];
+    assert_invalid(
+        bad,
+        "firewall.inspect_headers[0]",
+        r#"policy "strict": firewall.inspect_headers[0]: "Referer" is not a lower-case header name"#,
+    );
+
+    let mut bad = p.clone();
+    bad.firewall.inspect_headers = vec!["cookie".to_string(), "cookie".to_string()];
+    assert_invalid_field(bad, "firewall.inspect_headers[1]");
+
+    let mut bad = p;
+    bad.firewall.inspect_body_bytes = (1 << 20) + 1;
+    assert_invalid_field(bad, "firewall.inspect_body_bytes");
+}
+
+/// Like [`assert_invalid`], checking only the object and the field.
+#[track_caller]
+fn assert_invalid_field(object: impl Into<Object>, field: &str) -> InvalidObject {
+    let object = object.into();
+    let err = validate_object(&object).expect_err("object should be refused");
+    assert_eq!(err.name, object.name(), "name of {err}");
+    assert_eq!(err.field, field, "field of {err}");
+    err
+}
