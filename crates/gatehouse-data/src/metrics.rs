@@ -42,6 +42,7 @@ pub struct Metrics {
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
     pub target_healthy: Family<TargetLabels, Gauge>,
+    pub access_log_dropped: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,7 +92,14 @@ impl Default for Metrics {
             "1 while a target takes traffic (health checks and passive ejection)",
             target_healthy.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind or failed",
+            access_log_dropped.clone(),
+        );
         Metrics {
+            access_log_dropped,
             target_healthy,
             registry,
             requests,

@@ -39,6 +39,8 @@ pub struct DataPlaneConfig {
     pub control_plane_tls: Option<gatehouse_proto::tls::ClientTlsFiles>,
     /// Opens sealed key material (Certificate private keys, HMAC secrets).
     pub secrets_key: Option<gatehouse_model::seal::SealKey>,
+    /// Where access-log lines go (`Off` by default).
+    pub access_log: crate::access_log::AccessLogTarget,
 }
 
 /// Why a data plane could not start.
@@ -52,6 +54,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::OpenError),
 }
 
 /// Compiles each revision, swaps it in, and keeps it as last-known-good.
@@ -118,8 +122,15 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
+        let metrics = crate::metrics::Metrics::default();
+        let access_log = crate::access_log::AccessLog::start(
+            &cfg.access_log,
+            metrics.access_log_dropped.clone(),
+        )?;
         let shared = Arc::new(Shared {
             seal: cfg.secrets_key.clone(),
+            metrics,
+            access_log,
             ..Shared::default()
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");

@@ -10,6 +10,7 @@
 //! call the upstream with its timeout  -> 502 (connect, protocol) / 504 (timeout)
 //! response: hop-by-hop headers out; WebSocket upgrades spliced through
 //! metrics: requests by route and status, latency by route
+//! access log and spans: see `observe` (one span per stage above)
 //! ```
 
 use std::convert::Infallible;
@@ -30,6 +31,7 @@ use hyper_util::rt::TokioIo;
 use crate::compile::Compiled;
 use crate::headers::{self, ClientInfo, HopByHop, Trust};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::observe::{RequestContext, Stage};
 use crate::problem::Reject;
 use crate::router::Match;
 
@@ -67,6 +69,8 @@ pub struct Shared {
     pub limiters: crate::limits::LimiterRegistry,
     /// Opens sealed key material when a revision is compiled.
     pub seal: Option<gatehouse_model::seal::SealKey>,
+    /// Where access-log lines go, when on.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 /// The route a request went to, for its metrics.
@@ -110,7 +114,9 @@ impl Proxy {
         tls: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
-        let (route, response) = self.serve(req, peer, tls).await;
+        let log = self.shared.access_log.as_ref();
+        let mut observed = RequestContext::new(&req, peer.ip(), log.is_some());
+        let (route, response) = self.serve(req, peer, tls, &mut observed).await;
         let elapsed = start.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
         let route = match route {
@@ -134,7 +140,7 @@ impl Proxy {
                 status: response.status().as_u16(),
             })
             .inc();
-        Ok(response)
+        Ok(observed.finish(response, log))
     }
 
     async fn serve(
@@ -142,6 +148,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
+        observed: &mut RequestContext,
     ) -> (Option<RouteTag>, Response<ProxyBody>) {
         // Nothing reads a request whose framing two servers could disagree on.
         if crate::framing::check(&req).is_err() {
@@ -164,12 +171,14 @@ impl Proxy {
             .or_else(|| req.uri().host())
             .unwrap_or("")
             .to_string();
+        observed.stage(Stage::Route);
         // Route on the canonical path and forward that same path, so no
         // encoded or dotted variant reaches a route it should not.
         let canonical = match crate::path::canonicalize(req.uri().path()) {
             Ok(p) => p.into_owned(),
             Err(_) => return (None, reject(&Reject::BadRequest)),
         };
+        observed.path(&canonical);
         let found = match config
             .router
             .route(&host, &canonical, req.method().as_str())
@@ -182,15 +191,18 @@ impl Proxy {
         };
         let route = &config.routes[found.route];
         let name = Some((route.name.clone(), route.latency.clone()));
+        observed.route(&route.name);
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
         // The policy's firewall, with the client address its trusted proxies give.
+        observed.stage(Stage::Firewall);
         let trust = route.policy.as_ref().map(|p| &p.firewall.trust);
         let client_ip = match trust {
             Some(t) => headers::client_ip(req.headers(), peer.ip(), t),
             None => peer.ip().to_canonical(),
         };
+        observed.client_ip(client_ip);
         if let Some(policy) = &route.policy {
             if let Err(r) = policy
                 .firewall
@@ -202,6 +214,7 @@ impl Proxy {
 
         // Authenticate and authorise by the route's policy; the body has
         // not been read, so a refused request costs no upload.
+        observed.stage(Stage::Auth);
         let consumer = match &route.policy {
             None => None,
             Some(policy) => match policy.authenticate(
@@ -215,7 +228,10 @@ impl Proxy {
             },
         };
 
+        observed.consumer(consumer.as_ref());
+
         // Count the request against the policy's limits.
+        observed.stage(Stage::RateLimit);
         let limited = route.policy.as_ref().and_then(|policy| {
             crate::limits::check(
                 &policy.limits,
@@ -228,6 +244,7 @@ impl Proxy {
             )
         });
         if let Some(decision) = &limited {
+            observed.limit(decision.retry_after.is_none());
             if let Some(wait) = decision.retry_after {
                 let mut response = reject(&Reject::TooManyRequests {
                     retry_after_secs: wait.as_secs(),
@@ -239,6 +256,7 @@ impl Proxy {
             }
         }
 
+        observed.stage(Stage::Rewrite);
         let path = if route.strip_prefix {
             found.stripped(&canonical)
         } else {
@@ -271,7 +289,7 @@ impl Proxy {
         let no_trust = Trust::default();
         headers::set_forwarded(&mut parts.headers, &client, trust.unwrap_or(&no_trust));
         crate::auth::identity_headers(&mut parts.headers, consumer.as_deref());
-        headers::ensure_traceparent(&mut parts.headers);
+        observed.trace_id(headers::ensure_traceparent(&mut parts.headers));
         let http2 = route.upstream.protocol == UpstreamProtocol::Http2;
         parts.version = if http2 {
             Version::HTTP_2
@@ -334,6 +352,8 @@ impl Proxy {
                     .map_err(|never| match never {})
                     .boxed()
             });
+            observed.stage(Stage::Upstream);
+            observed.propagate(upstream_req.headers_mut());
             let upstream_req = upstream_req.map(|()| attempt_body);
             let call = route.upstream.client.request(upstream_req);
             let health = &target.target().health;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
+use gatehouse_data::access_log::AccessLogTarget;
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
 use gatehouse_proto::tls::ClientTlsFiles;
 
@@ -26,6 +27,10 @@ pub struct Listeners {
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
     drain_seconds: u64,
+    /// Access log, one JSON line per request: `off`, `stdout`, or a file path
+    /// (appended to). Never holds credentials or query strings.
+    #[arg(long, default_value = "off", env = "GATEHOUSE_ACCESS_LOG")]
+    access_log: AccessLogTarget,
 }
 
 /// Flags of `gatehouse data-plane`.
@@ -152,6 +157,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         token: gatehouse_proto::BearerToken::new(token.as_deref())?,
         control_plane_tls,
         secrets_key: crate::tokens::secrets_key(args.secrets_key_file.as_deref())?,
+        access_log: args.listeners.access_log,
     })
 }
 
@@ -212,6 +218,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         token: gatehouse_proto::BearerToken::new(Some(&token))?,
         control_plane_tls: None,
         secrets_key: Some(secrets_key),
+        access_log: args.listeners.access_log,
     })
     .await?;
     println!(
