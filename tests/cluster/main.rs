@@ -13,4 +13,5 @@ mod hardening;
 mod membership;
 mod protocols;
 mod secrets;
+mod telemetry;
 mod tls;
