@@ -33,7 +33,7 @@ pub enum AccessLogTarget {
     /// No access log.
     #[default]
     Off,
-    /// Standard output, one line per request (after the `ready` line).
+    /// Standard output, one line per request (beside the `ready` line).
     Stdout,
     /// A file, appended to (created with mode 0640 when missing).
     File(PathBuf),

@@ -82,7 +82,12 @@ impl RequestContext {
             client.address = Empty,
             http.response.status_code = Empty,
         );
-        let incoming = incoming_parent(req.headers());
+        // Nobody reads the incoming context when neither is on.
+        let incoming = if logging || !request_span.is_disabled() {
+            incoming_parent(req.headers())
+        } else {
+            None
+        };
         let mut trace_id = None;
         let mut traced = false;
         if !request_span.is_disabled() {
