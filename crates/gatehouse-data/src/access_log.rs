@@ -63,7 +63,7 @@ impl fmt::Display for AccessLogTarget {
 
 /// Why the access log could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the access log {path}: {source}")]
+#[error("cannot open the access log {path}")]
 pub struct OpenError {
     pub path: String,
     pub source: std::io::Error,
