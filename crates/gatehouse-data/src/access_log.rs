@@ -17,6 +17,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -118,6 +119,8 @@ fn method<S: serde::Serializer>(m: &http::Method, s: S) -> Result<S::Ok, S::Erro
 pub struct AccessLog {
     tx: mpsc::Sender<Entry>,
     dropped: Counter,
+    /// Lines queued and not yet written and flushed.
+    pending: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for AccessLog {
@@ -143,20 +146,37 @@ impl AccessLog {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer_dropped = dropped.clone();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let writer_pending = pending.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(rx, out, writer_dropped))
+            .spawn(move || write_lines(rx, out, writer_dropped, &writer_pending))
             .map_err(|source| OpenError {
                 path: target.to_string(),
                 source,
             })?;
-        Ok(Some(AccessLog { tx, dropped }))
+        Ok(Some(AccessLog {
+            tx,
+            dropped,
+            pending,
+        }))
     }
 
     /// Queues one line; never waits.
     pub fn send(&self, entry: Entry) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if self.tx.try_send(entry).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             self.dropped.inc();
+        }
+    }
+
+    /// Waits, up to `limit`, until every queued line is written and
+    /// flushed: at shutdown, so the last requests' lines are not lost.
+    pub async fn drain(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.pending.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 }
@@ -173,13 +193,20 @@ fn open(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 }
 
 /// The writer thread: serialises and writes until every sender is gone.
-fn write_lines(mut rx: mpsc::Receiver<Entry>, out: Box<dyn Write + Send>, dropped: Counter) {
+fn write_lines(
+    mut rx: mpsc::Receiver<Entry>,
+    out: Box<dyn Write + Send>,
+    dropped: Counter,
+    pending: &AtomicUsize,
+) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut line = Vec::with_capacity(512);
     let mut broken = false;
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
+        let mut batch = 0;
         while let Some(entry) = next {
+            batch += 1;
             line.clear();
             let written = serde_json::to_writer(&mut line, &entry).is_ok() && {
                 line.push(b'\n');
@@ -201,6 +228,7 @@ fn write_lines(mut rx: mpsc::Receiver<Entry>, out: Box<dyn Write + Send>, droppe
             broken = true;
             tracing::error!("the access log cannot be written; lines are dropped and counted");
         }
+        pending.fetch_sub(batch, Ordering::SeqCst);
     }
     let _ = out.flush();
 }
@@ -273,27 +301,37 @@ mod tests {
             .unwrap();
         log.send(entry());
         log.send(entry());
-        // Closing the channel ends the writer after it drained the queue.
-        drop(log);
-        let mut text = String::new();
-        for _ in 0..500 {
-            text = std::fs::read_to_string(&path).unwrap();
-            if text.lines().count() == 2 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        // Both lines are on disk once drained.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(log.drain(std::time::Duration::from_secs(10)));
+        let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         assert_eq!(dropped.get(), 0);
 
-        // A sender whose writer is gone drops and counts.
+        // A full queue drops and counts rather than waiting.
+        let (tx, _stalled) = mpsc::channel(1);
+        let full = AccessLog {
+            tx,
+            dropped: dropped.clone(),
+            pending: Arc::default(),
+        };
+        full.send(entry());
+        assert_eq!(dropped.get(), 0);
+        full.send(entry());
+        assert_eq!(dropped.get(), 1);
+
+        // So does a sender whose writer is gone.
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
         let gone = AccessLog {
             tx,
             dropped: dropped.clone(),
+            pending: Arc::default(),
         };
         gone.send(entry());
-        assert_eq!(dropped.get(), 1);
+        assert_eq!(dropped.get(), 2);
     }
 }

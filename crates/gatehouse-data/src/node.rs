@@ -267,6 +267,10 @@ impl DataPlane {
         if tokio::time::timeout(drain, all).await.is_err() {
             tracing::warn!(?drain, "requests still in flight after the drain deadline");
         }
+        // The drained requests' access-log lines are written before exit.
+        if let Some(log) = &self.shared.access_log {
+            log.drain(Duration::from_secs(5)).await;
+        }
     }
 }
 
