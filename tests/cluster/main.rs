@@ -15,4 +15,5 @@ mod membership;
 mod protocols;
 mod ratelimit;
 mod secrets;
+mod telemetry;
 mod tls;

@@ -2,6 +2,7 @@
 //! plane, compiles it into one immutable value, and proxies requests by it.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod auth;
 pub mod client;
 pub mod compile;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod lkg;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod ops;
 pub mod path;
 pub mod problem;

@@ -65,6 +65,7 @@ pub struct Metrics {
     /// Requests an injection rule matched, by rule set (`sql_injection`,
     /// `xss`) and action (`detected`, `blocked`).
     pub firewall_matches: Family<FirewallLabels, Counter>,
+    pub access_log_dropped: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,6 +182,12 @@ impl Default for Metrics {
             "Requests an injection rule matched, by rule set and action (detected or blocked)",
             firewall_matches.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind or failed",
+            access_log_dropped.clone(),
+        );
         Metrics {
             data_planes,
             limit_decisions,
@@ -192,6 +199,7 @@ impl Default for Metrics {
             connections_refused,
             connections_open,
             firewall_matches,
+            access_log_dropped,
             target_healthy,
             registry,
             requests,

@@ -48,6 +48,8 @@ pub struct DataPlaneConfig {
     pub rate_limit_timeout: Duration,
     /// Connection, request and timing limits of the proxy listeners.
     pub limits: Limits,
+    /// Where access-log lines go (`Off` by default).
+    pub access_log: crate::access_log::AccessLogTarget,
 }
 
 /// Why a data plane could not start.
@@ -61,6 +63,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::OpenError),
 }
 
 /// Compiles each revision, swaps it in, and keeps it as last-known-good.
@@ -145,12 +149,19 @@ impl DataPlane {
             ),
             None => None,
         };
+        let metrics = crate::metrics::Metrics::default();
+        let access_log = crate::access_log::AccessLog::start(
+            &cfg.access_log,
+            metrics.access_log_dropped.clone(),
+        )?;
         let shared = Arc::new(Shared {
             seal: cfg.secrets_key.clone(),
             cluster_limits: crate::limits::ClusterEnv {
                 store,
                 data_planes: Default::default(),
             },
+            metrics,
+            access_log,
             ..Shared::new(cfg.limits.clone())
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
@@ -289,6 +300,10 @@ impl DataPlane {
         let all = futures::future::join_all(self.tasks);
         if tokio::time::timeout(drain, all).await.is_err() {
             tracing::warn!(?drain, "requests still in flight after the drain deadline");
+        }
+        // The drained requests' access-log lines are written before exit.
+        if let Some(log) = &self.shared.access_log {
+            log.drain(Duration::from_secs(5)).await;
         }
     }
 }

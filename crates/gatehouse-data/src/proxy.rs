@@ -19,6 +19,7 @@
 //! response: hop-by-hop headers out; WebSocket upgrades spliced through
 //! CORS headers on the response of a CORS route
 //! metrics: requests by route and status, latency by route
+//! access log and spans: see `observe` (one span per stage above)
 //! ```
 
 use std::collections::VecDeque;
@@ -42,6 +43,7 @@ use crate::auth::CompiledPolicy;
 use crate::compile::Compiled;
 use crate::headers::{self, ClientInfo, HopByHop, Trust};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::observe::{RequestContext, Stage};
 use crate::problem::Reject;
 use crate::resources::{caused_by, BodyTimedOut, Limits, TimeoutBody};
 use crate::router::Match;
@@ -75,6 +77,8 @@ pub struct Shared {
     pub limits: Limits,
     /// One permit per request being served (`limits.max_requests_in_flight`).
     pub in_flight: Arc<Semaphore>,
+    /// Where access-log lines go, when on.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl Shared {
@@ -88,6 +92,7 @@ impl Shared {
             limiters: Default::default(),
             seal: None,
             cluster_limits: Default::default(),
+            access_log: None,
             in_flight: Arc::new(Semaphore::new(limits.max_requests_in_flight)),
             limits,
         }
@@ -143,11 +148,13 @@ impl Proxy {
         tls: bool,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        let log = self.shared.access_log.as_ref();
+        let mut observed = RequestContext::new(&req, peer.ip(), log.is_some());
         // Shed load rather than queue it: a slot per request, held until the
         // response body is done.
         let (route, mut response) = match self.shared.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
-                let (route, response) = self.serve(req, peer, tls).await;
+                let (route, response) = self.serve(req, peer, tls, &mut observed).await;
                 let response = response.map(|body| {
                     body.map_frame(move |frame| {
                         let _held = &permit;
@@ -196,7 +203,7 @@ impl Proxy {
                 status: response.status().as_u16(),
             })
             .inc();
-        Ok(response)
+        Ok(observed.finish(response, log))
     }
 
     async fn serve(
@@ -204,6 +211,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
+        observed: &mut RequestContext,
     ) -> (Option<RouteTag>, Response<ProxyBody>) {
         // Nothing reads a request whose framing two servers could disagree on.
         if crate::framing::check(&req).is_err() {
@@ -230,10 +238,12 @@ impl Proxy {
         // encoded or dotted variant reaches a route it should not. A path the
         // canonicaliser refuses may only reach a route that opted out of it
         // (`raw_path`), matched on the path as sent.
+        observed.stage(Stage::Route);
         let (routed, canonical_ok) = match crate::path::canonicalize(req.uri().path()) {
             Ok(p) => (p.into_owned(), true),
             Err(_) => (req.uri().path().to_string(), false),
         };
+        observed.path(&routed);
         // A CORS preflight is routed by the method it asks about, and
         // answered here when that route's policy has CORS rules.
         let preflight = crate::cors::preflight_method(req.method(), req.headers()).and_then(
@@ -273,15 +283,18 @@ impl Proxy {
             latency: route.latency.clone(),
             cors,
         });
+        observed.route(&route.name);
         // The client's protocol version, whatever the upstream spoke.
         let version = req.version();
 
         // The policy's firewall, with the client address its trusted proxies give.
+        observed.stage(Stage::Firewall);
         let trust = route.policy.as_ref().map(|p| &p.firewall.trust);
         let client_ip = match trust {
             Some(t) => headers::client_ip(req.headers(), peer.ip(), t),
             None => peer.ip().to_canonical(),
         };
+        observed.client_ip(client_ip);
         if let Some(policy) = &route.policy {
             let fw = &policy.firewall;
             let method = preflight.as_ref().unwrap_or(req.method());
@@ -317,6 +330,7 @@ impl Proxy {
 
         // Authenticate and authorise by the route's policy; the body has
         // not been read, so a refused request costs no upload.
+        observed.stage(Stage::Auth);
         let consumer = match &route.policy {
             None => None,
             Some(policy) => match policy.authenticate(
@@ -330,7 +344,10 @@ impl Proxy {
             },
         };
 
+        observed.consumer(consumer.as_ref());
+
         // Count the request against the policy's limits.
+        observed.stage(Stage::RateLimit);
         let limited = match &route.policy {
             Some(policy) if !policy.limits.is_empty() => {
                 crate::limits::check(
@@ -349,6 +366,7 @@ impl Proxy {
             _ => None,
         };
         if let Some(decision) = &limited {
+            observed.limit(decision.retry_after.is_none() && !decision.unavailable);
             let refusal = match decision.retry_after {
                 Some(wait) => Some(Reject::TooManyRequests {
                     retry_after_secs: wait.as_secs(),
@@ -388,6 +406,7 @@ impl Proxy {
             }
         }
 
+        observed.stage(Stage::Rewrite);
         let path = if route.raw_path {
             req.uri().path()
         } else if route.strip_prefix {
@@ -423,7 +442,7 @@ impl Proxy {
         let no_trust = Trust::default();
         headers::set_forwarded(&mut parts.headers, &client, trust.unwrap_or(&no_trust));
         crate::auth::identity_headers(&mut parts.headers, consumer.as_deref());
-        headers::ensure_traceparent(&mut parts.headers);
+        observed.trace_id(headers::ensure_traceparent(&mut parts.headers));
         let http2 = route.upstream.protocol == UpstreamProtocol::Http2;
         parts.version = if http2 {
             Version::HTTP_2
@@ -516,6 +535,8 @@ impl Proxy {
                     .map_err(|never| match never {})
                     .boxed()
             });
+            observed.stage(Stage::Upstream);
+            observed.propagate(upstream_req.headers_mut());
             let upstream_req = upstream_req.map(|()| attempt_body);
             let call = route.upstream.client.request(upstream_req);
             let health = &target.target().health;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
+use gatehouse_data::access_log::AccessLogTarget;
 use gatehouse_data::limits::store::StoreTarget;
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
 use gatehouse_data::resources::Limits;
@@ -28,6 +29,10 @@ pub struct Listeners {
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, default_value_t = 30, env = "GATEHOUSE_DRAIN_SECONDS")]
     drain_seconds: u64,
+    /// Access log, one JSON line per request: `off`, `stdout`, or a file path
+    /// (appended to). Never holds credentials or query strings.
+    #[arg(long, default_value = "off", env = "GATEHOUSE_ACCESS_LOG")]
+    access_log: AccessLogTarget,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -281,6 +286,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
+        access_log: args.listeners.access_log,
     })
 }
 
@@ -344,6 +350,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
+        access_log: args.listeners.access_log,
     })
     .await?;
     println!(

@@ -41,6 +41,19 @@ struct Cli {
         env = "GATEHOUSE_LOG_LEVEL"
     )]
     log_level: String,
+    /// Export OpenTelemetry traces of proxied requests over OTLP/gRPC to this
+    /// collector, e.g. `http://127.0.0.1:4317`. Off unless set.
+    #[arg(long, global = true, env = "GATEHOUSE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces recorded (0 to 1); a request whose `traceparent`
+    /// carries a sampling decision follows it.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 1.0,
+        env = "GATEHOUSE_TRACE_SAMPLE_RATIO"
+    )]
+    trace_sample_ratio: f64,
 }
 
 #[derive(Subcommand)]
@@ -334,7 +347,24 @@ async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    gatehouse_telemetry::init(cli.log_format, &cli.log_level);
+    let otlp = cli
+        .otlp_endpoint
+        .as_ref()
+        .map(|endpoint| gatehouse_telemetry::OtlpConfig {
+            endpoint: endpoint.clone(),
+            sample_ratio: cli.trace_sample_ratio,
+        });
+    let traces = match gatehouse_telemetry::init_with_traces(
+        cli.log_format,
+        &cli.log_level,
+        otlp.as_ref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::ControlPlane(args) => run_control_plane(args).await,
         Command::DataPlane(args) => data_plane::run_data_plane(args).await,
@@ -349,6 +379,8 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
     };
+    // The spans of the last requests are still queued.
+    traces.shutdown();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
