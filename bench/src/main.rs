@@ -462,6 +462,7 @@ fn production_options(snapshot_every: u64) -> Options {
         election_timeout_ms: 1_000,
         tls: None,
         secrets_key: None,
+        faulty_network: false,
     }
 }
 

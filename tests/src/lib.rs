@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 pub mod data;
+pub mod drill;
+pub mod faults;
+pub mod linearizability;
 
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;
@@ -148,6 +151,9 @@ pub struct Options {
     pub tls: Option<PathBuf>,
     /// A file with the key that seals key material (`--secrets-key-file`).
     pub secrets_key: Option<PathBuf>,
+    /// Route the nodes' traffic to each other through fault-injecting
+    /// proxies ([`faults`]), reachable as [`Cluster::net`].
+    pub faulty_network: bool,
 }
 
 impl Default for Options {
@@ -159,6 +165,7 @@ impl Default for Options {
             election_timeout_ms: 700,
             tls: None,
             secrets_key: None,
+            faulty_network: false,
         }
     }
 }
@@ -169,6 +176,11 @@ pub struct Node {
     /// The admin address; fixed once the node first started on port 0.
     pub admin: String,
     pub raft: String,
+    /// The Raft and admin addresses other nodes use: the proxies in front of
+    /// this node on a faulty network, else the addresses above.
+    pub peer_raft: String,
+    pub peer_admin: String,
+    proxies: Option<(faults::Proxy, faults::Proxy)>,
     pub data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -177,6 +189,11 @@ pub struct Node {
 impl Node {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The node's log (stderr) so far, for failure messages.
@@ -190,6 +207,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     pub options: Options,
+    /// The links between the nodes, with `Options::faulty_network`.
+    pub net: Option<std::sync::Arc<faults::FaultNet>>,
 }
 
 impl Drop for Cluster {
@@ -295,18 +314,24 @@ where
 impl Cluster {
     /// Starts `n` nodes: node 1 bootstraps, the others are added through the admin API.
     pub async fn start(n: u64, options: Options) -> Result<Cluster> {
+        let net = if options.faulty_network {
+            Some(faults::FaultNet::new()?)
+        } else {
+            None
+        };
         let mut cluster = Cluster {
             dir: tempfile::tempdir()?,
             nodes: Vec::new(),
             options,
+            net,
         };
         for id in 1..=n {
             cluster.spawn_new(id, id == 1)?;
         }
         for id in 2..=n {
             let (raft, admin_addr) = (
-                cluster.node(id).raft.clone(),
-                cluster.node(id).admin.clone(),
+                cluster.node(id).peer_raft.clone(),
+                cluster.node(id).peer_admin.clone(),
             );
             let mut client = cluster.client(1).await?;
             client
@@ -336,10 +361,17 @@ impl Cluster {
 
     fn spawn_new(&mut self, id: u64, bootstrap: bool) -> Result<()> {
         let data_dir = self.dir.path().join(format!("node-{id}"));
+        let proxies = match &self.net {
+            Some(net) => Some((net.proxy(id)?, net.proxy(id)?)),
+            None => None,
+        };
         self.nodes.push(Node {
             id,
             admin: "127.0.0.1:0".into(),
             raft: "127.0.0.1:0".into(),
+            peer_raft: String::new(),
+            peer_admin: String::new(),
+            proxies,
             data_dir,
             log: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -369,6 +401,11 @@ impl Cluster {
         if let Some(key) = &o.secrets_key {
             cmd.arg("--secrets-key-file").arg(key);
         }
+        if let Some((raft, admin)) = &node.proxies {
+            cmd.args(["--advertise-raft", &raft.addr.to_string()])
+                .args(["--advertise-admin", &admin.addr.to_string()])
+                .args(["--peer-source-ip", &faults::source_ip(id).to_string()]);
+        }
         if let Some(certs) = &o.tls {
             cmd.arg("--tls-cert")
                 .arg(certs.join(format!("cp-{id}.pem")))
@@ -380,6 +417,18 @@ impl Cluster {
         let (child, ready) = spawn_ready(cmd, &node.log)?;
         node.admin = ready.field("admin")?;
         node.raft = ready.field("raft")?;
+        match &node.proxies {
+            Some((raft, admin)) => {
+                raft.set_target(node.raft.parse()?);
+                admin.set_target(node.admin.parse()?);
+                node.peer_raft = raft.addr.to_string();
+                node.peer_admin = admin.addr.to_string();
+            }
+            None => {
+                node.peer_raft = node.raft.clone();
+                node.peer_admin = node.admin.clone();
+            }
+        }
         node.child = Some(child);
         Ok(())
     }
@@ -390,6 +439,31 @@ impl Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (a long GC pause,
+    /// a VM stall). [`Cluster::resume`] undoes it.
+    pub fn pause(&self, id: u64) -> Result<()> {
+        self.signal(id, "-STOP")
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&self, id: u64) -> Result<()> {
+        self.signal(id, "-CONT")
+    }
+
+    fn signal(&self, id: u64, signal: &str) -> Result<()> {
+        let pid = self.node(id).pid().context("the node is not running")?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+        Ok(())
+    }
+
+    /// The fault-injecting network (the cluster must have one).
+    pub fn net(&self) -> &faults::FaultNet {
+        self.net.as_deref().expect("Options::faulty_network")
     }
 
     /// Starts a stopped node again on the same ports and data directory.
