@@ -233,6 +233,8 @@ async fn run_client(
                 Ok(Err(_)) | Err(_) => {
                     history.unknown(client, key, value, call);
                     counts.writes_unknown.fetch_add(1, Ordering::Relaxed);
+                    // Like a real client, back off a little after a failure.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         } else {
@@ -244,6 +246,7 @@ async fn run_client(
                 }
                 ReadResult::Failed(_) => {
                     counts.reads_failed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
@@ -262,6 +265,7 @@ pub struct Sample {
     pub last_log_index: u64,
     pub last_applied: u64,
     pub snapshot_index: u64,
+    pub purged_index: u64,
 }
 
 /// Asks every node for its `LocalStatus` every 50 ms.
@@ -302,6 +306,7 @@ impl Poller {
                                             last_log_index: s.last_log_index,
                                             last_applied: s.last_applied,
                                             snapshot_index: s.snapshot_index,
+                                            purged_index: s.purged_index,
                                         },
                                     );
                                 }
@@ -333,6 +338,11 @@ impl Poller {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+    }
+
+    /// The last sample of `node`.
+    pub fn last_of(&self, node: u64) -> Option<Sample> {
+        self.samples().into_iter().rev().find(|s| s.node == node)
     }
 
     /// The leaders seen for each term: nodes that said they lead it, and
@@ -543,21 +553,31 @@ pub async fn finish(
 ) -> Result<()> {
     workload.stop().await;
     let leader = cluster.leader().await?;
-    let mut client = connect(&cluster.node(leader).admin)
+    let client = connect(&cluster.node(leader).admin)
         .await
         .ok_or_else(|| anyhow!("connect to the leader"))?;
     let mut last: HashMap<String, Option<String>> = HashMap::new();
     for key in &workload.keys {
-        let call = workload.history.now();
-        match read(&mut client, key, false).await {
-            ReadResult::Value(v) => {
-                workload
-                    .history
-                    .ok(usize::MAX, key, Op::Read(v.clone()), call);
-                last.insert(key.clone(), v);
-            }
-            ReadResult::Failed(why) => bail!("final read of {key}: {why}"),
-        }
+        // Right after a heal the leader may need a moment to hear from a quorum.
+        let (call, v) = crate::eventually(
+            Duration::from_secs(30),
+            &format!("a linearizable read of {key}"),
+            || async {
+                let call = workload.history.now();
+                match read(&mut client.clone(), key, false).await {
+                    ReadResult::Value(v) => Some((call, v)),
+                    ReadResult::Failed(why) => {
+                        eprintln!("final read of {key}: {why}");
+                        None
+                    }
+                }
+            },
+        )
+        .await?;
+        workload
+            .history
+            .ok(usize::MAX, key, Op::Read(v.clone()), call);
+        last.insert(key.clone(), v);
     }
     let index = cluster.local_status(leader).await?.last_applied;
     cluster.converge(index).await?;
