@@ -206,12 +206,8 @@ async fn drill_majority_partition_heal_truncates_uncommitted_entries() -> Result
         eprintln!("DRILL {}:   {n}", figures.name);
     }
     ensure!(
-        orphans_acked == 0 && by_minority == 0,
-        "the minority acknowledged writes"
-    );
-    ensure!(
-        survived.is_empty(),
-        "uncommitted writes survived: {survived:?}"
+        orphans_acked == 0 && by_minority == 0 && survived.is_empty(),
+        "the minority acknowledged writes ({orphans_acked} orphans, {by_minority} others), or uncommitted writes survived: {survived:?}"
     );
     Ok(())
 }
@@ -332,6 +328,14 @@ async fn drill_follower_black_holed_until_it_needs_a_snapshot() -> Result<()> {
     let follower = others(leader)[0];
     let rest = others(follower);
     let at_cut = cluster.local_status(follower).await?;
+    let installs = || {
+        cluster
+            .node(follower)
+            .log_text()
+            .matches("installed a snapshot from the leader")
+            .count()
+    };
+    let installs_before = installs();
     cluster
         .net()
         .partition(&[follower], &rest, Fault::Blackhole);
@@ -350,18 +354,19 @@ async fn drill_follower_black_holed_until_it_needs_a_snapshot() -> Result<()> {
     })
     .await?;
     figures.notes.push(format!(
-        "node {follower} cut off at log {}; the leader purged up to {purged}; after the heal node {follower} installed a snapshot at {} and applied {} within {} ms",
+        "node {follower} cut off at log {}; the leader purged up to {purged}; after the heal node {follower} (snapshot at {}) applied {} within {} ms",
         at_cut.last_log_index,
         caught_up.snapshot_index,
         caught_up.last_applied,
         (caught_up.at - healed).as_millis()
     ));
-    let snapshot_index = caught_up.snapshot_index;
     (figures.dp_requests, figures.dp_failed) = traffic.stop().await;
     finish(&cluster, &mut work, &mut poller, &mut figures).await?;
+    // Its own snapshots (every 20 entries) say nothing: its log says whether
+    // it was sent the leader's.
     ensure!(
-        snapshot_index > at_cut.last_log_index,
-        "node {follower} caught up without a snapshot (snapshot at {snapshot_index})"
+        installs() > installs_before,
+        "node {follower} caught up without installing the leader's snapshot"
     );
     Ok(())
 }

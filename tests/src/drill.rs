@@ -635,22 +635,28 @@ pub async fn finish(
     figures.terms = format!("{terms:?}");
     figures.print();
 
-    ensure!(
-        lost.is_empty(),
-        "acknowledged writes missing from audit logs (revision, key, node): {lost:?}"
-    );
-    let events = workload.history.events();
-    check(&events).map_err(|v| anyhow!("{} operations: {v}", events.len()))?;
-    ensure!(
-        figures.writes_acked > 0 && figures.reads_ok > 0,
-        "the drill did no work"
-    );
-    for (term, leaders) in &terms {
-        ensure!(
-            leaders.len() <= 1,
-            "term {term} had {} leaders: {leaders:?}",
-            leaders.len()
-        );
+    // Every check, so that one failure does not hide another.
+    let mut problems = Vec::new();
+    if !lost.is_empty() {
+        problems.push(format!(
+            "acknowledged writes missing from audit logs (revision, key, node): {lost:?}"
+        ));
     }
+    let events = workload.history.events();
+    if let Err(v) = check(&events) {
+        problems.push(format!("{} operations: {v}", events.len()));
+    }
+    if figures.writes_acked == 0 || figures.reads_ok == 0 {
+        problems.push("the drill did no work".into());
+    }
+    for (term, leaders) in &terms {
+        if leaders.len() > 1 {
+            problems.push(format!(
+                "term {term} had {} leaders: {leaders:?}",
+                leaders.len()
+            ));
+        }
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }

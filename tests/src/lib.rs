@@ -200,6 +200,11 @@ impl Node {
     pub fn log_tail(&self) -> String {
         tail(&self.log)
     }
+
+    /// The node's whole log (stderr) so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 /// A cluster of real processes in a temporary directory.
