@@ -74,17 +74,11 @@ pub struct FaultNet {
     rules: Mutex<HashMap<(u64, u64), Fault>>,
     /// Bumped on every change, so open connections look at the rules again.
     generation: watch::Sender<u64>,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Taken by [`FaultNet::shutdown`]: its tasks hold this value, so
+    /// dropping the last handle alone would never end them.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
     /// Connections closed or starved by a rule, for the drills' figures.
     pub cut_connections: AtomicU64,
-}
-
-impl Drop for FaultNet {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 impl FaultNet {
@@ -97,7 +91,7 @@ impl FaultNet {
         Ok(Arc::new(FaultNet {
             rules: Mutex::new(HashMap::new()),
             generation: watch::channel(0).0,
-            runtime: Some(runtime),
+            runtime: Mutex::new(Some(runtime)),
             cut_connections: AtomicU64::new(0),
         }))
     }
@@ -137,10 +131,28 @@ impl FaultNet {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Stops every proxy and closes every connection through them.
+    pub fn shutdown(&self) {
+        let rt = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rt) = rt {
+            rt.shutdown_background();
+        }
+    }
+
     /// Starts a proxy on a free loopback port in front of node `dst`; it
     /// refuses connections until [`Proxy::set_target`] says where `dst` is.
     pub fn proxy(self: &Arc<Self>, dst: u64) -> Result<Proxy> {
-        let rt = self.runtime.as_ref().expect("runtime until drop");
+        let rt = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|rt| rt.handle().clone())
+            .ok_or_else(|| anyhow::anyhow!("the fault network was shut down"))?;
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -312,6 +324,14 @@ mod tests {
     async fn passes_delays_blackholes_and_drops() {
         let net = FaultNet::new().unwrap();
         let (_proxy, mut stream) = setup(&net).await;
+        // Ends every proxy task, which hold the net, when the test ends.
+        struct Shutdown(Arc<FaultNet>);
+        impl Drop for Shutdown {
+            fn drop(&mut self) {
+                self.0.shutdown();
+            }
+        }
+        let _shutdown = Shutdown(net.clone());
         assert!(round_trip(&mut stream, Duration::from_secs(2))
             .await
             .is_some());

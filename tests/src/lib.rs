@@ -224,6 +224,9 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
+        if let Some(net) = &self.net {
+            net.shutdown();
+        }
     }
 }
 
