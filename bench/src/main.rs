@@ -468,6 +468,7 @@ fn production_options(snapshot_every: u64) -> Options {
         tls: None,
         secrets_key: None,
         ops: false,
+        faulty_network: false,
     }
 }
 

@@ -7,6 +7,7 @@ mod bad_input;
 mod basic;
 mod ci_workflow;
 mod data_plane;
+mod drills;
 mod durability;
 mod failover;
 mod hardening;

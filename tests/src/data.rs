@@ -202,6 +202,11 @@ impl DataPlaneProc {
         tail(&self.log)
     }
 
+    /// The whole log (stderr) so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last-known-good file.
     pub fn lkg_path(&self) -> PathBuf {
         self.state_dir.join("last-known-good.json")

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 pub mod data;
+pub mod drill;
+pub mod faults;
+pub mod linearizability;
 pub mod redis;
 
 use gatehouse_model::{Kind, Object};
@@ -151,6 +154,9 @@ pub struct Options {
     pub secrets_key: Option<PathBuf>,
     /// Start each node's ops listener (`--ops-listen`) on a free port.
     pub ops: bool,
+    /// Route the nodes' traffic to each other through fault-injecting
+    /// proxies ([`faults`]), reachable as [`Cluster::net`].
+    pub faulty_network: bool,
 }
 
 impl Default for Options {
@@ -163,6 +169,7 @@ impl Default for Options {
             tls: None,
             secrets_key: None,
             ops: false,
+            faulty_network: false,
         }
     }
 }
@@ -175,6 +182,11 @@ pub struct Node {
     pub raft: String,
     /// The ops listener's address, when the node has one.
     pub ops: Option<String>,
+    /// The Raft and admin addresses other nodes use: the proxies in front of
+    /// this node on a faulty network, else the addresses above.
+    pub peer_raft: String,
+    pub peer_admin: String,
+    proxies: Option<(faults::Proxy, faults::Proxy)>,
     pub data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -185,9 +197,19 @@ impl Node {
         self.child.is_some()
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The node's log (stderr) so far, for failure messages.
     pub fn log_tail(&self) -> String {
         tail(&self.log)
+    }
+
+    /// The node's whole log (stderr) so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -196,6 +218,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<Node>,
     pub options: Options,
+    /// The links between the nodes, with `Options::faulty_network`.
+    pub net: Option<std::sync::Arc<faults::FaultNet>>,
 }
 
 impl Drop for Cluster {
@@ -205,6 +229,9 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        if let Some(net) = &self.net {
+            net.shutdown();
         }
     }
 }
@@ -301,18 +328,24 @@ where
 impl Cluster {
     /// Starts `n` nodes: node 1 bootstraps, the others are added through the admin API.
     pub async fn start(n: u64, options: Options) -> Result<Cluster> {
+        let net = if options.faulty_network {
+            Some(faults::FaultNet::new()?)
+        } else {
+            None
+        };
         let mut cluster = Cluster {
             dir: tempfile::tempdir()?,
             nodes: Vec::new(),
             options,
+            net,
         };
         for id in 1..=n {
             cluster.spawn_new(id, id == 1)?;
         }
         for id in 2..=n {
             let (raft, admin_addr) = (
-                cluster.node(id).raft.clone(),
-                cluster.node(id).admin.clone(),
+                cluster.node(id).peer_raft.clone(),
+                cluster.node(id).peer_admin.clone(),
             );
             let mut client = cluster.client(1).await?;
             client
@@ -342,11 +375,18 @@ impl Cluster {
 
     fn spawn_new(&mut self, id: u64, bootstrap: bool) -> Result<()> {
         let data_dir = self.dir.path().join(format!("node-{id}"));
+        let proxies = match &self.net {
+            Some(net) => Some((net.proxy(id)?, net.proxy(id)?)),
+            None => None,
+        };
         self.nodes.push(Node {
             id,
             admin: "127.0.0.1:0".into(),
             raft: "127.0.0.1:0".into(),
             ops: None,
+            peer_raft: String::new(),
+            peer_admin: String::new(),
+            proxies,
             data_dir,
             log: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -379,6 +419,11 @@ impl Cluster {
         if let Some(key) = &o.secrets_key {
             cmd.arg("--secrets-key-file").arg(key);
         }
+        if let Some((raft, admin)) = &node.proxies {
+            cmd.args(["--advertise-raft", &raft.addr.to_string()])
+                .args(["--advertise-admin", &admin.addr.to_string()])
+                .args(["--peer-source-ip", &faults::source_ip(id).to_string()]);
+        }
         if let Some(certs) = &o.tls {
             cmd.arg("--tls-cert")
                 .arg(certs.join(format!("cp-{id}.pem")))
@@ -392,6 +437,18 @@ impl Cluster {
         node.raft = ready.field("raft")?;
         if o.ops {
             node.ops = Some(ready.field("ops")?);
+        }
+        match &node.proxies {
+            Some((raft, admin)) => {
+                raft.set_target(node.raft.parse()?);
+                admin.set_target(node.admin.parse()?);
+                node.peer_raft = raft.addr.to_string();
+                node.peer_admin = admin.addr.to_string();
+            }
+            None => {
+                node.peer_raft = node.raft.clone();
+                node.peer_admin = node.admin.clone();
+            }
         }
         node.child = Some(child);
         Ok(())
@@ -430,6 +487,31 @@ impl Cluster {
     /// Starts a node stopped with [`Cluster::stop`] or [`Cluster::kill`] again.
     pub fn start_again(&mut self, id: u64) -> Result<()> {
         self.spawn(id, false)
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open (a long GC pause,
+    /// a VM stall). [`Cluster::resume`] undoes it.
+    pub fn pause(&self, id: u64) -> Result<()> {
+        self.signal(id, "-STOP")
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&self, id: u64) -> Result<()> {
+        self.signal(id, "-CONT")
+    }
+
+    fn signal(&self, id: u64, signal: &str) -> Result<()> {
+        let pid = self.node(id).pid().context("the node is not running")?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+        Ok(())
+    }
+
+    /// The fault-injecting network (the cluster must have one).
+    pub fn net(&self) -> &faults::FaultNet {
+        self.net.as_deref().expect("Options::faulty_network")
     }
 
     /// Starts a stopped node again on the same ports and data directory.

@@ -5,6 +5,7 @@
 //! target's identity beside them (see [`crate::identity`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +34,20 @@ use crate::types::{NodeId, NodeInfo, Raft, TypeConfig};
 pub struct Channels {
     map: Arc<Mutex<HashMap<String, Channel>>>,
     tls: Arc<Mutex<Option<ClientTlsConfig>>>,
+    /// The local address connections to other nodes are opened from
+    /// (`--peer-source-ip`); the system's choice when `None`.
+    source_ip: Option<IpAddr>,
 }
 
 impl Channels {
+    /// Channels whose connections are opened from `source_ip`, when given.
+    pub fn with_source_ip(source_ip: Option<IpAddr>) -> Channels {
+        Channels {
+            source_ip,
+            ..Channels::default()
+        }
+    }
+
     /// A channel to `addr` (host:port); connects on first use, reconnects after failures.
     pub fn get(&self, addr: &str) -> Result<Channel, Status> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -47,7 +59,8 @@ impl Channels {
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .local_address(self.source_ip);
         if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls.domain_name(gatehouse_proto::tls::host_of(addr)))

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     /// The addresses other nodes use; the bound addresses when not set.
     pub advertise_admin: Option<String>,
     pub advertise_raft: Option<String>,
+    /// The local address this node opens connections to other nodes from
+    /// (Raft, forwarded admin calls, joins); the system's choice when `None`.
+    pub peer_source_ip: Option<std::net::IpAddr>,
     pub data_dir: PathBuf,
     /// Initialize a one-node cluster on first start.
     pub bootstrap: bool,
@@ -188,7 +191,7 @@ impl ControlPlane {
             .map(NodeTls::load)
             .transpose()?
             .map(Arc::new);
-        let channels = Channels::default();
+        let channels = Channels::with_source_ip(cfg.peer_source_ip);
         if let Some(tls) = &tls {
             channels.set_tls(tls.client());
         }

@@ -328,6 +328,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         raft_listen: args.raft_listen,
         advertise_admin: None,
         advertise_raft: None,
+        peer_source_ip: None,
         data_dir: cp_dir.clone(),
         bootstrap: true,
         bootstrap_token_hash: gatehouse_model::admintoken::hash(&token),

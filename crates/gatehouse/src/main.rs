@@ -121,6 +121,10 @@ struct ControlPlaneArgs {
     /// Raft address other nodes use, when not the listen address.
     #[arg(long, env = "GATEHOUSE_ADVERTISE_RAFT")]
     advertise_raft: Option<String>,
+    /// Local IP address to open connections to other nodes from (Raft,
+    /// forwarded admin calls), on a host with several [default: the system's choice].
+    #[arg(long, env = "GATEHOUSE_PEER_SOURCE_IP")]
+    peer_source_ip: Option<std::net::IpAddr>,
     /// Where the node keeps its Raft log and snapshots [default: ./gatehouse-data/node-<id>].
     #[arg(long, env = "GATEHOUSE_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -178,6 +182,7 @@ struct ControlPlaneFile {
     ops_listen: Option<SocketAddr>,
     advertise_admin: Option<String>,
     advertise_raft: Option<String>,
+    peer_source_ip: Option<std::net::IpAddr>,
     data_dir: Option<PathBuf>,
     #[serde(default)]
     bootstrap: bool,
@@ -279,6 +284,7 @@ fn node_config(args: ControlPlaneArgs) -> Result<(NodeConfig, Option<PathBuf>)> 
             raft_listen,
             advertise_admin: args.advertise_admin.or(file.advertise_admin),
             advertise_raft: args.advertise_raft.or(file.advertise_raft),
+            peer_source_ip: args.peer_source_ip.or(file.peer_source_ip),
             data_dir,
             bootstrap: args.bootstrap || file.bootstrap,
             // Filled in by `with_bootstrap_token`, which may write a file.

@@ -216,6 +216,12 @@ impl<E: Engine> RaftStateMachine<TypeConfig> for StateMachineStore<E> {
             d.config.revision()
         };
         self.shared.revision.send_replace(revision);
+        // Worth an operator's notice: this node fell behind the leader's log.
+        tracing::info!(
+            last_log_index = meta.last_log_id.map_or(0, |l| l.index),
+            revision,
+            "installed a snapshot from the leader"
+        );
         Ok(())
     }
 
