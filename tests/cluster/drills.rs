@@ -463,7 +463,14 @@ policies:
         }
         limited.push(statuses);
     }
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The rest of the outage: two minutes in all unless
+    // GATEHOUSE_DRILL_OUTAGE_SECS says otherwise (at least 10 s).
+    let outage = std::env::var("GATEHOUSE_DRILL_OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(120)
+        .max(10);
+    tokio::time::sleep(Duration::from_secs(outage).saturating_sub(down.elapsed())).await;
     let during: Vec<(u64, u64)> = traffic.iter().map(Traffic::counts).collect();
     let down_for = down.elapsed();
     let attempts: Vec<usize> = edge
