@@ -28,6 +28,8 @@ pub struct CompiledFirewall {
     deny: Vec<Cidr>,
     methods: Vec<Method>,
     max_header_bytes: Option<u64>,
+    max_header_count: Option<usize>,
+    max_uri_bytes: Option<u64>,
     /// Enforced from `Content-Length` here, and while streaming by the proxy.
     pub max_body_bytes: Option<u64>,
     /// Refused user agents, case-insensitive.
@@ -83,6 +85,8 @@ impl CompiledFirewall {
                 })
                 .collect::<Result<_, _>>()?,
             max_header_bytes: f.max_header_bytes,
+            max_header_count: f.max_header_count.map(|n| n as usize),
+            max_uri_bytes: f.max_uri_bytes,
             max_body_bytes: f.max_body_bytes,
             user_agents: if f.deny_user_agents.is_empty() {
                 None
@@ -268,6 +272,9 @@ impl CompiledFirewall {
                 self.methods.iter().map(Method::as_str),
             ));
         }
+        if self.max_header_count.is_some_and(|cap| headers.len() > cap) {
+            return Err(Reject::HeaderFieldsTooLarge);
+        }
         if let Some(cap) = self.max_header_bytes {
             let size: u64 = headers
                 .iter()
@@ -287,6 +294,15 @@ impl CompiledFirewall {
             }
         }
         Ok(())
+    }
+
+    /// The request target against `max_uri_bytes` (path and query as sent).
+    pub fn check_uri(&self, uri: &http::Uri) -> Result<(), Reject> {
+        let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
+        match self.max_uri_bytes {
+            Some(cap) if len > cap => Err(Reject::UriTooLong),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -350,5 +366,28 @@ mod tests {
             f.check(ip("10.0.0.1"), &Method::GET, &h),
             Err(Reject::HeaderFieldsTooLarge)
         );
+    }
+
+    #[test]
+    fn header_count_and_uri_length() {
+        let f = fw(Firewall {
+            max_header_count: Some(2),
+            max_uri_bytes: Some(20),
+            ..Default::default()
+        });
+        let mut h = HeaderMap::new();
+        h.insert("a", "1".parse().unwrap());
+        h.insert("b", "2".parse().unwrap());
+        assert!(f.check(ip("10.0.0.1"), &Method::GET, &h).is_ok());
+        h.append("b", "3".parse().unwrap());
+        assert_eq!(
+            f.check(ip("10.0.0.1"), &Method::GET, &h),
+            Err(Reject::HeaderFieldsTooLarge)
+        );
+        let ok: http::Uri = "/twenty-bytes?q=1234".parse().unwrap();
+        assert!(f.check_uri(&ok).is_ok());
+        let long: http::Uri = "/twenty-bytes?q=12345".parse().unwrap();
+        assert_eq!(f.check_uri(&long), Err(Reject::UriTooLong));
+        assert_eq!(Reject::UriTooLong.status().as_u16(), 414);
     }
 }

@@ -23,6 +23,7 @@
 //! | `payload-too-large` | 413 | the body exceeds the limit |
 //! | `too-many-requests` | 429 | a rate limit refused the request; carries `Retry-After` |
 //! | `quota-exceeded` | 429 | the consumer used its quota for the period; carries `Retry-After` (the period's end) |
+//! | `uri-too-long` | 414 | the request target exceeds the limit |
 //! | `header-fields-too-large` | 431 | the headers exceed the limit |
 //! | `bad-gateway` | 502 | the upstream could not be reached or answered with a broken response |
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
@@ -90,6 +91,8 @@ pub enum Reject {
     /// 429: the consumer's quota for the period is used up; retry after
     /// this many seconds (when the period ends).
     QuotaExceeded { retry_after_secs: u64 },
+    /// 414: the request target is longer than allowed.
+    UriTooLong,
     /// 431: the request headers are larger than allowed.
     HeaderFieldsTooLarge,
     /// 502: the upstream connection failed or the upstream broke the protocol.
@@ -209,6 +212,11 @@ impl Reject {
                 problem_type!("quota-exceeded"),
                 "Quota exceeded",
             ),
+            Reject::UriTooLong => (
+                StatusCode::URI_TOO_LONG,
+                problem_type!("uri-too-long"),
+                "URI too long",
+            ),
             Reject::HeaderFieldsTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 problem_type!("header-fields-too-large"),
@@ -296,6 +304,7 @@ impl Reject {
             | Reject::NoRoute
             | Reject::PayloadTooLarge
             | Reject::HeaderFieldsTooLarge
+            | Reject::UriTooLong
             | Reject::BadGateway
             | Reject::UpstreamUnavailable
             | Reject::RateLimitUnavailable

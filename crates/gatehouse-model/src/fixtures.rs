@@ -233,6 +233,8 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
             trusted_proxies: strings(&["127.0.0.1/32"]),
             max_body_bytes: Some(1 << 20),
             max_header_bytes: Some(16 * 1024),
+            max_header_count: Some(100),
+            max_uri_bytes: Some(8192),
             allowed_methods: strings(&["GET", "POST", "DELETE"]),
             sql_injection: RuleMode::Block,
             xss: RuleMode::Detect,

@@ -495,6 +495,12 @@ pub struct Firewall {
     pub max_body_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_header_bytes: Option<u64>,
+    /// At most this many header fields (431 past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_count: Option<u32>,
+    /// At most this many bytes of request target, path and query (414 past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uri_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_methods: Vec<String>,
     #[serde(default)]
@@ -526,6 +532,8 @@ impl Default for Firewall {
             trusted_proxies: Vec::new(),
             max_body_bytes: None,
             max_header_bytes: None,
+            max_header_count: None,
+            max_uri_bytes: None,
             allowed_methods: Vec::new(),
             sql_injection: RuleMode::Off,
             xss: RuleMode::Off,

@@ -572,6 +572,12 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
     if let Some(h) = fw.max_header_bytes {
         c.range("firewall.max_header_bytes", h, 256, 1 << 20)?;
     }
+    if let Some(n) = fw.max_header_count {
+        c.range("firewall.max_header_count", u64::from(n), 1, 10_000)?;
+    }
+    if let Some(u) = fw.max_uri_bytes {
+        c.range("firewall.max_uri_bytes", u, 16, 1 << 20)?;
+    }
     c.count("firewall.allowed_methods", &fw.allowed_methods, 0, 32)?;
     for (i, m) in fw.allowed_methods.iter().enumerate() {
         c.ensure(

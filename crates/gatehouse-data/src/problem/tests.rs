@@ -21,6 +21,7 @@ fn all() -> Vec<Reject> {
         Reject::QuotaExceeded {
             retry_after_secs: 60,
         },
+        Reject::UriTooLong,
         Reject::HeaderFieldsTooLarge,
         Reject::BadGateway,
         Reject::UpstreamUnavailable,
@@ -48,6 +49,7 @@ fn every_reason_has_its_status_and_documented_slug() {
         (413, "payload-too-large"),
         (429, "too-many-requests"),
         (429, "quota-exceeded"),
+        (414, "uri-too-long"),
         (431, "header-fields-too-large"),
         (502, "bad-gateway"),
         (503, "upstream-unavailable"),

@@ -809,6 +809,20 @@ fn firewall_limits_and_cors_are_checked() {
         r#"policy "strict": firewall.max_header_bytes: 100 is out of range (256 to 1048576)"#,
     );
     let mut p = full_policy("strict", "corp");
+    p.firewall.max_header_count = Some(0);
+    assert_invalid(
+        p,
+        "firewall.max_header_count",
+        r#"policy "strict": firewall.max_header_count: 0 is out of range (1 to 10000)"#,
+    );
+    let mut p = full_policy("strict", "corp");
+    p.firewall.max_uri_bytes = Some(4);
+    assert_invalid(
+        p,
+        "firewall.max_uri_bytes",
+        r#"policy "strict": firewall.max_uri_bytes: 4 is out of range (16 to 1048576)"#,
+    );
+    let mut p = full_policy("strict", "corp");
     p.firewall.allowed_methods.push("Patch".to_string());
     assert_invalid(
         p,
