@@ -245,6 +245,8 @@ policies:
       deny_ips: [203.0.113.0/24]
       allowed_methods: [GET, POST]
       max_header_bytes: 1024
+      max_header_count: 8
+      max_uri_bytes: 64
       max_body_bytes: 10
 upstreams:
   - name: echo
@@ -303,6 +305,18 @@ routes:
     ))
     .await?;
     assert_eq!(status, 431);
+    let many: String = (0..10).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let (status, _) = send(format!(
+        "GET / HTTP/1.1\r\nHost: x\r\n{many}Connection: close\r\n\r\n"
+    ))
+    .await?;
+    assert_eq!(status, 431, "too many header fields");
+    let long = "q".repeat(80);
+    let (status, _) = send(format!(
+        "GET /?{long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ))
+    .await?;
+    assert_eq!(status, 414, "a request target over max_uri_bytes");
     // Over the body cap: by Content-Length up front, and while streaming a chunked body.
     let (status, _) = send(
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world"
