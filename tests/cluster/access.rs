@@ -156,6 +156,43 @@ async fn roles_decide_what_each_token_may_do_and_the_audit_log_names_who_did_it(
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
+    // Key material is shown to those who may change it, not to a viewer.
+    let hmac = "a-shared-hmac-secret-of-at-least-32-bytes";
+    as_editor
+        .put(pb::PutRequest {
+            object: Some(pb::Object {
+                kind: "jwt_issuer".into(),
+                name: "corp".into(),
+                labels: Default::default(),
+                revision: 0,
+                spec_json: format!(
+                    r#"{{"issuer":"https://id.example","audiences":["gw"],"algorithms":["HS256"],"keys":[{{"kid":"k1","secret":"{hmac}"}}]}}"#
+                ),
+            }),
+            expected_revision: None,
+        })
+        .await?;
+    let get_issuer = |token: &str| {
+        let out = ctl_as(
+            token,
+            &at_leader,
+            &["get", "jwt_issuer", "corp", "-o", "json"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(get_issuer(&editor).contains(hmac));
+    let seen = get_issuer(&viewer);
+    assert!(!seen.contains(hmac) && seen.contains("(secret)"), "{seen}");
+    let listed = ctl_as(&viewer, &at_follower, &["get", "all", "-o", "json"]);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains(hmac));
+    // A plan compares secrets in the clear, so a viewer may not ask for one.
+    let err = as_viewer
+        .plan(pb::PlanRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
     // The data-plane token watches the config stream and nothing else; others may not watch.
     watch_with(&at_follower, Some(&data_plane)).await?;
     let mut as_dp = admin_as(Some(&data_plane), &at_follower).await?;
@@ -217,7 +254,8 @@ async fn roles_decide_what_each_token_may_do_and_the_audit_log_names_who_did_it(
     assert_eq!(who("member", "2", "add_node"), ["token:bootstrap"]);
     assert_eq!(who("member", "3", "add_node"), ["token:bootstrap"]);
     let by_ci = ctl(&at_leader, &["audit", "--actor", "token:ci", "-o", "json"]);
-    assert_eq!(String::from_utf8_lossy(&by_ci.stdout).lines().count(), 1);
+    // token:ci wrote consumer alice and jwt_issuer corp.
+    assert_eq!(String::from_utf8_lossy(&by_ci.stdout).lines().count(), 2);
 
     // No node keeps a token in the clear: not in its data directory, not in its log.
     for n in 1..=3 {

@@ -304,7 +304,13 @@ impl AdminService {
                 name: crate::auth::BOOTSTRAP_TOKEN_NAME.to_string(),
             };
             let hash = self.identity.bootstrap_hash().filter(|h| !h.is_empty());
-            if let (Some(hash), false) = (hash, cmd.ops.iter().any(|op| op.target() == bootstrap)) {
+            // Decided now, not when the caller signed in: a token stored or
+            // revoked meanwhile must not be written again.
+            let none_stored = self
+                .sm
+                .read(|d| d.config.list(Kind::AdminToken).next().is_none());
+            let touched = cmd.ops.iter().any(|op| op.target() == bootstrap);
+            if let (Some(hash), true, false) = (hash, none_stored, touched) {
                 let token = AdminToken {
                     name: bootstrap.name,
                     labels: Default::default(),
@@ -316,7 +322,7 @@ impl AdminService {
                     0,
                     Op::Put {
                         object: token.into(),
-                        expected_revision: None,
+                        expected_revision: Some(0),
                     },
                 );
             }
@@ -481,14 +487,31 @@ fn credentials<T>(
     request: &Request<T>,
     caller: &Caller,
 ) -> Option<(&'static str, MetadataValue<Ascii>)> {
-    if let Some(token) = request.metadata().get("authorization") {
-        return Some(("authorization", token.clone()));
+    // By how the caller signed in, not by which headers it happened to send.
+    if !caller.actor.starts_with("cert:") {
+        return request
+            .metadata()
+            .get("authorization")
+            .map(|token| ("authorization", token.clone()));
     }
     let role = serde_json::to_value(caller.role).ok()?;
     format!("{} {}", role.as_str()?, caller.actor)
         .parse()
         .ok()
         .map(|v| (crate::auth::ON_BEHALF_OF, v))
+}
+
+/// An object as `caller` may see it: key material only for those who may
+/// change configuration (sealed, when the cluster has a secrets key).
+fn shown(object: &Object, caller: &Caller) -> pb::Object {
+    let mut o = pb::Object::from(object);
+    if !crate::auth::allows(caller.role, Need::Config) {
+        if let Ok(mut spec) = serde_json::from_str::<serde_json::Value>(&o.spec_json) {
+            gatehouse_model::secret::redact_json(object.kind(), &mut Vec::new(), &mut spec);
+            o.spec_json = spec.to_string();
+        }
+    }
+    o
 }
 
 /// What writing `ops` needs: managing tokens when any op touches one.
@@ -535,7 +558,7 @@ impl pb::admin_server::Admin for AdminService {
                     ))
                 })?;
                 Ok(Response::new(pb::GetResponse {
-                    object: Some(pb::Object::from(&object)),
+                    object: Some(shown(&object, &caller)),
                     config_revision: revision,
                 }))
             }
@@ -573,7 +596,7 @@ impl pb::admin_server::Admin for AdminService {
                     .filter(|k| **k != Kind::AdminToken || tokens_visible)
                     .flat_map(|k| state.list(*k))
                     .filter(|o| selector.matches(o.labels()))
-                    .map(pb::Object::from)
+                    .map(|o| shown(o, &caller))
                     .collect();
                 let revision = state.revision();
                 Ok(Response::new(pb::ListResponse {
@@ -1080,8 +1103,8 @@ impl AdminService {
         &self,
         request: Request<pb::PlanRequest>,
     ) -> Result<Response<pb::PlanResponse>, Status> {
-        // A plan reads the whole configuration (secrets blanked out).
-        let caller = self.caller(&request, Need::Read).await?;
+        // A plan compares secrets in the clear: only who may change them may ask.
+        let caller = self.caller(&request, Need::Config).await?;
         let fwd = is_forwarded(&request);
         let auth = credentials(&request, &caller);
         let msg = request.into_inner();

@@ -198,16 +198,29 @@ impl Auth {
 
     /// Authenticates the caller of `request` without counting a failure.
     pub fn lookup<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        if let Some(addr) = request.remote_addr() {
-            self.refuse_if_blocked(addr.ip())?;
+        if let Some(ip) = self.limited_peer(request) {
+            self.refuse_if_blocked(ip)?;
         }
         self.authenticate(request)
+    }
+
+    /// The peer address failures count against: none for a fellow
+    /// control-plane node (its forwarded calls carry other people's
+    /// credentials, so their failures must not shut the node out).
+    fn limited_peer<T>(&self, request: &Request<T>) -> Option<IpAddr> {
+        if self.tls
+            && gatehouse_proto::tls::peer_identity(request)
+                .is_some_and(|p| p.role == "control_plane")
+        {
+            return None;
+        }
+        request.remote_addr().map(|a| a.ip())
     }
 
     /// Authenticates the caller of `request` and checks it may do `need`;
     /// a failed authentication counts against the peer.
     pub fn check<T>(&self, request: &Request<T>, need: Need) -> Result<Caller, Status> {
-        let peer = request.remote_addr().map(|a| a.ip());
+        let peer = self.limited_peer(request);
         if let Some(ip) = peer {
             self.refuse_if_blocked(ip)?;
         }

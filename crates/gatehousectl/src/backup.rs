@@ -16,7 +16,7 @@ use crate::{call, connect, Cli};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
-    /// Write every object and the audit log, as one consistent read, to FILE
+    /// Write every object (read at one revision) and the audit log to FILE
     /// (mode 0600: it holds token hashes and sealed key material). Needs the
     /// admin role, to read admin tokens.
     Save { file: PathBuf },
@@ -72,9 +72,10 @@ fn digest(body: &Body) -> String {
 
 /// Writes `bytes` to `path` through a temporary file, with mode 0600.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // A new file of our own (never one someone left or linked there).
+    let tmp = path.with_extension(format!("tmp-{:016x}", rand_suffix()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -87,6 +88,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 fn read(path: &Path) -> Result<Body> {
@@ -103,7 +116,7 @@ fn read(path: &Path) -> Result<Body> {
     }
     if digest(&backup.body) != backup.sha256 {
         bail!(
-            "{}: the checksum does not match its contents (the file is damaged or was edited)",
+            "{}: the checksum does not match its contents (the file is damaged or was edited; the checksum guards against damage, not against a deliberate edit)",
             path.display()
         );
     }
