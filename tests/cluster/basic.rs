@@ -124,3 +124,35 @@ async fn apply_get_and_delete_through_gatehousectl() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatehousectl_exits_quietly_when_its_reader_stops_early() -> anyhow::Result<()> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let cluster = gatehouse_e2e::Cluster::start(1, gatehouse_e2e::Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    // More output than a pipe holds (64 KiB), so the writer meets the closed pipe.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("many.yaml");
+    let consumers: String = (0..2000)
+        .map(|i| format!("  - name: reader-with-a-long-name-{i:05}\n"))
+        .collect();
+    std::fs::write(&file, format!("version: 1\nconsumers:\n{consumers}"))?;
+    gatehouse_e2e::apply(&server, file.to_str().unwrap());
+    // Like `gatehousectl get consumers | head -c 16`: read a little, then close the pipe.
+    let mut child = Command::new(gatehouse_e2e::bin("gatehousectl"))
+        .env("GATEHOUSE_TOKEN", gatehouse_e2e::TOKEN)
+        .args(["--server", &server, "get", "consumers"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first)?;
+    drop(stdout);
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    Ok(())
+}

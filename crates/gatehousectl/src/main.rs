@@ -966,8 +966,28 @@ async fn usage(
     Ok(())
 }
 
+/// A reader that stops early (`gatehousectl get all | head`) closes the pipe;
+/// printing then fails, which Rust reports as a panic. Exit quietly instead,
+/// as other command-line tools do.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // Usage errors exit 1 like any error: 2 means "differences" to `diff`.
