@@ -231,6 +231,14 @@ async fn roles_decide_what_each_token_may_do_and_the_audit_log_names_who_did_it(
     // The audit log names who did what.
     let out = ctl_as(&viewer, &at_follower, &["audit", "-o", "json"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let viewer_sees = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(viewer_sees.contains("\"alice\""), "{viewer_sees}");
+    assert!(
+        !viewer_sees.contains("admin_token"),
+        "a viewer sees no token records"
+    );
+    let out = ctl(&at_follower, &["audit", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))

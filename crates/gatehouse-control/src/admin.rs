@@ -1035,6 +1035,12 @@ impl pb::admin_server::Admin for AdminService {
             },
             since_ms: msg.since_ms,
             until_ms: msg.until_ms,
+            // Admin tokens are shown only to those who may manage them.
+            hidden_kinds: if crate::auth::allows(caller.role, Need::Tokens) {
+                Vec::new()
+            } else {
+                vec![Kind::AdminToken.to_string()]
+            },
         };
         let limit = match msg.limit {
             0 => DEFAULT_AUDIT_LIMIT,

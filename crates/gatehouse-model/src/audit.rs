@@ -92,6 +92,8 @@ pub struct Filter {
     pub since_ms: Option<u64>,
     /// Unix milliseconds, exclusive.
     pub until_ms: Option<u64>,
+    /// Kinds left out whatever else matches (what the caller may not see).
+    pub hidden_kinds: Vec<String>,
 }
 
 impl Filter {
@@ -100,5 +102,6 @@ impl Filter {
             && self.kind.as_ref().is_none_or(|k| *k == r.kind)
             && self.since_ms.is_none_or(|s| r.at_ms >= s)
             && self.until_ms.is_none_or(|u| r.at_ms < u)
+            && !self.hidden_kinds.contains(&r.kind)
     }
 }

@@ -5,8 +5,7 @@
 //! the OU (`control_plane`, `data_plane`, `admin`, `editor`, `viewer`),
 //! which is how the cluster tells who is on the other end of a connection.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -48,28 +47,6 @@ fn check_name(what: &str, name: &str) -> Result<()> {
     if !ok {
         bail!("{what} name {name:?}: use 1 to 64 characters of a-z, A-Z, 0-9, '-', '_' and '.'");
     }
-    Ok(())
-}
-
-/// Writes `contents` to a new file (`private`: mode 0600), refusing to overwrite.
-fn write_new(path: &Path, contents: &str, private: bool) -> Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut f = options.open(path).with_context(|| {
-        format!(
-            "cannot create {} (certs init never overwrites; use a new --dir)",
-            path.display()
-        )
-    })?;
-    f.write_all(contents.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -135,8 +112,8 @@ pub fn init(args: &InitArgs) -> Result<()> {
     ];
     validity(&mut ca_params, args.days);
     let ca_cert = ca_params.self_signed(&ca_key)?;
-    write_new(&args.dir.join("ca-key.pem"), &ca_key.serialize_pem(), true)?;
-    write_new(&args.dir.join("ca.pem"), &ca_cert.pem(), false)?;
+    crate::tokens::write_new(&args.dir.join("ca-key.pem"), &ca_key.serialize_pem(), true)?;
+    crate::tokens::write_new(&args.dir.join("ca.pem"), &ca_cert.pem(), false)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     for (name, role, sans) in &leaves {
@@ -159,12 +136,12 @@ pub fn init(args: &InitArgs) -> Result<()> {
         };
         validity(&mut params, args.days);
         let cert = params.signed_by(&key, &issuer)?;
-        write_new(
+        crate::tokens::write_new(
             &args.dir.join(format!("{name}-key.pem")),
             &key.serialize_pem(),
             true,
         )?;
-        write_new(&args.dir.join(format!("{name}.pem")), &cert.pem(), false)?;
+        crate::tokens::write_new(&args.dir.join(format!("{name}.pem")), &cert.pem(), false)?;
         eprintln!("{name}: {role} ({name}.pem, {name}-key.pem)");
     }
     eprintln!(

@@ -26,6 +26,28 @@ fn check(token: &str, source: &str) -> Result<String> {
     Ok(token.to_string())
 }
 
+/// Writes `contents` to a file that must not exist yet (`private`: mode
+/// 0600 on Unix) and syncs it: never another file someone left there.
+pub fn write_new(path: &Path, contents: &str, private: bool) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 /// Reads a token file (one line).
 pub fn read_file(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path)
@@ -61,18 +83,7 @@ pub fn bootstrap(file: Option<&Path>, data_dir: &Path) -> Result<String> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let token = generate();
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(f, "{token}").with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_all()?;
+    write_new(&path, &format!("{token}\n"), true)?;
     tracing::info!(file = %path.display(), "generated a bootstrap admin token (accepted until the cluster holds admin tokens; then it is admin_token \"bootstrap\")");
     Ok(token)
 }
@@ -122,18 +133,8 @@ pub fn secrets_key_or_new(path: &Path) -> Result<gatehouse_model::seal::SealKey>
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut f = options
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        writeln!(f, "{}", gatehouse_model::seal::SealKey::generate_text())?;
-        f.sync_all()?;
+        let key = gatehouse_model::seal::SealKey::generate_text();
+        write_new(path, &format!("{key}\n"), true)?;
         tracing::info!(file = %path.display(), "generated a secrets key for key material at rest");
     }
     secrets_key(Some(path))?.ok_or_else(|| anyhow::anyhow!("{}: no key", path.display()))
