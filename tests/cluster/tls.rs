@@ -118,8 +118,17 @@ async fn the_cluster_talks_tls_and_knows_data_planes_and_admins_by_their_certifi
         "{}",
         text(&out)
     );
+    // A viewer sees no token records in the audit log; an admin does.
     let out = ctl_env(
         &grafana,
+        None,
+        &at_follower,
+        &["audit", "--kind", "admin_token", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+    let out = ctl_env(
+        &alice,
         None,
         &at_follower,
         &["audit", "--kind", "admin_token", "-o", "json"],
