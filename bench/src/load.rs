@@ -50,6 +50,8 @@ pub struct Target {
     /// The `Host` header.
     pub authority: String,
     pub path_and_query: String,
+    /// Sent with every request (a credential, for the auth targets).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Target {
@@ -87,14 +89,32 @@ impl Target {
             path_and_query: uri
                 .path_and_query()
                 .map_or("/".to_string(), |p| p.as_str().to_string()),
+            headers: Vec::new(),
         })
     }
 
-    fn request(&self) -> Request<Empty<Bytes>> {
-        Request::get(self.path_and_query.as_str())
+    /// The same target, with `headers` on every request.
+    pub fn with_headers(mut self, headers: &[(String, String)]) -> Result<Target> {
+        for (name, value) in headers {
+            self.headers.push((
+                http::HeaderName::from_bytes(name.as_bytes())
+                    .with_context(|| format!("header name {name:?}"))?,
+                http::HeaderValue::from_str(value)
+                    .with_context(|| format!("value of header {name}"))?,
+            ));
+        }
+        Ok(self)
+    }
+
+    pub fn request(&self) -> Request<Empty<Bytes>> {
+        let mut req = Request::get(self.path_and_query.as_str())
             .header(http::header::HOST, self.authority.as_str())
             .body(Empty::new())
-            .expect("a valid request")
+            .expect("a valid request");
+        for (name, value) in &self.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+        req
     }
 }
 

@@ -17,6 +17,7 @@
 //! Build with `--release` (see `bench/run-admin-writes.sh`): the sandbox takes
 //! the `gatehouse` binary from the same target directory as this one.
 
+mod auth;
 mod firewall_cost;
 mod load;
 mod propagation;

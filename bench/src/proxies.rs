@@ -73,6 +73,10 @@ pub enum Kind {
     Direct,
     Nginx,
     Haproxy,
+    /// HAProxy checking an RS256 JWT (`jwt_verify`, plus alg, iss, aud, exp).
+    HaproxyJwtRs256,
+    /// HAProxy checking an ES256 JWT, the same way.
+    HaproxyJwtEs256,
     Gatehouse,
     /// Gatehouse with a local (governor) rate limit on the route.
     GatehouseLocal,
@@ -82,6 +86,12 @@ pub enum Kind {
     GatehouseLease,
     /// Gatehouse with the default firewall rule set on the route.
     GatehouseFirewall,
+    /// Gatehouse with a policy that takes an API key (`x-api-key`).
+    GatehouseApiKey,
+    /// Gatehouse with a policy that takes an RS256 JWT (static key).
+    GatehouseJwtRs256,
+    /// Gatehouse with a policy that takes an ES256 JWT (static key).
+    GatehouseJwtEs256,
 }
 
 /// The lease of the cost-mode target.
@@ -102,6 +112,15 @@ impl Kind {
         }
     }
 
+    /// The signing algorithm of the JWT targets.
+    fn jwt(self) -> Option<crate::auth::Alg> {
+        match self {
+            Kind::GatehouseJwtRs256 | Kind::HaproxyJwtRs256 => Some(crate::auth::Alg::Rs256),
+            Kind::GatehouseJwtEs256 | Kind::HaproxyJwtEs256 => Some(crate::auth::Alg::Es256),
+            _ => None,
+        }
+    }
+
     fn uses_redis(self) -> bool {
         matches!(self, Kind::GatehouseCluster | Kind::GatehouseLease)
     }
@@ -113,11 +132,16 @@ impl fmt::Display for Kind {
             Kind::Direct => "direct",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "HAProxy",
+            Kind::HaproxyJwtRs256 => "HAProxy, JWT RS256",
+            Kind::HaproxyJwtEs256 => "HAProxy, JWT ES256",
             Kind::Gatehouse => "Gatehouse",
             Kind::GatehouseLocal => "Gatehouse, local limit",
             Kind::GatehouseCluster => "Gatehouse, cluster limit (exact)",
             Kind::GatehouseLease => "Gatehouse, cluster limit (lease 100)",
             Kind::GatehouseFirewall => "Gatehouse + firewall rules",
+            Kind::GatehouseApiKey => "Gatehouse, API key",
+            Kind::GatehouseJwtRs256 => "Gatehouse, JWT RS256",
+            Kind::GatehouseJwtEs256 => "Gatehouse, JWT ES256",
         })
     }
 }
@@ -219,8 +243,12 @@ pub fn start_backend(dir: &Path, threads: u64) -> Result<(Proc, SocketAddr)> {
 }
 
 /// Waits until `url` answers 200, for up to 15 s.
-async fn wait_serving(url: &str, proc: &mut Option<&mut Proc>) -> Result<()> {
-    let target = Target::parse(url)?;
+async fn wait_serving(
+    url: &str,
+    headers: &[(String, String)],
+    proc: &mut Option<&mut Proc>,
+) -> Result<()> {
+    let target = Target::parse(url)?.with_headers(headers)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -229,10 +257,7 @@ async fn wait_serving(url: &str, proc: &mut Option<&mut Proc>) -> Result<()> {
         }
         let attempt = async {
             let mut c = Conn::open(target.addr).await?;
-            let req = http::Request::get(target.path_and_query.as_str())
-                .header(http::header::HOST, target.authority.as_str())
-                .body(http_body_util::Empty::new())?;
-            c.get(req).await
+            c.get(target.request()).await
         };
         match tokio::time::timeout(Duration::from_secs(2), attempt).await {
             Ok(Ok(s)) if s.is_success() => return Ok(()),
@@ -248,6 +273,8 @@ async fn wait_serving(url: &str, proc: &mut Option<&mut Proc>) -> Result<()> {
 /// A target that is up: its URL and (for proxies) its process.
 struct Running {
     url: String,
+    /// Sent with every request: the credential of the auth targets.
+    headers: Vec<(String, String)>,
     /// Gatehouse's ops listener, for its request count.
     ops: Option<String>,
     proc: Option<Proc>,
@@ -307,6 +334,7 @@ http {{
         .args(["-g", "daemon off;"]);
     let proc = spawn_logged("nginx", cmd, &log)?;
     Ok(Some(Running {
+        headers: Vec::new(),
         url: format!("http://127.0.0.1:{port}/"),
         ops: None,
         proc: Some(proc),
@@ -317,13 +345,61 @@ http {{
     }))
 }
 
-fn start_haproxy(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Option<Running>> {
+fn start_haproxy(
+    dir: &Path,
+    backend: SocketAddr,
+    threads: u64,
+    jwt: Option<(crate::auth::Alg, crate::auth::Material)>,
+) -> Result<Option<Running>> {
     let Some(haproxy) = find_program("haproxy") else {
         return Ok(None);
     };
-    let root = dir.join("haproxy");
+    let root = dir.join(match &jwt {
+        None => "haproxy".to_string(),
+        Some((alg, _)) => format!("haproxy-{}", alg.name().to_lowercase()),
+    });
     std::fs::create_dir_all(&root)?;
     let port = free_port()?;
+    // The same checks Gatehouse makes of a token with a static key: the
+    // signature with the configured key, the algorithm, issuer, audience and
+    // expiry (HAProxy's documented `jwt_verify` recipe).
+    let (checks, headers, jwt_note) = match &jwt {
+        None => (String::new(), Vec::new(), None),
+        Some((alg, material)) => {
+            let signed = material.of(*alg);
+            let checks = format!(
+                "    http-request deny content-type text/plain string unauthorized deny_status 401 unless {{ req.hdr_cnt(authorization) eq 1 }}
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.jwt_alg) var(txn.bearer),jwt_header_query('$.alg')
+    http-request set-var(txn.iss) var(txn.bearer),jwt_payload_query('$.iss')
+    http-request set-var(txn.aud) var(txn.bearer),jwt_payload_query('$.aud')
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request set-var(txn.now) date()
+    http-request deny deny_status 401 unless {{ var(txn.jwt_alg) -m str {alg} }}
+    http-request deny deny_status 401 unless {{ var(txn.iss) -m str {iss} }}
+    http-request deny deny_status 401 unless {{ var(txn.aud) -m str {aud} }}
+    http-request deny deny_status 401 unless {{ var(txn.bearer),jwt_verify(txn.jwt_alg,\"{key}\") -m int 1 }}
+    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}
+",
+                alg = alg.name(),
+                iss = crate::auth::ISSUER,
+                aud = crate::auth::AUDIENCE,
+                key = signed.public_file.display(),
+            );
+            let headers = vec![(
+                "authorization".to_string(),
+                format!("Bearer {}", signed.token),
+            )];
+            (
+                checks,
+                headers,
+                Some(format!(
+                    "jwt_verify {} with a PEM public key, plus alg, iss, aud and exp checks",
+                    alg.name()
+                )),
+            )
+        }
+    };
     // No `log` line anywhere: no access log.
     let conf = format!(
         "global
@@ -341,7 +417,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{port}
-    default_backend backend
+{checks}    default_backend backend
 
 backend backend
     server b1 {backend}
@@ -363,14 +439,17 @@ backend backend
     let mut cmd = Command::new(&haproxy);
     cmd.arg("-f").arg(&file).arg("-db");
     let proc = spawn_logged("haproxy", cmd, &root.join("stderr.log"))?;
+    let mut notes = vec![
+        version_of(&haproxy, "-v"),
+        format!("nbthread {threads}, http-reuse always, no log"),
+    ];
+    notes.extend(jwt_note);
     Ok(Some(Running {
+        headers,
         url: format!("http://127.0.0.1:{port}/"),
         ops: None,
         proc: Some(proc),
-        notes: vec![
-            version_of(&haproxy, "-v"),
-            format!("nbthread {threads}, http-reuse always, no log"),
-        ],
+        notes,
     }))
 }
 
@@ -389,6 +468,7 @@ async fn start_gatehouse(
     threads: u64,
     kind: Kind,
     redis: Option<&gatehouse_e2e::redis::RedisServer>,
+    jwt: Option<crate::auth::Material>,
 ) -> Result<Running> {
     let firewall = kind == Kind::GatehouseFirewall;
     let root = dir.join(format!("{kind:?}").to_lowercase());
@@ -422,6 +502,31 @@ async fn start_gatehouse(
     let file = root.join("gateway.yaml");
     let (policies, policy) = if firewall {
         (FIREWALL_POLICY.to_string(), "    policy: firewall\n")
+    } else if kind == Kind::GatehouseApiKey {
+        (
+            format!(
+                "consumers:\n  - name: {}\npolicies:\n  - name: authn\n    authentication: [api_key]\n",
+                crate::auth::CONSUMER
+            ),
+            "    policy: authn\n",
+        )
+    } else if let (Some(alg), Some(material)) = (kind.jwt(), &jwt) {
+        let pem: String = material
+            .of(alg)
+            .public_pem
+            .lines()
+            .map(|l| format!("          {l}\n"))
+            .collect();
+        (
+            format!(
+                "consumers:\n  - name: {consumer}\njwt_issuers:\n  - name: bench-idp\n    issuer: \"{iss}\"\n    audiences: [{aud}]\n    algorithms: [{alg}]\n    keys:\n      - pem: |\n{pem}policies:\n  - name: authn\n    authentication: [jwt]\n    jwt: {{ issuers: [bench-idp] }}\n",
+                consumer = crate::auth::CONSUMER,
+                iss = crate::auth::ISSUER,
+                aud = crate::auth::AUDIENCE,
+                alg = alg.name(),
+            ),
+            "    policy: authn\n",
+        )
     } else {
         match kind.limit() {
             Some(limit) => (
@@ -466,7 +571,37 @@ async fn start_gatehouse(
     if let Some(limit) = kind.limit() {
         notes.push(format!("rate limit {limit}"));
     }
+    let mut headers = Vec::new();
+    if kind == Kind::GatehouseApiKey {
+        let admin2 = admin.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            ctl(
+                &admin2,
+                &["keys", "create", "--consumer", crate::auth::CONSUMER],
+            )
+        })
+        .await?;
+        ensure!(
+            out.status.success(),
+            "gatehousectl keys create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = String::from_utf8(out.stdout)?.trim().to_string();
+        headers.push(("x-api-key".to_string(), key));
+        notes.push("policy authn: authentication [api_key], key in x-api-key".into());
+    }
+    if let (Some(alg), Some(material)) = (kind.jwt(), &jwt) {
+        headers.push((
+            "authorization".to_string(),
+            format!("Bearer {}", material.of(alg).token),
+        ));
+        notes.push(format!(
+            "policy authn: authentication [jwt], issuer with one static {} key (PEM)",
+            alg.name()
+        ));
+    }
     Ok(Running {
+        headers,
         url: format!("http://{proxy}/{GATEHOUSE_TARGET}"),
         ops: Some(ops),
         proc: Some(proc),
@@ -677,13 +812,14 @@ fn redis_calls(redis: &gatehouse_e2e::redis::RedisServer) -> Result<u64> {
 async fn measure(
     args: &ProxiesArgs,
     url: &str,
+    headers: &[(String, String)],
     rate: Option<f64>,
     proxy_pid: Option<u32>,
     backend_pid: u32,
     counted: Option<(&gatehouse_e2e::redis::RedisServer, &str)>,
 ) -> Result<Phase> {
     let cfg = LoadConfig {
-        target: Target::parse(url)?,
+        target: Target::parse(url)?.with_headers(headers)?,
         connections: args.connections as usize,
         warmup: Duration::from_secs(args.warmup),
         duration: Duration::from_secs(args.duration),
@@ -738,7 +874,7 @@ fn cores(v: Option<f64>) -> String {
 fn install_hint(kind: Kind) -> String {
     let pkg = match kind {
         Kind::Nginx => "nginx",
-        Kind::Haproxy => "haproxy",
+        Kind::Haproxy | Kind::HaproxyJwtRs256 | Kind::HaproxyJwtEs256 => "haproxy",
         _ => "",
     };
     format!(
@@ -775,6 +911,12 @@ impl Slot {
             .map_or(String::new(), |r| r.url.clone())
     }
 
+    fn headers(&self) -> Vec<(String, String)> {
+        self.running
+            .as_ref()
+            .map_or(Vec::new(), |r| r.headers.clone())
+    }
+
     fn ops(&self) -> Option<String> {
         self.running.as_ref().and_then(|r| r.ops.clone())
     }
@@ -786,9 +928,11 @@ async fn start(
     dir: &Path,
     backend: SocketAddr,
     redis: Option<&gatehouse_e2e::redis::RedisServer>,
+    auth: &mut crate::auth::Lazy,
 ) -> Result<Option<Running>> {
     let mut running = match kind {
         Kind::Direct => Some(Running {
+            headers: Vec::new(),
             url: format!("http://{backend}/"),
             ops: None,
             proc: None,
@@ -798,17 +942,34 @@ async fn start(
             )],
         }),
         Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
-        Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads)?,
+        Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads, None)?,
+        Kind::HaproxyJwtRs256 | Kind::HaproxyJwtEs256 => {
+            let jwt = kind.jwt().map(|alg| (alg, auth.get(dir)));
+            match jwt {
+                Some((alg, Ok(material))) => {
+                    start_haproxy(dir, backend, args.proxy_threads, Some((alg, material)))?
+                }
+                Some((_, Err(e))) => return Err(e),
+                None => None,
+            }
+        }
         Kind::Gatehouse
         | Kind::GatehouseLocal
         | Kind::GatehouseCluster
         | Kind::GatehouseLease
-        | Kind::GatehouseFirewall => {
-            Some(start_gatehouse(dir, backend, args.proxy_threads, kind, redis).await?)
+        | Kind::GatehouseFirewall
+        | Kind::GatehouseApiKey
+        | Kind::GatehouseJwtRs256
+        | Kind::GatehouseJwtEs256 => {
+            let material = match kind.jwt() {
+                Some(_) => Some(auth.get(dir)?),
+                None => None,
+            };
+            Some(start_gatehouse(dir, backend, args.proxy_threads, kind, redis, material).await?)
         }
     };
     if let Some(r) = running.as_mut() {
-        wait_serving(&r.url, &mut r.proc.as_mut()).await?;
+        wait_serving(&r.url, &r.headers, &mut r.proc.as_mut()).await?;
         if let Some(p) = &r.proc {
             r.notes.push(format!(
                 "threads of pid {}: {}",
@@ -856,6 +1017,8 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         None
     };
 
+    // Signing keys and tokens, made once for every JWT target.
+    let mut auth = crate::auth::Lazy::default();
     // Every target is started (and left idle) before the first measurement.
     let mut slots = Vec::new();
     for kind in kinds {
@@ -866,7 +1029,16 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             open: None,
             failure: None,
         };
-        match start(kind, &args, dir.path(), backend_addr, redis.as_ref()).await {
+        match start(
+            kind,
+            &args,
+            dir.path(),
+            backend_addr,
+            redis.as_ref(),
+            &mut auth,
+        )
+        .await
+        {
             Ok(Some(r)) => slot.running = Some(r),
             Ok(None) => {
                 let hint = install_hint(kind);
@@ -887,7 +1059,17 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
             _ => None,
         };
-        match measure(&args, &url, None, slot.pid(), backend_pid, counted).await {
+        match measure(
+            &args,
+            &url,
+            &slot.headers(),
+            None,
+            slot.pid(),
+            backend_pid,
+            counted,
+        )
+        .await
+        {
             Ok(p) => {
                 report_phase(slot.kind, "closed loop", &p);
                 slot.closed = Some(p);
@@ -924,7 +1106,17 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
             _ => None,
         };
-        match measure(&args, &url, Some(rate), slot.pid(), backend_pid, counted).await {
+        match measure(
+            &args,
+            &url,
+            &slot.headers(),
+            Some(rate),
+            slot.pid(),
+            backend_pid,
+            counted,
+        )
+        .await
+        {
             Ok(p) => {
                 report_phase(slot.kind, "fixed rate", &p);
                 slot.open = Some(p);
@@ -955,7 +1147,14 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if let Some(mut p) = running.proc.take() {
                 p.stop();
                 let log = tail(&p.log);
-                let gatehouse = matches!(slot.kind, Kind::Gatehouse | Kind::GatehouseFirewall);
+                let gatehouse = matches!(
+                    slot.kind,
+                    Kind::Gatehouse
+                        | Kind::GatehouseFirewall
+                        | Kind::GatehouseApiKey
+                        | Kind::GatehouseJwtRs256
+                        | Kind::GatehouseJwtEs256
+                );
                 if !gatehouse && !log.trim().is_empty() {
                     notes.push(format!("{}: its log ends with: {}", slot.kind, log.trim()));
                 }

@@ -234,7 +234,7 @@ impl CompiledPolicy {
                 let consumer = creds
                     .consumer_named(&verified.subject)
                     .ok_or_else(|| self.unauthorized())?;
-                (consumer, Some(verified.claims))
+                (consumer, Some(verified))
             }
             // mTLS is not checked by this build yet: a policy that asks only
             // for it, or a request that brings nothing, is refused.
@@ -245,13 +245,14 @@ impl CompiledPolicy {
         }
         if self.needs_token {
             // Scopes and claims come with a token; an API key carries none.
-            let claims = claims.ok_or(Reject::Forbidden)?;
-            let scopes = crate::jwt::claim_values(&claims, "scope");
+            let verified = claims.ok_or(Reject::Forbidden)?;
+            let claims = &verified.claims;
+            let scopes = crate::jwt::claim_values(claims, "scope");
             if !self.scopes.iter().all(|s| scopes.contains(s)) {
                 return Err(Reject::Forbidden);
             }
             for rule in &self.claims {
-                let values = crate::jwt::claim_values(&claims, &rule.claim);
+                let values = crate::jwt::claim_values(claims, &rule.claim);
                 let ok = match (&rule.equals, &rule.one_of, &rule.contains) {
                     (Some(v), _, _) => values.len() == 1 && values[0] == *v,
                     (_, Some(list), _) => values.len() == 1 && list.contains(&values[0]),

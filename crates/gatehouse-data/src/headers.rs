@@ -96,6 +96,12 @@ pub enum HopByHop {
 ///
 /// Returns whether the message still carries an upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, mode: HopByHop) -> bool {
+    // Most messages carry none of them: one pass over the names (no
+    // hashing) settles that. Without `Connection` no other header is named,
+    // and without `Upgrade` there is no upgrade to keep.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return false;
+    }
     // Set aside what survives before anything named in Connection is removed.
     let upgrade = match mode {
         HopByHop::KeepUpgrade if is_upgrade(headers) => take_all(headers, &UPGRADE),
@@ -367,10 +373,13 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust
     let peer = client.peer.to_canonical();
     let trusted = trust.contains(peer);
 
-    let prior_xff = take_all(headers, &X_FORWARDED_FOR);
-    let prior_forwarded = take_all(headers, &FORWARDED);
+    // From an untrusted peer they are replaced below (`insert` drops every
+    // value the client sent), so there is nothing to take out first.
     let (prior_xff, prior_forwarded) = if trusted {
-        (prior_xff, prior_forwarded)
+        (
+            take_all(headers, &X_FORWARDED_FOR),
+            take_all(headers, &FORWARDED),
+        )
     } else {
         (Taken::default(), Taken::default())
     };
@@ -384,7 +393,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust
             xff.extend_from_slice(b", ");
         }
     }
-    xff.extend_from_slice(peer.to_string().as_bytes());
+    push_ip(&mut xff, peer);
     set_bytes(headers, X_FORWARDED_FOR, xff);
 
     // Forwarded: the kept elements (or the converted chain), then ours.
@@ -429,10 +438,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust
 
     // X-Forwarded-Proto and -Host: a trusted proxy's, else the connection's.
     if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
-        match HeaderValue::from_str(client.scheme) {
-            Ok(v) => headers.insert(X_FORWARDED_PROTO, v),
-            Err(_) => headers.remove(X_FORWARDED_PROTO),
+        let proto = match client.scheme {
+            "https" => HeaderValue::from_static("https"),
+            _ => HeaderValue::from_static("http"),
         };
+        headers.insert(X_FORWARDED_PROTO, proto);
     }
     if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
         match host.and_then(|h| HeaderValue::from_str(h).ok()) {
@@ -501,10 +511,34 @@ fn parse_xff_entry(entry: &str) -> Option<IpAddr> {
     v4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
+/// An address as `Display` writes it, without the formatting machinery for
+/// the usual IPv4 case (this runs for every proxied request).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => push_ipv4(out, v4),
+        IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
+    }
+}
+
+fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        if octet >= 100 {
+            out.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            out.push(b'0' + octet / 10 % 10);
+        }
+        out.push(b'0' + octet % 10);
+    }
+}
+
 /// An RFC 7239 node: IPv4 bare, IPv6 quoted and bracketed.
 fn push_node(out: &mut Vec<u8>, ip: IpAddr) {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => out.extend_from_slice(v4.to_string().as_bytes()),
+        IpAddr::V4(v4) => push_ipv4(out, v4),
         IpAddr::V6(v6) => {
             out.extend_from_slice(b"\"[");
             out.extend_from_slice(v6.to_string().as_bytes());
@@ -618,8 +652,7 @@ pub fn ensure_traceparent(headers: &mut HeaderMap) -> TraceId {
         return id;
     }
     headers.remove(TRACESTATE);
-    let trace = nonzero_random::<16>();
-    let parent = nonzero_random::<8>();
+    let (trace, parent) = new_trace_ids();
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
     // The slices are exactly twice the byte lengths.
     let _ = hex::encode_to_slice(trace, &mut buf[3..35]);
@@ -647,11 +680,17 @@ fn parse_traceparent(b: &[u8]) -> Option<TraceId> {
     Some(TraceId(id))
 }
 
-fn nonzero_random<const N: usize>() -> [u8; N] {
+/// A new trace id and parent id, neither all zero, from one draw.
+fn new_trace_ids() -> ([u8; 16], [u8; 8]) {
     loop {
-        let bytes: [u8; N] = rand::random();
-        if bytes.iter().any(|&b| b != 0) {
-            return bytes;
+        let bytes: [u8; 24] = rand::random();
+        let (trace, parent) = bytes.split_at(16);
+        if trace.iter().any(|&b| b != 0) && parent.iter().any(|&b| b != 0) {
+            let mut t = [0u8; 16];
+            let mut p = [0u8; 8];
+            t.copy_from_slice(trace);
+            p.copy_from_slice(parent);
+            return (t, p);
         }
     }
 }

@@ -22,6 +22,8 @@ use base64::Engine;
 use gatehouse_model::object::{JwtAlgorithm, JwtIssuer};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 struct IssuerKey {
     kid: Option<String>,
@@ -36,6 +38,9 @@ pub struct CompiledIssuer {
     pub max_token_bytes: usize,
     consumer_claim: String,
     validations: Vec<(Algorithm, Validation)>,
+    leeway: u64,
+    /// Tokens this issuer's keys verified, until they expire.
+    cache: TokenCache,
 }
 
 impl std::fmt::Debug for CompiledIssuer {
@@ -65,6 +70,7 @@ fn algorithm(a: JwtAlgorithm) -> Algorithm {
 
 impl CompiledIssuer {
     pub fn compile(j: &JwtIssuer) -> Result<CompiledIssuer, String> {
+        crate::jwt_crypto::install();
         use jsonwebtoken::AlgorithmFamily::*;
         let fail = |what: String| format!("jwt_issuer \"{}\": {what}", j.name);
         let mut keys = Vec::new();
@@ -116,6 +122,8 @@ impl CompiledIssuer {
             max_token_bytes: j.max_token_bytes as usize,
             consumer_claim: j.consumer_claim.clone(),
             validations,
+            leeway: j.leeway.as_secs(),
+            cache: TokenCache::default(),
         })
     }
 }
@@ -126,6 +134,58 @@ pub struct Verified {
     /// The value of the issuer's consumer claim.
     pub subject: String,
     pub claims: Value,
+    /// `exp` and `nbf`, seconds since the epoch, for checks on a cache hit.
+    exp: u64,
+    nbf: Option<u64>,
+}
+
+/// Verified tokens by the SHA-256 of their text, so that a client presenting
+/// the same token again (the usual case: a token is used until it expires)
+/// costs a digest and a lookup instead of a signature check. An entry is used
+/// only while the token's `exp` and `nbf` still hold, with the issuer's
+/// leeway; it is never refreshed. The cache belongs to the compiled issuer, so
+/// a configuration change to the issuer (its keys) starts it empty. Bounded:
+/// a shard that fills up is emptied.
+struct TokenCache {
+    shards: Vec<std::sync::Mutex<HashMap<[u8; 32], Arc<Verified>>>>,
+}
+
+const CACHE_SHARDS: usize = 16;
+/// Entries per shard: 16 x 1024 tokens per issuer.
+const CACHE_SHARD_ENTRIES: usize = 1024;
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            shards: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl TokenCache {
+    fn shard(
+        &self,
+        digest: &[u8; 32],
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Verified>>> {
+        self.shards[usize::from(digest[0]) % CACHE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, digest: &[u8; 32], now: u64, leeway: u64) -> Option<Arc<Verified>> {
+        let hit = self.shard(digest).get(digest).cloned()?;
+        let live = now < hit.exp.saturating_add(leeway)
+            && hit.nbf.is_none_or(|nbf| now.saturating_add(leeway) >= nbf);
+        live.then_some(hit)
+    }
+
+    fn put(&self, digest: [u8; 32], verified: Arc<Verified>) {
+        let mut shard = self.shard(&digest);
+        if shard.len() >= CACHE_SHARD_ENTRIES {
+            shard.clear();
+        }
+        shard.insert(digest, verified);
+    }
 }
 
 /// Why a token was not accepted. Never shown to the client in detail.
@@ -137,10 +197,20 @@ pub enum TokenError {
 }
 
 /// Checks a bearer token against `issuers` (a policy's).
-pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Verified, TokenError> {
+pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Arc<Verified>, TokenError> {
     let cap = issuers.iter().map(|i| i.max_token_bytes).max().unwrap_or(0);
     if token.len() > cap {
         return Err(TokenError::TooLarge);
+    }
+    let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let now = jsonwebtoken::get_current_timestamp();
+    for issuer in issuers {
+        if token.len() > issuer.max_token_bytes {
+            continue;
+        }
+        if let Some(hit) = issuer.cache.get(&digest, now, issuer.leeway) {
+            return Ok(hit);
+        }
     }
     // Our own look at the header first: refuse `crit` and any spelling of `none`.
     let mut parts = token.split('.');
@@ -191,10 +261,19 @@ pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Verified, 
                     .and_then(Value::as_str)
                     .ok_or(TokenError::Unverified)?
                     .to_string();
-                return Ok(Verified {
+                // `exp` is required and whole (checked above).
+                let exp = data.claims.get("exp").and_then(Value::as_u64);
+                let nbf = data.claims.get("nbf").and_then(Value::as_u64);
+                let verified = Arc::new(Verified {
                     subject,
+                    exp: exp.ok_or(TokenError::Unverified)?,
+                    nbf,
                     claims: data.claims,
                 });
+                if token.len() <= issuer.max_token_bytes {
+                    issuer.cache.put(digest, verified.clone());
+                }
+                return Ok(verified);
             }
         }
     }

@@ -508,27 +508,61 @@ impl Proxy {
             }
         }
         let mut last = Reject::UpstreamUnavailable;
+        // The head is copied only when a send could lose it and another
+        // attempt may follow: connecting is separate from sending, so a
+        // connect failure leaves the request in hand.
+        let mut head = Some(parts);
         for attempt in 0..attempts {
             if attempt > 0 && !route.upstream.take_retry() {
                 break;
             }
+            let Some(parts) = head.as_ref() else { break };
             let Some(target) = route.upstream.pick(&parts.headers, &tried) else {
                 break;
             };
             tried.push(target.index());
-            let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(http::uri::Scheme::HTTP);
-            uri_parts.authority = Some(target.target().authority.clone());
-            uri_parts.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(uri_parts) else {
-                return (name, reject(&Reject::BadRequest));
+            let health = &target.target().health;
+            observed.stage(Stage::Upstream);
+            // The request timeout covers connecting and the exchange.
+            let deadline = tokio::time::Instant::now() + route.upstream.request_timeout;
+            let conn = match tokio::time::timeout_at(
+                deadline,
+                route.upstream.connect(target.target()),
+            )
+            .await
+            {
+                Err(_) => {
+                    health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
+                    return (name, reject(&Reject::GatewayTimeout));
+                }
+                Ok(Err(e)) => {
+                    health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
+                    tracing::debug!(upstream = %route.upstream.name, error = %e, "upstream connect failed");
+                    last = Reject::BadGateway;
+                    continue;
+                }
+                Ok(Ok(conn)) => conn,
             };
-            let mut upstream_req = Request::from_parts(parts.clone(), ());
-            *upstream_req.uri_mut() = uri;
-            // HTTP/2 carries the authority in the URI; HTTP/1.1 needs Host.
+            let parts = if conn.send_may_lose_request() && attempt + 1 < attempts {
+                parts.clone()
+            } else {
+                head.take().expect("checked above")
+            };
+            let mut upstream_req = Request::from_parts(parts, ());
+            // HTTP/2 carries the authority in the URI; HTTP/1.1 sends the
+            // path in origin form and the authority as Host.
             if http2 {
+                let mut uri_parts = http::uri::Parts::default();
+                uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+                uri_parts.authority = Some(target.target().authority.clone());
+                uri_parts.path_and_query = Some(path_and_query.clone());
+                let Ok(uri) = Uri::from_parts(uri_parts) else {
+                    return (name, reject(&Reject::BadRequest));
+                };
+                *upstream_req.uri_mut() = uri;
                 upstream_req.headers_mut().remove(HOST);
             } else {
+                *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
                 upstream_req
                     .headers_mut()
                     .insert(HOST, target.target().host_header.clone());
@@ -539,12 +573,9 @@ impl Proxy {
                     .map_err(|never| match never {})
                     .boxed()
             });
-            observed.stage(Stage::Upstream);
             observed.propagate(upstream_req.headers_mut());
             let upstream_req = upstream_req.map(|()| attempt_body);
-            let call = route.upstream.client.request(upstream_req);
-            let health = &target.target().health;
-            match tokio::time::timeout(route.upstream.request_timeout, call).await {
+            match tokio::time::timeout_at(deadline, conn.send(upstream_req)).await {
                 Err(_) => {
                     health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
                     return (name, reject(&Reject::GatewayTimeout));
@@ -572,7 +603,7 @@ impl Proxy {
                             resp.headers_mut().insert(name.clone(), value.clone());
                         }
                     }
-                    return (name, resp.map(|b| b.map_err(BoxError::from).boxed()));
+                    return (name, resp);
                 }
                 Ok(Err(e)) => {
                     if caused_by::<http_body_util::LengthLimitError>(&e)

@@ -10,22 +10,27 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use gatehouse_model::object::{Balancer, HealthCheck, Upstream, UpstreamProtocol};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, Request, Response};
 
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::connpool::{CallError, ConnPool, ConnPools};
 use crate::health::{HealthRegistry, TargetHealth, DEFAULT_EJECT_AFTER, DEFAULT_EJECT_FOR};
 use crate::proxy::ProxyBody;
 
-/// The HTTP client of a pool, with its connection pool.
+/// The HTTP/2 client of a pool, with its connection pool.
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
-/// Clients by (connect timeout, protocol), kept across revisions so a config
-/// change does not drop warm connections to the backends.
+/// What outlives a revision on the upstream side: the warm HTTP/1.1
+/// connections of each target, and the HTTP/2 clients by (connect timeout,
+/// protocol), so a config change does not drop warm connections.
 #[derive(Default)]
-pub struct ClientCache(Mutex<HashMap<(Duration, UpstreamProtocol), UpstreamClient>>);
+pub struct ClientCache {
+    h2: Mutex<HashMap<Duration, UpstreamClient>>,
+    conns: ConnPools,
+}
 
 impl std::fmt::Debug for ClientCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,22 +39,53 @@ impl std::fmt::Debug for ClientCache {
 }
 
 impl ClientCache {
-    pub fn get(&self, connect_timeout: Duration, protocol: UpstreamProtocol) -> UpstreamClient {
-        let mut clients = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// The HTTP/2 client of upstreams with this connect timeout.
+    fn h2(&self, connect_timeout: Duration) -> UpstreamClient {
+        let mut clients = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         clients
-            .entry((connect_timeout, protocol))
+            .entry(connect_timeout)
             .or_insert_with(|| {
                 let mut connector = HttpConnector::new();
                 connector.set_nodelay(true);
                 connector.set_connect_timeout(Some(connect_timeout));
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder.pool_idle_timeout(Duration::from_secs(60));
-                if protocol == UpstreamProtocol::Http2 {
-                    builder.http2_only(true);
-                }
+                builder.http2_only(true);
                 builder.build(connector)
             })
             .clone()
+    }
+}
+
+/// Where one request goes.
+pub enum Connection {
+    H1(crate::connpool::Conn),
+    H2(Box<UpstreamClient>),
+}
+
+impl Connection {
+    /// Whether a failed send loses the request even when it never reached
+    /// the upstream (the HTTP/2 client connects inside its send), so a
+    /// request that may be retried must be copied first.
+    pub fn send_may_lose_request(&self) -> bool {
+        matches!(self, Connection::H2(_))
+    }
+
+    /// Sends `req`: for HTTP/1.1 the URI is in origin form and the caller set
+    /// `Host`; for HTTP/2 it is absolute.
+    pub async fn send(self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, CallError> {
+        match self {
+            Connection::H1(conn) => conn.send(req).await,
+            Connection::H2(client) => match client.request(req).await {
+                Ok(resp) => Ok(resp.map(|b| {
+                    http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                        b,
+                        crate::proxy::BoxError::from,
+                    ))
+                })),
+                Err(e) => Err(CallError::Client(e)),
+            },
+        }
     }
 }
 
@@ -98,6 +134,8 @@ pub struct Target {
     pub weight: u32,
     /// Shared with the same target in other revisions.
     pub health: Arc<TargetHealth>,
+    /// Warm HTTP/1.1 connections, shared with the same target in other revisions.
+    conns: Arc<ConnPool>,
     inflight: AtomicUsize,
 }
 
@@ -111,7 +149,8 @@ pub struct Pool {
     pub retries: u32,
     pub retry_non_idempotent: bool,
     pub health_check: Option<HealthCheck>,
-    pub client: UpstreamClient,
+    /// HTTP/2 upstreams only; HTTP/1.1 goes through each target's `ConnPool`.
+    client: Option<UpstreamClient>,
     pub protocol: UpstreamProtocol,
     retry_budget: RetryBudget,
     /// Passive ejection: failures in a row, and for how long.
@@ -187,6 +226,19 @@ fn interleave(weights: &[u32]) -> Vec<usize> {
 }
 
 impl Pool {
+    /// A connection to `target` to send one request on (for HTTP/2, the
+    /// upstream's client, which connects as it sends).
+    pub async fn connect(&self, target: &Target) -> Result<Connection, CallError> {
+        match &self.client {
+            Some(h2) => Ok(Connection::H2(Box::new(h2.clone()))),
+            None => target
+                .conns
+                .connection(self.connect_timeout)
+                .await
+                .map(Connection::H1),
+        }
+    }
+
     /// Compiles an upstream that passed validation; target health comes
     /// from `health`, so it carries over from the previous revision.
     pub fn compile(
@@ -231,6 +283,7 @@ impl Pool {
                         address: t.address.clone(),
                         weight: t.weight,
                         health: health.target(&u.name, &t.address),
+                        conns: clients.conns.get(&t.address),
                         inflight: AtomicUsize::new(0),
                     })
                 })
@@ -240,7 +293,7 @@ impl Pool {
             retries: u.retries.attempts,
             retry_non_idempotent: u.retries.non_idempotent,
             health_check: u.health_check.clone(),
-            client: clients.get(u.connect_timeout, u.protocol),
+            client: (u.protocol == UpstreamProtocol::Http2).then(|| clients.h2(u.connect_timeout)),
             protocol: u.protocol,
             retry_budget: RetryBudget::new(),
             eject_after: u

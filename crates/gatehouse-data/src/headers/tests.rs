@@ -836,3 +836,23 @@ fn an_untrusted_or_invalid_request_id_is_replaced() {
     assert_ne!(a, b);
     assert_eq!(h[X_REQUEST_ID], a);
 }
+
+#[test]
+fn addresses_are_written_as_display_writes_them() {
+    let cases = [
+        "0.0.0.0",
+        "255.255.255.255",
+        "10.0.100.9",
+        "1.20.3.40",
+        "127.0.0.1",
+        "99.100.101.199",
+        "::1",
+        "2001:db8::8:800:200c:417a",
+    ];
+    for case in cases {
+        let ip: IpAddr = case.parse().unwrap();
+        let mut out = Vec::new();
+        push_ip(&mut out, ip);
+        assert_eq!(String::from_utf8(out).unwrap(), ip.to_string(), "{case}");
+    }
+}

@@ -1,0 +1,316 @@
+//! Warm HTTP/1.1 connections to one upstream target.
+//!
+//! The proxy's request path drives hyper's HTTP/1 client connections
+//! directly: a request takes an idle connection of its target (the most
+//! recently used first), sends on it, and the connection goes back to the
+//! target's idle list when the response body has been read to its end. A
+//! pool belongs to a target address, not to a revision, so a configuration
+//! change keeps the warm connections of the targets it keeps.
+//!
+//! Compared with `hyper_util`'s general-purpose client this does no pool key
+//! hashing, spawns no task per request, and sends the request in origin
+//! form without rebuilding its URI: the per-request work is one uncontended
+//! lock to take a connection and one to give it back.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::{BoxError, ProxyBody};
+
+/// How long an unused connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per target; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+/// Why an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No connection could be made (refused, unreachable, timed out):
+    /// the request never left, so it may be retried on another target.
+    #[error("connecting to {address}: {reason}")]
+    Connect {
+        address: String,
+        reason: std::io::Error,
+    },
+    /// The HTTP exchange failed after the request was handed over.
+    #[error("upstream request failed")]
+    Http(#[source] hyper::Error),
+    /// An HTTP/2 upstream's call failed (connecting or after).
+    #[error("upstream request failed")]
+    Client(#[source] hyper_util::client::legacy::Error),
+}
+
+impl CallError {
+    pub fn is_connect(&self) -> bool {
+        match self {
+            CallError::Connect { .. } => true,
+            CallError::Http(_) => false,
+            CallError::Client(e) => e.is_connect(),
+        }
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// The idle connections of one target.
+pub struct ConnPool {
+    address: String,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnPool {
+    fn new(address: &str) -> ConnPool {
+        ConnPool {
+            address: address.to_string(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Idle connections held now (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection that can take a request.
+    fn checkout(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.lock();
+        while let Some(conn) = idle.pop() {
+            if conn.sender.is_ready() && conn.since.elapsed() < IDLE_TIMEOUT {
+                return Some(conn.sender);
+            }
+            // Closed, or idle too long: dropping the sender ends the connection.
+        }
+        None
+    }
+
+    fn put(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Gives a connection back once it can take the next request.
+    fn release(self: &Arc<Self>, mut sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_ready() {
+            self.put(sender);
+        } else if !sender.is_closed() {
+            // The connection has not yet seen the end of the response it
+            // delivered; it will in a moment.
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.put(sender);
+                }
+            });
+        }
+    }
+
+    async fn connect(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http1::SendRequest<ProxyBody>, CallError> {
+        let failed = |reason| CallError::Connect {
+            address: self.address.clone(),
+            reason,
+        };
+        let stream =
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(&self.address)).await {
+                Err(_) => {
+                    return Err(failed(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect timed out",
+                    )))
+                }
+                Ok(Err(e)) => return Err(failed(e)),
+                Ok(Ok(s)) => s,
+            };
+        stream.set_nodelay(true).map_err(failed)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| failed(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A warm connection, or a new one. Nothing is sent yet, so a failure
+    /// here leaves the request with the caller.
+    pub async fn connection(
+        self: &Arc<Self>,
+        connect_timeout: Duration,
+    ) -> Result<Conn, CallError> {
+        let (sender, reused) = match self.checkout() {
+            Some(s) => (s, true),
+            None => (self.connect(connect_timeout).await?, false),
+        };
+        Ok(Conn {
+            sender,
+            reused,
+            pool: self.clone(),
+            connect_timeout,
+        })
+    }
+}
+
+/// One connection of a target's pool, taken for one request.
+pub struct Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    reused: bool,
+    pool: Arc<ConnPool>,
+    connect_timeout: Duration,
+}
+
+impl Conn {
+    /// Sends `req` (its URI in origin form, `Host` set). A pooled connection
+    /// that turns out to be closed before the request left is replaced
+    /// without the caller seeing it.
+    pub async fn send(
+        mut self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, CallError> {
+        loop {
+            match self.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+                    let mut conn = keep.then_some((self.sender, self.pool));
+                    let (parts, incoming) = resp.into_parts();
+                    let body = if incoming.is_end_stream() {
+                        // Nothing to read: the connection is free now.
+                        if let Some((sender, pool)) = conn.take() {
+                            pool.release(sender);
+                        }
+                        incoming.map_err(BoxError::from).boxed()
+                    } else {
+                        Returning {
+                            body: incoming,
+                            conn,
+                        }
+                        .boxed()
+                    };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The idle connection closed under us; the request is intact.
+                    Some(back) if self.reused => {
+                        req = back;
+                        self = self.pool.connection(self.connect_timeout).await?;
+                    }
+                    _ => return Err(CallError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A response body that gives its connection back at its end.
+struct Returning {
+    body: Incoming,
+    conn: Option<(http1::SendRequest<ProxyBody>, Arc<ConnPool>)>,
+}
+
+impl Returning {
+    fn done(&mut self) {
+        if let Some((sender, pool)) = self.conn.take() {
+            pool.release(sender);
+        }
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            None => this.done(),
+            Some(Ok(_)) if this.body.is_end_stream() => this.done(),
+            // A connection whose response failed midway is not reused.
+            Some(Err(_)) => this.conn = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // Read to its end without a last poll (the server saw the length):
+        // still reusable. Dropped midway: the connection closes with it.
+        if self.body.is_end_stream() {
+            self.done();
+        }
+    }
+}
+
+/// Target pools by address, shared by every revision that has the target.
+#[derive(Default)]
+pub struct ConnPools(Mutex<HashMap<String, Weak<ConnPool>>>);
+
+impl std::fmt::Debug for ConnPools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnPools")
+    }
+}
+
+impl ConnPools {
+    /// The pool of `address`, the same one while any revision holds it.
+    pub fn get(&self, address: &str) -> Arc<ConnPool> {
+        let mut pools = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get(address).and_then(Weak::upgrade) {
+            return pool;
+        }
+        // Forget the targets no revision has any more.
+        pools.retain(|_, p| p.strong_count() > 0);
+        let pool = Arc::new(ConnPool::new(address));
+        pools.insert(address.to_string(), Arc::downgrade(&pool));
+        pool
+    }
+}
