@@ -12,6 +12,7 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod inspect;
+pub mod jwks;
 pub mod jwt;
 pub mod limits;
 pub mod lkg;
