@@ -497,7 +497,11 @@ impl JwksSource {
                 let labels = IssuerLabels {
                     issuer: self.issuer.clone(),
                 };
-                fetcher.metrics.keys.get_or_create(&labels).set(keys.len() as i64);
+                fetcher
+                    .metrics
+                    .keys
+                    .get_or_create(&labels)
+                    .set(keys.len() as i64);
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
@@ -673,7 +677,12 @@ mod tests {
             .iter()
             .map(|k| (k.kid.as_deref().unwrap(), &k.algorithms))
             .collect();
-        assert_eq!(kept.len(), 3, "{:?}", kept.iter().map(|k| k.0).collect::<Vec<_>>());
+        assert_eq!(
+            kept.len(),
+            3,
+            "{:?}",
+            kept.iter().map(|k| k.0).collect::<Vec<_>>()
+        );
         assert_eq!(kept[0].0, "rsa2048");
         assert_eq!(kept[0].1.len(), 6);
         assert_eq!(kept[1], ("ec", &vec![Algorithm::ES256]));
@@ -711,7 +720,10 @@ mod tests {
             "http://idp.example.com/jwks",
             "ftp://idp.example.com/",
         ] {
-            assert!(matches!(fetcher.get(url).await, Err(FetchError::Refused)), "{url}");
+            assert!(
+                matches!(fetcher.get(url).await, Err(FetchError::Refused)),
+                "{url}"
+            );
         }
         let fetcher = Fetcher {
             settings: JwksSettings {

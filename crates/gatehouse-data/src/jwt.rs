@@ -154,7 +154,10 @@ pub enum TokenError {
 
 /// The token's header as far as choosing a key needs it, or `None` for a
 /// token `verify` refuses anyway.
-fn alg_and_kid(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Option<(Algorithm, Option<String>)> {
+fn alg_and_kid(
+    token: &str,
+    issuers: &[Arc<CompiledIssuer>],
+) -> Option<(Algorithm, Option<String>)> {
     let cap = issuers.iter().map(|i| i.max_token_bytes).max().unwrap_or(0);
     if token.len() > cap {
         return None;
@@ -175,8 +178,7 @@ pub async fn fetch_keys_for(token: &str, issuers: &[Arc<CompiledIssuer>]) {
         let Keys::Jwks(source) = &issuer.keys else {
             continue;
         };
-        if issuer.validations.iter().any(|(a, _)| *a == alg) && source.wants_fetch(kid.as_deref())
-        {
+        if issuer.validations.iter().any(|(a, _)| *a == alg) && source.wants_fetch(kid.as_deref()) {
             source.fetch_on_demand().await;
         }
     }
@@ -223,9 +225,10 @@ pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Verified, 
         };
         match &issuer.keys {
             Keys::Static(keys) => {
-                for k in keys.iter().filter(|k| {
-                    k.family == header.alg.family() && kid_fits(&header.kid, &k.kid)
-                }) {
+                for k in keys
+                    .iter()
+                    .filter(|k| k.family == header.alg.family() && kid_fits(&header.kid, &k.kid))
+                {
                     if let Some(done) = check_with(token, &k.key, validation, issuer) {
                         return done;
                     }
@@ -236,9 +239,11 @@ pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Verified, 
                     unavailable = true;
                     continue;
                 };
-                for k in set.keys.iter().filter(|k| {
-                    k.algorithms.contains(&header.alg) && kid_fits(&header.kid, &k.kid)
-                }) {
+                for k in set
+                    .keys
+                    .iter()
+                    .filter(|k| k.algorithms.contains(&header.alg) && kid_fits(&header.kid, &k.kid))
+                {
                     if let Some(done) = check_with(token, &k.key, validation, issuer) {
                         return done;
                     }
@@ -316,22 +321,25 @@ mod tests {
 
     fn issuer(name: &str, keys: Vec<JwtKey>, algorithms: Vec<JwtAlgorithm>) -> Arc<CompiledIssuer> {
         Arc::new(
-            CompiledIssuer::compile(&JwtIssuer {
-                name: name.into(),
-                labels: Default::default(),
-                revision: 1,
-                issuer: format!("https://{name}.example"),
-                audiences: vec!["gatehouse".into()],
-                algorithms,
-                keys,
-                jwks_url: None,
-        jwks_refresh: None,
-        jwks_cooldown: None,
-        jwks_max_stale: None,
-                leeway: Duration::from_secs(5),
-                consumer_claim: "sub".into(),
-                max_token_bytes: 4096,
-            }, &Default::default())
+            CompiledIssuer::compile(
+                &JwtIssuer {
+                    name: name.into(),
+                    labels: Default::default(),
+                    revision: 1,
+                    issuer: format!("https://{name}.example"),
+                    audiences: vec!["gatehouse".into()],
+                    algorithms,
+                    keys,
+                    jwks_url: None,
+                    jwks_refresh: None,
+                    jwks_cooldown: None,
+                    jwks_max_stale: None,
+                    leeway: Duration::from_secs(5),
+                    consumer_claim: "sub".into(),
+                    max_token_bytes: 4096,
+                },
+                &Default::default(),
+            )
             .unwrap(),
         )
     }

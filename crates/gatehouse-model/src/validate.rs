@@ -744,7 +744,8 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
                 "must be an https URL (plain http only on loopback)",
             )?;
             c.ensure(
-                url.len() <= 2048 && !url.contains(|ch: char| ch.is_whitespace() || ch.is_control()),
+                url.len() <= 2048
+                    && !url.contains(|ch: char| ch.is_whitespace() || ch.is_control()),
                 "jwks_url",
                 "must be at most 2048 characters, without spaces",
             )?;
