@@ -708,6 +708,93 @@ mod tests {
         assert_eq!(rsa_bits("!!"), 0);
     }
 
+    /// A one-connection-at-a-time HTTP server on 127.0.0.1 that answers
+    /// every request with `answer(port)`.
+    async fn serve(answer: fn(u16) -> String) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(answer(port).as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+        });
+        port
+    }
+
+    fn loopback_fetcher() -> Fetcher {
+        Fetcher {
+            settings: JwksSettings {
+                allow_insecure_loopback: true,
+                max_bytes: 1000,
+                ..JwksSettings::default()
+            },
+            client: OnceLock::new(),
+            metrics: JwksMetrics::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_stay_on_the_host_and_bodies_are_capped() {
+        let fetcher = loopback_fetcher();
+        let small = serve(|_| {
+            let body = r#"{"keys":[]}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{small}/")).await;
+        assert_eq!(got.unwrap(), br#"{"keys":[]}"#);
+        // To another host (localhost is not 127.0.0.1), refused.
+        let away = serve(|port| {
+            format!("HTTP/1.1 302 Found\r\nlocation: http://localhost:{port}/jwks\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{away}/")).await;
+        assert!(
+            matches!(got, Err(FetchError::Unreachable(ref e)) if e.contains("another host")),
+            "{got:?}"
+        );
+        // On the same host, followed (here in a loop, so until the cap).
+        let same = serve(|port| {
+            format!("HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{port}/again\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{same}/")).await;
+        assert!(
+            matches!(got, Err(FetchError::Unreachable(ref e)) if e.contains("more than 3 redirects")),
+            "{got:?}"
+        );
+        // Too large, announced or not.
+        let announced = serve(|_| {
+            "HTTP/1.1 200 OK\r\ncontent-length: 5000\r\nconnection: close\r\n\r\n".to_string()
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{announced}/")).await;
+        assert!(matches!(got, Err(FetchError::TooLarge(1000))), "{got:?}");
+        let streamed = serve(|_| {
+            format!(
+                "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{}",
+                "x".repeat(3000)
+            )
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{streamed}/")).await;
+        assert!(matches!(got, Err(FetchError::TooLarge(1000))), "{got:?}");
+        // Only 200 is a key set.
+        let missing = serve(|_| {
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+        })
+        .await;
+        let got = fetcher.get(&format!("http://127.0.0.1:{missing}/")).await;
+        assert!(matches!(got, Err(FetchError::Status(404))), "{got:?}");
+    }
+
     #[tokio::test]
     async fn plain_http_is_refused_without_the_flag() {
         let fetcher = Fetcher {
