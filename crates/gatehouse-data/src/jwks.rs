@@ -459,7 +459,9 @@ impl JwksSource {
     fn fetch_shared(self: &Arc<Self>, on_demand: bool) -> Option<SharedFetch> {
         let mut d = self.demand.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = &d.running {
-            if running.peek().is_none() {
+            // Not finished: neither seen finished by a waiter, nor found
+            // finished now (its waiters may all have gone away).
+            if running.peek().is_none() && running.clone().now_or_never().is_none() {
                 return Some(running.clone());
             }
         }
