@@ -540,25 +540,28 @@ impl JwksSource {
     }
 }
 
-/// Fetches at once, then every `jwks_refresh`, until the source is dropped
-/// (no revision uses the issuer and URL any more).
-async fn refresh_loop(source: Weak<JwksSource>) {
-    let mut wait = Duration::ZERO;
+/// Waits for the first fetch (started with the source, so that requests
+/// arriving at once join it), then fetches every `jwks_refresh`, until the
+/// source is dropped (no revision uses the issuer and URL any more).
+async fn refresh_loop(source: Weak<JwksSource>, first: SharedFetch) {
+    let mut fetch = first;
     loop {
-        tokio::time::sleep(wait).await;
-        let Some(fetch) = source.upgrade().and_then(|s| s.fetch_shared(false)) else {
-            return;
-        };
         let ok = fetch.await;
         let Some(s) = source.upgrade() else { return };
         let refresh = Timings::get(&s.timings.refresh_ms);
-        wait = if ok {
+        drop(s);
+        let wait = if ok {
             // Up to a tenth more, so that data planes drift apart.
             let jitter = rand::random::<u64>() % (refresh.as_millis() as u64 / 10 + 1);
             refresh + Duration::from_millis(jitter)
         } else {
             refresh.min(RETRY_AFTER_FAILURE)
         };
+        tokio::time::sleep(wait).await;
+        let Some(next) = source.upgrade().and_then(|s| s.fetch_shared(false)) else {
+            return;
+        };
+        fetch = next;
     }
 }
 
@@ -637,7 +640,10 @@ impl JwksRegistry {
         // Outside a runtime (unit tests) there is no background task: keys
         // are fetched on demand only.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(refresh_loop(Arc::downgrade(&source)));
+            let _in_runtime = rt.enter();
+            if let Some(first) = source.fetch_shared(false) {
+                rt.spawn(refresh_loop(Arc::downgrade(&source), first));
+            }
         }
         source
     }
@@ -795,6 +801,119 @@ mod tests {
         .await;
         let got = fetcher.get(&format!("http://127.0.0.1:{missing}/")).await;
         assert!(matches!(got, Err(FetchError::Status(404))), "{got:?}");
+    }
+
+    /// An HTTP server on 127.0.0.1 that answers every request with `body`
+    /// and counts the requests.
+    async fn serve_counting(body: String) -> (u16, Arc<AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(AtomicU64::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (body, counted) = (body.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    // Slow enough that concurrent callers overlap.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        (port, hits)
+    }
+
+    fn jwks_issuer(url: &str) -> JwtIssuer {
+        JwtIssuer {
+            name: "corp".into(),
+            labels: Default::default(),
+            revision: 1,
+            issuer: "https://corp.example".into(),
+            audiences: vec!["gatehouse".into()],
+            algorithms: vec![gatehouse_model::object::JwtAlgorithm::ES256],
+            keys: vec![],
+            jwks_url: Some(url.into()),
+            jwks_refresh: Some(Duration::from_secs(3600)),
+            jwks_cooldown: Some(Duration::from_secs(3600)),
+            jwks_max_stale: None,
+            leeway: Duration::from_secs(5),
+            consumer_claim: "sub".into(),
+            max_token_bytes: 4096,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_kids_share_one_fetch_per_cooldown_and_revisions_share_the_set() {
+        let ec = rcgen::KeyPair::generate().unwrap();
+        let raw = ec.public_key_raw();
+        let (x, y) = raw[1..].split_at(32);
+        let set =
+            json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(x), "y": b64(y)}]});
+        let (port, hits) = serve_counting(set.to_string()).await;
+        let registry = JwksRegistry::with(
+            JwksSettings {
+                allow_insecure_loopback: true,
+                ..JwksSettings::default()
+            },
+            JwksMetrics::default(),
+        );
+        let url = format!("http://127.0.0.1:{port}/jwks");
+        let j = jwks_issuer(&url);
+        let source = registry.source(&j, &url);
+        // A token arriving before the first fetch ended waits for it, and
+        // does not use up the cooldown.
+        if source.wants_fetch(Some("k1")) {
+            source.fetch_on_demand().await;
+        }
+        assert!(source.usable().is_some_and(|s| s.has_kid("k1")));
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "the background task's first fetch"
+        );
+        assert!(!source.wants_fetch(Some("k1")));
+        assert!(source.wants_fetch(Some("k2")));
+
+        // 50 unknown kids at once: one fetch, all waiting for it.
+        let waiters: Vec<_> = (0..50)
+            .map(|_| {
+                let s = source.clone();
+                tokio::spawn(async move { s.fetch_on_demand().await })
+            })
+            .collect();
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        // Within the cooldown, no more.
+        source.fetch_on_demand().await;
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+        // A new revision of the same issuer and URL keeps the source and
+        // takes its timings; another URL is another source.
+        let again = registry.source(
+            &JwtIssuer {
+                jwks_cooldown: Some(Duration::from_secs(1)),
+                ..j.clone()
+            },
+            &url,
+        );
+        assert!(Arc::ptr_eq(&source, &again));
+        assert_eq!(
+            Timings::get(&source.timings.cooldown_ms),
+            Duration::from_secs(1)
+        );
+        let other_url = format!("http://127.0.0.1:{port}/other");
+        assert!(!Arc::ptr_eq(&source, &registry.source(&j, &other_url)));
     }
 
     #[tokio::test]
