@@ -600,10 +600,14 @@ impl JwksRegistry {
         JwksRegistry::with(JwksSettings::default(), metrics)
     }
 
-    /// A registry whose HTTP client is built now, so a bad CA file stops
-    /// the data plane at start.
+    /// A registry; with a CA file its HTTP client is built now, so a bad
+    /// file stops the data plane at start (otherwise at the first fetch,
+    /// so a data plane without JWKS issuers never reads the system's roots).
     pub fn new(settings: JwksSettings, metrics: JwksMetrics) -> Result<JwksRegistry, String> {
         let registry = JwksRegistry::with(settings, metrics);
+        if registry.fetcher.settings.ca_file.is_none() {
+            return Ok(registry);
+        }
         registry
             .fetcher
             .client
