@@ -11,6 +11,7 @@ mod drills;
 mod durability;
 mod failover;
 mod hardening;
+mod jwks;
 mod limits;
 mod membership;
 mod protocols;

@@ -198,6 +198,20 @@ impl CompiledPolicy {
         }
     }
 
+    /// Call before [`Self::authenticate`]: when the request's bearer token
+    /// needs keys a JWKS issuer of this policy does not hold (an unknown
+    /// `kid`, or no usable key set), waits for one fetch of them (shared
+    /// with other requests; at most one started per issuer per cooldown).
+    /// Returns at once otherwise.
+    pub async fn fetch_token_keys(&self, headers: &HeaderMap) {
+        if !self.methods.contains(&AuthMethod::Jwt) || !crate::jwt::any_jwks(&self.issuers) {
+            return;
+        }
+        if let Ok(Some(token)) = self.presented_bearer(headers) {
+            crate::jwt::fetch_keys_for(token, &self.issuers).await;
+        }
+    }
+
     /// Who the caller is, or why not: `Ok(None)` when the policy asks for
     /// no authentication.
     pub fn authenticate(
@@ -229,8 +243,10 @@ impl CompiledPolicy {
                 None,
             ),
             (None, Some(token)) => {
-                let verified =
-                    crate::jwt::verify(token, &self.issuers).map_err(|_| self.unauthorized())?;
+                let verified = crate::jwt::verify(token, &self.issuers).map_err(|e| match e {
+                    crate::jwt::TokenError::KeysUnavailable => Reject::KeysUnavailable,
+                    _ => self.unauthorized(),
+                })?;
                 let consumer = creds
                     .consumer_named(&verified.subject)
                     .ok_or_else(|| self.unauthorized())?;

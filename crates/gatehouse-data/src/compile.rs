@@ -97,7 +97,7 @@ impl Compiled {
             if let Object::JwtIssuer(j) = open(o)? {
                 issuers.insert(
                     j.name.clone(),
-                    Arc::new(crate::jwt::CompiledIssuer::compile(&j)?),
+                    Arc::new(crate::jwt::CompiledIssuer::compile(&j, &shared.jwks)?),
                 );
             }
         }

@@ -13,8 +13,9 @@
 //!   with the issuer's bounded leeway; `exp`, `nbf` and `iat` must be whole
 //!   seconds: a string, a fraction or an out-of-range number is refused.
 //!
-//! Issuers configured with a JWKS URL are not fetched by this build yet:
-//! their tokens are refused.
+//! Issuers with a `jwks_url` take their keys from a key set the data plane
+//! fetches (see `jwks`); the same rules apply to those keys. When such an
+//! issuer has no usable key set, its tokens cannot be checked: 503, not 401.
 
 use std::sync::Arc;
 
@@ -31,10 +32,16 @@ struct IssuerKey {
     key: DecodingKey,
 }
 
+/// Where an issuer's keys come from.
+enum Keys {
+    Static(Vec<IssuerKey>),
+    Jwks(Arc<crate::jwks::JwksSource>),
+}
+
 /// An issuer, compiled.
 pub struct CompiledIssuer {
     pub name: String,
-    keys: Vec<IssuerKey>,
+    keys: Keys,
     pub max_token_bytes: usize,
     consumer_claim: String,
     validations: Vec<(Algorithm, Validation)>,
@@ -69,7 +76,12 @@ fn algorithm(a: JwtAlgorithm) -> Algorithm {
 }
 
 impl CompiledIssuer {
-    pub fn compile(j: &JwtIssuer) -> Result<CompiledIssuer, String> {
+    /// Compiles `j`; a JWKS issuer's key source comes from `jwks`, which
+    /// keeps it across revisions.
+    pub fn compile(
+        j: &JwtIssuer,
+        jwks: &crate::jwks::JwksRegistry,
+    ) -> Result<CompiledIssuer, String> {
         crate::jwt_crypto::install();
         use jsonwebtoken::AlgorithmFamily::*;
         let fail = |what: String| format!("jwt_issuer \"{}\": {what}", j.name);
@@ -113,9 +125,10 @@ impl CompiledIssuer {
                 (alg, v)
             })
             .collect();
-        if j.jwks_url.is_some() {
-            tracing::warn!(issuer = %j.name, "JWKS URLs are not fetched by this build: its tokens are refused");
-        }
+        let keys = match &j.jwks_url {
+            Some(url) => Keys::Jwks(jwks.source(j, url)),
+            None => Keys::Static(keys),
+        };
         Ok(CompiledIssuer {
             name: j.name.clone(),
             keys,
@@ -129,7 +142,6 @@ impl CompiledIssuer {
 }
 
 /// What a verified token says about its bearer.
-#[derive(Debug)]
 pub struct Verified {
     /// The value of the issuer's consumer claim.
     pub subject: String,
@@ -137,6 +149,18 @@ pub struct Verified {
     /// `exp` and `nbf`, seconds since the epoch, for checks on a cache hit.
     exp: u64,
     nbf: Option<u64>,
+    /// The JWKS key set that verified it: a cache hit counts only while
+    /// that set is still the issuer's usable one.
+    set: Option<Arc<crate::jwks::KeySet>>,
+}
+
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified")
+            .field("subject", &self.subject)
+            .field("exp", &self.exp)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Verified tokens by the SHA-256 of their text, so that a client presenting
@@ -144,8 +168,9 @@ pub struct Verified {
 /// costs a digest and a lookup instead of a signature check. An entry is used
 /// only while the token's `exp` and `nbf` still hold, with the issuer's
 /// leeway; it is never refreshed. The cache belongs to the compiled issuer, so
-/// a configuration change to the issuer (its keys) starts it empty. Bounded:
-/// a shard that fills up is emptied.
+/// a configuration change to the issuer (its keys) starts it empty, and a
+/// token a JWKS key verified counts only while that fetched key set is still
+/// the issuer's usable one. Bounded: a shard that fills up is emptied.
 struct TokenCache {
     shards: Vec<std::sync::Mutex<HashMap<[u8; 32], Arc<Verified>>>>,
 }
@@ -194,6 +219,46 @@ pub enum TokenError {
     TooLarge,
     Malformed,
     Unverified,
+    /// A JWKS issuer that could have checked the token has no usable key
+    /// set (never fetched, or older than its `jwks_max_stale`).
+    KeysUnavailable,
+}
+
+/// The token's header as far as choosing a key needs it, or `None` for a
+/// token `verify` refuses anyway.
+fn alg_and_kid(
+    token: &str,
+    issuers: &[Arc<CompiledIssuer>],
+) -> Option<(Algorithm, Option<String>)> {
+    let cap = issuers.iter().map(|i| i.max_token_bytes).max().unwrap_or(0);
+    if token.len() > cap {
+        return None;
+    }
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    Some((header.alg, header.kid))
+}
+
+/// Before [`verify`]: when a JWKS issuer that allows the token's algorithm
+/// has no usable key set, or does not know the token's `kid`, waits for one
+/// fetch of its keys (joining a running one; starting one at most once per
+/// `jwks_cooldown`). Returns at once in every other case.
+pub async fn fetch_keys_for(token: &str, issuers: &[Arc<CompiledIssuer>]) {
+    let Some((alg, kid)) = alg_and_kid(token, issuers) else {
+        return;
+    };
+    for issuer in issuers {
+        let Keys::Jwks(source) = &issuer.keys else {
+            continue;
+        };
+        if issuer.validations.iter().any(|(a, _)| *a == alg) && source.wants_fetch(kid.as_deref()) {
+            source.fetch_on_demand().await;
+        }
+    }
+}
+
+/// Whether any of `issuers` takes its keys from a JWKS URL.
+pub fn any_jwks(issuers: &[Arc<CompiledIssuer>]) -> bool {
+    issuers.iter().any(|i| matches!(i.keys, Keys::Jwks(_)))
 }
 
 /// Checks a bearer token against `issuers` (a policy's).
@@ -209,7 +274,17 @@ pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Arc<Verifi
             continue;
         }
         if let Some(hit) = issuer.cache.get(&digest, now, issuer.leeway) {
-            return Ok(hit);
+            let current = match &issuer.keys {
+                Keys::Static(_) => true,
+                // A refetched or stale key set checks the token afresh.
+                Keys::Jwks(source) => source
+                    .usable()
+                    .zip(hit.set.as_ref())
+                    .is_some_and(|(now, then)| Arc::ptr_eq(&now, then)),
+            };
+            if current {
+                return Ok(hit);
+            }
         }
     }
     // Our own look at the header first: refuse `crit` and any spelling of `none`.
@@ -234,50 +309,101 @@ pub fn verify(token: &str, issuers: &[Arc<CompiledIssuer>]) -> Result<Arc<Verifi
         return Err(TokenError::Unverified);
     }
     let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+    let mut unavailable = false;
     for issuer in issuers {
         let Some((_, validation)) = issuer.validations.iter().find(|(a, _)| *a == header.alg)
         else {
             continue;
         };
-        let candidates = issuer.keys.iter().filter(|k| {
-            k.family == header.alg.family()
-                && match (&header.kid, &k.kid) {
-                    (Some(want), Some(have)) => want == have,
-                    (Some(_), None) => false,
-                    (None, _) => true,
+        match &issuer.keys {
+            Keys::Static(keys) => {
+                for k in keys
+                    .iter()
+                    .filter(|k| k.family == header.alg.family() && kid_fits(&header.kid, &k.kid))
+                {
+                    if let Some(done) = check_with(token, &k.key, validation, issuer, None) {
+                        return done.map(|v| issuer.remember(token, digest, v));
+                    }
                 }
-        });
-        for key in candidates {
-            if let Ok(data) = jsonwebtoken::decode::<Value>(token, &key.key, validation) {
-                // RFC 7519 allows fractional dates; we accept whole seconds
-                // only, so no two parsers can read a different instant.
-                let whole = |name: &str| data.claims.get(name).is_none_or(|v| v.as_u64().is_some());
-                if !whole("exp") || !whole("nbf") || !whole("iat") {
-                    return Err(TokenError::Unverified);
+            }
+            Keys::Jwks(source) => {
+                let Some(set) = source.usable() else {
+                    unavailable = true;
+                    continue;
+                };
+                for k in set
+                    .keys
+                    .iter()
+                    .filter(|k| k.algorithms.contains(&header.alg) && kid_fits(&header.kid, &k.kid))
+                {
+                    if let Some(done) = check_with(token, &k.key, validation, issuer, Some(&set)) {
+                        return done.map(|v| issuer.remember(token, digest, v));
+                    }
                 }
-                let subject = data
-                    .claims
-                    .get(&issuer.consumer_claim)
-                    .and_then(Value::as_str)
-                    .ok_or(TokenError::Unverified)?
-                    .to_string();
-                // `exp` is required and whole (checked above).
-                let exp = data.claims.get("exp").and_then(Value::as_u64);
-                let nbf = data.claims.get("nbf").and_then(Value::as_u64);
-                let verified = Arc::new(Verified {
-                    subject,
-                    exp: exp.ok_or(TokenError::Unverified)?,
-                    nbf,
-                    claims: data.claims,
-                });
-                if token.len() <= issuer.max_token_bytes {
-                    issuer.cache.put(digest, verified.clone());
-                }
-                return Ok(verified);
             }
         }
     }
+    if unavailable {
+        return Err(TokenError::KeysUnavailable);
+    }
     Err(TokenError::Unverified)
+}
+
+/// The answer for a token whose signature `key` checks, or `None` when it
+/// does not (the next key may).
+fn check_with(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+    issuer: &CompiledIssuer,
+    set: Option<&Arc<crate::jwks::KeySet>>,
+) -> Option<Result<Verified, TokenError>> {
+    let data = jsonwebtoken::decode::<Value>(token, key, validation).ok()?;
+    // RFC 7519 allows fractional dates; we accept whole seconds only, so no
+    // two parsers can read a different instant.
+    let whole = |name: &str| data.claims.get(name).is_none_or(|v| v.as_u64().is_some());
+    if !whole("exp") || !whole("nbf") || !whole("iat") {
+        return Some(Err(TokenError::Unverified));
+    }
+    let Some(subject) = data
+        .claims
+        .get(&issuer.consumer_claim)
+        .and_then(Value::as_str)
+    else {
+        return Some(Err(TokenError::Unverified));
+    };
+    // `exp` is required (the validation) and whole (above).
+    let Some(exp) = data.claims.get("exp").and_then(Value::as_u64) else {
+        return Some(Err(TokenError::Unverified));
+    };
+    Some(Ok(Verified {
+        subject: subject.to_string(),
+        exp,
+        nbf: data.claims.get("nbf").and_then(Value::as_u64),
+        set: set.cloned(),
+        claims: data.claims,
+    }))
+}
+
+impl CompiledIssuer {
+    /// Keeps a token this issuer verified, for its next use.
+    fn remember(&self, token: &str, digest: [u8; 32], verified: Verified) -> Arc<Verified> {
+        let verified = Arc::new(verified);
+        if token.len() <= self.max_token_bytes {
+            self.cache.put(digest, verified.clone());
+        }
+        verified
+    }
+}
+
+/// A token's `kid` picks among keys with that `kid`; a token without one
+/// may be checked with any key of the issuer.
+fn kid_fits(want: &Option<String>, have: &Option<String>) -> bool {
+    match (want, have) {
+        (Some(want), Some(have)) => want == have,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 /// The values of a claim, as strings: a string is one value, an array of
@@ -306,19 +432,25 @@ mod tests {
 
     fn issuer(name: &str, keys: Vec<JwtKey>, algorithms: Vec<JwtAlgorithm>) -> Arc<CompiledIssuer> {
         Arc::new(
-            CompiledIssuer::compile(&JwtIssuer {
-                name: name.into(),
-                labels: Default::default(),
-                revision: 1,
-                issuer: format!("https://{name}.example"),
-                audiences: vec!["gatehouse".into()],
-                algorithms,
-                keys,
-                jwks_url: None,
-                leeway: Duration::from_secs(5),
-                consumer_claim: "sub".into(),
-                max_token_bytes: 4096,
-            })
+            CompiledIssuer::compile(
+                &JwtIssuer {
+                    name: name.into(),
+                    labels: Default::default(),
+                    revision: 1,
+                    issuer: format!("https://{name}.example"),
+                    audiences: vec!["gatehouse".into()],
+                    algorithms,
+                    keys,
+                    jwks_url: None,
+                    jwks_refresh: None,
+                    jwks_cooldown: None,
+                    jwks_max_stale: None,
+                    leeway: Duration::from_secs(5),
+                    consumer_claim: "sub".into(),
+                    max_token_bytes: 4096,
+                },
+                &Default::default(),
+            )
             .unwrap(),
         )
     }

@@ -13,6 +13,7 @@ pub mod framing;
 pub mod headers;
 pub mod health;
 pub mod inspect;
+pub mod jwks;
 pub mod jwt;
 pub mod jwt_crypto;
 pub mod limits;

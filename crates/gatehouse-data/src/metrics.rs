@@ -66,6 +66,8 @@ pub struct Metrics {
     /// `xss`) and action (`detected`, `blocked`).
     pub firewall_matches: Family<FirewallLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// JWKS fetches, key-set times and sizes, by issuer.
+    pub jwks: crate::jwks::JwksMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,7 +190,24 @@ impl Default for Metrics {
             "Access-log lines dropped because the writer fell behind or failed",
             access_log_dropped.clone(),
         );
+        let jwks = crate::jwks::JwksMetrics::default();
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches, by issuer and outcome (ok, unreachable, status, too_large, invalid, refused)",
+            jwks.fetches.clone(),
+        );
+        registry.register(
+            "jwks_fetched_at_seconds",
+            "Unix time at which the key set in use was fetched, by issuer",
+            jwks.fetched_at.clone(),
+        );
+        registry.register(
+            "jwks_keys",
+            "Usable keys in the key set in use, by issuer",
+            jwks.keys.clone(),
+        );
         Metrics {
+            jwks,
             data_planes,
             limit_decisions,
             limit_deny_cache_hits,

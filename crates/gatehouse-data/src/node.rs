@@ -50,6 +50,8 @@ pub struct DataPlaneConfig {
     pub limits: Limits,
     /// Where access-log lines go (`Off` by default).
     pub access_log: crate::access_log::AccessLogTarget,
+    /// How JWKS key sets are fetched.
+    pub jwks: crate::jwks::JwksSettings,
 }
 
 /// Why a data plane could not start.
@@ -154,7 +156,10 @@ impl DataPlane {
             &cfg.access_log,
             metrics.access_log_dropped.clone(),
         )?;
+        let jwks = crate::jwks::JwksRegistry::new(cfg.jwks.clone(), metrics.jwks.clone())
+            .map_err(StartError::Config)?;
         let shared = Arc::new(Shared {
+            jwks,
             seal: cfg.secrets_key.clone(),
             cluster_limits: crate::limits::ClusterEnv {
                 store,

@@ -28,6 +28,7 @@
 //! | `bad-gateway` | 502 | the upstream could not be reached or answered with a broken response |
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
 //! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
+//! | `keys-unavailable` | 503 | a JWT issuer's key set could not be fetched, or is older than its `jwks_max_stale` |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
 //! | `overloaded` | 503 | the data plane is at its cap of requests in flight; carries `Retry-After` |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
@@ -102,6 +103,9 @@ pub enum Reject {
     /// 503: a cluster rate limit with `on_store_failure: closed` could not
     /// reach its counter store in time.
     RateLimitUnavailable,
+    /// 503: a bearer token cannot be checked: its issuer's key set was
+    /// never fetched, or is older than the issuer's `jwks_max_stale`.
+    KeysUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
     /// 503: the data plane is at its cap of requests in flight (load shedding).
@@ -237,6 +241,11 @@ impl Reject {
                 problem_type!("rate-limit-unavailable"),
                 "Rate limit store unavailable",
             ),
+            Reject::KeysUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("keys-unavailable"),
+                "Token keys unavailable",
+            ),
             Reject::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 problem_type!("not-ready"),
@@ -308,6 +317,7 @@ impl Reject {
             | Reject::BadGateway
             | Reject::UpstreamUnavailable
             | Reject::RateLimitUnavailable
+            | Reject::KeysUnavailable
             | Reject::NotReady
             | Reject::GatewayTimeout => {}
         }

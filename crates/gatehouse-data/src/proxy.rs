@@ -79,13 +79,17 @@ pub struct Shared {
     pub in_flight: Arc<Semaphore>,
     /// Where access-log lines go, when on.
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// The key sets of JWKS issuers, across revisions.
+    pub jwks: crate::jwks::JwksRegistry,
 }
 
 impl Shared {
     pub fn new(limits: Limits) -> Shared {
+        let metrics = Metrics::default();
         Shared {
             config: ArcSwapOption::default(),
-            metrics: Metrics::default(),
+            jwks: crate::jwks::JwksRegistry::with_metrics(metrics.jwks.clone()),
+            metrics,
             unready_reason: ArcSwapOption::default(),
             health: Default::default(),
             clients: Default::default(),
@@ -335,6 +339,9 @@ impl Proxy {
         // Authenticate and authorise by the route's policy; the body has
         // not been read, so a refused request costs no upload.
         observed.stage(Stage::Auth);
+        if let Some(policy) = &route.policy {
+            policy.fetch_token_keys(req.headers()).await;
+        }
         let consumer = match &route.policy {
             None => None,
             Some(policy) => match policy.authenticate(

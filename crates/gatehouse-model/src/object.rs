@@ -623,6 +623,29 @@ pub struct JwtIssuer {
     pub keys: Vec<JwtKey>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
+    /// How often the data plane fetches `jwks_url` again [default: 5m].
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwks_refresh: Option<Duration>,
+    /// After a token names an unknown `kid`, how long before another such
+    /// token may make the data plane fetch `jwks_url` again [default: 30s].
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwks_cooldown: Option<Duration>,
+    /// How long the last key set fetched keeps checking tokens while
+    /// `jwks_url` cannot be fetched; past it, tokens get 503 [default: 24h].
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub jwks_max_stale: Option<Duration>,
     #[serde(default = "defaults::jwt_leeway", with = "humantime_serde")]
     pub leeway: Duration,
     /// The claim that names the consumer.
@@ -733,6 +756,15 @@ pub mod defaults {
     }
     pub fn cors_max_age() -> Duration {
         Duration::from_secs(600)
+    }
+    pub fn jwks_refresh() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn jwks_cooldown() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn jwks_max_stale() -> Duration {
+        Duration::from_secs(24 * 3600)
     }
     pub fn jwt_leeway() -> Duration {
         Duration::from_secs(30)

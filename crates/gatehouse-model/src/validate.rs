@@ -744,12 +744,36 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
                 "must be an https URL (plain http only on loopback)",
             )?;
             c.ensure(
+                url.len() <= 2048
+                    && !url.contains(|ch: char| ch.is_whitespace() || ch.is_control()),
+                "jwks_url",
+                "must be at most 2048 characters, without spaces",
+            )?;
+            c.ensure(
                 !j.algorithms.iter().any(hmac),
                 "algorithms",
                 "HMAC algorithms need static secret keys, not a JWKS URL",
             )?;
+            let s = Duration::from_secs;
+            if let Some(d) = j.jwks_refresh {
+                c.duration("jwks_refresh", d, s(10), s(24 * 3600))?;
+            }
+            if let Some(d) = j.jwks_cooldown {
+                c.duration("jwks_cooldown", d, s(1), s(3600))?;
+            }
+            if let Some(d) = j.jwks_max_stale {
+                c.duration("jwks_max_stale", d, s(1), s(30 * 24 * 3600))?;
+            }
         }
-        (None, false) => {}
+        (None, false) => {
+            for (field, set) in [
+                ("jwks_refresh", j.jwks_refresh.is_some()),
+                ("jwks_cooldown", j.jwks_cooldown.is_some()),
+                ("jwks_max_stale", j.jwks_max_stale.is_some()),
+            ] {
+                c.ensure(!set, field, "applies only with jwks_url")?;
+            }
+        }
     }
     c.count("keys", &j.keys, 0, 64)?;
     for (i, k) in j.keys.iter().enumerate() {

@@ -91,6 +91,29 @@ impl LimitArgs {
     }
 }
 
+/// How the data plane fetches the key sets of JwtIssuer objects with a `jwks_url`.
+#[derive(Args)]
+pub struct JwksArgs {
+    /// Also fetch `http://` JWKS URLs whose host is a loopback address
+    /// (tests, a local identity provider); https is required otherwise.
+    #[arg(long, env = "GATEHOUSE_ALLOW_INSECURE_JWKS_LOOPBACK")]
+    allow_insecure_jwks_loopback: bool,
+    /// CA certificates (PEM) that JWKS servers are checked against, instead
+    /// of the system's roots.
+    #[arg(long, env = "GATEHOUSE_JWKS_CA_FILE")]
+    jwks_ca_file: Option<PathBuf>,
+}
+
+impl JwksArgs {
+    fn settings(&self) -> gatehouse_data::jwks::JwksSettings {
+        gatehouse_data::jwks::JwksSettings {
+            allow_insecure_loopback: self.allow_insecure_jwks_loopback,
+            ca_file: self.jwks_ca_file.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Flags of `gatehouse data-plane`.
 #[derive(Args)]
 pub struct DataPlaneArgs {
@@ -139,6 +162,8 @@ pub struct DataPlaneArgs {
     secrets_key_file: Option<PathBuf>,
     #[command(flatten)]
     redis: RedisArgs,
+    #[command(flatten)]
+    jwks: JwksArgs,
 }
 
 /// Where `scope: cluster` rate limits are counted. Without one of these,
@@ -221,6 +246,8 @@ pub struct StandaloneArgs {
     listeners: Listeners,
     #[command(flatten)]
     redis: RedisArgs,
+    #[command(flatten)]
+    jwks: JwksArgs,
 }
 
 /// ` tls=ADDR` for the ready line, when the TLS listener is on.
@@ -287,6 +314,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
+        jwks: args.jwks.settings(),
     })
 }
 
@@ -352,6 +380,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
+        jwks: args.jwks.settings(),
     })
     .await?;
     println!(

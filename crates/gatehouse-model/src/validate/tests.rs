@@ -1292,3 +1292,74 @@ fn assert_invalid_field(object: impl Into<Object>, field: &str) -> InvalidObject
     assert_eq!(err.field, field, "field of {err}");
     err
 }
+
+#[test]
+fn jwks_timings_are_bounded_and_need_a_jwks_url() {
+    let s = Duration::from_secs;
+    assert_valid(JwtIssuer {
+        jwks_refresh: Some(s(10)),
+        jwks_cooldown: Some(s(1)),
+        jwks_max_stale: Some(s(1)),
+        ..jwks_issuer("corp")
+    });
+    assert_valid(JwtIssuer {
+        jwks_refresh: Some(s(24 * 3600)),
+        jwks_cooldown: Some(s(3600)),
+        jwks_max_stale: Some(s(30 * 24 * 3600)),
+        ..jwks_issuer("corp")
+    });
+    for (j, field, message) in [
+        (
+            JwtIssuer {
+                jwks_refresh: Some(s(9)),
+                ..jwks_issuer("corp")
+            },
+            "jwks_refresh",
+            r#"jwt_issuer "corp": jwks_refresh: 9s is out of range (10s to 1day)"#,
+        ),
+        (
+            JwtIssuer {
+                jwks_cooldown: Some(Duration::from_millis(500)),
+                ..jwks_issuer("corp")
+            },
+            "jwks_cooldown",
+            r#"jwt_issuer "corp": jwks_cooldown: 500ms is out of range (1s to 1h)"#,
+        ),
+        (
+            JwtIssuer {
+                jwks_max_stale: Some(s(31 * 24 * 3600)),
+                ..jwks_issuer("corp")
+            },
+            "jwks_max_stale",
+            r#"jwt_issuer "corp": jwks_max_stale: 1month 13h 26m 24s is out of range (1s to 30days)"#,
+        ),
+        (
+            JwtIssuer {
+                jwks_cooldown: Some(s(30)),
+                ..jwt_issuer("corp")
+            },
+            "jwks_cooldown",
+            r#"jwt_issuer "corp": jwks_cooldown: applies only with jwks_url"#,
+        ),
+        (
+            JwtIssuer {
+                jwks_url: Some(format!("https://idp.example.com/{}", "a".repeat(2048))),
+                ..jwks_issuer("corp")
+            },
+            "jwks_url",
+            r#"jwt_issuer "corp": jwks_url: must be at most 2048 characters, without spaces"#,
+        ),
+    ] {
+        assert_invalid(j, field, message);
+    }
+}
+
+#[test]
+fn jwks_timings_read_as_humantime() {
+    let yaml = "name: corp\nissuer: https://idp.example.com/\naudiences: [gatehouse]\nalgorithms: [RS256]\njwks_url: https://idp.example.com/jwks\njwks_refresh: 10m\njwks_cooldown: 45s\njwks_max_stale: 2h\n";
+    let j: JwtIssuer = serde_yaml_ng::from_str(yaml).unwrap();
+    assert_eq!(j.jwks_refresh, Some(Duration::from_secs(600)));
+    assert_eq!(j.jwks_cooldown, Some(Duration::from_secs(45)));
+    assert_eq!(j.jwks_max_stale, Some(Duration::from_secs(7200)));
+    assert_valid(j);
+}
