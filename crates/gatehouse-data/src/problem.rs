@@ -28,6 +28,7 @@
 //! | `bad-gateway` | 502 | the upstream could not be reached or answered with a broken response |
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
 //! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
+//! | `auth-unavailable` | 503 | the policy's token introspection endpoint could not answer |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
 //! | `overloaded` | 503 | the data plane is at its cap of requests in flight; carries `Retry-After` |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
@@ -102,6 +103,9 @@ pub enum Reject {
     /// 503: a cluster rate limit with `on_store_failure: closed` could not
     /// reach its counter store in time.
     RateLimitUnavailable,
+    /// 503: the service that checks the credential (a token introspection
+    /// endpoint) could not answer in time.
+    AuthUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
     /// 503: the data plane is at its cap of requests in flight (load shedding).
@@ -237,6 +241,11 @@ impl Reject {
                 problem_type!("rate-limit-unavailable"),
                 "Rate limit store unavailable",
             ),
+            Reject::AuthUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("auth-unavailable"),
+                "Authentication service unavailable",
+            ),
             Reject::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 problem_type!("not-ready"),
@@ -308,6 +317,7 @@ impl Reject {
             | Reject::BadGateway
             | Reject::UpstreamUnavailable
             | Reject::RateLimitUnavailable
+            | Reject::AuthUnavailable
             | Reject::NotReady
             | Reject::GatewayTimeout => {}
         }

@@ -33,6 +33,12 @@ pub struct Listeners {
     /// (appended to). Never holds credentials or query strings.
     #[arg(long, default_value = "off", env = "GATEHOUSE_ACCESS_LOG")]
     access_log: AccessLogTarget,
+    /// Let policies call a token introspection endpoint over plain http on
+    /// a loopback address (127.0.0.1, localhost, [::1]). For tests and local
+    /// development only: the token and the gateway's client secret then
+    /// travel unencrypted.
+    #[arg(long, env = "GATEHOUSE_ALLOW_INSECURE_IDP_LOOPBACK")]
+    allow_insecure_idp_loopback: bool,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -287,6 +293,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
+        allow_insecure_idp_loopback: args.listeners.allow_insecure_idp_loopback,
     })
 }
 
@@ -352,6 +359,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         rate_limit_store: args.redis.target()?,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
+        allow_insecure_idp_loopback: args.listeners.allow_insecure_idp_loopback,
     })
     .await?;
     println!(
