@@ -318,7 +318,9 @@ impl CompiledPolicy {
             (None, None, Some((mtls, chain))) => {
                 // A certificate of another CA, expired, or naming no
                 // Consumer object is no credential here.
-                let name = mtls.identify(chain, now).ok_or_else(|| self.unauthorized())?;
+                let name = mtls
+                    .identify(chain, now)
+                    .ok_or_else(|| self.unauthorized())?;
                 let consumer = creds
                     .consumer_named(&name)
                     .ok_or_else(|| self.unauthorized())?;
@@ -558,7 +560,9 @@ mod tests {
         assert_eq!(status(with(&[("x-api-key", &key.to_uppercase())])), 401);
         assert_eq!(status(with(&[("x-api-key", "abc")])), 401);
         assert_eq!(status(with(&[("x-api-key", "")])), 401);
-        let err = p.authenticate_blocking(&creds, &with(&[]), None, now).unwrap_err();
+        let err = p
+            .authenticate_blocking(&creds, &with(&[]), None, now)
+            .unwrap_err();
         let mut h = HeaderMap::new();
         err.write_headers(&mut h);
         assert_eq!(
@@ -605,7 +609,9 @@ mod tests {
             "not allowed"
         );
         let p = policy(&[], true);
-        assert!(p.authenticate_blocking(&creds, &with(&[]), Some(&q), now).is_ok());
+        assert!(p
+            .authenticate_blocking(&creds, &with(&[]), Some(&q), now)
+            .is_ok());
         assert!(
             p.authenticate_blocking(&creds, &h, Some(&q), now).is_err(),
             "a key in both places"

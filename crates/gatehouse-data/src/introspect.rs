@@ -155,7 +155,8 @@ impl Introspector {
         allow_loopback_http: bool,
         previous: Option<&Arc<Introspector>>,
     ) -> Result<Arc<Introspector>, String> {
-        let fail = |field: &str, what: &str| format!("policy \"{policy}\": introspection.{field}: {what}");
+        let fail =
+            |field: &str, what: &str| format!("policy \"{policy}\": introspection.{field}: {what}");
         let https = settings.url.starts_with("https://");
         if !https {
             if !gatehouse_model::validate::is_loopback_http(&settings.url) {
@@ -198,9 +199,7 @@ impl Introspector {
                 Some(pem) => {
                     for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                         let der = der.map_err(|e| fail("ca_pem", &e.to_string()))?;
-                        roots
-                            .add(der)
-                            .map_err(|e| fail("ca_pem", &e.to_string()))?;
+                        roots.add(der).map_err(|e| fail("ca_pem", &e.to_string()))?;
                     }
                 }
                 None => {
@@ -360,7 +359,8 @@ impl Introspector {
                 .map(str::to_string)
         };
         let claim = &self.settings.consumer_claim;
-        let subject = named(claim).or_else(|| (claim == "sub").then(|| named("username")).flatten());
+        let subject =
+            named(claim).or_else(|| (claim == "sub").then(|| named("username")).flatten());
         Some(Answer::Active { subject, claims })
     }
 

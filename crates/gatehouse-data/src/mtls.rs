@@ -171,16 +171,11 @@ fn name_and_expiry(der: &[u8], from: CertIdentity) -> Option<(String, SystemTime
             .as_str()
             .ok()?
             .to_string(),
-        other => {
+        CertIdentity::SanDns => {
             let san = cert.subject_alternative_name().ok()??;
-            san.value.general_names.iter().find_map(|n| {
-                use x509_parser::extensions::GeneralName as G;
-                match (other, n) {
-                    (CertIdentity::SanDns, G::DNSName(s))
-                    | (CertIdentity::SanUri, G::URI(s))
-                    | (CertIdentity::SanEmail, G::RFC822Name(s)) => Some(s.to_string()),
-                    _ => None,
-                }
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(s) => Some(s.to_string()),
+                _ => None,
             })?
         }
     };
@@ -350,21 +345,12 @@ mod tests {
                 .as_deref(),
             Some("svc.example.com")
         );
-        assert_eq!(
-            rule(&a, CertIdentity::SanUri)
-                .identify(&chain, now)
-                .as_deref(),
-            Some("spiffe://example.com/billing")
-        );
-        assert_eq!(
-            rule(&a, CertIdentity::SanEmail)
-                .identify(&chain, now)
-                .as_deref(),
-            Some("ops@example.com")
-        );
         // The same connection's chain, another policy's CA: refused, and
         // the outcome under A is not reused for B.
-        assert_eq!(rule(&b, CertIdentity::SubjectCn).identify(&chain, now), None);
+        assert_eq!(
+            rule(&b, CertIdentity::SubjectCn).identify(&chain, now),
+            None
+        );
         // Kept outcomes stop at the leaf's expiry.
         let later = now + Duration::from_secs(31 * 86_400);
         assert_eq!(

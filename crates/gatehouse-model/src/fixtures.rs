@@ -192,7 +192,7 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
         }),
         mtls: Some(MtlsAuth {
             ca_pem: CLIENT_CA_PEM.to_string(),
-            consumer_from: CertIdentity::SanUri,
+            consumer_from: CertIdentity::SanDns,
         }),
         introspection: None,
         authorization: Authorization {

@@ -386,15 +386,15 @@ pub struct MtlsAuth {
 }
 
 /// The part of a client certificate that names the consumer: the subject's
-/// common name, or the first subject alternative name of a type.
+/// common name, or the first DNS subject alternative name. The value must be
+/// a Consumer's name exactly (consumer names are lower-case a-z, 0-9, '-'
+/// and '.', so URI and e-mail names could never match and are not offered).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertIdentity {
     #[default]
     SubjectCn,
     SanDns,
-    SanUri,
-    SanEmail,
 }
 
 /// OAuth2 token introspection (RFC 7662) of opaque bearer tokens.
@@ -417,7 +417,10 @@ pub struct IntrospectionAuth {
     #[serde(default = "defaults::consumer_claim")]
     pub consumer_claim: String,
     /// How long an active answer is reused (never past the token's `exp`).
-    #[serde(default = "defaults::introspection_cache_ttl", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::introspection_cache_ttl",
+        with = "humantime_serde"
+    )]
     pub cache_ttl: Duration,
     /// How long an inactive answer is reused.
     #[serde(

@@ -847,7 +847,9 @@ fn introspection(c: &Check<'_>, i: &IntrospectionAuth) -> Result {
         "must be an https URL (plain http only on loopback)",
     )?;
     c.ensure(
-        !i.client_id.is_empty() && i.client_id.len() <= 256 && !i.client_id.contains(char::is_control),
+        !i.client_id.is_empty()
+            && i.client_id.len() <= 256
+            && !i.client_id.contains(char::is_control),
         "introspection.client_id",
         "must be 1 to 256 characters, none of them control characters",
     )?;
