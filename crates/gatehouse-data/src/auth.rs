@@ -679,4 +679,84 @@ mod tests {
         assert_eq!(h["x-consumer-name"], "acme");
         assert_eq!(h["x-consumer-groups"], "gold");
     }
+
+    /// A policy that accepts client certificates of `ca` (and API keys),
+    /// with `scopes` required.
+    fn cert_policy(ca: &str, scopes: &[&str]) -> CompiledPolicy {
+        CompiledPolicy::compile(
+            &Policy {
+                name: "certs".into(),
+                labels: Default::default(),
+                revision: 1,
+                authentication: vec![AuthMethod::Mtls, AuthMethod::ApiKey],
+                api_key: None,
+                jwt: None,
+                mtls: Some(gatehouse_model::object::MtlsAuth {
+                    ca_pem: ca.to_string(),
+                    consumer_from: Default::default(),
+                }),
+                introspection: None,
+                authorization: Authorization {
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+                rate_limits: vec![],
+                quotas: vec![],
+                firewall: Default::default(),
+            },
+            &Default::default(),
+            &Default::default(),
+            &HashMap::new(),
+            &AuthEnv::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_client_certificate_is_one_credential_among_the_policy_methods() {
+        use crate::mtls::testing::{ca, leaf};
+        let (creds, key) = setup(None, false);
+        let a = ca("A");
+        let chain =
+            |cn: &str| crate::mtls::PeerChain::from_ders(vec![leaf(&a, cn, vec![], (-1, 30))]);
+        let p = cert_policy(&a.pem, &[]);
+        let now = SystemTime::now();
+        let run = |h: HeaderMap, peer: Option<&crate::mtls::PeerChain>| {
+            futures::executor::block_on(p.authenticate(&creds, &h, None, peer, now))
+        };
+        let acme = chain("acme");
+        assert_eq!(run(with(&[]), Some(&acme)).unwrap().unwrap().name, "acme");
+        // A certificate and a key: which would the upstream believe? Neither.
+        assert_eq!(
+            run(with(&[("x-api-key", &key)]), Some(&acme))
+                .unwrap_err()
+                .status()
+                .as_u16(),
+            401
+        );
+        // Without a certificate the key alone does it.
+        assert!(run(with(&[("x-api-key", &key)]), None).is_ok());
+        // A certificate naming no Consumer object: 401, and the challenge
+        // names both methods.
+        let err = run(with(&[]), Some(&chain("nobody"))).unwrap_err();
+        let mut h = HeaderMap::new();
+        err.write_headers(&mut h);
+        assert_eq!(
+            h["www-authenticate"],
+            "ClientCertificate realm=\"gatehouse\", ApiKey realm=\"gatehouse\", header=\"x-api-key\""
+        );
+        // A certificate carries no scopes.
+        let scoped = cert_policy(&a.pem, &["billing:read"]);
+        assert_eq!(
+            futures::executor::block_on(scoped.authenticate(
+                &creds,
+                &with(&[]),
+                None,
+                Some(&acme),
+                now
+            ))
+            .unwrap_err(),
+            Reject::Forbidden
+        );
+    }
 }

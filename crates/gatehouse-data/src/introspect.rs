@@ -434,6 +434,174 @@ mod tests {
         assert_eq!(c.entries.len(), 4);
     }
 
+    /// An endpoint on 127.0.0.1 that answers after `delay`: active for
+    /// `tok-*` tokens (consumer after the dash), with `exp` when asked, 500
+    /// for `fail`. Returns its URL and its call count.
+    async fn endpoint(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicU64>) {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let basic = req.headers()[AUTHORIZATION].to_str().unwrap().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let body = String::from_utf8_lossy(&body).into_owned();
+                            tokio::time::sleep(delay).await;
+                            let token = body
+                                .split('&')
+                                .find_map(|p| p.strip_prefix("token="))
+                                .unwrap_or("")
+                                .to_string();
+                            let now = SystemTime::now()
+                                .duration_since(UNIX_EPOCH)
+                                .unwrap()
+                                .as_secs();
+                            let (status, answer) = match token.as_str() {
+                                "fail" => (500, serde_json::json!({})),
+                                _ if basic != "Basic Z2F0ZXdheTpzJTNBY3JldA==" => {
+                                    (401, serde_json::json!({ "error": "invalid_client" }))
+                                }
+                                "tok-expiring" => (
+                                    200,
+                                    serde_json::json!({ "active": true, "sub": "acme", "exp": now + 1 }),
+                                ),
+                                "tok-expired" => (
+                                    200,
+                                    serde_json::json!({ "active": true, "sub": "acme", "exp": now - 10 }),
+                                ),
+                                t => match t.strip_prefix("tok-") {
+                                    Some(who) => {
+                                        (200, serde_json::json!({ "active": true, "sub": who }))
+                                    }
+                                    None => (200, serde_json::json!({ "active": false })),
+                                },
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(answer.to_string())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}/introspect"), calls)
+    }
+
+    fn settings(url: &str) -> IntrospectionAuth {
+        IntrospectionAuth {
+            url: url.to_string(),
+            client_id: "gateway".into(),
+            client_secret: "s:cret".into(),
+            ca_pem: None,
+            consumer_claim: "sub".into(),
+            cache_ttl: Duration::from_secs(60),
+            negative_cache_ttl: Duration::from_secs(60),
+            max_cache_entries: 100,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn subject(a: &Answer) -> Option<&str> {
+        match a {
+            Answer::Active { subject, .. } => subject.as_deref(),
+            Answer::Inactive => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_of_one_token_make_one_call_and_then_hit_the_cache() {
+        let (url, calls) = endpoint(Duration::from_millis(200)).await;
+        let i = Introspector::compile("p", &settings(&url), true, None).unwrap();
+        let checks = (0..10).map(|_| i.check("tok-acme"));
+        for answer in futures::future::join_all(checks).await {
+            assert_eq!(subject(&answer.unwrap()), Some("acme"));
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(subject(&i.check("tok-acme").await.unwrap()), Some("acme"));
+        assert!(matches!(*i.check("nope").await.unwrap(), Answer::Inactive));
+        assert!(matches!(*i.check("nope").await.unwrap(), Answer::Inactive));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "inactive answers are cached too"
+        );
+        assert_eq!(i.calls(), 2);
+        // The same settings in the next revision keep the cache.
+        let again = Introspector::compile("p", &settings(&url), true, Some(&i)).unwrap();
+        assert!(Arc::ptr_eq(&again, &i));
+        let mut changed = settings(&url);
+        changed.cache_ttl = Duration::from_secs(30);
+        let fresh = Introspector::compile("p", &changed, true, Some(&i)).unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &i));
+    }
+
+    #[tokio::test]
+    async fn exp_bounds_the_cache_and_failures_are_not_kept() {
+        let (url, calls) = endpoint(Duration::ZERO).await;
+        let count = || calls.load(std::sync::atomic::Ordering::SeqCst);
+        let i = Introspector::compile("p", &settings(&url), true, None).unwrap();
+        assert!(matches!(
+            *i.check("tok-expired").await.unwrap(),
+            Answer::Inactive
+        ));
+        assert_eq!(
+            subject(&i.check("tok-expiring").await.unwrap()),
+            Some("acme")
+        );
+        let before = count();
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // Past its exp the cached answer is gone; the endpoint is asked again.
+        let _ = i.check("tok-expiring").await.unwrap();
+        assert_eq!(count(), before + 1);
+        assert_eq!(i.check("fail").await.unwrap_err(), Unavailable);
+        assert_eq!(i.check("fail").await.unwrap_err(), Unavailable);
+        assert_eq!(count(), before + 3, "a failure is asked again");
+        // Wrong client credentials: the endpoint refuses, 503 for the caller.
+        let mut wrong = settings(&url);
+        wrong.client_secret = "other".into();
+        let w = Introspector::compile("p", &wrong, true, None).unwrap();
+        assert_eq!(w.check("tok-acme").await.unwrap_err(), Unavailable);
+        // Nothing listening: unavailable, within the timeout.
+        let gone =
+            Introspector::compile("p", &settings("http://127.0.0.1:1/x"), true, None).unwrap();
+        assert_eq!(gone.check("tok-acme").await.unwrap_err(), Unavailable);
+    }
+
+    #[test]
+    fn plain_http_needs_loopback_and_the_flag() {
+        let err =
+            Introspector::compile("p", &settings("http://127.0.0.1:9/x"), false, None).unwrap_err();
+        assert_eq!(
+            err,
+            "policy \"p\": introspection.url: plain http needs --allow-insecure-idp-loopback on this data plane"
+        );
+        let err =
+            Introspector::compile("p", &settings("http://idp.example/x"), true, None).unwrap_err();
+        assert_eq!(err, "policy \"p\": introspection.url: must be an https URL");
+        assert!(
+            Introspector::compile("p", &settings("https://idp.example/x"), false, None).is_ok()
+        );
+        // The secret never shows in Debug.
+        let i =
+            Introspector::compile("p", &settings("https://idp.example/x"), false, None).unwrap();
+        assert!(!format!("{i:?}").contains("s:cret"));
+    }
+
     #[test]
     fn credentials_and_tokens_are_form_encoded() {
         assert_eq!(form_encode("a b+c/d=é~"), "a%20b%2Bc%2Fd%3D%C3%A9~");

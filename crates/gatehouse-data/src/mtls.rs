@@ -257,19 +257,20 @@ impl ClientCertVerifier for AnyClientCert {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Client CAs and certificates for tests.
     use super::*;
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, SanType,
     };
 
-    struct Ca {
-        pem: String,
+    pub(crate) struct Ca {
+        pub(crate) pem: String,
         issuer: Issuer<'static, KeyPair>,
     }
 
-    fn ca(name: &str) -> Ca {
+    pub(crate) fn ca(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name.push(DnType::CommonName, name);
@@ -281,7 +282,7 @@ mod tests {
         }
     }
 
-    fn leaf(
+    pub(crate) fn leaf(
         ca: &Ca,
         cn: &str,
         eku: Vec<ExtendedKeyUsagePurpose>,
@@ -311,6 +312,13 @@ mod tests {
         };
         t.duration_since(UNIX_EPOCH).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use rcgen::ExtendedKeyUsagePurpose;
 
     fn rule(ca: &Ca, from: CertIdentity) -> CompiledMtls {
         CompiledMtls::compile(
