@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use gatehouse_e2e::data::{get, DataPlaneProc, Upstream};
 use gatehouse_e2e::introspection::Introspection;
-use gatehouse_e2e::{apply, eventually, Cluster, Options};
+use gatehouse_e2e::{apply, bin, ctl, dir_contains, eventually, Cluster, Options};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rcgen::{
@@ -257,15 +257,33 @@ async fn opaque_tokens_are_introspected_cached_and_refused_when_the_endpoint_fai
 ) -> anyhow::Result<()> {
     let secret = "gateway-secret/with:odd&chars";
     let idp = Introspection::start("gatehouse", secret).await?;
-    let cluster = Cluster::start(1, Options::default()).await?;
+    // With a secrets key, so the client secret is sealed at rest.
+    let dir = tempfile::tempdir()?;
+    let key_file = dir.path().join("secrets.key");
+    let key = std::process::Command::new(bin("gatehouse"))
+        .args(["secrets", "generate-key"])
+        .output()?;
+    anyhow::ensure!(key.status.success(), "generate-key failed");
+    std::fs::write(&key_file, &key.stdout)?;
+    let cluster = Cluster::start(
+        1,
+        Options {
+            secrets_key: Some(key_file.clone()),
+            ..Options::default()
+        },
+    )
+    .await?;
     let server = cluster.node(1).admin.clone();
     let upstream = Upstream::start("app").await?;
-    let dir = tempfile::tempdir()?;
     let dp = DataPlaneProc::start_with_args(
         "dp-1",
         std::slice::from_ref(&server),
         dir.path(),
-        &["--allow-insecure-idp-loopback"],
+        &[
+            "--allow-insecure-idp-loopback",
+            "--secrets-key-file",
+            key_file.to_str().expect("a UTF-8 path"),
+        ],
     )?;
     let in_an_hour = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
     idp.answer(
@@ -406,5 +424,17 @@ routes:
         200,
         "a cached answer still serves"
     );
+
+    // The client secret is sealed at rest and never logged.
+    let shown = ctl(&server, &["get", "policy", "opaque", "-o", "yaml"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("client_secret: gatehouse:sealed:v1:") && !shown.contains(secret),
+        "{shown}"
+    );
+    assert!(!dir_contains(&cluster.node(1).data_dir, secret.as_bytes())?);
+    assert!(!dir_contains(&dp.state_dir, secret.as_bytes())?);
+    assert!(!cluster.node(1).log_text().contains(secret));
+    assert!(!dp.log_text().contains(secret));
     Ok(())
 }
