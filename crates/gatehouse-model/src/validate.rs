@@ -902,7 +902,15 @@ fn has_host(url: &str) -> bool {
         return false;
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // A port, when there is one, is a number that fits.
+    let port_ok = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            !host.is_empty() && port.parse::<u16>().is_ok()
+        }
+        _ => true,
+    };
     !authority.is_empty()
+        && port_ok
         && !authority.contains('@')
         && !url.contains(|c: char| c.is_whitespace() || c.is_control())
 }

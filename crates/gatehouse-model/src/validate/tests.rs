@@ -1374,6 +1374,8 @@ fn introspection_fields_are_checked() {
         p
     };
     assert_valid(with(&|i| i.url = "http://127.0.0.1:8080/introspect".into()));
+    assert_valid(with(&|i| i.url = "http://[::1]:8080/introspect".into()));
+    assert_valid(with(&|i| i.url = "https://[2001:db8::1]/introspect".into()));
     for url in [
         "http://idp.example.com/introspect",
         "ftp://idp.example.com/",
@@ -1381,6 +1383,8 @@ fn introspection_fields_are_checked() {
         "https://user@idp.example.com/",
         "http://127.0.0.1.evil.example/",
         "https://idp.example.com/a b",
+        "https://idp.example.com:99999/introspect",
+        "https://idp.example.com:/introspect",
     ] {
         assert_invalid(
             with(&|i| i.url = url.into()),
