@@ -214,6 +214,11 @@ impl CompiledPolicy {
                     crate::introspect::Introspector::compile(
                         &p.name,
                         i,
+                        &p.authorization
+                            .claims
+                            .iter()
+                            .map(|c| c.claim.clone())
+                            .collect::<Vec<_>>(),
                         env.allow_insecure_idp_loopback,
                         env.introspectors.get(&p.name),
                     )

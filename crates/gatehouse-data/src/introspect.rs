@@ -115,6 +115,9 @@ pub struct Introspector {
     /// The settings it was built from (secret opened), to reuse it across
     /// revisions that keep them.
     settings: IntrospectionAuth,
+    /// The answer members kept in the cache besides `scope` and `exp`: the
+    /// claims the policy's rules read. Nothing else is kept.
+    keep: Vec<String>,
     endpoint: Endpoint,
     authorization: HeaderValue,
     cache: Mutex<Cache>,
@@ -152,6 +155,7 @@ impl Introspector {
     pub fn compile(
         policy: &str,
         settings: &IntrospectionAuth,
+        keep: &[String],
         allow_loopback_http: bool,
         previous: Option<&Arc<Introspector>>,
     ) -> Result<Arc<Introspector>, String> {
@@ -169,7 +173,7 @@ impl Introspector {
                 ));
             }
         }
-        if let Some(p) = previous.filter(|p| p.settings == *settings) {
+        if let Some(p) = previous.filter(|p| p.settings == *settings && p.keep == keep) {
             return Ok(p.clone());
         }
         let uri: http::Uri = settings
@@ -228,6 +232,7 @@ impl Introspector {
         authorization.set_sensitive(true);
         Ok(Arc::new(Introspector {
             settings: settings.clone(),
+            keep: keep.to_vec(),
             endpoint: Endpoint {
                 host,
                 port,
@@ -361,7 +366,17 @@ impl Introspector {
         let claim = &self.settings.consumer_claim;
         let subject =
             named(claim).or_else(|| (claim == "sub").then(|| named("username")).flatten());
-        Some(Answer::Active { subject, claims })
+        // Only what the policy reads stays in the cache, whatever else the
+        // endpoint sent.
+        let kept: serde_json::Map<String, Value> = ["scope", "exp"]
+            .into_iter()
+            .chain(self.keep.iter().map(String::as_str))
+            .filter_map(|k| Some((k.to_string(), claims.get(k)?.clone())))
+            .collect();
+        Some(Answer::Active {
+            subject,
+            claims: Value::Object(kept),
+        })
     }
 
     async fn exchange(&self, token: &str) -> Result<(StatusCode, Bytes), CallError> {
@@ -526,7 +541,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_checks_of_one_token_make_one_call_and_then_hit_the_cache() {
         let (url, calls) = endpoint(Duration::from_millis(200)).await;
-        let i = Introspector::compile("p", &settings(&url), true, None).unwrap();
+        let i = Introspector::compile("p", &settings(&url), &[], true, None).unwrap();
         let checks = (0..10).map(|_| i.check("tok-acme"));
         for answer in futures::future::join_all(checks).await {
             assert_eq!(subject(&answer.unwrap()), Some("acme"));
@@ -542,11 +557,11 @@ mod tests {
         );
         assert_eq!(i.calls(), 2);
         // The same settings in the next revision keep the cache.
-        let again = Introspector::compile("p", &settings(&url), true, Some(&i)).unwrap();
+        let again = Introspector::compile("p", &settings(&url), &[], true, Some(&i)).unwrap();
         assert!(Arc::ptr_eq(&again, &i));
         let mut changed = settings(&url);
         changed.cache_ttl = Duration::from_secs(30);
-        let fresh = Introspector::compile("p", &changed, true, Some(&i)).unwrap();
+        let fresh = Introspector::compile("p", &changed, &[], true, Some(&i)).unwrap();
         assert!(!Arc::ptr_eq(&fresh, &i));
     }
 
@@ -554,7 +569,7 @@ mod tests {
     async fn exp_bounds_the_cache_and_failures_are_not_kept() {
         let (url, calls) = endpoint(Duration::ZERO).await;
         let count = || calls.load(std::sync::atomic::Ordering::SeqCst);
-        let i = Introspector::compile("p", &settings(&url), true, None).unwrap();
+        let i = Introspector::compile("p", &settings(&url), &[], true, None).unwrap();
         assert!(matches!(
             *i.check("tok-expired").await.unwrap(),
             Answer::Inactive
@@ -574,32 +589,77 @@ mod tests {
         // Wrong client credentials: the endpoint refuses, 503 for the caller.
         let mut wrong = settings(&url);
         wrong.client_secret = "other".into();
-        let w = Introspector::compile("p", &wrong, true, None).unwrap();
+        let w = Introspector::compile("p", &wrong, &[], true, None).unwrap();
         assert_eq!(w.check("tok-acme").await.unwrap_err(), Unavailable);
         // Nothing listening: unavailable, within the timeout.
         let gone =
-            Introspector::compile("p", &settings("http://127.0.0.1:1/x"), true, None).unwrap();
+            Introspector::compile("p", &settings("http://127.0.0.1:1/x"), &[], true, None).unwrap();
         assert_eq!(gone.check("tok-acme").await.unwrap_err(), Unavailable);
     }
 
     #[test]
     fn plain_http_needs_loopback_and_the_flag() {
-        let err =
-            Introspector::compile("p", &settings("http://127.0.0.1:9/x"), false, None).unwrap_err();
+        let err = Introspector::compile("p", &settings("http://127.0.0.1:9/x"), &[], false, None)
+            .unwrap_err();
         assert_eq!(
             err,
             "policy \"p\": introspection.url: plain http needs --allow-insecure-idp-loopback on this data plane"
         );
-        let err =
-            Introspector::compile("p", &settings("http://idp.example/x"), true, None).unwrap_err();
+        let err = Introspector::compile("p", &settings("http://idp.example/x"), &[], true, None)
+            .unwrap_err();
         assert_eq!(err, "policy \"p\": introspection.url: must be an https URL");
         assert!(
-            Introspector::compile("p", &settings("https://idp.example/x"), false, None).is_ok()
+            Introspector::compile("p", &settings("https://idp.example/x"), &[], false, None)
+                .is_ok()
         );
         // The secret never shows in Debug.
-        let i =
-            Introspector::compile("p", &settings("https://idp.example/x"), false, None).unwrap();
+        let i = Introspector::compile("p", &settings("https://idp.example/x"), &[], false, None)
+            .unwrap();
         assert!(!format!("{i:?}").contains("s:cret"));
+    }
+
+    #[test]
+    fn answers_are_read_strictly_and_only_what_the_policy_reads_is_kept() {
+        let keep = ["tenant".to_string()];
+        let i = Introspector::compile("p", &settings("https://idp.example/x"), &keep, false, None)
+            .unwrap();
+        let read = |v: serde_json::Value| i.read(v.to_string().as_bytes());
+        let Some(Answer::Active { subject, claims }) = read(serde_json::json!({
+            "active": true, "sub": "acme", "scope": "a b", "tenant": "t1",
+            "exp": 4_000_000_000u64, "huge": "x".repeat(1000),
+        })) else {
+            panic!("active")
+        };
+        assert_eq!(subject.as_deref(), Some("acme"));
+        assert_eq!(
+            claims,
+            serde_json::json!({ "scope": "a b", "exp": 4_000_000_000u64, "tenant": "t1" })
+        );
+        // `username` stands in for a missing `sub`; neither is no subject.
+        let Some(Answer::Active { subject, .. }) =
+            read(serde_json::json!({ "active": true, "username": "bob" }))
+        else {
+            panic!("active")
+        };
+        assert_eq!(subject.as_deref(), Some("bob"));
+        let Some(Answer::Active { subject, .. }) = read(serde_json::json!({ "active": true }))
+        else {
+            panic!("active")
+        };
+        assert_eq!(subject, None);
+        for inactive in [
+            serde_json::json!({ "active": false, "sub": "acme" }),
+            serde_json::json!({ "active": "true", "sub": "acme" }),
+            serde_json::json!({ "sub": "acme" }),
+            serde_json::json!({ "active": true, "sub": "acme", "exp": 1 }),
+        ] {
+            assert!(
+                matches!(read(inactive.clone()), Some(Answer::Inactive)),
+                "{inactive}"
+            );
+        }
+        assert!(i.read(b"not json").is_none());
+        assert!(i.read(b"[true]").is_none());
     }
 
     #[test]
