@@ -453,7 +453,16 @@ mod tests {
     /// `tok-*` tokens (consumer after the dash), with `exp` when asked, 500
     /// for `fail`. Returns its URL and its call count.
     async fn endpoint(delay: Duration) -> (String, Arc<std::sync::atomic::AtomicU64>) {
+        endpoint_with(delay, None).await
+    }
+
+    /// [`endpoint`], over TLS with `tls` when given.
+    async fn endpoint_with(
+        delay: Duration,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (String, Arc<std::sync::atomic::AtomicU64>) {
         use hyper::service::service_fn;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -462,6 +471,7 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let counted = counted.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let counted = counted.clone();
@@ -508,13 +518,21 @@ mod tests {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        (format!("http://{addr}/introspect"), calls)
+        (format!("{scheme}://{addr}/introspect"), calls)
     }
 
     fn settings(url: &str) -> IntrospectionAuth {
@@ -595,6 +613,40 @@ mod tests {
         let gone =
             Introspector::compile("p", &settings("http://127.0.0.1:1/x"), &[], true, None).unwrap();
         assert_eq!(gone.check("tok-acme").await.unwrap_err(), Unavailable);
+    }
+
+    #[tokio::test]
+    async fn https_endpoints_are_checked_against_the_configured_ca() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (url, calls) = endpoint_with(Duration::ZERO, Some(acceptor)).await;
+        let mut trusted = settings(&url);
+        trusted.ca_pem = Some(ca_pem);
+        let i = Introspector::compile("p", &trusted, &[], false, None).unwrap();
+        assert_eq!(subject(&i.check("tok-acme").await.unwrap()), Some("acme"));
+        // The web PKI roots do not know this CA: no call gets through.
+        let untrusted = Introspector::compile("p", &settings(&url), &[], false, None).unwrap();
+        assert_eq!(untrusted.check("tok-acme").await.unwrap_err(), Unavailable);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
