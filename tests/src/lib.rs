@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub mod data;
 pub mod drill;
 pub mod faults;
+pub mod introspection;
 pub mod jwks;
 pub mod linearizability;
 pub mod redis;

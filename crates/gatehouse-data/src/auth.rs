@@ -1,11 +1,14 @@
 //! Authentication and authorisation at the edge: who the caller is (an API
-//! key today), whether the route's policy lets them in, and the identity
-//! headers the upstream receives.
+//! key, a JWT, a client certificate, or an opaque token checked by
+//! introspection), whether the route's policy lets them in, and the
+//! identity headers the upstream receives.
 //!
 //! Everything is compiled with the revision: a key lookup is one hash-map
-//! probe and one constant-time comparison of SHA-256 digests. A policy
-//! that asks only for methods this build cannot check yet (JWT, mTLS)
-//! refuses every request: a policy fails closed, never open.
+//! probe and one constant-time comparison of SHA-256 digests; a client
+//! certificate is verified once per connection and policy CA (`mtls`); an
+//! opaque token costs a call to its endpoint once per cache period
+//! (`introspect`). A request must bring exactly one credential the policy
+//! accepts; a policy fails closed, never open.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,6 +110,16 @@ impl Credentials {
     }
 }
 
+/// What compiling a policy needs from outside the revision.
+#[derive(Debug, Default)]
+pub struct AuthEnv {
+    /// Token introspection may call plain http on loopback (tests only).
+    pub allow_insecure_idp_loopback: bool,
+    /// Introspectors of the revision being served, by policy name: reused
+    /// (with their caches) when the settings did not change.
+    pub introspectors: HashMap<String, Arc<crate::introspect::Introspector>>,
+}
+
 /// A policy compiled for the hot path.
 #[derive(Debug)]
 pub struct CompiledPolicy {
@@ -122,6 +135,10 @@ pub struct CompiledPolicy {
     needs_token: bool,
     /// The issuers whose tokens are accepted.
     issuers: Vec<Arc<crate::jwt::CompiledIssuer>>,
+    /// The CA client certificates must chain to.
+    mtls: Option<crate::mtls::CompiledMtls>,
+    /// The endpoint opaque tokens are checked at.
+    introspector: Option<Arc<crate::introspect::Introspector>>,
     challenge: HeaderValue,
     /// The policy's rate limits.
     pub limits: Vec<crate::limits::CompiledLimit>,
@@ -137,6 +154,7 @@ impl CompiledPolicy {
         limiters: &crate::limits::LimiterRegistry,
         metrics: &crate::metrics::Metrics,
         issuers: &HashMap<String, Arc<crate::jwt::CompiledIssuer>>,
+        env: &AuthEnv,
     ) -> Result<CompiledPolicy, String> {
         let header = p
             .api_key
@@ -145,8 +163,15 @@ impl CompiledPolicy {
         let key_header = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
             .map_err(|_| format!("policy \"{}\": api_key.header is not a header name", p.name))?;
         let mut challenges = Vec::new();
-        if p.authentication.contains(&AuthMethod::Jwt) {
+        if p.authentication.contains(&AuthMethod::Jwt)
+            || p.authentication.contains(&AuthMethod::Introspection)
+        {
             challenges.push("Bearer realm=\"gatehouse\"".to_string());
+        }
+        if p.authentication.contains(&AuthMethod::Mtls) {
+            // No registered scheme names a TLS client certificate; this one
+            // tells a client what to bring.
+            challenges.push("ClientCertificate realm=\"gatehouse\"".to_string());
         }
         if p.authentication.contains(&AuthMethod::ApiKey) || challenges.is_empty() {
             challenges.push(format!(
@@ -177,6 +202,28 @@ impl CompiledPolicy {
                     })
                 })
                 .collect::<Result<_, String>>()?,
+            mtls: p
+                .mtls
+                .as_ref()
+                .map(|m| crate::mtls::CompiledMtls::compile(&p.name, m))
+                .transpose()?,
+            introspector: p
+                .introspection
+                .as_ref()
+                .map(|i| {
+                    crate::introspect::Introspector::compile(
+                        &p.name,
+                        i,
+                        &p.authorization
+                            .claims
+                            .iter()
+                            .map(|c| c.claim.clone())
+                            .collect::<Vec<_>>(),
+                        env.allow_insecure_idp_loopback,
+                        env.introspectors.get(&p.name),
+                    )
+                })
+                .transpose()?,
             challenge,
             firewall: crate::firewall::CompiledFirewall::compile(&p.name, &p.firewall)?,
             quotas: p
@@ -212,13 +259,20 @@ impl CompiledPolicy {
         }
     }
 
+    /// The policy's token introspector, if it has one.
+    pub fn introspector(&self) -> Option<&Arc<crate::introspect::Introspector>> {
+        self.introspector.as_ref()
+    }
+
     /// Who the caller is, or why not: `Ok(None)` when the policy asks for
-    /// no authentication.
-    pub fn authenticate(
+    /// no authentication. `peer` is the client certificate chain of the
+    /// connection (TLS listener only).
+    pub async fn authenticate(
         &self,
         creds: &Credentials,
         headers: &HeaderMap,
         query: Option<&str>,
+        peer: Option<&crate::mtls::PeerChain>,
         now: SystemTime,
     ) -> Result<Option<Arc<ConsumerInfo>>, Reject> {
         if self.methods.is_empty() {
@@ -229,40 +283,82 @@ impl CompiledPolicy {
         } else {
             None
         };
-        let bearer = if self.methods.contains(&AuthMethod::Jwt) {
+        let bearer = if self.methods.contains(&AuthMethod::Jwt)
+            || self.methods.contains(&AuthMethod::Introspection)
+        {
             self.presented_bearer(headers)?
         } else {
             None
         };
+        let cert = self.mtls.as_ref().zip(peer);
         // Exactly one credential: with two, which would the upstream believe?
-        let (consumer, claims) = match (key, bearer) {
-            (Some(key), None) => (
+        let verified_jwt;
+        let answer;
+        let (consumer, claims) = match (key, bearer, cert) {
+            (Some(key), None, None) => (
                 creds
                     .consumer_of(key, now)
                     .ok_or_else(|| self.unauthorized())?,
                 None,
             ),
-            (None, Some(token)) => {
-                let verified = crate::jwt::verify(token, &self.issuers).map_err(|e| match e {
-                    crate::jwt::TokenError::KeysUnavailable => Reject::KeysUnavailable,
-                    _ => self.unauthorized(),
-                })?;
+            (None, Some(token), None) => {
+                // A token that verifies as a JWT of the policy's issuers is
+                // one; any other goes to the introspection endpoint.
+                let jwt = if self.methods.contains(&AuthMethod::Jwt) {
+                    Some(crate::jwt::verify(token, &self.issuers))
+                } else {
+                    None
+                };
+                let (subject, claims) = match (jwt, &self.introspector) {
+                    (Some(Ok(v)), _) => {
+                        verified_jwt = v;
+                        (verified_jwt.subject.as_str(), &verified_jwt.claims)
+                    }
+                    // Keys that could check it are unavailable, and no other
+                    // method of this policy can: 503, not 401.
+                    (Some(Err(crate::jwt::TokenError::KeysUnavailable)), None) => {
+                        return Err(Reject::KeysUnavailable)
+                    }
+                    (_, Some(introspector)) => {
+                        answer = introspector
+                            .check(token)
+                            .await
+                            .map_err(|_| Reject::AuthUnavailable)?;
+                        match &*answer {
+                            crate::introspect::Answer::Active {
+                                subject: Some(subject),
+                                claims,
+                            } => (subject.as_str(), claims),
+                            _ => return Err(self.unauthorized()),
+                        }
+                    }
+                    (_, None) => return Err(self.unauthorized()),
+                };
                 let consumer = creds
-                    .consumer_named(&verified.subject)
+                    .consumer_named(subject)
                     .ok_or_else(|| self.unauthorized())?;
-                (consumer, Some(verified))
+                (consumer, Some(claims))
             }
-            // mTLS is not checked by this build yet: a policy that asks only
-            // for it, or a request that brings nothing, is refused.
+            (None, None, Some((mtls, chain))) => {
+                // A certificate of another CA, expired, or naming no
+                // Consumer object is no credential here.
+                let name = mtls
+                    .identify(chain, now)
+                    .ok_or_else(|| self.unauthorized())?;
+                let consumer = creds
+                    .consumer_named(&name)
+                    .ok_or_else(|| self.unauthorized())?;
+                (consumer, None)
+            }
             _ => return Err(self.unauthorized()),
         };
         if !self.groups.is_empty() && !consumer.groups.iter().any(|g| self.groups.contains(g)) {
             return Err(Reject::Forbidden);
         }
         if self.needs_token {
-            // Scopes and claims come with a token; an API key carries none.
-            let verified = claims.ok_or(Reject::Forbidden)?;
-            let claims = &verified.claims;
+            // Scopes and claims come with a token; an API key or a client
+            // certificate carries none.
+            let claims = claims.ok_or(Reject::Forbidden)?;
             let scopes = crate::jwt::claim_values(claims, "scope");
             if !self.scopes.iter().all(|s| scopes.contains(s)) {
                 return Err(Reject::Forbidden);
@@ -375,6 +471,19 @@ mod tests {
     use gatehouse_model::object::{ApiKey, ApiKeyAuth, Authorization, Consumer};
     use std::time::Duration;
 
+    impl CompiledPolicy {
+        /// `authenticate` without a client certificate, to completion.
+        fn authenticate_blocking(
+            &self,
+            creds: &Credentials,
+            headers: &HeaderMap,
+            query: Option<&str>,
+            now: SystemTime,
+        ) -> Result<Option<Arc<ConsumerInfo>>, Reject> {
+            futures::executor::block_on(self.authenticate(creds, headers, query, None, now))
+        }
+    }
+
     fn setup(expires_in: Option<Duration>, revoked: bool) -> (Credentials, String) {
         let mut n = 3u8;
         let (id, secret) = apikey::generate(&mut || {
@@ -416,6 +525,8 @@ mod tests {
                     query_param: query.then(|| "api_key".into()),
                 }),
                 jwt: None,
+                mtls: None,
+                introspection: None,
                 authorization: Authorization {
                     groups: groups.iter().map(|g| g.to_string()).collect(),
                     ..Default::default()
@@ -427,6 +538,7 @@ mod tests {
             &Default::default(),
             &Default::default(),
             &HashMap::new(),
+            &AuthEnv::default(),
         )
         .unwrap()
     }
@@ -448,12 +560,12 @@ mod tests {
         let p = policy(&[], false);
         let now = SystemTime::now();
         let who = p
-            .authenticate(&creds, &with(&[("x-api-key", &key)]), None, now)
+            .authenticate_blocking(&creds, &with(&[("x-api-key", &key)]), None, now)
             .unwrap()
             .unwrap();
         assert_eq!(who.name, "acme");
         let status = |h: HeaderMap| {
-            p.authenticate(&creds, &h, None, now)
+            p.authenticate_blocking(&creds, &h, None, now)
                 .unwrap_err()
                 .status()
                 .as_u16()
@@ -472,7 +584,9 @@ mod tests {
         assert_eq!(status(with(&[("x-api-key", &key.to_uppercase())])), 401);
         assert_eq!(status(with(&[("x-api-key", "abc")])), 401);
         assert_eq!(status(with(&[("x-api-key", "")])), 401);
-        let err = p.authenticate(&creds, &with(&[]), None, now).unwrap_err();
+        let err = p
+            .authenticate_blocking(&creds, &with(&[]), None, now)
+            .unwrap_err();
         let mut h = HeaderMap::new();
         err.write_headers(&mut h);
         assert_eq!(
@@ -487,13 +601,13 @@ mod tests {
         let (creds, key) = setup(Some(Duration::from_secs(60)), false);
         let p = policy(&[], false);
         let h = with(&[("x-api-key", &key)]);
-        assert!(p.authenticate(&creds, &h, None, now).is_ok());
+        assert!(p.authenticate_blocking(&creds, &h, None, now).is_ok());
         assert!(p
-            .authenticate(&creds, &h, None, now + Duration::from_secs(61))
+            .authenticate_blocking(&creds, &h, None, now + Duration::from_secs(61))
             .is_err());
         let (creds, key) = setup(None, true);
         assert!(p
-            .authenticate(&creds, &with(&[("x-api-key", &key)]), None, now)
+            .authenticate_blocking(&creds, &with(&[("x-api-key", &key)]), None, now)
             .is_err());
     }
 
@@ -504,24 +618,26 @@ mod tests {
         let h = with(&[("x-api-key", &key)]);
         assert_eq!(
             policy(&["silver"], false)
-                .authenticate(&creds, &h, None, now)
+                .authenticate_blocking(&creds, &h, None, now)
                 .unwrap_err(),
             Reject::Forbidden
         );
         assert!(policy(&["gold"], false)
-            .authenticate(&creds, &h, None, now)
+            .authenticate_blocking(&creds, &h, None, now)
             .is_ok());
         let q = format!("a=1&api_key={key}");
         assert!(
             policy(&[], false)
-                .authenticate(&creds, &with(&[]), Some(&q), now)
+                .authenticate_blocking(&creds, &with(&[]), Some(&q), now)
                 .is_err(),
             "not allowed"
         );
         let p = policy(&[], true);
-        assert!(p.authenticate(&creds, &with(&[]), Some(&q), now).is_ok());
+        assert!(p
+            .authenticate_blocking(&creds, &with(&[]), Some(&q), now)
+            .is_ok());
         assert!(
-            p.authenticate(&creds, &h, Some(&q), now).is_err(),
+            p.authenticate_blocking(&creds, &h, Some(&q), now).is_err(),
             "a key in both places"
         );
         let mut headers = h.clone();
@@ -542,6 +658,8 @@ mod tests {
                 authentication: vec![AuthMethod::Jwt],
                 api_key: None,
                 jwt: Some(gatehouse_model::object::JwtAuth { issuers: vec![] }),
+                mtls: None,
+                introspection: None,
                 authorization: Default::default(),
                 rate_limits: vec![],
                 quotas: vec![],
@@ -550,6 +668,7 @@ mod tests {
             &Default::default(),
             &Default::default(),
             &HashMap::new(),
+            &AuthEnv::default(),
         )
         .unwrap();
         let mut h = with(&[("x-api-key", "for-the-upstream")]);
@@ -569,7 +688,7 @@ mod tests {
     fn identity_headers_replace_whatever_the_client_sent() {
         let (creds, key) = setup(None, false);
         let who = policy(&[], false)
-            .authenticate(
+            .authenticate_blocking(
                 &creds,
                 &with(&[("x-api-key", &key)]),
                 None,
@@ -583,5 +702,85 @@ mod tests {
         identity_headers(&mut h, who.as_deref());
         assert_eq!(h["x-consumer-name"], "acme");
         assert_eq!(h["x-consumer-groups"], "gold");
+    }
+
+    /// A policy that accepts client certificates of `ca` (and API keys),
+    /// with `scopes` required.
+    fn cert_policy(ca: &str, scopes: &[&str]) -> CompiledPolicy {
+        CompiledPolicy::compile(
+            &Policy {
+                name: "certs".into(),
+                labels: Default::default(),
+                revision: 1,
+                authentication: vec![AuthMethod::Mtls, AuthMethod::ApiKey],
+                api_key: None,
+                jwt: None,
+                mtls: Some(gatehouse_model::object::MtlsAuth {
+                    ca_pem: ca.to_string(),
+                    consumer_from: Default::default(),
+                }),
+                introspection: None,
+                authorization: Authorization {
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
+                rate_limits: vec![],
+                quotas: vec![],
+                firewall: Default::default(),
+            },
+            &Default::default(),
+            &Default::default(),
+            &HashMap::new(),
+            &AuthEnv::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_client_certificate_is_one_credential_among_the_policy_methods() {
+        use crate::mtls::testing::{ca, leaf};
+        let (creds, key) = setup(None, false);
+        let a = ca("A");
+        let chain =
+            |cn: &str| crate::mtls::PeerChain::from_ders(vec![leaf(&a, cn, vec![], (-1, 30))]);
+        let p = cert_policy(&a.pem, &[]);
+        let now = SystemTime::now();
+        let run = |h: HeaderMap, peer: Option<&crate::mtls::PeerChain>| {
+            futures::executor::block_on(p.authenticate(&creds, &h, None, peer, now))
+        };
+        let acme = chain("acme");
+        assert_eq!(run(with(&[]), Some(&acme)).unwrap().unwrap().name, "acme");
+        // A certificate and a key: which would the upstream believe? Neither.
+        assert_eq!(
+            run(with(&[("x-api-key", &key)]), Some(&acme))
+                .unwrap_err()
+                .status()
+                .as_u16(),
+            401
+        );
+        // Without a certificate the key alone does it.
+        assert!(run(with(&[("x-api-key", &key)]), None).is_ok());
+        // A certificate naming no Consumer object: 401, and the challenge
+        // names both methods.
+        let err = run(with(&[]), Some(&chain("nobody"))).unwrap_err();
+        let mut h = HeaderMap::new();
+        err.write_headers(&mut h);
+        assert_eq!(
+            h["www-authenticate"],
+            "ClientCertificate realm=\"gatehouse\", ApiKey realm=\"gatehouse\", header=\"x-api-key\""
+        );
+        // A certificate carries no scopes.
+        let scoped = cert_policy(&a.pem, &["billing:read"]);
+        assert_eq!(
+            futures::executor::block_on(scoped.authenticate(
+                &creds,
+                &with(&[]),
+                None,
+                Some(&acme),
+                now
+            ))
+            .unwrap_err(),
+            Reject::Forbidden
+        );
     }
 }

@@ -40,6 +40,9 @@ pub struct Compiled {
     pub tls: CertStore,
     /// API keys and the consumers they name.
     pub credentials: Credentials,
+    /// Whether some policy accepts client certificates: the TLS listener
+    /// asks for one only then.
+    pub client_certs: bool,
 }
 
 impl Compiled {
@@ -110,16 +113,35 @@ impl Compiled {
                 Err(e) => Some(Err(e)),
             })
             .collect::<Result<_, _>>()?;
+        // Introspectors (and their caches) of the revision being served,
+        // reused by policies whose introspection settings stay the same.
+        let previous = shared.config.load_full();
+        let env = crate::auth::AuthEnv {
+            allow_insecure_idp_loopback: shared.allow_insecure_idp_loopback,
+            introspectors: previous
+                .iter()
+                .flat_map(|c| c.routes.iter())
+                .filter_map(|r| r.policy.as_ref())
+                .filter_map(|p| Some((p.name.clone(), p.introspector()?.clone())))
+                .collect(),
+        };
         let mut policies: HashMap<&str, Arc<CompiledPolicy>> = HashMap::new();
+        let mut client_certs = false;
         for o in state.list(Kind::Policy) {
             if let Object::Policy(p) = o {
+                // The introspection client secret may be sealed.
+                let Object::Policy(opened) = open(o)? else {
+                    continue;
+                };
+                client_certs |= p.mtls.is_some();
                 policies.insert(
                     &p.name,
                     Arc::new(CompiledPolicy::compile(
-                        p,
+                        &opened,
                         &shared.limiters,
                         &shared.metrics,
                         &issuers,
+                        &env,
                     )?),
                 );
             }
@@ -167,6 +189,7 @@ impl Compiled {
             pools: pools.into_values().collect(),
             credentials: Credentials::compile(state)?,
             tls: CertStore::compile(certificates.iter())?,
+            client_certs,
         })
     }
 }

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::client::{self, Apply, WatchConfig};
 use crate::compile::Compiled;
 use crate::lkg;
+use crate::mtls::PeerChain;
 use crate::proxy::{Proxy, Shared};
 use crate::resources::Limits;
 
@@ -52,6 +53,8 @@ pub struct DataPlaneConfig {
     pub access_log: crate::access_log::AccessLogTarget,
     /// How JWKS key sets are fetched.
     pub jwks: crate::jwks::JwksSettings,
+    /// Token introspection may use plain http to loopback (tests only).
+    pub allow_insecure_idp_loopback: bool,
 }
 
 /// Why a data plane could not start.
@@ -167,6 +170,7 @@ impl DataPlane {
             },
             metrics,
             access_log,
+            allow_insecure_idp_loopback: cfg.allow_insecure_idp_loopback,
             ..Shared::new(cfg.limits.clone())
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
@@ -219,10 +223,15 @@ impl DataPlane {
 
         let (shutdown, _) = watch::channel(false);
         let proxy = Proxy::new(shared.clone());
-        let proxy_service = move |peer: SocketAddr, tls: bool| {
+        let proxy_service = move |peer: SocketAddr, tls: bool, chain: Option<Arc<PeerChain>>| {
             let proxy = proxy.clone();
-            service_fn(move |req| {
+            service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let proxy = proxy.clone();
+                // The client certificate chain travels with each request of
+                // its connection, for the policy to check.
+                if let Some(chain) = &chain {
+                    req.extensions_mut().insert(chain.clone());
+                }
                 async move { proxy.handle(req, peer, tls).await }
             })
         };
@@ -247,7 +256,7 @@ impl DataPlane {
                 Some(acceptor),
                 Guard::proxy(&cfg.limits, &shared),
                 shutdown.subscribe(),
-                move |peer| make(peer, true),
+                move |peer, chain| make(peer, true, chain),
             )));
         }
         tasks.push(tokio::spawn(serve(
@@ -255,7 +264,7 @@ impl DataPlane {
             None,
             Guard::proxy(&cfg.limits, &shared),
             shutdown.subscribe(),
-            move |peer| proxy_service(peer, false),
+            move |peer, _| proxy_service(peer, false, None),
         )));
         let ops_shared = shared.clone();
         tasks.push(tokio::spawn(serve(
@@ -263,7 +272,7 @@ impl DataPlane {
             None,
             Guard::ops(&cfg.limits),
             shutdown.subscribe(),
-            move |_peer| {
+            move |_peer, _| {
                 let shared = ops_shared.clone();
                 service_fn(move |req| crate::ops::handle(shared.clone(), req))
             },
@@ -482,7 +491,7 @@ async fn serve<F, S, B>(
     mut shutdown: watch::Receiver<bool>,
     make: F,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr, Option<Arc<PeerChain>>) -> S + Send + Sync + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
         + Send
         + 'static,
@@ -492,6 +501,7 @@ async fn serve<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let make = Arc::new(make);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -514,7 +524,7 @@ async fn serve<F, S, B>(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let service = make(peer);
+                let make = make.clone();
                 let (builder, tls, stop) = (guard.builder.clone(), tls.clone(), shutdown.clone());
                 let (timeout, open) = (guard.header_read_timeout, guard.open.clone());
                 tokio::spawn(async move {
@@ -522,9 +532,12 @@ async fn serve<F, S, B>(
                         open.inc();
                     }
                     match tls {
-                        None => serve_connection(TokioIo::new(stream), service, builder, timeout, stop).await,
+                        None => serve_connection(TokioIo::new(stream), make(peer, None), builder, timeout, stop).await,
                         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => serve_connection(TokioIo::new(s), service, builder, timeout, stop).await,
+                            Ok(Ok(s)) => {
+                                let service = make(peer, PeerChain::of(s.get_ref().1));
+                                serve_connection(TokioIo::new(s), service, builder, timeout, stop).await
+                            }
                             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                         },

@@ -29,6 +29,7 @@
 //! | `upstream-unavailable` | 503 | no healthy target, or the circuit breaker is open |
 //! | `rate-limit-unavailable` | 503 | a cluster rate limit with `on_store_failure: closed` could not reach its counter store |
 //! | `keys-unavailable` | 503 | a JWT issuer's key set could not be fetched, or is older than its `jwks_max_stale` |
+//! | `auth-unavailable` | 503 | the policy's token introspection endpoint could not answer |
 //! | `not-ready` | 503 | this data plane has not applied a configuration yet |
 //! | `overloaded` | 503 | the data plane is at its cap of requests in flight; carries `Retry-After` |
 //! | `gateway-timeout` | 504 | the upstream did not answer in time |
@@ -106,6 +107,9 @@ pub enum Reject {
     /// 503: a bearer token cannot be checked: its issuer's key set was
     /// never fetched, or is older than the issuer's `jwks_max_stale`.
     KeysUnavailable,
+    /// 503: the service that checks the credential (a token introspection
+    /// endpoint) could not answer in time.
+    AuthUnavailable,
     /// 503: no configuration has been applied yet.
     NotReady,
     /// 503: the data plane is at its cap of requests in flight (load shedding).
@@ -246,6 +250,11 @@ impl Reject {
                 problem_type!("keys-unavailable"),
                 "Token keys unavailable",
             ),
+            Reject::AuthUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                problem_type!("auth-unavailable"),
+                "Authentication service unavailable",
+            ),
             Reject::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 problem_type!("not-ready"),
@@ -318,6 +327,7 @@ impl Reject {
             | Reject::UpstreamUnavailable
             | Reject::RateLimitUnavailable
             | Reject::KeysUnavailable
+            | Reject::AuthUnavailable
             | Reject::NotReady
             | Reject::GatewayTimeout => {}
         }

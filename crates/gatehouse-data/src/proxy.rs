@@ -81,6 +81,8 @@ pub struct Shared {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// The key sets of JWKS issuers, across revisions.
     pub jwks: crate::jwks::JwksRegistry,
+    /// Token introspection endpoints may be plain http on loopback (tests).
+    pub allow_insecure_idp_loopback: bool,
 }
 
 impl Shared {
@@ -97,6 +99,7 @@ impl Shared {
             seal: None,
             cluster_limits: Default::default(),
             access_log: None,
+            allow_insecure_idp_loopback: false,
             in_flight: Arc::new(Semaphore::new(limits.max_requests_in_flight)),
             limits,
         }
@@ -344,12 +347,19 @@ impl Proxy {
         }
         let consumer = match &route.policy {
             None => None,
-            Some(policy) => match policy.authenticate(
-                &config.credentials,
-                req.headers(),
-                req.uri().query(),
-                std::time::SystemTime::now(),
-            ) {
+            Some(policy) => match policy
+                .authenticate(
+                    &config.credentials,
+                    req.headers(),
+                    req.uri().query(),
+                    // The connection's client certificate chain (TLS listener).
+                    req.extensions()
+                        .get::<Arc<crate::mtls::PeerChain>>()
+                        .map(|c| &**c),
+                    std::time::SystemTime::now(),
+                )
+                .await
+            {
                 Ok(c) => c,
                 Err(r) => return (name, reject(&r)),
             },

@@ -100,7 +100,12 @@ pub fn server_config(shared: Arc<Shared>) -> Result<Arc<ServerConfig>, String> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
-        .with_no_client_auth()
+        // A client certificate is asked for (never required) while some
+        // policy accepts them; each request's policy checks it.
+        .with_client_cert_verifier(Arc::new(crate::mtls::AnyClientCert {
+            shared: shared.clone(),
+            provider: provider(),
+        }))
         .with_cert_resolver(Arc::new(Resolver { shared }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

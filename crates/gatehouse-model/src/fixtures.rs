@@ -154,6 +154,13 @@ pub fn regex_route(name: &str, upstream: &str) -> Route {
     }
 }
 
+/// A self-signed P-256 CA certificate (`CN=Fixture Client CA`, valid
+/// until 2126), for policies that accept client certificates.
+pub const CLIENT_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBnjCCAUWgAwIBAgIUM8KMSVW2V9F8lvySeMPXxx8ivRswCgYIKoZIzj0EAwIw\nHDEaMBgGA1UEAwwRRml4dHVyZSBDbGllbnQgQ0EwIBcNMjYxMTI4MDQ0OTA3WhgP\nMjEyNjExMDQwNDQ5MDdaMBwxGjAYBgNVBAMMEUZpeHR1cmUgQ2xpZW50IENBMFkw\nEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEx4QOEcFgO10m+CO0YxMqZJFbA2GJr2QT\nT1GSHAZe5iGC0+kqivhnXrvLPdGIFbMOuTv4D4xqfkRLHkx+pab3cKNjMGEwHQYD\nVR0OBBYEFPj45xDM2WyO5Az2IbWlqMiDVG56MB8GA1UdIwQYMBaAFPj45xDM2WyO\n5Az2IbWlqMiDVG56MA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMAoG\nCCqGSM49BAMCA0cAMEQCICV//L0j9o8FncVHB8NP0EljuWlNvppVJq9X9GaFUL+Y\nAiBf9bqd5czzjIhClWgEzb/3JDDVWN2l9NInil9Ru02ekQ==\n-----END CERTIFICATE-----\n";
+
+/// A self-signed certificate that is not a CA (`CN=leaf`).
+pub const NOT_A_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBcjCCARigAwIBAgIUJ4OeYE5Zs9aKQfVofN1AdCvcwO0wCgYIKoZIzj0EAwIw\nDzENMAsGA1UEAwwEbGVhZjAgFw0yNjExMjgwNDQ5MDdaGA8yMTI2MTEwNDA0NDkw\nN1owDzENMAsGA1UEAwwEbGVhZjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABL+B\nPhoSNEKlxNBeVKabuVLLv7rdN6NNMFy+V4P4EMygsw1pJKFzcarwta30mqJa/tDx\n50sdgJR85K8ZsgePdxOjUDBOMB0GA1UdDgQWBBRPgw9CAf1vL7b1e5xnGJwXzG10\nJDAfBgNVHSMEGDAWgBRPgw9CAf1vL7b1e5xnGJwXzG10JDAMBgNVHRMBAf8EAjAA\nMAoGCCqGSM49BAMCA0gAMEUCIBfj3NqW/oWVJXAl2aZvA9QhfpDrHQCQBiTXsjGj\nsjxxAiEAvtDtF5+QzwtPdr4gnZntqSD1C5jrqNXHptQrNRaCEvA=\n-----END CERTIFICATE-----\n";
+
 /// A policy that authenticates no one and limits nothing.
 pub fn policy(name: &str) -> Policy {
     Policy {
@@ -163,6 +170,8 @@ pub fn policy(name: &str) -> Policy {
         authentication: Vec::new(),
         api_key: None,
         jwt: None,
+        mtls: None,
+        introspection: None,
         authorization: Authorization::default(),
         rate_limits: Vec::new(),
         quotas: Vec::new(),
@@ -181,6 +190,11 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
         jwt: Some(JwtAuth {
             issuers: vec![issuer.to_string()],
         }),
+        mtls: Some(MtlsAuth {
+            ca_pem: CLIENT_CA_PEM.to_string(),
+            consumer_from: CertIdentity::SanDns,
+        }),
+        introspection: None,
         authorization: Authorization {
             groups: strings(&["admins", "billing-team"]),
             scopes: strings(&["billing:read"]),

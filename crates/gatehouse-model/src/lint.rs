@@ -162,7 +162,7 @@ pub fn lint(objects: &[Object], secrets: &[SecretUse]) -> Vec<Finding> {
                             None => "has no policy, so anyone may call it".into(),
                             Some(p) => format!("policy {:?} requires no authentication", p.name),
                         },
-                        format!("attach a policy with authentication (api_key, jwt or mtls), or label the route {PUBLIC_LABEL}: \"true\" if it is meant to be public"),
+                        format!("attach a policy with authentication (api_key, jwt, mtls or introspection), or label the route {PUBLIC_LABEL}: \"true\" if it is meant to be public"),
                     );
                 }
                 let limits = match &g {

@@ -346,6 +346,13 @@ pub struct Policy {
     pub api_key: Option<ApiKeyAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtAuth>,
+    /// Client certificates (on the TLS listener), when authentication lists `mtls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsAuth>,
+    /// Opaque bearer tokens checked at an RFC 7662 endpoint, when
+    /// authentication lists `introspection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub introspection: Option<IntrospectionAuth>,
     #[serde(default)]
     pub authorization: Authorization,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -363,6 +370,70 @@ pub enum AuthMethod {
     ApiKey,
     Jwt,
     Mtls,
+    Introspection,
+}
+
+/// Client certificates: the chain must lead to `ca_pem`; the certificate
+/// names a Consumer object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsAuth {
+    /// PEM CA certificate(s) a client certificate must chain to.
+    pub ca_pem: String,
+    /// Which part of the client certificate names the consumer.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub consumer_from: CertIdentity,
+}
+
+/// The part of a client certificate that names the consumer: the subject's
+/// common name, or the first DNS subject alternative name. The value must be
+/// a Consumer's name exactly (consumer names are lower-case a-z, 0-9, '-'
+/// and '.', so URI and e-mail names could never match and are not offered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertIdentity {
+    #[default]
+    SubjectCn,
+    SanDns,
+}
+
+/// OAuth2 token introspection (RFC 7662) of opaque bearer tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionAuth {
+    /// The introspection endpoint: https (plain http only on loopback, and
+    /// only where the data plane allows it).
+    pub url: String,
+    /// The gateway's client credentials, sent with HTTP Basic.
+    pub client_id: String,
+    /// Key material: sealed at rest like other secrets.
+    pub client_secret: String,
+    /// PEM CA bundle the endpoint's certificate must chain to; the system
+    /// roots when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    /// The response member that names the consumer (`sub`, then `username`
+    /// when the default is absent).
+    #[serde(default = "defaults::consumer_claim")]
+    pub consumer_claim: String,
+    /// How long an active answer is reused (never past the token's `exp`).
+    #[serde(
+        default = "defaults::introspection_cache_ttl",
+        with = "humantime_serde"
+    )]
+    pub cache_ttl: Duration,
+    /// How long an inactive answer is reused.
+    #[serde(
+        default = "defaults::introspection_negative_ttl",
+        with = "humantime_serde"
+    )]
+    pub negative_cache_ttl: Duration,
+    /// Cached answers kept at most (the oldest go first).
+    #[serde(default = "defaults::introspection_cache_entries")]
+    pub max_cache_entries: u32,
+    /// How long one call to the endpoint may take.
+    #[serde(default = "defaults::introspection_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -774,5 +845,17 @@ pub mod defaults {
     }
     pub fn max_token_bytes() -> u32 {
         8192
+    }
+    pub fn introspection_cache_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn introspection_negative_ttl() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn introspection_cache_entries() -> u32 {
+        10_000
+    }
+    pub fn introspection_timeout() -> Duration {
+        Duration::from_secs(2)
     }
 }

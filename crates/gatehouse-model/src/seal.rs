@@ -120,6 +120,16 @@ fn secret_fields(object: &mut Object) -> Vec<(String, &mut String)> {
             .enumerate()
             .filter_map(|(i, k)| k.secret.as_mut().map(|s| (format!("keys[{i}].secret"), s)))
             .collect(),
+        Object::Policy(p) => p
+            .introspection
+            .iter_mut()
+            .map(|i| {
+                (
+                    "introspection.client_secret".to_string(),
+                    &mut i.client_secret,
+                )
+            })
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -229,6 +239,39 @@ mod tests {
                 assert!(!is_sealed(p));
             }
         }
+        open_object(&mut sealed, Some(&k)).unwrap();
+        assert_eq!(sealed, plain);
+    }
+
+    #[test]
+    fn introspection_client_secrets_are_sealed_in_their_policy() {
+        let k = key();
+        let mut p = fixtures::policy("opaque");
+        p.authentication = vec![crate::object::AuthMethod::Introspection];
+        p.introspection = Some(crate::object::IntrospectionAuth {
+            url: "https://idp.example.com/introspect".into(),
+            client_id: "gateway".into(),
+            client_secret: "s3cret".into(),
+            ca_pem: None,
+            consumer_claim: "sub".into(),
+            cache_ttl: std::time::Duration::from_secs(60),
+            negative_cache_ttl: std::time::Duration::from_secs(5),
+            max_cache_entries: 10,
+            timeout: std::time::Duration::from_secs(2),
+        });
+        let plain: Object = p.into();
+        let mut sealed = plain.clone();
+        seal_object(&mut sealed, &k).unwrap();
+        let Object::Policy(p) = &sealed else {
+            unreachable!()
+        };
+        let secret = &p.introspection.as_ref().unwrap().client_secret;
+        assert!(is_sealed(secret) && !secret.contains("s3cret"));
+        assert!(has_sealed(&sealed));
+        assert_eq!(
+            open_object(&mut sealed.clone(), None).unwrap_err().to_string(),
+            "policy \"opaque\": introspection.client_secret: is sealed, and no secrets key is configured here to open it"
+        );
         open_object(&mut sealed, Some(&k)).unwrap();
         assert_eq!(sealed, plain);
     }

@@ -73,6 +73,11 @@ const SECRET_FIELDS: &[SecretField] = &[
         path: &["keys", "*", "secret"],
         placeholder: "(unresolved reference, a placeholder of 64 bytes for validation)",
     },
+    SecretField {
+        kind: Kind::Policy,
+        path: &["introspection", "client_secret"],
+        placeholder: "(unresolved reference)",
+    },
 ];
 
 fn matches(pattern: &[&str], path: &[Seg]) -> bool {

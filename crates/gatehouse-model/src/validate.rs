@@ -456,6 +456,36 @@ fn policy(c: &Check<'_>, p: &Policy) -> Result {
             "is required when authentication lists jwt",
         )?,
     }
+    match &p.mtls {
+        Some(m) => {
+            c.ensure(
+                uses(AuthMethod::Mtls),
+                "mtls",
+                "is set but authentication does not list mtls",
+            )?;
+            ca_certificates(&m.ca_pem).map_err(|e| c.fail("mtls.ca_pem", e))?;
+        }
+        None => c.ensure(
+            !uses(AuthMethod::Mtls),
+            "mtls",
+            "is required when authentication lists mtls",
+        )?,
+    }
+    match &p.introspection {
+        Some(i) => {
+            c.ensure(
+                uses(AuthMethod::Introspection),
+                "introspection",
+                "is set but authentication does not list introspection",
+            )?;
+            introspection(c, i)?;
+        }
+        None => c.ensure(
+            !uses(AuthMethod::Introspection),
+            "introspection",
+            "is required when authentication lists introspection",
+        )?,
+    }
     let a = &p.authorization;
     // Groups are matched against consumers' groups, so they follow the same syntax.
     c.count("authorization.groups", &a.groups, 0, 64)?;
@@ -830,6 +860,132 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
         "must not be empty",
     )?;
     c.range("max_token_bytes", j.max_token_bytes, 256, 65_536)
+}
+
+fn introspection(c: &Check<'_>, i: &IntrospectionAuth) -> Result {
+    c.ensure(
+        i.url.len() <= 2048
+            && has_host(&i.url)
+            && (i.url.starts_with("https://") || is_loopback_http(&i.url)),
+        "introspection.url",
+        "must be an https URL (plain http only on loopback)",
+    )?;
+    c.ensure(
+        !i.client_id.is_empty()
+            && i.client_id.len() <= 256
+            && !i.client_id.contains(char::is_control),
+        "introspection.client_id",
+        "must be 1 to 256 characters, none of them control characters",
+    )?;
+    c.ensure(
+        !i.client_secret.is_empty()
+            && (i.client_secret.len() <= 1024 || crate::seal::is_sealed(&i.client_secret)),
+        "introspection.client_secret",
+        "must be 1 to 1024 characters",
+    )?;
+    if let Some(pem) = &i.ca_pem {
+        ca_certificates(pem).map_err(|e| c.fail("introspection.ca_pem", e))?;
+    }
+    c.ensure(
+        !i.consumer_claim.is_empty() && i.consumer_claim.len() <= 256,
+        "introspection.consumer_claim",
+        "must be 1 to 256 characters",
+    )?;
+    c.duration(
+        "introspection.cache_ttl",
+        i.cache_ttl,
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    )?;
+    c.duration(
+        "introspection.negative_cache_ttl",
+        i.negative_cache_ttl,
+        Duration::ZERO,
+        Duration::from_secs(300),
+    )?;
+    c.range(
+        "introspection.max_cache_entries",
+        i.max_cache_entries,
+        1,
+        1_000_000,
+    )?;
+    c.duration(
+        "introspection.timeout",
+        i.timeout,
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    )
+}
+
+/// Whether `url` is http(s) with a host, no user info and no blanks.
+fn has_host(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // A port, when there is one, is a number that fits.
+    let port_ok = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            !host.is_empty() && port.parse::<u16>().is_ok()
+        }
+        _ => true,
+    };
+    !authority.is_empty()
+        && port_ok
+        && !authority.contains('@')
+        && !url.contains(|c: char| c.is_whitespace() || c.is_control())
+}
+
+/// Whether `url` is plain http to a loopback host (127.0.0.1, localhost or
+/// [::1]), with nothing but a port between the host and the path.
+pub fn is_loopback_http(url: &str) -> bool {
+    ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+        .iter()
+        .any(|p| {
+            url.strip_prefix(p).is_some_and(|r| {
+                let r = r
+                    .strip_prefix(':')
+                    .map_or(r, |r| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+                r.is_empty() || r.starts_with(['/', '?', '#'])
+            })
+        })
+}
+
+/// Checks that `pem` holds one or more CA certificates (basic constraints
+/// `CA:TRUE`) and nothing else; returns how many.
+pub fn ca_certificates(pem: &str) -> std::result::Result<usize, String> {
+    let mut n = 0;
+    for item in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let item = item.map_err(|e| format!("is not valid PEM: {e}"))?;
+        if item.label != "CERTIFICATE" {
+            return Err(format!(
+                "holds a {} where only CERTIFICATE blocks belong",
+                item.label
+            ));
+        }
+        let cert = item
+            .parse_x509()
+            .map_err(|e| format!("certificate {n} does not parse: {e}"))?;
+        let is_ca = cert
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.value.ca);
+        if !is_ca {
+            return Err(format!(
+                "certificate {n} ({}) is not a CA certificate",
+                cert.subject()
+            ));
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Err("holds no PEM certificate".to_string());
+    }
+    Ok(n)
 }
 
 /// The smallest RSA key accepted for token signatures (RFC 8725, NIST).

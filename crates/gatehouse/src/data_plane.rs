@@ -33,6 +33,12 @@ pub struct Listeners {
     /// (appended to). Never holds credentials or query strings.
     #[arg(long, default_value = "off", env = "GATEHOUSE_ACCESS_LOG")]
     access_log: AccessLogTarget,
+    /// Let policies call a token introspection endpoint over plain http on
+    /// a loopback address (127.0.0.1, localhost, [::1]). For tests and local
+    /// development only: the token and the gateway's client secret then
+    /// travel unencrypted.
+    #[arg(long, env = "GATEHOUSE_ALLOW_INSECURE_IDP_LOOPBACK")]
+    allow_insecure_idp_loopback: bool,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -315,6 +321,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
         jwks: args.jwks.settings(),
+        allow_insecure_idp_loopback: args.listeners.allow_insecure_idp_loopback,
     })
 }
 
@@ -381,6 +388,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
         jwks: args.jwks.settings(),
+        allow_insecure_idp_loopback: args.listeners.allow_insecure_idp_loopback,
     })
     .await?;
     println!(

@@ -48,7 +48,7 @@ fn gh001_route_without_authentication() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(
         found[0].to_string(),
-        "GH001 route \"orders\": policy: policy \"auth\" requires no authentication\n  fix: attach a policy with authentication (api_key, jwt or mtls), or label the route gatehouse.io/public: \"true\" if it is meant to be public"
+        "GH001 route \"orders\": policy: policy \"auth\" requires no authentication\n  fix: attach a policy with authentication (api_key, jwt, mtls or introspection), or label the route gatehouse.io/public: \"true\" if it is meant to be public"
     );
     // Marked public: no GH001; it still has its rate limit, so nothing at all.
     r.labels = labels(&[(PUBLIC_LABEL, "true")]);

@@ -1293,6 +1293,140 @@ fn assert_invalid_field(object: impl Into<Object>, field: &str) -> InvalidObject
     err
 }
 
+fn introspection_auth() -> IntrospectionAuth {
+    IntrospectionAuth {
+        url: "https://idp.example.com/oauth2/introspect".to_string(),
+        client_id: "gateway".to_string(),
+        client_secret: "s3cret".to_string(),
+        ca_pem: None,
+        consumer_claim: "sub".to_string(),
+        cache_ttl: Duration::from_secs(60),
+        negative_cache_ttl: Duration::from_secs(5),
+        max_cache_entries: 100,
+        timeout: Duration::from_secs(2),
+    }
+}
+
+#[test]
+fn mtls_needs_a_ca_certificate_in_pem() {
+    assert_valid(full_policy("certs", "corp"));
+    let mut p = policy("certs");
+    p.authentication = vec![AuthMethod::Mtls];
+    assert_invalid(
+        p.clone(),
+        "mtls",
+        r#"policy "certs": mtls: is required when authentication lists mtls"#,
+    );
+    p.mtls = Some(MtlsAuth {
+        ca_pem: NOT_A_CA_PEM.to_string(),
+        consumer_from: CertIdentity::SubjectCn,
+    });
+    assert_invalid(
+        p.clone(),
+        "mtls.ca_pem",
+        r#"policy "certs": mtls.ca_pem: certificate 0 (CN=leaf) is not a CA certificate"#,
+    );
+    p.mtls.as_mut().unwrap().ca_pem = "not pem".to_string();
+    assert_invalid(
+        p.clone(),
+        "mtls.ca_pem",
+        r#"policy "certs": mtls.ca_pem: holds no PEM certificate"#,
+    );
+    p.mtls.as_mut().unwrap().ca_pem =
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".to_string();
+    assert_invalid_prefix(
+        p.clone(),
+        "mtls.ca_pem",
+        r#"policy "certs": mtls.ca_pem: certificate 0 does not parse"#,
+    );
+    // Two CAs are fine; a CA and a leaf are not.
+    p.mtls.as_mut().unwrap().ca_pem = format!("{CLIENT_CA_PEM}{CLIENT_CA_PEM}");
+    assert_valid(p.clone());
+    p.mtls.as_mut().unwrap().ca_pem = format!("{CLIENT_CA_PEM}{NOT_A_CA_PEM}");
+    assert_invalid_prefix(
+        p.clone(),
+        "mtls.ca_pem",
+        r#"policy "certs": mtls.ca_pem: certificate 1 (CN=leaf)"#,
+    );
+    p.authentication.clear();
+    p.mtls.as_mut().unwrap().ca_pem = CLIENT_CA_PEM.to_string();
+    assert_invalid(
+        p,
+        "mtls",
+        r#"policy "certs": mtls: is set but authentication does not list mtls"#,
+    );
+}
+
+#[test]
+fn introspection_fields_are_checked() {
+    let mut p = policy("opaque");
+    p.authentication = vec![AuthMethod::Introspection];
+    assert_invalid(
+        p.clone(),
+        "introspection",
+        r#"policy "opaque": introspection: is required when authentication lists introspection"#,
+    );
+    p.introspection = Some(introspection_auth());
+    assert_valid(p.clone());
+    let with = |f: &dyn Fn(&mut IntrospectionAuth)| {
+        let mut p = p.clone();
+        f(p.introspection.as_mut().unwrap());
+        p
+    };
+    assert_valid(with(&|i| i.url = "http://127.0.0.1:8080/introspect".into()));
+    assert_valid(with(&|i| i.url = "http://[::1]:8080/introspect".into()));
+    assert_valid(with(&|i| i.url = "https://[2001:db8::1]/introspect".into()));
+    for url in [
+        "http://idp.example.com/introspect",
+        "ftp://idp.example.com/",
+        "https://",
+        "https://user@idp.example.com/",
+        "http://127.0.0.1.evil.example/",
+        "https://idp.example.com/a b",
+        "https://idp.example.com:99999/introspect",
+        "https://idp.example.com:/introspect",
+    ] {
+        assert_invalid(
+            with(&|i| i.url = url.into()),
+            "introspection.url",
+            r#"policy "opaque": introspection.url: must be an https URL (plain http only on loopback)"#,
+        );
+    }
+    assert_invalid_field(with(&|i| i.client_id.clear()), "introspection.client_id");
+    assert_invalid_field(
+        with(&|i| i.client_secret.clear()),
+        "introspection.client_secret",
+    );
+    assert_invalid_field(
+        with(&|i| i.ca_pem = Some(NOT_A_CA_PEM.into())),
+        "introspection.ca_pem",
+    );
+    assert_valid(with(&|i| i.ca_pem = Some(CLIENT_CA_PEM.into())));
+    assert_invalid_field(
+        with(&|i| i.consumer_claim.clear()),
+        "introspection.consumer_claim",
+    );
+    assert_invalid_field(
+        with(&|i| i.cache_ttl = Duration::from_secs(7200)),
+        "introspection.cache_ttl",
+    );
+    assert_invalid_field(
+        with(&|i| i.max_cache_entries = 0),
+        "introspection.max_cache_entries",
+    );
+    assert_invalid_field(
+        with(&|i| i.timeout = Duration::from_millis(10)),
+        "introspection.timeout",
+    );
+    let mut p = policy("opaque");
+    p.introspection = Some(introspection_auth());
+    assert_invalid(
+        p,
+        "introspection",
+        r#"policy "opaque": introspection: is set but authentication does not list introspection"#,
+    );
+}
+
 #[test]
 fn jwks_timings_are_bounded_and_need_a_jwks_url() {
     let s = Duration::from_secs;
