@@ -404,33 +404,37 @@ impl CompiledLimit {
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
         let mut leasing = None;
+        let mut want = 1;
         let mut may_wait = true;
-        while self.lease > 0 {
-            match self.spend_lease(&key, sent, may_wait) {
-                Spend::Spent(count, refill) => {
-                    if let Some(want) = refill {
-                        self.refill_in_background(key, want, store, m);
+        if self.lease > 0 {
+            loop {
+                match self.spend_lease(&key, sent, may_wait) {
+                    Spend::Spent(count, refill) => {
+                        if let Some(want) = refill {
+                            self.refill_in_background(key, want, store, m);
+                        }
+                        return Verdict::Counted(count);
                     }
-                    return Verdict::Counted(count);
+                    // This request fetches the next lease.
+                    Spend::Fetch(size) => {
+                        want = size;
+                        leasing = Some(LeaseInFlight {
+                            leases: self.leases.clone(),
+                            key: key.clone(),
+                            lease_time: self.lease_time(),
+                            done: false,
+                        });
+                        break;
+                    }
+                    // None held, and a lease is on its way: it is as close as
+                    // Redis. Once it came (or failed), try again, then ask
+                    // Redis for one token rather than wait a second time.
+                    Spend::Wait(mut arrived) => {
+                        may_wait = false;
+                        let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
+                    }
+                    Spend::One => break,
                 }
-                // This request fetches the next lease.
-                Spend::Fetch => {
-                    leasing = Some(LeaseInFlight {
-                        leases: self.leases.clone(),
-                        key: key.clone(),
-                        lease_time: self.lease_time(),
-                        done: false,
-                    });
-                    break;
-                }
-                // None held, and a lease is on its way: it is as close as
-                // Redis. Once it came (or failed), try again, then ask
-                // Redis for one token rather than wait a second time.
-                Spend::Wait(mut arrived) => {
-                    may_wait = false;
-                    let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
-                }
-                Spend::One => break,
             }
         }
         if let Some(until) = self.refused.get(&key, sent) {
@@ -441,7 +445,6 @@ impl CompiledLimit {
                 wait: Some(until - sent),
             });
         }
-        let want = if leasing.is_some() { self.lease } else { 1 };
         match store
             .decide(self.redis_key(&key), self.period, self.capacity, want)
             .await
@@ -501,10 +504,26 @@ impl CompiledLimit {
             .max(Duration::from_secs(1))
     }
 
-    /// Held tokens at or below which the next lease is fetched in the
-    /// background, so that requests keep spending local tokens meanwhile.
-    fn low_watermark(&self) -> u64 {
-        (self.lease / 4).max(1)
+    /// The size of the next lease of a key: twice what this node's requests
+    /// of it would spend in one lease time at the rate seen since the last
+    /// fetch, within 1..=`lease` (the first one a quarter of `lease`).
+    /// Tokens a data plane leases and does not spend in time are lost to
+    /// every data plane; sizing by the rate keeps that loss small for keys
+    /// a data plane sees rarely. It changes no bound: those hold for any
+    /// lease size up to `lease`.
+    fn next_size(&self, lease: &mut Lease, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(lease.since).as_secs_f64();
+        let size = if elapsed <= 0.0 {
+            lease.size
+        } else {
+            let per_lease = lease.demand as f64 * self.lease_time().as_secs_f64() / elapsed;
+            (2.0 * per_lease).ceil().min(self.lease as f64) as u64
+        }
+        .clamp(1, self.lease);
+        lease.size = size;
+        lease.demand = 0;
+        lease.since = now;
+        size
     }
 
     /// Spends one leased token of `key` if this node holds one (and says
@@ -514,8 +533,11 @@ impl CompiledLimit {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         let Some(lease) = leases.get_mut(key) else {
             if leases.len() >= SWEEP_AT {
-                leases.retain(|_, l| l.fetching || l.held.iter().any(|(_, until)| *until > now));
+                // Kept a while after their tokens went, for the rate.
+                let keep = self.lease_time() * 4;
+                leases.retain(|_, l| l.fetching || now.saturating_duration_since(l.since) < keep);
             }
+            let size = (self.lease / 4).max(1);
             leases.insert(
                 key.to_string(),
                 Lease {
@@ -523,21 +545,31 @@ impl CompiledLimit {
                     fetching: true,
                     no_refill_until: now,
                     arrived: tokio::sync::watch::Sender::new(0),
+                    size,
+                    demand: 1,
+                    since: now,
                 },
             );
-            return Spend::Fetch;
+            return Spend::Fetch(size);
         };
+        if may_wait {
+            lease.demand += 1;
+        }
         lease.held.retain(|(n, until)| *n > 0 && *until > now);
         if let Some(oldest) = lease.held.first_mut() {
             oldest.0 -= 1;
             let left: u64 = lease.held.iter().map(|(n, _)| n).sum();
-            // Held and fetched together stay within one lease.
-            let refill =
-                (!lease.fetching && left <= self.low_watermark() && now >= lease.no_refill_until)
-                    .then(|| {
-                        lease.fetching = true;
-                        self.lease - left
-                    });
+            // Fetched in the background when a quarter of a lease is left;
+            // held and fetched together stay within one lease.
+            let refill = (!lease.fetching
+                && left <= (lease.size / 4).max(1)
+                && now >= lease.no_refill_until)
+                .then(|| self.next_size(lease, now))
+                .filter(|size| *size > left)
+                .map(|size| {
+                    lease.fetching = true;
+                    size - left
+                });
             return Spend::Spent(
                 Count {
                     // What this node holds; the bucket may hold more.
@@ -558,7 +590,7 @@ impl CompiledLimit {
             };
         }
         lease.fetching = true;
-        Spend::Fetch
+        Spend::Fetch(self.next_size(lease, now))
     }
 
     /// Fetches up to `want` more tokens of `key` without holding up the
@@ -609,6 +641,11 @@ struct Lease {
     no_refill_until: Instant,
     /// Bumped when a fetch ends, for the requests waiting for it.
     arrived: tokio::sync::watch::Sender<u64>,
+    /// The size of the last lease asked for.
+    size: u64,
+    /// Requests of this key since `since`, when the last fetch began.
+    demand: u64,
+    since: Instant,
 }
 
 impl Lease {
@@ -621,8 +658,8 @@ impl Lease {
 enum Spend {
     /// A held token was spent; `Some(n)`: fetch `n` more in the background.
     Spent(Count, Option<u64>),
-    /// Fetch a lease for this request and the next ones.
-    Fetch,
+    /// Fetch a lease of this many tokens for this request and the next ones.
+    Fetch(u64),
     /// None held, and a lease is being fetched: wait for it.
     Wait(tokio::sync::watch::Receiver<u64>),
     /// A lease is being fetched and this request waited once already: ask
@@ -1190,21 +1227,31 @@ mod tests {
             lease_time: c.lease_time(),
             done: false,
         };
-        let now = Instant::now();
-        assert!(matches!(c.spend_lease("k", now, false), Spend::Fetch));
+        let t0 = Instant::now();
+        // The first lease of a key is a quarter of `lease`.
+        assert!(matches!(c.spend_lease("k", t0, true), Spend::Fetch(2)));
         // While it is out, others wait for it (once), then ask for one
         // token each.
-        let Spend::Wait(mut arrived) = c.spend_lease("k", now, true) else {
+        let Spend::Wait(arrived) = c.spend_lease("k", t0, true) else {
             panic!("no wait for the lease on its way");
         };
         assert!(!arrived.has_changed().unwrap());
-        assert!(matches!(c.spend_lease("k", now, false), Spend::One));
-        fetch().done(7, now);
+        assert!(matches!(c.spend_lease("k", t0, false), Spend::One));
+        fetch().done(1, t0);
         assert!(arrived.has_changed().unwrap(), "waiters are woken");
-        // 7 held: spent locally; at the low watermark (2 left) the next
-        // lease is fetched in the background, topping up to 8 in all.
-        for left in (0..7).rev() {
-            match c.spend_lease("k", now, false) {
+        // Three requests in 10 ms: at that rate a lease time (1 s) spends
+        // far more than 8, so the next lease is the whole 8, fetched in the
+        // background as the last held token goes.
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(matches!(
+            c.spend_lease("k", t1, true),
+            Spend::Spent(_, Some(8))
+        ));
+        fetch().done(8, t1);
+        // 8 held: spent locally; at a quarter left (2) the next lease is
+        // fetched in the background, topping up to 8 in all.
+        for left in (0..8).rev() {
+            match c.spend_lease("k", t1, false) {
                 Spend::Spent(count, refill) => {
                     assert_eq!(count.remaining, left);
                     assert_eq!(refill, (left == 2).then_some(6), "{left} left");
@@ -1212,28 +1259,34 @@ mod tests {
                 _ => panic!("a leased token was not spent"),
             }
         }
-        // The background fetch is still out: one token each.
-        assert!(matches!(c.spend_lease("k", now, false), Spend::One));
-        fetch().done(6, now);
-        assert!(matches!(
-            c.spend_lease("k", now, false),
-            Spend::Spent(_, None)
-        ));
-        // A fetch that ends without a lease (Redis failed, client gone) lets
-        // the next request fetch.
-        let later = now + Duration::from_secs(2);
-        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch));
+        // That fetch is still out: one token each.
+        assert!(matches!(c.spend_lease("k", t1, false), Spend::One));
+        // It ends without a lease (Redis failed, client gone): the next
+        // request fetches. One request in 100 s: a lease of 1.
         drop(fetch());
-        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch));
-        // Tokens are not spent after the lease time (1 s here), and tokens
-        // of an older lease are spent first.
-        fetch().done(3, now);
-        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch));
-        fetch().done(2, later);
-        // 1 left: at the watermark, top up to 8.
-        assert!(matches!(
-            c.spend_lease("k", later, false),
-            Spend::Spent(_, Some(7))
-        ));
+        let later = t1 + Duration::from_secs(100);
+        assert!(matches!(c.spend_lease("k", later, true), Spend::Fetch(1)));
+        // Tokens are not spent after the lease time (1 s here).
+        fetch().done(3, t1);
+        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch(_)));
+        // Tokens of an older lease are spent first.
+        fetch().done(1, later);
+        {
+            let mut leases = c.leases.lock().unwrap();
+            leases
+                .get_mut("k")
+                .unwrap()
+                .held
+                .push((1, later + Duration::from_secs(5)));
+        }
+        let held = |c: &CompiledLimit| c.leases.lock().unwrap()["k"].held.clone();
+        assert!(matches!(c.spend_lease("k", later, false), Spend::Spent(..)));
+        assert_eq!(
+            held(&c),
+            [
+                (0, later + Duration::from_secs(1)),
+                (1, later + Duration::from_secs(5))
+            ]
+        );
     }
 }
