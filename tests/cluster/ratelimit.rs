@@ -663,6 +663,77 @@ async fn sentinels_fail_over_and_limits_resume_against_the_new_master() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_share_divides_by_the_data_planes_of_the_whole_cluster() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, Options::default()).await?;
+    let upstream = Upstream::start("app").await?;
+    let dir = tempfile::tempdir()?;
+    let mut redis = RedisServer::start(dir.path())?;
+    let flags = [
+        "--redis-url".to_string(),
+        redis.url(),
+        "--rate-limit-timeout-ms".into(),
+        "200".into(),
+    ];
+    // Four data planes over three control-plane nodes: two on node 1, one
+    // on each of the others. Each node alone sees 2, 1 and 1.
+    let dps = [1, 1, 2, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            DataPlaneProc::start_args(
+                &format!("dp-{}", i + 1),
+                std::slice::from_ref(&cluster.node(*node).admin),
+                dir.path(),
+                &flags,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(
+        &file,
+        config(
+            &upstream,
+            &[(
+                "local",
+                "key: [\"header:x-user\"], limit: 40, window: 1h, on_store_failure: local",
+            )],
+        ),
+    )?;
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
+    let started = Instant::now();
+    for dp in &dps {
+        eventually(
+            Duration::from_secs(30),
+            "the cluster-wide count",
+            || async {
+                let m = get(&format!("http://{}/metrics", dp.ops), &[]).await.ok()?;
+                String::from_utf8_lossy(&m.body)
+                    .contains("gatehouse_data_planes_reported 4")
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    eprintln!(
+        "every data plane reported 4 data planes {:?} after the config was applied",
+        started.elapsed()
+    );
+    // Without Redis, the data plane alone on node 3 counts a quarter of the
+    // limit, not all of it.
+    redis.kill();
+    let url = format!("http://{}/local", dps[3].proxy);
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(get(&url, &[("x-user", "u")]).await?.status);
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!("local share on the data plane alone on its node: {admitted} of 12 admitted");
+    assert_eq!(admitted, 10, "40 shared by 4 data planes: {statuses:?}");
+    assert!(statuses[10..].iter().all(|s| *s == 429), "{statuses:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_count_per_consumer_across_data_planes_and_usage_reads_them() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let redis = RedisServer::start(dir.path())?;
