@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_e2e::data::{get, DataPlaneProc, Upstream};
-use gatehouse_e2e::redis::{RedisCluster, RedisServer};
+use gatehouse_e2e::redis::{RedisCluster, RedisSentinels, RedisServer};
 use gatehouse_e2e::{apply, eventually, Cluster, Options};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -544,6 +544,192 @@ async fn a_redis_cluster_of_three_masters_holds_the_limits() -> anyhow::Result<(
         sizes.iter().filter(|n| **n > 0).count() >= 2,
         "keys spread over the masters: {sizes:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_fail_over_and_limits_resume_against_the_new_master() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut redis = RedisSentinels::start(dir.path(), "limits")?;
+    let timeout = Duration::from_millis(200);
+    let setup = Setup::start(
+        3,
+        &[
+            "--redis-sentinel".to_string(),
+            redis.urls().join(","),
+            "--redis-sentinel-master".into(),
+            "limits".into(),
+            "--rate-limit-timeout-ms".into(),
+            timeout.as_millis().to_string(),
+        ],
+    )
+    .await?;
+    setup
+        .apply(&[(
+            "users",
+            "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
+        )])
+        .await?;
+    let client = http_client();
+    let status = |dp: usize, user: String| {
+        let (client, url) = (&client, setup.url(dp, "/users"));
+        async move {
+            send(client, &url, &[("x-user", &user)])
+                .await
+                .map_or(0, |(s, _)| s)
+        }
+    };
+    // Until every data plane asked the sentinels for the master.
+    for dp in 0..3 {
+        eventually(
+            Duration::from_secs(20),
+            "the master from the sentinels",
+            || {
+                let probe = status(dp, format!("probe-{dp}"));
+                async move { (probe.await == 200).then_some(()) }
+            },
+        )
+        .await?;
+    }
+    // The limit holds across the data planes, counted in the master.
+    let mut before = Vec::new();
+    for i in 0..5 {
+        before.push(status(i % 3, "before".into()).await);
+    }
+    assert_eq!(before, [200, 200, 200, 429, 429], "before the failover");
+    // The replica has every write before the master dies.
+    redis.master.cli(&["wait", "1", "2000"])?;
+    let old_master = redis.master.port;
+    redis.master.kill();
+    let killed = Instant::now();
+
+    // Requests of fresh users to each data plane in turn until every data
+    // plane admitted again after the outage; `closed` answers 503 between.
+    let mut seen: Vec<(usize, u16, Duration)> = Vec::new();
+    let mut back = [false; 3];
+    let mut i = 0usize;
+    while !back.iter().all(|b| *b) {
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "limits did not resume within 60 s of the master's death: {seen:?}"
+        );
+        let dp = i % 3;
+        let s = status(dp, format!("gap-{i}")).await;
+        seen.push((dp, s, killed.elapsed()));
+        if s == 200 && seen.iter().any(|(d, s, _)| *d == dp && *s == 503) {
+            back[dp] = true;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused: Vec<_> = seen.iter().filter(|(_, s, _)| *s == 503).collect();
+    let first = refused.first().map(|(_, _, t)| *t);
+    let last = refused.last().map(|(_, _, t)| *t);
+    eprintln!(
+        "sentinel failover: {} requests after the kill, {} answered 503 (from {first:?} to {last:?}), every data plane admitted again {:?} after the kill; statuses other than 200/503: {:?}",
+        seen.len(),
+        refused.len(),
+        killed.elapsed(),
+        seen.iter().filter(|(_, s, _)| *s != 200 && *s != 503).collect::<Vec<_>>()
+    );
+    assert!(
+        !refused.is_empty(),
+        "the master's death was seen (closed answers 503 until the failover)"
+    );
+    let new_master = redis.master_port()?;
+    assert_ne!(
+        new_master, old_master,
+        "the sentinels promoted another server"
+    );
+    assert_eq!(
+        new_master, redis.replica.port,
+        "the replica is the master now"
+    );
+
+    // Limits resume against the new master, with the buckets it replicated.
+    let mut after = Vec::new();
+    for i in 0..3 {
+        after.push(status(i % 3, "before".into()).await);
+    }
+    assert_eq!(after, [429, 429, 429], "the bucket survived the failover");
+    let mut fresh = Vec::new();
+    for i in 0..5 {
+        fresh.push(status(i % 3, "after".into()).await);
+    }
+    assert_eq!(fresh, [200, 200, 200, 429, 429], "after the failover");
+    let keys: u64 = redis.replica.cli(&["dbsize"])?.trim().parse()?;
+    eprintln!("sentinel failover: {keys} keys in the new master");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_share_divides_by_the_data_planes_of_the_whole_cluster() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, Options::default()).await?;
+    let upstream = Upstream::start("app").await?;
+    let dir = tempfile::tempdir()?;
+    let mut redis = RedisServer::start(dir.path())?;
+    let flags = [
+        "--redis-url".to_string(),
+        redis.url(),
+        "--rate-limit-timeout-ms".into(),
+        "200".into(),
+    ];
+    // Four data planes over three control-plane nodes: two on node 1, one
+    // on each of the others. Each node alone sees 2, 1 and 1.
+    let dps = [1, 1, 2, 3]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            DataPlaneProc::start_args(
+                &format!("dp-{}", i + 1),
+                std::slice::from_ref(&cluster.node(*node).admin),
+                dir.path(),
+                &flags,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(
+        &file,
+        config(
+            &upstream,
+            &[(
+                "local",
+                "key: [\"header:x-user\"], limit: 40, window: 1h, on_store_failure: local",
+            )],
+        ),
+    )?;
+    apply(&cluster.node(1).admin, file.to_str().unwrap());
+    let started = Instant::now();
+    for dp in &dps {
+        eventually(
+            Duration::from_secs(30),
+            "the cluster-wide count",
+            || async {
+                let m = get(&format!("http://{}/metrics", dp.ops), &[]).await.ok()?;
+                String::from_utf8_lossy(&m.body)
+                    .contains("gatehouse_data_planes_reported 4")
+                    .then_some(())
+            },
+        )
+        .await?;
+    }
+    eprintln!(
+        "every data plane reported 4 data planes {:?} after the config was applied",
+        started.elapsed()
+    );
+    // Without Redis, the data plane alone on node 3 counts a quarter of the
+    // limit, not all of it.
+    redis.kill();
+    let url = format!("http://{}/local", dps[3].proxy);
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(get(&url, &[("x-user", "u")]).await?.status);
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    eprintln!("local share on the data plane alone on its node: {admitted} of 12 admitted");
+    assert_eq!(admitted, 10, "40 shared by 4 data planes: {statuses:?}");
+    assert!(statuses[10..].iter().all(|s| *s == 429), "{statuses:?}");
     Ok(())
 }
 

@@ -46,7 +46,7 @@ async fn the_cluster_talks_tls_and_knows_data_planes_and_admins_by_their_certifi
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let certs = dir.path().join("certs");
-    make_certs(&certs, 3, &["dp-1"], &["alice", "grafana:viewer"])?;
+    make_certs(&certs, 3, &["dp-1", "dp-2"], &["alice", "grafana:viewer"])?;
     // A CA the cluster does not trust, with a data plane of its own.
     let rogue = dir.path().join("rogue");
     make_certs(&rogue, 1, &["dp-1"], &["alice"])?;
@@ -157,7 +157,7 @@ async fn the_cluster_talks_tls_and_knows_data_planes_and_admins_by_their_certifi
     };
     let dp = DataPlaneProc::start_custom(
         "claims-another-name",
-        &cps,
+        &cps[..1],
         dir.path(),
         &tls_flags(&certs, "dp-1"),
         None,
@@ -178,6 +178,33 @@ async fn the_cluster_talks_tls_and_knows_data_planes_and_admins_by_their_certifi
     let status = text(&out);
     assert!(status.contains("dp-1"), "{status}");
     assert!(!status.contains("claims-another-name"), "{status}");
+
+    // A second data plane on another node: control-plane nodes add up each
+    // other's data planes over mutual TLS, and both data planes hear 2.
+    let dp2 = DataPlaneProc::start_custom(
+        "dp-2",
+        &cps[2..],
+        dir.path(),
+        &tls_flags(&certs, "dp-2"),
+        None,
+    )?;
+    for d in [&dp, &dp2] {
+        eventually(
+            Duration::from_secs(20),
+            "the cluster-wide data-plane count",
+            || async {
+                let m = gatehouse_e2e::data::get(&format!("http://{}/metrics", d.ops), &[])
+                    .await
+                    .ok()?;
+                String::from_utf8_lossy(&m.body)
+                    .contains("gatehouse_data_planes_reported 2")
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", d.log_tail()))?;
+    }
+    drop(dp2);
 
     // Without a client certificate, even with a data_plane token, no watch.
     let mut c = admin_tls(&certs, Some(TOKEN), None, &at_follower).await?;

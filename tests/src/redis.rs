@@ -1,5 +1,6 @@
 //! Real `redis-server` processes on free loopback ports, for the cluster
-//! rate-limit tests: one server, or a Redis Cluster of masters.
+//! rate-limit tests: one server, a Redis Cluster of masters, or a master
+//! with a replica watched by Sentinels.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
+    /// More arguments: `--replicaof`, or a sentinel's config file first.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -40,26 +43,83 @@ impl RedisServer {
     }
 
     fn start_mode(dir: &std::path::Path, cluster: bool) -> Result<RedisServer> {
+        Self::start_with(dir, cluster, |_, _| Ok(Vec::new()))
+    }
+
+    /// Starts a replica of the server on `master_port`.
+    pub fn start_replica(dir: &std::path::Path, master_port: u16) -> Result<RedisServer> {
+        Self::start_with(dir, false, |_, _| {
+            Ok(vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master_port.to_string(),
+            ])
+        })
+    }
+
+    /// Starts a Sentinel (`redis-server sentinel.conf --sentinel`) watching
+    /// the master on `master_port` as `name`, with a quorum of `quorum`.
+    pub fn start_sentinel(
+        dir: &std::path::Path,
+        name: &str,
+        master_port: u16,
+        quorum: usize,
+    ) -> Result<RedisServer> {
+        Self::start_with(dir, false, |port, dir| {
+            // Sentinel rewrites its config file, so it lives in its own dir.
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}
+bind 127.0.0.1
+dir {}
+sentinel monitor {name} 127.0.0.1 {master_port} {quorum}
+sentinel down-after-milliseconds {name} 1000
+sentinel failover-timeout {name} 10000
+sentinel parallel-syncs {name} 1
+",
+                    dir.display()
+                ),
+            )?;
+            Ok(vec![conf.display().to_string(), "--sentinel".into()])
+        })
+    }
+
+    fn start_with(
+        dir: &std::path::Path,
+        cluster: bool,
+        extra: impl FnOnce(u16, &std::path::Path) -> Result<Vec<String>>,
+    ) -> Result<RedisServer> {
         let port = free_port()?;
+        let dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let extra = extra(port, &dir)?;
         let mut server = RedisServer {
             port,
-            dir: dir.join(format!("redis-{port}")),
+            dir,
             cluster,
+            extra,
             child: None,
         };
-        std::fs::create_dir_all(&server.dir)?;
         server.spawn()?;
         Ok(server)
     }
 
     fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
+        if self.extra.last().map(String::as_str) == Some("--sentinel") {
+            // A sentinel: its config file and --sentinel say everything.
+            cmd.args(&self.extra);
+        } else {
+            cmd.args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(&self.extra);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if self.cluster {
@@ -221,5 +281,82 @@ impl RedisServer {
             l.strip_prefix("cluster_state:")
                 .map(|v| v.trim().to_string())
         }))
+    }
+}
+
+/// A master, one replica and three Sentinels watching them (quorum 2), all
+/// on loopback.
+pub struct RedisSentinels {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+    pub name: String,
+}
+
+impl RedisSentinels {
+    pub fn start(dir: &std::path::Path, name: &str) -> Result<RedisSentinels> {
+        let master = RedisServer::start(dir)?;
+        let replica = RedisServer::start_replica(dir, master.port)?;
+        let sentinels = (0..3)
+            .map(|_| RedisServer::start_sentinel(dir, name, master.port, 2))
+            .collect::<Result<Vec<_>>>()?;
+        let set = RedisSentinels {
+            master,
+            replica,
+            sentinels,
+            name: name.to_string(),
+        };
+        // Sentinels find the replica and each other through the master
+        // (hello messages every 2 s); a failover needs both.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = set.sentinels.iter().all(|s| {
+                let fields = set.master_fields(s).unwrap_or_default();
+                let field = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            });
+            let synced = set
+                .replica
+                .info_field("replication", "master_link_status")
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some("up");
+            if ready && synced {
+                return Ok(set);
+            }
+            if Instant::now() > deadline {
+                bail!("the sentinels did not see the replica and each other in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `SENTINEL MASTER name` of one sentinel, as (field, value) pairs.
+    fn master_fields(&self, sentinel: &RedisServer) -> Result<Vec<(String, String)>> {
+        let out = sentinel.cli(&["sentinel", "master", &self.name])?;
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        Ok(lines
+            .chunks(2)
+            .filter_map(|c| match c {
+                [k, v] => Some((k.to_string(), v.to_string())),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The master's port as the first sentinel names it.
+    pub fn master_port(&self) -> Result<u16> {
+        let out = self.sentinels[0].cli(&["sentinel", "get-master-addr-by-name", &self.name])?;
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .context("sentinel get-master-addr-by-name")
+    }
+
+    /// URLs for `--redis-sentinel`.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
     }
 }

@@ -204,6 +204,8 @@ pub struct RaftService {
     pub flush: FlushFn,
     /// With TLS, only peers whose certificate says `control_plane` may talk Raft.
     pub tls: bool,
+    /// The data planes connected here, which peers ask for.
+    pub data_planes: Arc<crate::stream::Registry>,
 }
 
 fn decode<T: DeserializeOwned>(req: &pb::RaftRequest) -> Result<T, Status> {
@@ -281,6 +283,15 @@ impl pb::raft_server::Raft for RaftService {
         encode(&self.raft.install_snapshot(rpc).await)
     }
 
+    async fn data_planes(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.admit_peer(&request)?;
+        self.admit(request.get_ref())?;
+        encode(&self.data_planes.names())
+    }
+
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -303,5 +314,68 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::JoinReply {
             incarnation: self.identity.incarnation.clone(),
         }))
+    }
+}
+
+/// How often a node adds up the data planes of the whole cluster.
+pub const DATA_PLANE_COUNT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Adds up, every [`DATA_PLANE_COUNT_INTERVAL`], the distinct data planes
+/// (by name) connected to this node and to every other member it reaches,
+/// and records the sum in `registry`, which the config stream's heartbeats
+/// carry to the data planes (the divisor of the `local` failure mode's
+/// share). A member that does not answer in time counts for none of its
+/// data planes this round, so the count may dip, never exceed the truth
+/// (a data plane counted on two nodes while it moves counts once).
+pub async fn count_cluster_data_planes(
+    raft: Raft,
+    identity: Arc<Identity>,
+    channels: Channels,
+    registry: Arc<crate::stream::Registry>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let members: Vec<(NodeId, NodeInfo)> = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| (*id, n.clone()))
+                .collect()
+        };
+        let cluster_id = identity.cluster_id().unwrap_or_default();
+        let asks = members
+            .into_iter()
+            .filter(|(id, _)| *id != identity.node_id)
+            .map(|(id, node)| {
+                let channel = channels.get(&node.raft_addr);
+                let cluster_id = cluster_id.clone();
+                async move {
+                    let mut request = Request::new(pb::RaftRequest {
+                        cluster_id,
+                        target_id: id,
+                        target_incarnation: node.incarnation.clone(),
+                        data: Vec::new(),
+                    });
+                    request.set_timeout(Duration::from_secs(1));
+                    let mut client = RaftClient::new(channel.ok()?);
+                    let reply =
+                        tokio::time::timeout(Duration::from_secs(1), client.data_planes(request))
+                            .await
+                            .ok()?
+                            .ok()?;
+                    serde_json::from_slice::<Vec<String>>(&reply.into_inner().data).ok()
+                }
+            });
+        let mut names: std::collections::HashSet<String> = registry.names().into_iter().collect();
+        for theirs in futures::future::join_all(asks).await.into_iter().flatten() {
+            names.extend(theirs);
+        }
+        registry.set_cluster_count(names.len() as u64);
+        tokio::select! {
+            () = tokio::time::sleep(DATA_PLANE_COUNT_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
     }
 }

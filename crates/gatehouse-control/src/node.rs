@@ -243,11 +243,13 @@ impl ControlPlane {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let data_planes = Arc::new(Registry::default());
         let raft_service = RaftServer::new(RaftService {
             raft: raft.clone(),
             identity: identity.clone(),
             flush: flush.clone(),
             tls: tls.is_some(),
+            data_planes: data_planes.clone(),
         })
         .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
@@ -257,7 +259,13 @@ impl ControlPlane {
             cfg.bootstrap_token_hash.clone(),
             tls.is_some(),
         ));
-        let data_planes = Arc::new(Registry::default());
+        tokio::spawn(crate::network::count_cluster_data_planes(
+            raft.clone(),
+            identity.clone(),
+            channels.clone(),
+            data_planes.clone(),
+            shutdown.subscribe(),
+        ));
         let data_planes_for_ops = data_planes.clone();
         let metrics = Arc::new(crate::ops::Metrics::default());
         let stream_service = ConfigStreamServer::new(ConfigStreamService {

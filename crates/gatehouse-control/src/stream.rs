@@ -38,6 +38,9 @@ struct Entry {
 pub struct Registry {
     next_id: AtomicU64,
     entries: Mutex<HashMap<u64, Entry>>,
+    /// Distinct data planes connected to any node of the cluster, as this
+    /// node last added them up (0 until it did).
+    cluster: AtomicU64,
 }
 
 impl Registry {
@@ -62,6 +65,24 @@ impl Registry {
     pub fn count(&self) -> u64 {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.len() as u64
+    }
+
+    /// The names of the data planes connected to this node.
+    pub fn names(&self) -> Vec<String> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.values().map(|e| e.node_name.clone()).collect()
+    }
+
+    /// Records how many distinct data planes the whole cluster has.
+    pub fn set_cluster_count(&self, n: u64) {
+        self.cluster.store(n, Ordering::Relaxed);
+    }
+
+    /// The data-plane count the config stream tells data planes (the
+    /// divisor of their `local` share): the whole cluster's, and never
+    /// fewer than are connected here.
+    pub fn reported(&self) -> u64 {
+        self.count().max(self.cluster.load(Ordering::Relaxed))
     }
 
     /// Every connected data plane, as the status API reports it.
@@ -306,7 +327,7 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                     let beat = pb::WatchResponse {
                         msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat {
                             revision,
-                            data_planes: registry.count(),
+                            data_planes: registry.reported(),
                         })),
                     };
                     if tx.send(Ok(beat)).await.is_err() {
@@ -330,7 +351,7 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                         let beat = pb::WatchResponse {
                             msg: Some(pb::watch_response::Msg::Heartbeat(pb::Heartbeat {
                                 revision,
-                                data_planes: registry.count(),
+                                data_planes: registry.reported(),
                             })),
                         };
                         if tx.send(Ok(beat)).await.is_err() {

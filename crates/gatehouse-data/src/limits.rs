@@ -188,7 +188,6 @@ pub struct CompiledLimit {
     parts: Vec<KeyPart>,
     limiter: Arc<Limiter>,
     limit: u64,
-    window: Duration,
     capacity: u64,
     period: Duration,
     scope: LimitScope,
@@ -202,9 +201,13 @@ pub struct CompiledLimit {
     fallback: TimedKeys,
     /// Cost mode: tokens to take from Redis at once (0: exact mode).
     lease: u64,
-    /// Cost mode: tokens this node took and has not spent, by Redis key,
+    /// Cost mode: tokens this node took and has not spent, by bucket key,
     /// and until when they may be spent.
-    leases: Mutex<HashMap<String, Lease>>,
+    leases: Leases,
+    /// `LIMIT;w=SECONDS`, this limit's part of `RateLimit-Policy`.
+    policy_part: String,
+    /// `RateLimit-Policy` of a policy with this limit alone.
+    policy_header: Option<HeaderValue>,
     counters: LimitCounters,
 }
 
@@ -286,12 +289,12 @@ impl CompiledLimit {
             deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &l.name, "limited"),
             fallback: counter(&metrics.limit_fallbacks, policy, &l.name, fallback),
         };
+        let policy_part = format!("{};w={}", l.limit, l.window.as_secs().max(1));
         Ok(CompiledLimit {
             name: l.name.clone(),
             parts,
             limiter,
             limit: l.limit,
-            window: l.window,
             capacity,
             period,
             scope: l.scope,
@@ -300,7 +303,9 @@ impl CompiledLimit {
             refused: TimedKeys::default(),
             fallback: TimedKeys::default(),
             lease: l.lease,
-            leases: Mutex::new(HashMap::new()),
+            leases: Leases::default(),
+            policy_header: HeaderValue::from_str(&policy_part).ok(),
+            policy_part,
             counters,
         })
     }
@@ -309,24 +314,26 @@ impl CompiledLimit {
     /// spelling a header value differently (case, surrounding blanks) or an
     /// IPv4 address as IPv4-mapped IPv6 does not give a fresh bucket.
     fn key(&self, ctx: &LimitContext<'_>) -> String {
-        let mut key = String::new();
+        let mut key = String::with_capacity(48);
         for (i, part) in self.parts.iter().enumerate() {
             if i > 0 {
                 key.push('\u{1f}');
             }
             match part {
                 KeyPart::Consumer => key.push_str(ctx.consumer.unwrap_or("")),
-                KeyPart::ClientIp => key.push_str(&ctx.client_ip.to_canonical().to_string()),
+                KeyPart::ClientIp => push_ip(&mut key, ctx.client_ip.to_canonical()),
                 KeyPart::Route => key.push_str(ctx.route),
                 KeyPart::Header(h) => {
                     if let Some(v) = ctx.headers.get(h) {
                         let v = String::from_utf8_lossy(v.as_bytes());
-                        let mut words = v.split_ascii_whitespace();
-                        if let Some(first) = words.next() {
-                            key.push_str(&first.to_lowercase());
-                            for w in words {
+                        for (i, word) in v.split_ascii_whitespace().enumerate() {
+                            if i > 0 {
                                 key.push(' ');
-                                key.push_str(&w.to_lowercase());
+                            }
+                            if word.is_ascii() {
+                                key.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+                            } else {
+                                key.push_str(&word.to_lowercase());
                             }
                         }
                     }
@@ -340,9 +347,12 @@ impl CompiledLimit {
     /// value (which may be a credential) nor its length reaches Redis.
     fn redis_key(&self, key: &str) -> String {
         let digest = Sha256::digest(key.as_bytes());
+        let mut hex = [0u8; 32];
+        // 16 bytes always fit 32 hex digits.
+        let _ = hex::encode_to_slice(&digest[..16], &mut hex);
         let mut k = String::with_capacity(self.redis_prefix.len() + 33);
         k.push_str(&self.redis_prefix);
-        k.push_str(&hex::encode(&digest[..16]));
+        k.push_str(std::str::from_utf8(&hex).unwrap_or_default());
         k.push('}');
         k
     }
@@ -390,27 +400,44 @@ impl CompiledLimit {
         env: &ClusterEnv,
         m: &Metrics,
     ) -> Verdict {
-        let redis_key = self.redis_key(&key);
         let sent = Instant::now();
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
         let mut leasing = None;
+        let mut want = 1;
+        let mut may_wait = true;
         if self.lease > 0 {
-            match self.spend_lease(&redis_key, sent) {
-                Spend::Spent(count) => return Verdict::Counted(count),
-                // This request fetches the next lease; until it is back,
-                // others of this key ask for one token each.
-                Spend::Fetch => {
-                    leasing = Some(LeaseInFlight {
-                        limit: self,
-                        key: redis_key.clone(),
-                        done: false,
-                    })
+            loop {
+                match self.spend_lease(&key, sent, may_wait) {
+                    Spend::Spent(count, refill) => {
+                        if let Some(want) = refill {
+                            self.refill_in_background(key, want, store, m);
+                        }
+                        return Verdict::Counted(count);
+                    }
+                    // This request fetches the next lease.
+                    Spend::Fetch(size) => {
+                        want = size;
+                        leasing = Some(LeaseInFlight {
+                            leases: self.leases.clone(),
+                            key: key.clone(),
+                            lease_time: self.lease_time(),
+                            done: false,
+                        });
+                        break;
+                    }
+                    // None held, and a lease is on its way: it is as close as
+                    // Redis. Once it came (or failed), try again, then ask
+                    // Redis for one token rather than wait a second time.
+                    Spend::Wait(mut arrived) => {
+                        may_wait = false;
+                        let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
+                    }
+                    Spend::One => break,
                 }
-                Spend::One => {}
             }
         }
-        if let Some(until) = self.refused.get(&redis_key, sent) {
+        if let Some(until) = self.refused.get(&key, sent) {
             self.counters.deny_cache_hits.inc();
             return Verdict::Counted(Count {
                 remaining: 0,
@@ -418,9 +445,8 @@ impl CompiledLimit {
                 wait: Some(until - sent),
             });
         }
-        let want = if leasing.is_some() { self.lease } else { 1 };
         match store
-            .decide(&redis_key, self.period, self.capacity, want)
+            .decide(self.redis_key(&key), self.period, self.capacity, want)
             .await
         {
             Ok(a) => {
@@ -429,7 +455,7 @@ impl CompiledLimit {
                 if let Some(w) = wait {
                     // From when the question was sent, so never later than
                     // Redis's own answer.
-                    self.refused.set(redis_key, sent + w, Instant::now());
+                    self.refused.set(key, sent + w, Instant::now());
                 } else if let Some(lease) = leasing.take() {
                     lease.done(a.taken - 1, sent);
                 }
@@ -468,7 +494,7 @@ impl CompiledLimit {
 impl CompiledLimit {
     /// How long leased tokens may be spent: the time the whole cluster
     /// needs to earn a lease, and at least a second. A data plane holds at
-    /// most one lease of a key at a time (plus the one being fetched), which
+    /// most `lease` tokens of a key, counting the ones being fetched, which
     /// bounds the excess over exact mode by `lease` per data plane; when the
     /// lease time is `lease × interval`, also by `lease` in all
     /// (docs/rate-limiting.md).
@@ -478,96 +504,244 @@ impl CompiledLimit {
             .max(Duration::from_secs(1))
     }
 
-    /// Spends one leased token of `key` if this node holds one; otherwise
-    /// says whether this request fetches the next lease.
-    fn spend_lease(&self, key: &str, now: Instant) -> Spend {
+    /// The size of the next lease of a key: twice what this node's requests
+    /// of it would spend in one lease time at the rate seen since the last
+    /// fetch, within 1..=`lease` (the first one a quarter of `lease`).
+    /// Tokens a data plane leases and does not spend in time are lost to
+    /// every data plane; sizing by the rate keeps that loss small for keys
+    /// a data plane sees rarely. It changes no bound: those hold for any
+    /// lease size up to `lease`.
+    fn next_size(&self, lease: &mut Lease, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(lease.since).as_secs_f64();
+        let size = if elapsed <= 0.0 {
+            lease.size
+        } else {
+            let per_lease = lease.demand as f64 * self.lease_time().as_secs_f64() / elapsed;
+            (2.0 * per_lease).ceil().min(self.lease as f64) as u64
+        }
+        .clamp(1, self.lease);
+        lease.size = size;
+        lease.demand = 0;
+        lease.since = now;
+        size
+    }
+
+    /// Spends one leased token of `key` if this node holds one (and says
+    /// how many to fetch in the background when it now holds few);
+    /// otherwise says whether this request fetches the next lease.
+    fn spend_lease(&self, key: &str, now: Instant, may_wait: bool) -> Spend {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         let Some(lease) = leases.get_mut(key) else {
             if leases.len() >= SWEEP_AT {
-                leases.retain(|_, l| l.fetching || l.until > now);
+                // Kept a while after their tokens went, for the rate.
+                let keep = self.lease_time() * 4;
+                leases.retain(|_, l| l.fetching || now.saturating_duration_since(l.since) < keep);
             }
+            let size = (self.lease / 4).max(1);
             leases.insert(
                 key.to_string(),
                 Lease {
-                    tokens: 0,
-                    until: now,
+                    held: Vec::new(),
                     fetching: true,
+                    no_refill_until: now,
+                    arrived: tokio::sync::watch::Sender::new(0),
+                    size,
+                    demand: 1,
+                    since: now,
                 },
             );
-            return Spend::Fetch;
+            return Spend::Fetch(size);
         };
-        if lease.tokens > 0 && lease.until > now {
-            lease.tokens -= 1;
-            let left = lease.tokens;
-            return Spend::Spent(Count {
-                // What this node holds; the bucket may hold more.
-                remaining: left,
-                reset: self.period.saturating_mul(
-                    u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
-                ),
-                wait: None,
-            });
+        if may_wait {
+            lease.demand += 1;
+        }
+        lease.held.retain(|(n, until)| *n > 0 && *until > now);
+        if let Some(oldest) = lease.held.first_mut() {
+            oldest.0 -= 1;
+            let left: u64 = lease.held.iter().map(|(n, _)| n).sum();
+            // Fetched in the background when a quarter of a lease is left;
+            // held and fetched together stay within one lease.
+            let refill = (!lease.fetching
+                && left <= (lease.size / 4).max(1)
+                && now >= lease.no_refill_until)
+                .then(|| self.next_size(lease, now))
+                .filter(|size| *size > left)
+                .map(|size| {
+                    lease.fetching = true;
+                    size - left
+                });
+            return Spend::Spent(
+                Count {
+                    // What this node holds; the bucket may hold more.
+                    remaining: left,
+                    reset: self.period.saturating_mul(
+                        u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
+                    ),
+                    wait: None,
+                },
+                refill,
+            );
         }
         if lease.fetching {
-            return Spend::One;
+            return if may_wait {
+                Spend::Wait(lease.arrived.subscribe())
+            } else {
+                Spend::One
+            };
         }
-        lease.tokens = 0;
         lease.fetching = true;
-        Spend::Fetch
+        Spend::Fetch(self.next_size(lease, now))
+    }
+
+    /// Fetches up to `want` more tokens of `key` without holding up the
+    /// request that noticed the lease running low.
+    fn refill_in_background(&self, key: String, want: u64, store: &store::Store, m: &Metrics) {
+        let inflight = LeaseInFlight {
+            leases: self.leases.clone(),
+            key: key.clone(),
+            lease_time: self.lease_time(),
+            done: false,
+        };
+        let redis_key = self.redis_key(&key);
+        let (store, period, capacity) = (store.clone(), self.period, self.capacity);
+        let (duration, errors) = (m.redis_duration.clone(), m.redis_errors.clone());
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            match store.decide(redis_key, period, capacity, want).await {
+                Ok(a) => {
+                    duration.observe(sent.elapsed().as_secs_f64());
+                    if a.taken > 0 {
+                        inflight.done(a.taken, sent);
+                    } else {
+                        // The bucket is empty: spend what is held, and ask
+                        // again when Redis says a token is back.
+                        inflight.refused_until(sent + a.wait);
+                    }
+                }
+                Err(e) => {
+                    errors.inc();
+                    warn_store_failure(&e);
+                }
+            }
+        });
     }
 }
+
+/// A data plane's tokens in cost mode, by bucket key.
+type Leases = Arc<Mutex<HashMap<String, Lease>>>;
 
 /// A data plane's tokens of one key in cost mode.
 struct Lease {
-    tokens: u64,
-    /// Until when they may be spent.
-    until: Instant,
+    /// Tokens by the lease they came with, oldest first, and until when
+    /// they may be spent.
+    held: Vec<(u64, Instant)>,
     /// A request is fetching the next lease.
     fetching: bool,
+    /// Redis refused the last background fetch: not before then again.
+    no_refill_until: Instant,
+    /// Bumped when a fetch ends, for the requests waiting for it.
+    arrived: tokio::sync::watch::Sender<u64>,
+    /// The size of the last lease asked for.
+    size: u64,
+    /// Requests of this key since `since`, when the last fetch began.
+    demand: u64,
+    since: Instant,
 }
 
-enum Spend {
-    Spent(Count),
-    /// Fetch a lease for this request and the next ones.
-    Fetch,
-    /// Another request is fetching: ask Redis for one token.
-    One,
-}
-
-/// The lease a request is fetching; if the request ends without it (Redis
-/// failed or refused, or the client went away), the next one fetches.
-struct LeaseInFlight<'a> {
-    limit: &'a CompiledLimit,
-    key: String,
-    done: bool,
-}
-
-impl LeaseInFlight<'_> {
-    /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
-    fn done(mut self, tokens: u64, taken_at: Instant) {
-        let until = taken_at + self.limit.lease_time();
-        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(lease) = leases.get_mut(&self.key) {
-            *lease = Lease {
-                tokens,
-                until,
-                fetching: false,
-            };
-        }
-        self.done = true;
+impl Lease {
+    fn fetched(&mut self) {
+        self.fetching = false;
+        self.arrived.send_modify(|n| *n += 1);
     }
 }
 
-impl Drop for LeaseInFlight<'_> {
+enum Spend {
+    /// A held token was spent; `Some(n)`: fetch `n` more in the background.
+    Spent(Count, Option<u64>),
+    /// Fetch a lease of this many tokens for this request and the next ones.
+    Fetch(u64),
+    /// None held, and a lease is being fetched: wait for it.
+    Wait(tokio::sync::watch::Receiver<u64>),
+    /// A lease is being fetched and this request waited once already: ask
+    /// Redis for one token.
+    One,
+}
+
+/// The lease a request (or a background fetch) is fetching; if it ends
+/// without one (Redis failed or refused, or the client went away), the
+/// next request fetches.
+struct LeaseInFlight {
+    leases: Leases,
+    key: String,
+    lease_time: Duration,
+    done: bool,
+}
+
+impl LeaseInFlight {
+    /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
+    fn done(mut self, tokens: u64, taken_at: Instant) {
+        let until = taken_at + self.lease_time;
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            if tokens > 0 {
+                lease.held.push((tokens, until));
+            }
+            lease.fetched();
+        }
+        self.done = true;
+    }
+
+    fn refused_until(self, until: Instant) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lease) = leases.get_mut(&self.key) {
+            lease.no_refill_until = until;
+        }
+    }
+}
+
+impl Drop for LeaseInFlight {
     fn drop(&mut self) {
         if self.done {
             return;
         }
-        let mut leases = self.limit.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lease) = leases.get_mut(&self.key) {
-            lease.fetching = false;
+            lease.fetched();
         }
     }
+}
+
+/// Writes an address as `Display` would, without the formatting machinery
+/// for the common IPv4 case.
+fn push_ip(key: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    key.push('.');
+                }
+                push_u64(key, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            let _ = write!(key, "{v6}");
+        }
+    }
+}
+
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
 }
 
 /// Logs a failed decision at most once a second: Redis being down would
@@ -741,26 +915,16 @@ pub async fn check(
     if limits.is_empty() {
         return None;
     }
-    let verdicts: Vec<(&CompiledLimit, Verdict)> = if limits.len() == 1 {
-        vec![(&limits[0], limits[0].verdict(ctx, env, metrics).await)]
-    } else {
-        futures::future::join_all(
-            limits
-                .iter()
-                .map(|l| async move { (l, l.verdict(ctx, env, metrics).await) }),
-        )
-        .await
-    };
     // (limit, the count) of the tightest limit.
     let mut tightest: Option<(u64, Count)> = None;
     let mut unavailable = false;
-    for (limit, verdict) in verdicts {
+    let mut fold = |limit: &CompiledLimit, verdict: Verdict| {
         let count = match verdict {
             Verdict::Counted(c) => c,
-            Verdict::Admitted => continue,
+            Verdict::Admitted => return,
             Verdict::Unavailable => {
                 unavailable = true;
-                continue;
+                return;
             }
         };
         let tighter = match &tightest {
@@ -775,24 +939,41 @@ pub async fn check(
         if tighter {
             tightest = Some((limit.limit, count));
         }
-    }
-    let policy = limits
-        .iter()
-        .map(|l| format!("{};w={}", l.limit, l.window.as_secs().max(1)))
-        .collect::<Vec<_>>()
-        .join(", ");
+    };
+    let policy = if let [limit] = limits {
+        fold(limit, limit.verdict(ctx, env, metrics).await);
+        limit.policy_header.clone()
+    } else {
+        let verdicts = futures::future::join_all(
+            limits
+                .iter()
+                .map(|l| async move { (l, l.verdict(ctx, env, metrics).await) }),
+        )
+        .await;
+        for (limit, verdict) in verdicts {
+            fold(limit, verdict);
+        }
+        let joined = limits
+            .iter()
+            .map(|l| l.policy_part.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        HeaderValue::from_str(&joined).ok()
+    };
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    let mut headers = Vec::new();
-    if let Ok(v) = HeaderValue::from_str(&policy) {
+    let mut headers = Vec::with_capacity(2);
+    if let Some(v) = policy {
         headers.push((RATELIMIT_POLICY, v));
     }
     if let Some((limit, c)) = &tightest {
-        let state = format!(
-            "limit={limit}, remaining={}, reset={}",
-            c.remaining,
-            secs(c.reset)
-        );
-        if let Ok(v) = HeaderValue::from_str(&state) {
+        let mut state = String::with_capacity(48);
+        state.push_str("limit=");
+        push_u64(&mut state, *limit);
+        state.push_str(", remaining=");
+        push_u64(&mut state, c.remaining);
+        state.push_str(", reset=");
+        push_u64(&mut state, secs(c.reset));
+        if let Ok(v) = HeaderValue::try_from(state) {
             headers.push((RATELIMIT, v));
         }
     }
@@ -1034,47 +1215,78 @@ mod tests {
     }
 
     #[test]
-    fn one_lease_per_key_is_fetched_at_a_time_and_a_dropped_fetch_frees_it() {
+    fn one_lease_per_key_is_fetched_at_a_time_and_refilled_before_it_runs_out() {
         let reg = LimiterRegistry::default();
         let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
         l.scope = LimitScope::Cluster;
-        l.lease = 5;
+        l.lease = 8;
         let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
-        let now = Instant::now();
-        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
-        // While it is out, others ask for one token each.
-        assert!(matches!(c.spend_lease("k", now), Spend::One));
-        LeaseInFlight {
-            limit: &c,
+        let fetch = || LeaseInFlight {
+            leases: c.leases.clone(),
             key: "k".into(),
+            lease_time: c.lease_time(),
             done: false,
-        }
-        .done(4, now);
-        for left in (0..4).rev() {
-            match c.spend_lease("k", now) {
-                Spend::Spent(count) => assert_eq!(count.remaining, left),
+        };
+        let t0 = Instant::now();
+        // The first lease of a key is a quarter of `lease`.
+        assert!(matches!(c.spend_lease("k", t0, true), Spend::Fetch(2)));
+        // While it is out, others wait for it (once), then ask for one
+        // token each.
+        let Spend::Wait(arrived) = c.spend_lease("k", t0, true) else {
+            panic!("no wait for the lease on its way");
+        };
+        assert!(!arrived.has_changed().unwrap());
+        assert!(matches!(c.spend_lease("k", t0, false), Spend::One));
+        fetch().done(1, t0);
+        assert!(arrived.has_changed().unwrap(), "waiters are woken");
+        // Three requests in 10 ms: at that rate a lease time (1 s) spends
+        // far more than 8, so the next lease is the whole 8, fetched in the
+        // background as the last held token goes.
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(matches!(
+            c.spend_lease("k", t1, true),
+            Spend::Spent(_, Some(8))
+        ));
+        fetch().done(8, t1);
+        // 8 held: spent locally; at a quarter left (2) the next lease is
+        // fetched in the background, topping up to 8 in all.
+        for left in (0..8).rev() {
+            match c.spend_lease("k", t1, false) {
+                Spend::Spent(count, refill) => {
+                    assert_eq!(count.remaining, left);
+                    assert_eq!(refill, (left == 2).then_some(6), "{left} left");
+                }
                 _ => panic!("a leased token was not spent"),
             }
         }
-        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
-        // A fetch that ends without a lease (Redis failed, client gone) lets
-        // the next request fetch.
-        drop(LeaseInFlight {
-            limit: &c,
-            key: "k".into(),
-            done: false,
-        });
-        assert!(matches!(c.spend_lease("k", now), Spend::Fetch));
+        // That fetch is still out: one token each.
+        assert!(matches!(c.spend_lease("k", t1, false), Spend::One));
+        // It ends without a lease (Redis failed, client gone): the next
+        // request fetches. One request in 100 s: a lease of 1.
+        drop(fetch());
+        let later = t1 + Duration::from_secs(100);
+        assert!(matches!(c.spend_lease("k", later, true), Spend::Fetch(1)));
         // Tokens are not spent after the lease time (1 s here).
-        LeaseInFlight {
-            limit: &c,
-            key: "k".into(),
-            done: false,
+        fetch().done(3, t1);
+        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch(_)));
+        // Tokens of an older lease are spent first.
+        fetch().done(1, later);
+        {
+            let mut leases = c.leases.lock().unwrap();
+            leases
+                .get_mut("k")
+                .unwrap()
+                .held
+                .push((1, later + Duration::from_secs(5)));
         }
-        .done(4, now);
-        assert!(matches!(
-            c.spend_lease("k", now + Duration::from_secs(2)),
-            Spend::Fetch
-        ));
+        let held = |c: &CompiledLimit| c.leases.lock().unwrap()["k"].held.clone();
+        assert!(matches!(c.spend_lease("k", later, false), Spend::Spent(..)));
+        assert_eq!(
+            held(&c),
+            [
+                (0, later + Duration::from_secs(1)),
+                (1, later + Duration::from_secs(5))
+            ]
+        );
     }
 }

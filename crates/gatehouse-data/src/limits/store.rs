@@ -1,7 +1,7 @@
 //! The shared counter store of `scope: cluster` limits: Redis standalone,
 //! Sentinel or Redis Cluster, through the `redis` crate.
 //!
-//! One decision is one `EVALSHA` of [`GCRA`]: the script reads Redis's own
+//! One decision is one key of an `EVALSHA` of [`GCRA`]: the script reads Redis's own
 //! clock (`TIME`), so data planes with skewed clocks still share one bucket,
 //! and it reads and writes the key in one atomic step. The script is loaded
 //! once per server and called by its hash (`redis::Script` falls back to
@@ -20,32 +20,42 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
+use tokio::sync::{mpsc, oneshot};
 
-/// Generic cell rate algorithm over one key holding the theoretical arrival
-/// time (TAT) in microseconds of Redis's clock.
+/// Generic cell rate algorithm over one or more keys, each holding the
+/// theoretical arrival time (TAT) in microseconds of Redis's clock.
 ///
-/// ARGV: emission interval (µs per request), capacity (limit + burst), and
-/// how many tokens to take at most (1, or a lease). Takes as many as the
-/// bucket holds up to that. Returns `{taken, remaining, wait_us, reset_us}`:
-/// `wait_us` is how long until a refused request would be admitted,
-/// `reset_us` how long until the bucket is full again. A refused request
-/// changes nothing.
+/// ARGV, three per key: emission interval (µs per request), capacity
+/// (limit + burst), and how many tokens to take at most (1, or a lease).
+/// Takes as many as the bucket holds up to that. Returns one string, for
+/// each key in order `taken remaining wait_us reset_us;` (one string is
+/// cheaper to parse than nested arrays): `wait_us` is how long until a
+/// refused request would be admitted, `reset_us` how long until the bucket
+/// is full again. A refused request changes nothing. Keys are decided one
+/// after another, so a key named twice is counted twice; the one `TIME`
+/// serves every key of the call (the data plane batches the decisions of
+/// concurrent requests into one call).
 pub const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local capacity = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
-local avail = math.floor((now + interval * capacity - tat) / interval)
-if avail < 1 then
-  return {0, 0, tat + interval - interval * capacity - now, tat - now}
+local out = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local capacity = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat == nil or tat < now then tat = now end
+  local avail = math.floor((now + interval * capacity - tat) / interval)
+  if avail < 1 then
+    out[i] = string.format('0 0 %d %d;', tat + interval - interval * capacity - now, tat - now)
+  else
+    local taken = math.min(want, avail)
+    local new_tat = tat + interval * taken
+    redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+    out[i] = string.format('%d %d 0 %d;', taken, avail - taken, new_tat - now)
+  end
 end
-local taken = math.min(want, avail)
-local new_tat = tat + interval * taken
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-return {taken, avail - taken, 0, new_tat - now}
+return table.concat(out)
 ";
 
 /// The quotas of one policy for one consumer, in one step: the request is
@@ -123,26 +133,44 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// The connection to the counter store, shared by every request.
-pub struct Store {
+/// The connection to the counter store, shared by every request. Cheap to
+/// clone (a lease refill in the background holds one).
+#[derive(Clone)]
+pub struct Store(Arc<Inner>);
+
+struct Inner {
     conn: Arc<ArcSwapOption<Conn>>,
     script: redis::Script,
     quota: redis::Script,
     timeout: Duration,
-    _task: Option<tokio::task::JoinHandle<()>>,
+    /// Decisions waiting to go out in one call (one server or Sentinel).
+    batch: mpsc::UnboundedSender<Ask>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// One decision waiting for the batcher.
+struct Ask {
+    key: String,
+    interval_us: u64,
+    capacity: u64,
+    want: u64,
+    reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// Decisions sent in one script call at most.
+const MAX_BATCH: usize = 64;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.0.timeout)
             .finish()
     }
 }
 
-impl Drop for Store {
+impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(t) = &self._task {
+        for t in &self.tasks {
             t.abort();
         }
     }
@@ -168,14 +196,14 @@ impl Store {
     /// Must be called inside a tokio runtime.
     pub fn start(target: &StoreTarget, timeout: Duration) -> Result<Store, StoreError> {
         let conn = Arc::new(ArcSwapOption::empty());
-        let task = match target {
+        let mut tasks = Vec::new();
+        match target {
             StoreTarget::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(redis_err)?;
                 let manager =
                     ConnectionManager::new_lazy_with_config(client, manager_config(timeout))
                         .map_err(redis_err)?;
                 conn.store(Some(Arc::new(Conn::Single(manager))));
-                None
             }
             StoreTarget::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes.clone())
@@ -185,7 +213,7 @@ impl Store {
                     .build()
                     .map_err(redis_err)?;
                 let slot = conn.clone();
-                Some(tokio::spawn(async move {
+                tasks.push(tokio::spawn(async move {
                     // Until the first connection, decisions fail over.
                     loop {
                         match client.get_async_connection().await {
@@ -200,7 +228,7 @@ impl Store {
                             }
                         }
                     }
-                }))
+                }));
             }
             StoreTarget::Sentinel { sentinels, master } => {
                 let client = SentinelClient::build(
@@ -210,20 +238,29 @@ impl Store {
                     SentinelServerType::Master,
                 )
                 .map_err(redis_err)?;
-                Some(tokio::spawn(follow_master(client, conn.clone(), timeout)))
+                tasks.push(tokio::spawn(follow_master(client, conn.clone(), timeout)));
             }
         };
-        Ok(Store {
+        let script = redis::Script::new(GCRA);
+        let (batch, asks) = mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(batcher(
+            asks,
+            conn.clone(),
+            script.clone(),
+            timeout,
+        )));
+        Ok(Store(Arc::new(Inner {
             conn,
-            script: redis::Script::new(GCRA),
+            script,
             quota: redis::Script::new(QUOTAS),
             timeout,
-            _task: task,
-        })
+            batch,
+            tasks,
+        })))
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.0.timeout
     }
 
     /// Counts one request against quotas (key, limit, Unix expiry), all
@@ -233,10 +270,10 @@ impl Store {
         &self,
         quotas: &[(String, u64, u64)],
     ) -> Result<Result<Vec<u64>, usize>, String> {
-        let Some(conn) = self.conn.load_full() else {
+        let Some(conn) = self.0.conn.load_full() else {
             return Err("not connected yet".into());
         };
-        let mut invocation = self.quota.prepare_invoke();
+        let mut invocation = self.0.quota.prepare_invoke();
         for (key, _, _) in quotas {
             invocation.key(key);
         }
@@ -252,7 +289,7 @@ impl Store {
                 Conn::Cluster(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
             }
         };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.0.timeout, call).await {
             Err(_) => Err("timed out".into()),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(reply)) => match reply.split_first() {
@@ -267,50 +304,163 @@ impl Store {
     }
 
     /// One GCRA decision for `key` taking up to `want` tokens, bounded by
-    /// the decision timeout.
+    /// the decision timeout. On one server (or Sentinel's master) the
+    /// decisions of concurrent requests go out together, in one script call.
     pub async fn decide(
         &self,
-        key: &str,
+        key: String,
         interval: Duration,
         capacity: u64,
         want: u64,
     ) -> Result<Answer, String> {
-        let Some(conn) = self.conn.load_full() else {
+        let Some(conn) = self.0.conn.load_full() else {
             return Err("not connected yet".into());
         };
         let interval_us = u64::try_from(interval.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
-        let mut invocation = self.script.key(key);
-        invocation.arg(interval_us).arg(capacity).arg(want);
-        let call = async {
-            match (*conn).clone() {
-                Conn::Single(mut c) => {
-                    invocation
-                        .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                        .await
+        match &*conn {
+            Conn::Single(_) => {
+                // The batcher bounds the call by the timeout and answers
+                // every ask; a dropped sender means it is gone.
+                let (reply, answer) = oneshot::channel();
+                let ask = Ask {
+                    key,
+                    interval_us,
+                    capacity,
+                    want,
+                    reply,
+                };
+                if self.0.batch.send(ask).is_err() {
+                    return Err("the rate-limit store is shut down".into());
                 }
-                Conn::Cluster(mut c) => {
-                    invocation
-                        .invoke_async::<(i64, i64, i64, i64)>(&mut c)
-                        .await
-                }
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err("the rate-limit store is shut down".into()))
             }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err("timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok((taken, remaining, wait, reset))) => {
-                let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-                Ok(Answer {
-                    taken: u64::try_from(taken).unwrap_or(0),
-                    remaining: u64::try_from(remaining).unwrap_or(0),
-                    wait: us(wait),
-                    reset: us(reset),
-                })
+            Conn::Cluster(c) => {
+                // Keys of different buckets live in different slots: one
+                // call per decision.
+                let mut invocation = self.0.script.key(&key);
+                invocation.arg(interval_us).arg(capacity).arg(want);
+                let mut c = c.clone();
+                let call = invocation.invoke_async::<Vec<u8>>(&mut c);
+                match tokio::time::timeout(self.0.timeout, call).await {
+                    Err(_) => Err("timed out".into()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(reply)) => parse_answers(&reply, 1).map(|a| a[0]),
+                }
             }
         }
     }
+}
+
+/// Sends the asks that are waiting together in one script call, and the
+/// next batch while that one is out (the connection pipelines them).
+async fn batcher(
+    mut asks: mpsc::UnboundedReceiver<Ask>,
+    conn: Arc<ArcSwapOption<Conn>>,
+    script: redis::Script,
+    timeout: Duration,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = asks.recv().await {
+        batch.push(first);
+        // Let the requests that are ready run up to their decision, so that
+        // theirs join this call rather than each waking this task.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match asks.try_recv() {
+                Ok(ask) => batch.push(ask),
+                Err(_) => break,
+            }
+        }
+        let asks_of_call = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+        let Some(conn) = conn.load_full() else {
+            for ask in asks_of_call {
+                let _ = ask.reply.send(Err("not connected yet".into()));
+            }
+            continue;
+        };
+        let script = script.clone();
+        tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for ask in &asks_of_call {
+                invocation.key(&ask.key);
+            }
+            for ask in &asks_of_call {
+                invocation
+                    .arg(ask.interval_us)
+                    .arg(ask.capacity)
+                    .arg(ask.want);
+            }
+            let call = async {
+                match (*conn).clone() {
+                    Conn::Single(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
+                    Conn::Cluster(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
+                }
+            };
+            let answers = match tokio::time::timeout(timeout, call).await {
+                Err(_) => Err("timed out".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(reply)) => parse_answers(&reply, asks_of_call.len()),
+            };
+            match answers {
+                Ok(answers) => {
+                    for (ask, answer) in asks_of_call.into_iter().zip(answers) {
+                        let _ = ask.reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    for ask in asks_of_call {
+                        let _ = ask.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The script's reply: `n` answers of `taken remaining wait_us reset_us;`.
+fn parse_answers(reply: &[u8], n: usize) -> Result<Vec<Answer>, String> {
+    let bad = || {
+        format!(
+            "unexpected reply from the rate-limit script: {:?}",
+            String::from_utf8_lossy(&reply[..reply.len().min(100)])
+        )
+    };
+    let mut answers = Vec::with_capacity(n);
+    for one in reply.split(|b| *b == b';').take(n) {
+        let mut fields = [0u64; 4];
+        let mut parts = one.split(|b| *b == b' ');
+        for f in &mut fields {
+            let part = parts.next().ok_or_else(bad)?;
+            *f = parse_u64(part).ok_or_else(bad)?;
+        }
+        answers.push(Answer {
+            taken: fields[0],
+            remaining: fields[1],
+            wait: Duration::from_micros(fields[2]),
+            reset: Duration::from_micros(fields[3]),
+        });
+    }
+    if answers.len() != n {
+        return Err(bad());
+    }
+    Ok(answers)
+}
+
+/// A decimal integer; a negative one (a clock step in Redis) counts as 0.
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if let Some(rest) = digits.strip_prefix(b"-") {
+        return parse_u64(rest).map(|_| 0);
+    }
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
 }
 
 /// Asks the sentinels for the master every two seconds and moves the
@@ -340,5 +490,27 @@ async fn follow_master(
             Err(e) => tracing::warn!(error = %e, "the sentinels did not name a master"),
         }
         tokio::time::sleep(Duration::from_secs(2).saturating_sub(asked.elapsed())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_replies_parse_and_bad_ones_are_errors() {
+        let a = parse_answers(b"1 99 0 10;0 0 2500 1000000;", 2).unwrap();
+        assert_eq!(a[0].taken, 1);
+        assert_eq!(a[0].remaining, 99);
+        assert_eq!(a[0].reset, Duration::from_micros(10));
+        assert_eq!(a[1].taken, 0);
+        assert_eq!(a[1].wait, Duration::from_micros(2500));
+        assert_eq!(
+            parse_answers(b"1 2 0 -5;", 1).unwrap()[0].reset,
+            Duration::ZERO
+        );
+        assert!(parse_answers(b"1 99 0 10;", 2).is_err());
+        assert!(parse_answers(b"1 x 0 10;", 1).is_err());
+        assert!(parse_answers(b"", 1).is_err());
     }
 }
