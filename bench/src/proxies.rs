@@ -368,7 +368,7 @@ fn start_haproxy(
         Some((alg, material)) => {
             let signed = material.of(*alg);
             let checks = format!(
-                "    http-request deny content-type text/plain string unauthorized deny_status 401 unless {{ req.hdr_cnt(authorization) eq 1 }}
+                "    http-request deny deny_status 401 unless {{ req.hdr_cnt(authorization) eq 1 }}
     http-request set-var(txn.bearer) http_auth_bearer
     http-request set-var(txn.jwt_alg) var(txn.bearer),jwt_header_query('$.alg')
     http-request set-var(txn.iss) var(txn.bearer),jwt_payload_query('$.iss')
