@@ -16,6 +16,7 @@ pub mod drill;
 pub mod faults;
 pub mod linearizability;
 pub mod redis;
+pub mod scale;
 
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;

@@ -183,7 +183,9 @@ async fn read_stream(
     apply: &dyn Apply,
     progressed: &mut bool,
 ) -> StreamEnd {
-    let mut pending: Option<(u64, Vec<pb::Object>)> = None;
+    // Objects are decoded chunk by chunk as they arrive: a large snapshot is
+    // never held twice (encoded and decoded) in full.
+    let mut pending: Option<(u64, Vec<Object>)> = None;
     loop {
         let msg = match tokio::time::timeout(cfg.idle_timeout, inbound.message()).await {
             Err(_) => return StreamEnd::Idle(cfg.idle_timeout),
@@ -208,7 +210,10 @@ async fn read_stream(
                         chunk.revision, revision
                     ));
                 }
-                objs.extend(chunk.objects);
+                match objects(chunk.objects) {
+                    Ok(decoded) => objs.extend(decoded),
+                    Err(e) => return StreamEnd::Protocol(e),
+                }
                 if !chunk.last {
                     continue;
                 }
@@ -217,7 +222,7 @@ async fn read_stream(
                     // Never go back: wait for this node to catch up.
                     continue;
                 }
-                objects(objs).map(|o| (ConfigState::from_objects(revision, o), None))
+                Ok((ConfigState::from_objects(revision, objs), None))
             }
             Some(Msg::Delta(delta)) => {
                 let Some(current) = held.as_ref() else {
