@@ -119,6 +119,10 @@ fn streamed(kind: Kind) -> bool {
     kind != Kind::AdminToken
 }
 
+fn streamed_object(o: &&gatehouse_model::Object) -> bool {
+    streamed(o.kind())
+}
+
 fn check_name(name: &str) -> Result<(), Status> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -175,12 +179,12 @@ async fn send_update(
     match update {
         Update::Snapshot(state) => {
             let revision = state.revision();
-            let mut objects = state.list_all().filter(|o| streamed(o.kind())).peekable();
+            let mut objects = state.objects().filter(streamed_object).peekable();
             loop {
                 let chunk: Vec<pb::Object> = objects
                     .by_ref()
                     .take(SNAPSHOT_CHUNK)
-                    .map(|o| pb::Object::from(&o))
+                    .map(pb::Object::from)
                     .collect();
                 let last = objects.peek().is_none();
                 let msg = pb::WatchResponse {

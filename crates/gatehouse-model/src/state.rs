@@ -301,6 +301,15 @@ impl ConfigState {
             .map(|o| o.as_ref().clone())
     }
 
+    /// Every object, by kind then name, borrowed: for encoding a large
+    /// state without copying it.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> + '_ {
+        self.objects
+            .values()
+            .flat_map(|m| m.values())
+            .map(Arc::as_ref)
+    }
+
     pub fn len(&self) -> usize {
         self.objects.values().map(OrdMap::len).sum()
     }
