@@ -28,7 +28,8 @@ fn key(name: &str, consumer: &str, variant: u8) -> Object {
         revision: 0,
         consumer: consumer.into(),
         key_hash: hex::encode([variant; 32]),
-        expires_at: (variant % 3 == 0)
+        expires_at: variant
+            .is_multiple_of(3)
             .then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)),
         revoked: variant % 2 == 1,
     })
