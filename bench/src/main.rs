@@ -13,6 +13,9 @@
 //!   throughput and latency at a fixed rate in one table (`proxies.rs`).
 //! - `propagation`: time from a route write's acknowledgement until two data
 //!   planes serve it (`propagation.rs`).
+//! - `scale`: a million API keys and ten thousand routes: snapshot load time
+//!   and memory of two data planes, and key create/revoke propagation as
+//!   deltas (`scale.rs`).
 //!
 //! Build with `--release` (see `bench/run-admin-writes.sh`): the sandbox takes
 //! the `gatehouse` binary from the same target directory as this one.
@@ -22,6 +25,7 @@ mod firewall_cost;
 mod load;
 mod propagation;
 mod proxies;
+mod scale;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -74,6 +78,11 @@ enum Cmd {
     /// Time from a route write's acknowledgement by the leader of a 3-node
     /// control plane until both of 2 data planes serve it.
     Propagation(propagation::PropagationArgs),
+    /// With many API keys and routes loaded: how long a data plane takes to
+    /// load the full snapshot, its memory per key, and the time from a key
+    /// create or revoke's acknowledgement until both of 2 data planes
+    /// accept or refuse the key (each change applied as a delta).
+    Scale(scale::ScaleArgs),
     /// CPU time per request of the firewall's content rules (off, and the
     /// default injection rule set), in process.
     FirewallCost(firewall_cost::FirewallCostArgs),
@@ -193,6 +202,7 @@ fn main() -> Result<()> {
         Cmd::Http(args) => http_load(args),
         Cmd::Proxies(args) => rt.block_on(proxies::proxies(args)),
         Cmd::Propagation(args) => rt.block_on(propagation::propagation(args)),
+        Cmd::Scale(args) => rt.block_on(scale::scale(args)),
         Cmd::FirewallCost(args) => firewall_cost::firewall_cost(args),
     }
 }

@@ -17,6 +17,7 @@ mod limits;
 mod membership;
 mod protocols;
 mod ratelimit;
+mod scale;
 mod secrets;
 mod telemetry;
 mod tls;

@@ -187,6 +187,11 @@ impl DataPlaneProc {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Watches other control-plane nodes from the next (re)start on.
     pub fn set_control_planes(&mut self, control_planes: &[String]) {
         self.control_planes = control_planes.to_vec();

@@ -18,6 +18,7 @@ pub mod introspection;
 pub mod jwks;
 pub mod linearizability;
 pub mod redis;
+pub mod scale;
 
 use gatehouse_model::{Kind, Object};
 use gatehouse_proto::pb;

@@ -140,6 +140,10 @@ fn streamed(kind: Kind) -> bool {
     kind != Kind::AdminToken
 }
 
+fn streamed_object(o: &&gatehouse_model::Object) -> bool {
+    streamed(o.kind())
+}
+
 fn check_name(name: &str) -> Result<(), Status> {
     let ok = !name.is_empty()
         && name.len() <= 128
@@ -185,61 +189,60 @@ fn next_update(sm: &Shared, held: Option<u64>) -> Option<Update> {
     })
 }
 
-fn messages(update: Update) -> Vec<pb::WatchResponse> {
+/// Sends `update` on `tx`. A snapshot is encoded one chunk at a time as the
+/// data plane takes them: a configuration of a million objects is never held
+/// encoded in full, and encoding it does not hold up this runtime's other tasks.
+async fn send_update(
+    tx: &mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    update: Update,
+) -> Result<(), ()> {
     use pb::watch_response::Msg;
     match update {
         Update::Snapshot(state) => {
-            let objects: Vec<pb::Object> = state
-                .list_all()
-                .filter(|o| streamed(o.kind()))
-                .map(|o| pb::Object::from(&o))
-                .collect();
             let revision = state.revision();
-            let mut chunks: Vec<pb::WatchResponse> = objects
-                .chunks(SNAPSHOT_CHUNK)
-                .map(|c| pb::WatchResponse {
+            let mut objects = state.objects().filter(streamed_object).peekable();
+            loop {
+                let chunk: Vec<pb::Object> = objects
+                    .by_ref()
+                    .take(SNAPSHOT_CHUNK)
+                    .map(pb::Object::from)
+                    .collect();
+                let last = objects.peek().is_none();
+                let msg = pb::WatchResponse {
                     msg: Some(Msg::Snapshot(pb::SnapshotChunk {
                         revision,
-                        objects: c.to_vec(),
-                        last: false,
+                        objects: chunk,
+                        last,
                     })),
-                })
-                .collect();
-            if chunks.is_empty() {
-                chunks.push(pb::WatchResponse {
-                    msg: Some(Msg::Snapshot(pb::SnapshotChunk {
-                        revision,
-                        objects: Vec::new(),
-                        last: false,
-                    })),
-                });
+                };
+                tx.send(Ok(msg)).await.map_err(|_| ())?;
+                if last {
+                    return Ok(());
+                }
+                tokio::task::yield_now().await;
             }
-            if let Some(pb::WatchResponse {
-                msg: Some(Msg::Snapshot(last)),
-            }) = chunks.last_mut()
-            {
-                last.last = true;
-            }
-            chunks
         }
         Update::Delta {
             from,
             revision,
             changes,
-        } => vec![pb::WatchResponse {
-            msg: Some(Msg::Delta(pb::Delta {
-                from_revision: from,
-                revision,
-                changes: changes
-                    .iter()
-                    .filter(|c| streamed(c.target.kind))
-                    .map(|c| pb::Change {
-                        target: Some(pb::ObjectRef::from(&c.target)),
-                        object: c.object.as_ref().map(pb::Object::from),
-                    })
-                    .collect(),
-            })),
-        }],
+        } => {
+            let msg = pb::WatchResponse {
+                msg: Some(Msg::Delta(pb::Delta {
+                    from_revision: from,
+                    revision,
+                    changes: changes
+                        .iter()
+                        .filter(|c| streamed(c.target.kind))
+                        .map(|c| pb::Change {
+                            target: Some(pb::ObjectRef::from(&c.target)),
+                            object: c.object.as_ref().map(pb::Object::from),
+                        })
+                        .collect(),
+                })),
+            };
+            tx.send(Ok(msg)).await.map_err(|_| ())
+        }
     }
 }
 
@@ -317,10 +320,8 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
                         Update::Snapshot(s) => s.revision(),
                         Update::Delta { revision, .. } => *revision,
                     };
-                    for msg in messages(update) {
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
+                    if send_update(&tx, update).await.is_err() {
+                        return;
                     }
                     held = Some(revision);
                     // Tell the data-plane count at once, not at the next idle beat.

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use gatehouse_model::apikey;
-use gatehouse_model::object::{AuthMethod, Policy};
-use gatehouse_model::{ConfigState, Kind, Object};
+use gatehouse_model::object::{ApiKey, AuthMethod, Consumer, Policy};
+use gatehouse_model::{ConfigState, Kind, Object, ObjectRef};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::problem::Reject;
@@ -26,7 +26,7 @@ pub const CONSUMER_NAME: HeaderName = HeaderName::from_static("x-consumer-name")
 pub const CONSUMER_GROUPS: HeaderName = HeaderName::from_static("x-consumer-groups");
 
 /// A consumer as the upstream learns of it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct ConsumerInfo {
     pub name: String,
     pub groups: Vec<String>,
@@ -34,64 +34,115 @@ pub struct ConsumerInfo {
     groups_header: HeaderValue,
 }
 
-#[derive(Debug)]
+impl ConsumerInfo {
+    fn compile(c: &Consumer) -> Result<ConsumerInfo, String> {
+        Ok(ConsumerInfo {
+            name: c.name.clone(),
+            groups: c.groups.clone(),
+            name_header: HeaderValue::from_str(&c.name)
+                .map_err(|_| format!("consumer \"{}\": name is not a header value", c.name))?,
+            groups_header: HeaderValue::from_str(&c.groups.join(","))
+                .map_err(|_| format!("consumer \"{}\": groups are not a header value", c.name))?,
+        })
+    }
+}
+
+/// One API key. It names its consumer, looked up when the key is used, so
+/// a consumer change touches only the consumer's own entry.
+#[derive(Clone, Debug, PartialEq)]
 struct KeyEntry {
     hash: [u8; 32],
-    consumer: Arc<ConsumerInfo>,
+    consumer: Arc<str>,
     expires_at: Option<SystemTime>,
     revoked: bool,
 }
 
-/// The credentials of one revision.
-#[derive(Debug, Default)]
+/// The credentials of one revision, in persistent maps: the next revision
+/// is this one patched with the keys and consumers that changed, sharing
+/// everything else, so one key's change costs O(log n), not a rebuild of
+/// every key.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Credentials {
-    keys: HashMap<String, KeyEntry>,
-    consumers: HashMap<String, Arc<ConsumerInfo>>,
+    keys: imbl::HashMap<Arc<str>, KeyEntry>,
+    consumers: imbl::HashMap<Arc<str>, Arc<ConsumerInfo>>,
 }
 
 impl Credentials {
+    /// Every consumer and key of `state`.
     pub fn compile(state: &ConfigState) -> Result<Credentials, String> {
-        let mut consumers = HashMap::new();
+        let mut creds = Credentials::default();
         for o in state.list(Kind::Consumer) {
             if let Object::Consumer(c) = o {
-                let info = ConsumerInfo {
-                    name: c.name.clone(),
-                    groups: c.groups.clone(),
-                    name_header: HeaderValue::from_str(&c.name).map_err(|_| {
-                        format!("consumer \"{}\": name is not a header value", c.name)
-                    })?,
-                    groups_header: HeaderValue::from_str(&c.groups.join(",")).map_err(|_| {
-                        format!("consumer \"{}\": groups are not a header value", c.name)
-                    })?,
-                };
-                consumers.insert(c.name.clone(), Arc::new(info));
+                creds.put_consumer(c)?;
             }
         }
-        let mut keys = HashMap::new();
         for o in state.list(Kind::ApiKey) {
             if let Object::ApiKey(k) = o {
-                let hash: [u8; 32] = hex::decode(&k.key_hash)
-                    .ok()
-                    .and_then(|h| h.try_into().ok())
-                    .ok_or_else(|| format!("api_key \"{}\": key_hash is not a SHA-256", k.name))?;
-                let consumer = consumers.get(&k.consumer).cloned().ok_or_else(|| {
-                    format!(
-                        "api_key \"{}\": unknown consumer \"{}\"",
-                        k.name, k.consumer
-                    )
-                })?;
-                keys.insert(
-                    k.name.clone(),
-                    KeyEntry {
-                        hash,
-                        consumer,
-                        expires_at: k.expires_at,
-                        revoked: k.revoked,
-                    },
-                );
+                creds.put_key(k)?;
             }
         }
-        Ok(Credentials { keys, consumers })
+        Ok(creds)
+    }
+
+    /// These credentials moved on to `state`, in which only the objects
+    /// `changed` names differ: equal to `compile(state)`, in time
+    /// proportional to the change.
+    pub fn patch(&self, state: &ConfigState, changed: &[ObjectRef]) -> Result<Credentials, String> {
+        let mut next = self.clone();
+        // Consumers first: a new key may name a new consumer.
+        for target in changed.iter().filter(|t| t.kind == Kind::Consumer) {
+            match state.get(Kind::Consumer, &target.name) {
+                Some(Object::Consumer(c)) => next.put_consumer(c)?,
+                // A removed consumer must have no key left: checking that
+                // means every key, as a full compile does (it is rare).
+                _ => return Credentials::compile(state),
+            }
+        }
+        for target in changed.iter().filter(|t| t.kind == Kind::ApiKey) {
+            match state.get(Kind::ApiKey, &target.name) {
+                Some(Object::ApiKey(k)) => next.put_key(k)?,
+                _ => {
+                    next.keys.remove(target.name.as_str());
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    fn put_consumer(&mut self, c: &Consumer) -> Result<(), String> {
+        let info = ConsumerInfo::compile(c)?;
+        self.consumers
+            .insert(Arc::from(c.name.as_str()), Arc::new(info));
+        Ok(())
+    }
+
+    fn put_key(&mut self, k: &ApiKey) -> Result<(), String> {
+        let hash: [u8; 32] = hex::decode(&k.key_hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| format!("api_key \"{}\": key_hash is not a SHA-256", k.name))?;
+        let (consumer, _) = self
+            .consumers
+            .get_key_value(k.consumer.as_str())
+            .ok_or_else(|| {
+                format!(
+                    "api_key \"{}\": unknown consumer \"{}\"",
+                    k.name, k.consumer
+                )
+            })?;
+        let entry = KeyEntry {
+            hash,
+            consumer: consumer.clone(),
+            expires_at: k.expires_at,
+            revoked: k.revoked,
+        };
+        self.keys.insert(Arc::from(k.name.as_str()), entry);
+        Ok(())
+    }
+
+    /// How many API keys there are.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
     }
 
     /// The consumer a verified token names.
@@ -106,7 +157,11 @@ impl Credentials {
         // Compare first, decide after: the same work whatever fails.
         let matches = apikey::secret_matches(parsed.secret, &entry.hash);
         let live = !entry.revoked && entry.expires_at.is_none_or(|t| now < t);
-        (matches && live).then(|| entry.consumer.clone())
+        if matches && live {
+            self.consumer_named(&entry.consumer)
+        } else {
+            None
+        }
     }
 }
 

@@ -13,11 +13,24 @@ use gatehouse_proto::pb::watch_response::Msg;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
 
+/// How a revision arrived.
+#[derive(Clone, Copy, Debug)]
+pub enum Update<'a> {
+    /// A whole configuration (a snapshot, or the last-known-good file).
+    Full,
+    /// The revision `from_revision` with the objects `changed` put or removed.
+    Delta {
+        from_revision: u64,
+        changed: &'a [ObjectRef],
+    },
+}
+
 /// Takes a revision into service.
 pub trait Apply: Send + Sync + 'static {
     /// Compiles and serves `state`. On error the previous revision keeps
-    /// serving, and the error is reported to the control plane.
-    fn apply(&self, state: &ConfigState) -> Result<(), String>;
+    /// serving, and the error is reported to the control plane. `update`
+    /// tells what changed, so the previous revision can be patched.
+    fn apply(&self, state: &ConfigState, update: Update<'_>) -> Result<(), String>;
 
     /// Told when the stream connects (`true`) and when it breaks.
     fn stream_state(&self, _connected: bool) {}
@@ -170,7 +183,9 @@ async fn read_stream(
     apply: &dyn Apply,
     progressed: &mut bool,
 ) -> StreamEnd {
-    let mut pending: Option<(u64, Vec<pb::Object>)> = None;
+    // Objects are decoded chunk by chunk as they arrive: a large snapshot is
+    // never held twice (encoded and decoded) in full.
+    let mut pending: Option<(u64, Vec<Object>)> = None;
     loop {
         let msg = match tokio::time::timeout(cfg.idle_timeout, inbound.message()).await {
             Err(_) => return StreamEnd::Idle(cfg.idle_timeout),
@@ -195,7 +210,10 @@ async fn read_stream(
                         chunk.revision, revision
                     ));
                 }
-                objs.extend(chunk.objects);
+                match objects(chunk.objects) {
+                    Ok(decoded) => objs.extend(decoded),
+                    Err(e) => return StreamEnd::Protocol(e),
+                }
                 if !chunk.last {
                     continue;
                 }
@@ -204,7 +222,7 @@ async fn read_stream(
                     // Never go back: wait for this node to catch up.
                     continue;
                 }
-                objects(objs).map(|o| ConfigState::from_objects(revision, o))
+                Ok((ConfigState::from_objects(revision, objs), None))
             }
             Some(Msg::Delta(delta)) => {
                 let Some(current) = held.as_ref() else {
@@ -237,16 +255,24 @@ async fn read_stream(
                     })
                     .collect();
                 changes.map(|changes| {
+                    let targets: Vec<ObjectRef> = changes.iter().map(|(t, _)| t.clone()).collect();
                     let mut next = current.clone();
                     next.apply_changes(delta.revision, changes);
-                    next
+                    (next, Some((delta.from_revision, targets)))
                 })
             }
         };
         let (revision, error) = match update {
-            Ok(state) => {
+            Ok((state, delta)) => {
                 let revision = state.revision();
-                let error = apply.apply(&state).err().unwrap_or_default();
+                let how = match &delta {
+                    None => Update::Full,
+                    Some((from_revision, changed)) => Update::Delta {
+                        from_revision: *from_revision,
+                        changed,
+                    },
+                };
+                let error = apply.apply(&state, how).err().unwrap_or_default();
                 // Hold it even when it failed to compile: later deltas build on it.
                 *held = Some(state);
                 (revision, error)

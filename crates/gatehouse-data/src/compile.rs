@@ -1,12 +1,18 @@
 //! One configuration revision compiled for the hot path: the router, the
 //! upstream pools and each route's settings, built once when the revision
 //! arrives and then only read.
+//!
+//! A revision that arrives as a delta is compiled from the previous one:
+//! the credentials are patched with the keys and consumers that changed,
+//! and the router, pools, policies and certificates are shared unchanged
+//! when no object they are built from changed. A one-key change on a
+//! configuration of a million keys costs microseconds, not a recompile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use gatehouse_model::object::{Route, Upstream};
-use gatehouse_model::{ConfigState, Kind, Object};
+use gatehouse_model::{ConfigState, Kind, Object, ObjectRef};
 
 use crate::auth::{CompiledPolicy, Credentials};
 use crate::router::Router;
@@ -32,17 +38,33 @@ pub struct CompiledRoute {
 #[derive(Debug)]
 pub struct Compiled {
     pub revision: u64,
-    pub router: Router,
-    pub routes: Vec<CompiledRoute>,
+    pub router: Arc<Router>,
+    pub routes: Arc<Vec<CompiledRoute>>,
     /// Every upstream, routed to or not.
-    pub pools: Vec<Arc<Pool>>,
+    pub pools: Arc<Vec<Arc<Pool>>>,
     /// Server certificates by name, for the TLS listener.
-    pub tls: CertStore,
+    pub tls: Arc<CertStore>,
     /// API keys and the consumers they name.
     pub credentials: Credentials,
     /// Whether some policy accepts client certificates: the TLS listener
     /// asks for one only then.
     pub client_certs: bool,
+}
+
+/// Whether an object of this kind is compiled into the credentials only
+/// (or not at all): a change to it leaves the router, pools, policies and
+/// certificates as they were.
+fn credentials_only(kind: Kind) -> bool {
+    matches!(kind, Kind::ApiKey | Kind::Consumer | Kind::AdminToken)
+}
+
+/// The parts built from everything but the credentials.
+struct Core {
+    router: Arc<Router>,
+    routes: Arc<Vec<CompiledRoute>>,
+    pools: Arc<Vec<Arc<Pool>>>,
+    tls: Arc<CertStore>,
+    client_certs: bool,
 }
 
 impl Compiled {
@@ -67,6 +89,58 @@ impl Compiled {
     /// `shared` provides what outlives a revision: target health, upstream
     /// clients and metrics.
     pub fn build(state: &ConfigState, shared: &crate::proxy::Shared) -> Result<Compiled, String> {
+        let core = Compiled::build_core(state, shared)?;
+        Ok(Compiled {
+            revision: state.revision(),
+            router: core.router,
+            routes: core.routes,
+            pools: core.pools,
+            tls: core.tls,
+            client_certs: core.client_certs,
+            credentials: Credentials::compile(state)?,
+        })
+    }
+
+    /// This revision moved on to `state`, in which only the objects
+    /// `changed` differ from this one's: the same result as
+    /// [`Compiled::build`], sharing what the change does not touch.
+    pub fn patch(
+        &self,
+        state: &ConfigState,
+        changed: &[ObjectRef],
+        shared: &crate::proxy::Shared,
+    ) -> Result<Compiled, String> {
+        let core = if changed.iter().all(|t| credentials_only(t.kind)) {
+            Core {
+                router: self.router.clone(),
+                routes: self.routes.clone(),
+                pools: self.pools.clone(),
+                tls: self.tls.clone(),
+                client_certs: self.client_certs,
+            }
+        } else {
+            Compiled::build_core(state, shared)?
+        };
+        let credentials = if changed
+            .iter()
+            .any(|t| matches!(t.kind, Kind::ApiKey | Kind::Consumer))
+        {
+            self.credentials.patch(state, changed)?
+        } else {
+            self.credentials.clone()
+        };
+        Ok(Compiled {
+            revision: state.revision(),
+            router: core.router,
+            routes: core.routes,
+            pools: core.pools,
+            tls: core.tls,
+            client_certs: core.client_certs,
+            credentials,
+        })
+    }
+
+    fn build_core(state: &ConfigState, shared: &crate::proxy::Shared) -> Result<Core, String> {
         let (health, clients) = (&shared.health, &shared.clients);
         let mut pools: HashMap<&str, Arc<Pool>> = HashMap::new();
         let upstreams: Vec<&Upstream> = state
@@ -182,14 +256,15 @@ impl Compiled {
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        Ok(Compiled {
-            revision: state.revision(),
-            router,
-            routes: compiled_routes,
-            pools: pools.into_values().collect(),
-            credentials: Credentials::compile(state)?,
-            tls: CertStore::compile(certificates.iter())?,
+        Ok(Core {
+            router: Arc::new(router),
+            routes: Arc::new(compiled_routes),
+            pools: Arc::new(pools.into_values().collect()),
+            tls: Arc::new(CertStore::compile(certificates.iter())?),
             client_certs,
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

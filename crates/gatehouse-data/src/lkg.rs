@@ -6,7 +6,7 @@
 //! old one, so a crash leaves either the old file or the new one, never half
 //! of one; a file whose checksum does not match is refused as corrupt.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use gatehouse_model::{ConfigState, Object};
@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 const MAGIC: &str = "gatehouse-lkg v1 sha256=";
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Body {
     revision: u64,
     objects: Vec<Object>,
@@ -33,25 +33,74 @@ pub enum LkgError {
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// Writes `state` atomically to `path`.
+/// The body as written: the objects are serialized where they are, not
+/// copied (a million-key state would otherwise be held twice).
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    revision: u64,
+    objects: Objects<'a>,
+}
+
+struct Objects<'a>(&'a ConfigState);
+
+impl Serialize for Objects<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.objects())
+    }
+}
+
+/// Hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `state` atomically to `path`. The body is streamed to a temporary
+/// file through the hash, after a header of the same length as the real
+/// one; the real header is written over it once the digest is known, then
+/// the file is synced and renamed over the old one.
 pub fn write(path: &Path, state: &ConfigState) -> Result<(), LkgError> {
     let io = |source| LkgError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let body = serde_json::to_vec(&Body {
-        revision: state.revision(),
-        objects: state.list_all().collect(),
-    })
-    .map_err(|e| io(std::io::Error::other(e)))?;
-    let digest = hex::encode(Sha256::digest(&body));
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let tmp = path.with_extension("tmp");
     {
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        let placeholder = "0".repeat(64);
+        writeln!(file, "{MAGIC}{placeholder}").map_err(io)?;
+        let mut body = Hashing {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+        };
+        serde_json::to_writer(
+            &mut body,
+            &BodyRef {
+                revision: state.revision(),
+                objects: Objects(state),
+            },
+        )
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        body.flush().map_err(io)?;
+        let Hashing { inner, hasher } = body;
+        let mut file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+        let digest = hex::encode(hasher.finalize());
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
         writeln!(file, "{MAGIC}{digest}").map_err(io)?;
-        file.write_all(&body).map_err(io)?;
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)?;

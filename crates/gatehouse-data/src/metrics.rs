@@ -36,6 +36,18 @@ pub struct LimitLabels {
     pub outcome: String,
 }
 
+/// How a revision was taken into service: `full` (compiled from the whole
+/// state) or `delta` (the previous revision patched with what changed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApplyLabels {
+    pub kind: &'static str,
+}
+
+fn apply_histogram() -> Histogram {
+    // 10 µs to about 80 s.
+    Histogram::new(exponential_buckets(0.00001, 2.0, 24))
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to about 6.5 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 17))
@@ -49,6 +61,11 @@ pub struct Metrics {
     pub config_revision: Gauge<u64, AtomicU64>,
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
+    pub config_applies: Family<ApplyLabels, Counter>,
+    pub config_apply_duration: Family<ApplyLabels, Histogram, fn() -> Histogram>,
+    pub api_keys: Gauge,
+    pub lkg_writes: Counter,
+    pub lkg_write_duration: Histogram,
     pub target_healthy: Family<TargetLabels, Gauge>,
     pub limit_decisions: Family<LimitLabels, Counter>,
     pub limit_deny_cache_hits: Family<LimitLabels, Counter>,
@@ -116,6 +133,39 @@ impl Default for Metrics {
             "config_stream_connected",
             "1 while the config stream to a control-plane node is up",
             config_stream_connected.clone(),
+        );
+        let config_applies = Family::<ApplyLabels, Counter>::default();
+        registry.register(
+            "config_applies",
+            "Revisions taken into service, by kind: full (compiled from the whole configuration) or delta (the previous revision patched with the changed objects)",
+            config_applies.clone(),
+        );
+        let config_apply_duration =
+            Family::<ApplyLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                apply_histogram as fn() -> Histogram,
+            );
+        registry.register(
+            "config_apply_duration_seconds",
+            "Time to compile and swap in one revision, by kind (full or delta)",
+            config_apply_duration.clone(),
+        );
+        let api_keys = Gauge::default();
+        registry.register(
+            "config_api_keys",
+            "API keys in the configuration being served",
+            api_keys.clone(),
+        );
+        let lkg_writes = Counter::default();
+        registry.register(
+            "last_known_good_writes",
+            "Last-known-good files written (each holds the newest applied revision; revisions that arrive during a write are coalesced)",
+            lkg_writes.clone(),
+        );
+        let lkg_write_duration = apply_histogram();
+        registry.register(
+            "last_known_good_write_duration_seconds",
+            "Time to serialize, checksum, write and sync one last-known-good file",
+            lkg_write_duration.clone(),
         );
         let target_healthy = Family::<TargetLabels, Gauge>::default();
         registry.register(
@@ -226,6 +276,11 @@ impl Default for Metrics {
             config_revision,
             config_apply_errors,
             config_stream_connected,
+            config_applies,
+            config_apply_duration,
+            api_keys,
+            lkg_writes,
+            lkg_write_duration,
         }
     }
 }

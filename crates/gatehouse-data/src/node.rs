@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::client::{self, Apply, WatchConfig};
+use crate::client::{self, Apply, Update, WatchConfig};
 use crate::compile::Compiled;
 use crate::lkg;
 use crate::mtls::PeerChain;
@@ -79,38 +79,113 @@ struct Applier {
     lkg: watch::Sender<Option<ConfigState>>,
 }
 
+/// After a last-known-good write that took `t`, the writer rests for
+/// `LKG_REST_FACTOR * t` (at least [`LKG_MIN_REST`]) before the next: with a
+/// large configuration and a steady trickle of changes it spends at most
+/// about a fifth of its time (and of the disk) rewriting the file, and the
+/// revisions that arrive meanwhile are coalesced into the next write.
+const LKG_REST_FACTOR: u32 = 4;
+const LKG_MIN_REST: Duration = Duration::from_millis(100);
+
 /// Writes the newest applied state to the last-known-good file, off the
 /// apply path: a large configuration takes a while to write, and only the
-/// newest one matters.
-async fn write_last_known_good(path: PathBuf, mut newest: watch::Receiver<Option<ConfigState>>) {
-    while newest.changed().await.is_ok() {
+/// newest one matters. The watch channel keeps only the newest state, so
+/// revisions applied during a write (or the rest after it) make one write.
+async fn write_last_known_good(
+    path: PathBuf,
+    mut newest: watch::Receiver<Option<ConfigState>>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        // A revision that arrived during the rest is written even when
+        // shutting down; otherwise wait for the next one.
+        if !newest.has_changed().unwrap_or(false) {
+            tokio::select! {
+                changed = newest.changed() => if changed.is_err() { return },
+                () = stopped(&mut shutdown) => return,
+            }
+        }
         let Some(state) = newest.borrow_and_update().clone() else {
             continue;
         };
         let path = path.clone();
+        let began = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || lkg::write(&path, &state)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                shared.metrics.lkg_writes.inc();
+                shared
+                    .metrics
+                    .lkg_write_duration
+                    .observe(began.elapsed().as_secs_f64());
+            }
             // Serving goes on; only a restart without a control plane would miss it.
             Ok(Err(e)) => tracing::warn!(error = %e, "could not write the last-known-good file"),
             Err(e) => tracing::warn!(error = %e, "the last-known-good writer failed"),
+        }
+        let rest = (began.elapsed() * LKG_REST_FACTOR).max(LKG_MIN_REST);
+        tokio::select! {
+            () = tokio::time::sleep(rest) => {}
+            () = stopped(&mut shutdown) => {}
         }
     }
 }
 
 impl Apply for Applier {
-    fn apply(&self, state: &ConfigState) -> Result<(), String> {
-        let compiled = match Compiled::build(state, &self.shared) {
+    fn apply(&self, state: &ConfigState, update: Update<'_>) -> Result<(), String> {
+        let began = std::time::Instant::now();
+        let current = self.shared.config.load_full();
+        // A delta patches the revision being served only when that is the
+        // one the delta starts from (it is not when that one failed to compile).
+        let (compiled, kind) = match (update, current) {
+            (
+                Update::Delta {
+                    from_revision,
+                    changed,
+                },
+                Some(current),
+            ) if current.revision == from_revision => (
+                current.patch(state, changed, &self.shared).map(|c| {
+                    let pools_changed = !Arc::ptr_eq(&c.pools, &current.pools);
+                    (c, pools_changed)
+                }),
+                "delta",
+            ),
+            _ => (
+                Compiled::build(state, &self.shared).map(|c| (c, true)),
+                "full",
+            ),
+        };
+        let (compiled, pools_changed) = match compiled {
             Ok(c) => c,
             Err(e) => {
                 self.shared.metrics.config_apply_errors.inc();
                 return Err(e);
             }
         };
-        self.shared.health.reconcile(compiled.health_targets());
+        if pools_changed {
+            self.shared.health.reconcile(compiled.health_targets());
+        }
+        let keys = compiled.credentials.key_count();
         self.shared.config.store(Some(Arc::new(compiled)));
         self.shared.unready_reason.store(None);
+        let labels = crate::metrics::ApplyLabels { kind };
+        self.shared
+            .metrics
+            .config_applies
+            .get_or_create(&labels)
+            .inc();
+        self.shared
+            .metrics
+            .config_apply_duration
+            .get_or_create(&labels)
+            .observe(began.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .api_keys
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
         self.shared.metrics.config_revision.set(state.revision());
-        tracing::info!(revision = state.revision(), "configuration applied");
+        tracing::info!(revision = state.revision(), kind, took = ?began.elapsed(), "configuration applied");
         // O(1): the state is made of persistent maps.
         self.lkg.send_replace(Some(state.clone()));
         Ok(())
@@ -175,7 +250,13 @@ impl DataPlane {
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
         let (lkg_tx, lkg_rx) = watch::channel(None);
-        let lkg_writer = tokio::spawn(write_last_known_good(lkg_path.clone(), lkg_rx));
+        let (shutdown, _) = watch::channel(false);
+        let lkg_writer = tokio::spawn(write_last_known_good(
+            lkg_path.clone(),
+            lkg_rx,
+            shared.clone(),
+            shutdown.subscribe(),
+        ));
         let applier = Arc::new(Applier {
             shared: shared.clone(),
             lkg: lkg_tx,
@@ -183,7 +264,7 @@ impl DataPlane {
         // Serve what we had until a control plane answers.
         let held = match lkg::read(&lkg_path) {
             Ok(Some(state)) => {
-                match applier.apply(&state) {
+                match applier.apply(&state, Update::Full) {
                     Ok(()) => tracing::info!(
                         revision = state.revision(),
                         "serving the last-known-good configuration"
@@ -221,7 +302,6 @@ impl DataPlane {
         let ops_addr = local(&ops_listener)?;
         let tls_addr = tls_listener.as_ref().map(local).transpose()?;
 
-        let (shutdown, _) = watch::channel(false);
         let proxy = Proxy::new(shared.clone());
         let proxy_service = move |peer: SocketAddr, tls: bool, chain: Option<Arc<PeerChain>>| {
             let proxy = proxy.clone();

@@ -301,6 +301,15 @@ impl ConfigState {
             .map(|o| o.as_ref().clone())
     }
 
+    /// Every object, by kind then name, borrowed: for encoding a large
+    /// state without copying it.
+    pub fn objects(&self) -> impl Iterator<Item = &Object> + '_ {
+        self.objects
+            .values()
+            .flat_map(|m| m.values())
+            .map(Arc::as_ref)
+    }
+
     pub fn len(&self) -> usize {
         self.objects.values().map(OrdMap::len).sum()
     }
@@ -338,20 +347,28 @@ impl ConfigState {
         self.history_floor = revision;
     }
 
+    // Changed in place through `get_mut`: the map of one kind is not shared
+    // while it changes, so an insert copies no node that a reader or a
+    // snapshot does not also hold.
     fn put_object(&mut self, object: Object) {
         let kind = object.kind();
-        let mut of_kind = self.objects.get(&kind).cloned().unwrap_or_default();
-        of_kind.insert(object.name().to_string(), Arc::new(object));
-        self.objects.insert(kind, of_kind);
+        let name = object.name().to_string();
+        match self.objects.get_mut(&kind) {
+            Some(of_kind) => {
+                of_kind.insert(name, Arc::new(object));
+            }
+            None => {
+                self.objects
+                    .insert(kind, OrdMap::unit(name, Arc::new(object)));
+            }
+        }
     }
 
     fn remove_object(&mut self, target: &ObjectRef) {
-        if let Some(mut of_kind) = self.objects.get(&target.kind).cloned() {
+        if let Some(of_kind) = self.objects.get_mut(&target.kind) {
             of_kind.remove(&target.name);
             if of_kind.is_empty() {
                 self.objects.remove(&target.kind);
-            } else {
-                self.objects.insert(target.kind, of_kind);
             }
         }
     }
