@@ -34,11 +34,11 @@ for i in $(seq 60); do
   sleep 1
 done
 $T/gatehouse-bench http --url "http://$PROXY/x" --connections 8 --duration 2 --warmup 1 >/dev/null 2>&1
-callgrind_control -i on $GP >/dev/null
+callgrind_control -i on $GP >/dev/null 2>&1
 $T/gatehouse-bench http --url "http://$PROXY/x" --connections 8 --duration "$SECS" --warmup 0 > "$D/load.out" 2>&1
-callgrind_control -i off $GP >/dev/null
-callgrind_control -d $GP >/dev/null
+callgrind_control -i off $GP >/dev/null 2>&1
+callgrind_control -d $GP >/dev/null 2>&1
 kill $GP; wait $GP 2>/dev/null || true
-requests=$(awk -F'|' '/closed loop/ {gsub(/ /,"",$8); print $8}' "$D/load.out")
+requests=$(awk -F'|' '/^\| closed loop/ {gsub(/ /,"",$8); print $8}' "$D/load.out" | tail -1)
 total=$(callgrind_annotate "$D"/cg.out.1 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(/,/,"",$1); print $1}')
 echo "requests $requests, instructions $total, per request $((total / requests)) (profile: $D/cg.out.1)"
