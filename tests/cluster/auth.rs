@@ -405,3 +405,278 @@ routes:
     );
     Ok(())
 }
+
+/// A 2048-bit RSA key made with `openssl genpkey` for this test only.
+const RSA_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCHaoYLX1Bx0TWh\n\
+FanCu9QHSLHIiwT7z3zuaVZcQxpBsZXpf3y4sKE0QJza8fsWIKuvaXkCFE7gC6QT\n\
+jdCxRfXKBkuehU34x3KI2zdMQuLeElG8hG5UsgnpY1U64Dd+60U+yLvC4XIkXnBj\n\
+EKuQT+muoH8tVsSKphIkU9xY78xMMWe6RAgHtE2P4qCz9e8XeG7d8weaarhgTGmY\n\
+1h7GCgJ150OvDBAMkcSazIvpb3SknRS60EDAmJjBvMo/m34xCBb4jyF9qvHLNS1N\n\
+nkQGHLnIaPRk4NWTUhkIcL7ZvMWW9spbs2HgaMsXUUZEq/+5RXiti5EJcjDdu3/h\n\
+8phuPV19AgMBAAECggEACQhlxHHumtz+nmNkdXEpLErg0wn/l9rIEFuAmiW+urWW\n\
+v00p+7mKfe1hGSi4MTUWMVylff+ZSvrJI9BwpIvltedpbruhJHBiFzdvjvEiPXfM\n\
+Mc6apnXRe/A3PKFoCkRgKYHjJmrP6JWlGl0/uHVgLC4YCvqaoHismqA+a+9OTyG0\n\
+BiHZmJr7mLGv6NWc2UoX4kWUpYqQJ3gZQJtykML3nWHxM+Ri8l0PTLVNcH0v+40z\n\
+OKL0t/yoSYoK3XsIvBIZ/7qkSU8poOslM2OpMrlj3A+Uqghar6P/EeZSdEJiQ8p2\n\
+PaoPyWVyc0ayiJ+GsTZRkwmS8fpz+oS+myazuYBgOQKBgQC+N8pPFJ/QfKKtg35X\n\
+1s3IQIYKYwf9FP/wfRtjfeM1evlfw6RK7748ZjswSghi2DRJT8fW2gUVImZIyznd\n\
+icuZNPu2hj6Vus5I/suWGoa09jYdhD3PBNHRhAKE8F8fko9yhbmQ8gu7MKT4ntF0\n\
+N+V0vgmSWRH2rB9Pypn3P5OVuQKBgQC2PxDNvu6+nO6kn/qQcOOom+e+1oFfGCk4\n\
+u+Jd2Mr7H+CWWhQcnawvT2gePVTg6Ai6/efZH8gv/fia/EVZmCRshKjV06amZrkN\n\
+5yuKAVr8RPIQTbfp8gwc/ULHQs0j9vXs1ZyU6hgvW++L1aAaZHrc7atKXC6rJeFS\n\
+ByflO1Nn5QKBgQCsQe+2v7GeZ1AWm+7Ncxv1zeDVBSuV1++TBGjKJ5Wbt9qfC5f7\n\
+uLJpFhdhuplvkeV/wnzxp4xUwEsqfsfPRNsYyi9s8pM4muv2lK8fJrR4qkMFZd1n\n\
+XTD5cHerldY+zEWVa15J0bgn83xiHckGWxwzJWmbm4e1/9d3Nb1Kd8uaGQKBgCUz\n\
+pnh5Wz7pxgUw6vMFOFO4z4uzOeFxiyiboc/Ka1Tr4uqOJMDapsVZjkVt+5+VfgK9\n\
+xdAansC9NTxd9sIdPoIwak6Lz97z5R6ja83WDP6mDEursbk9wZ9BS5plVn7a8MSR\n\
+rk7volQ4jiObTf1VOYdTtL2PJ6+kIeSetVQj0hjJAoGBAJC3lvx9im4VhghCjD84\n\
+0koUzHdDWthK5bXWt1iNqzex9vSrb5ZKxAORCCxKqc4ZmB1cHeUh/HocOsudaSql\n\
+NSyStka9BNatBwXl+ITN/RLwY6VE0SFS3+wOzMosnFQ2jpBwEQA+DV1yiwxOZXTz\n\
+WO3k/iWob7UKar/IVFVDy39b\n\
+-----END PRIVATE KEY-----";
+const RSA_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\n\
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAh2qGC19QcdE1oRWpwrvU\n\
+B0ixyIsE+8987mlWXEMaQbGV6X98uLChNECc2vH7FiCrr2l5AhRO4AukE43QsUX1\n\
+ygZLnoVN+MdyiNs3TELi3hJRvIRuVLIJ6WNVOuA3futFPsi7wuFyJF5wYxCrkE/p\n\
+rqB/LVbEiqYSJFPcWO/MTDFnukQIB7RNj+Kgs/XvF3hu3fMHmmq4YExpmNYexgoC\n\
+dedDrwwQDJHEmsyL6W90pJ0UutBAwJiYwbzKP5t+MQgW+I8hfarxyzUtTZ5EBhy5\n\
+yGj0ZODVk1IZCHC+2bzFlvbKW7Nh4GjLF1FGRKv/uUV4rYuRCXIw3bt/4fKYbj1d\n\
+fQIDAQAB\n\
+-----END PUBLIC KEY-----";
+
+/// The issue's negative suite, end to end through a real data plane, against
+/// an RS256 issuer and a second issuer: every token below is refused (401),
+/// a good one gets in, and the `jku`/`x5u` servers are never contacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_rs256_tokens_are_refused_end_to_end() -> anyhow::Result<()> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let upstream = Upstream::start("app").await?;
+    // A server a `jku` or `x5u` header points at; it must never be contacted.
+    let lure = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let lure_addr = lure.local_addr()?;
+    let contacted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = contacted.clone();
+    tokio::spawn(async move {
+        while let Ok((_, _)) = lure.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let dir = tempfile::tempdir()?;
+    let dp = DataPlaneProc::start("dp-1", std::slice::from_ref(&server), dir.path())?;
+    let indented: String = RSA_PUBLIC
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    let file = dir.path().join("rs.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "version: 1
+consumers:
+  - name: acme
+jwt_issuers:
+  - name: corp
+    issuer: https://id.corp.example
+    audiences: [gatehouse]
+    algorithms: [RS256]
+    keys:
+      - kid: rsa-1
+        pem: |
+{indented}    leeway: 5s
+  - name: partner
+    issuer: https://partner.example
+    audiences: [gatehouse]
+    algorithms: [HS256]
+    keys: [{{ kid: partner-1, secret: \"another-shared-secret-of-32-bytes!!\" }}]
+policies:
+  - name: tokens
+    authentication: [jwt]
+    jwt: {{ issuers: [corp] }}
+upstreams:
+  - name: app
+    targets: [{{ address: \"{}\" }}]
+routes:
+  - name: tokens
+    paths: [{{ prefix: /tokens }}]
+    upstream: app
+    policy: tokens
+",
+            upstream.addr
+        ),
+    )?;
+    apply(&server, file.to_str().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes())?;
+    let claims = |exp: serde_json::Value| serde_json::json!({"sub": "acme", "iss": "https://id.corp.example", "aud": "gatehouse", "exp": exp});
+    let rs256 = |header: Header, claims: &serde_json::Value| encode(&header, claims, &rsa).unwrap();
+    let with_kid = |kid: &str| {
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some(kid.into());
+        h
+    };
+    let url = format!("http://{}/tokens/x", dp.proxy);
+    let good = format!(
+        "Bearer {}",
+        rs256(with_kid("rsa-1"), &claims(serde_json::json!(now + 60)))
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the RS256 token to be accepted",
+        || async {
+            get(&url, &[("authorization", &good)])
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await?;
+
+    let b64 = |v: &serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    // HS256 signed with the issuer's RSA public key as the HMAC secret.
+    let confused = {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("rsa-1".into());
+        encode(
+            &h,
+            &claims(serde_json::json!(now + 60)),
+            &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()),
+        )?
+    };
+    // A header of our own making, signed with the right key: what the
+    // jsonwebtoken Header type cannot express (a kid that is not a string).
+    let raw = |header: serde_json::Value, claims: &serde_json::Value| {
+        let message = format!("{}.{}", b64(&header), b64(claims));
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &rsa, Algorithm::RS256).unwrap();
+        format!("{message}.{signature}")
+    };
+    let good_claims = claims(serde_json::json!(now + 60));
+    let mut early = good_claims.clone();
+    early["nbf"] = serde_json::json!(now + 3600);
+    let field = |k: &str, v: serde_json::Value| {
+        let mut c = good_claims.clone();
+        c[k] = v;
+        c
+    };
+    let mut jku = with_kid("rsa-1");
+    jku.jku = Some(format!("http://{lure_addr}/jwks.json"));
+    let mut x5u = with_kid("rsa-1");
+    x5u.x5u = Some(format!("http://{lure_addr}/cert.pem"));
+    let partner = {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("partner-1".into());
+        encode(
+            &h,
+            &good_claims,
+            &EncodingKey::from_secret(b"another-shared-secret-of-32-bytes!!"),
+        )?
+    };
+    let long_kid = "k".repeat(10 * 1024);
+    // A signature no configured key makes (as if by the key the jku/x5u URL
+    // would serve): a gateway that followed those headers would fetch them.
+    let not_ours = |token: String| {
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { "B" } else { "A" };
+        format!("{message}.{flipped}{}", &signature[1..])
+    };
+    let cases: Vec<(&str, String)> = vec![
+        ("HS256 signed with the RSA public key", confused),
+        (
+            "expired by one second past leeway",
+            rs256(with_kid("rsa-1"), &claims(serde_json::json!(now - 6))),
+        ),
+        ("nbf in the future", rs256(with_kid("rsa-1"), &early)),
+        (
+            "exp as a string",
+            rs256(
+                with_kid("rsa-1"),
+                &claims(serde_json::json!((now + 60).to_string())),
+            ),
+        ),
+        (
+            "exp as a float",
+            rs256(
+                with_kid("rsa-1"),
+                &claims(serde_json::json!(now as f64 + 60.5)),
+            ),
+        ),
+        (
+            "exp as a huge number",
+            rs256(with_kid("rsa-1"), &claims(serde_json::json!(1e300))),
+        ),
+        (
+            "wrong iss",
+            rs256(
+                with_kid("rsa-1"),
+                &field("iss", serde_json::json!("https://evil.example")),
+            ),
+        ),
+        (
+            "wrong aud",
+            rs256(with_kid("rsa-1"), &field("aud", serde_json::json!("other"))),
+        ),
+        (
+            "aud array without ours",
+            rs256(
+                with_kid("rsa-1"),
+                &field("aud", serde_json::json!(["a", "b"])),
+            ),
+        ),
+        ("a kid of another issuer", partner),
+        (
+            "kid as a path",
+            rs256(with_kid("../../etc/passwd"), &good_claims),
+        ),
+        ("kid as SQL", rs256(with_kid("' OR 1=1 --"), &good_claims)),
+        ("kid 10 KB long", rs256(with_kid(&long_kid), &good_claims)),
+        (
+            "kid not a string",
+            raw(serde_json::json!({"alg": "RS256", "kid": 7}), &good_claims),
+        ),
+        (
+            "unknown crit",
+            raw(
+                serde_json::json!({"alg": "RS256", "kid": "rsa-1", "crit": ["exp"]}),
+                &good_claims,
+            ),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&serde_json::json!({"alg": "none"})),
+                b64(&good_claims)
+            ),
+        ),
+        (
+            "alg NoNe",
+            format!(
+                "{}.{}.",
+                b64(&serde_json::json!({"alg": "NoNe"})),
+                b64(&good_claims)
+            ),
+        ),
+        ("jku at a local server", not_ours(rs256(jku, &good_claims))),
+        ("x5u at a local server", not_ours(rs256(x5u, &good_claims))),
+    ];
+    for (what, token) in &cases {
+        let reply = get(&url, &[("authorization", &format!("Bearer {token}"))]).await?;
+        assert_eq!(reply.status, 401, "{what}");
+    }
+    // Still in with the good token; the lure was never contacted.
+    assert_eq!(get(&url, &[("authorization", &good)]).await?.status, 200);
+    assert_eq!(
+        contacted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a jku or x5u URL was fetched"
+    );
+    Ok(())
+}
