@@ -52,6 +52,14 @@ pub enum CallError {
     Client(#[source] hyper_util::client::legacy::Error),
 }
 
+/// A failed send: why, and the request when it never left (it may go to
+/// another target then, whatever its method).
+#[derive(Debug)]
+pub struct SendError {
+    pub error: CallError,
+    pub request: Option<Request<ProxyBody>>,
+}
+
 impl CallError {
     pub fn is_connect(&self) -> bool {
         match self {
@@ -197,12 +205,13 @@ pub struct Conn {
 
 impl Conn {
     /// Sends `req` (its URI in origin form, `Host` set). A pooled connection
-    /// that turns out to be closed before the request left is replaced
-    /// without the caller seeing it.
+    /// that turns out to be closed before the request left is replaced by a
+    /// new one to the same target. When the request never left, the error
+    /// gives it back, so the caller may send it elsewhere.
     pub async fn send(
         mut self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, CallError> {
+    ) -> Result<Response<ProxyBody>, SendError> {
         loop {
             match self.sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -227,10 +236,25 @@ impl Conn {
                 Err(mut e) => match e.take_message() {
                     // The idle connection closed under us; the request is intact.
                     Some(back) if self.reused => {
-                        req = back;
-                        self = self.pool.connection(self.connect_timeout).await?;
+                        match self.pool.connection(self.connect_timeout).await {
+                            Ok(fresh) => {
+                                req = back;
+                                self = fresh;
+                            }
+                            Err(error) => {
+                                return Err(SendError {
+                                    error,
+                                    request: Some(back),
+                                })
+                            }
+                        }
                     }
-                    _ => return Err(CallError::Http(e.into_error())),
+                    back => {
+                        return Err(SendError {
+                            error: CallError::Http(e.into_error()),
+                            request: back,
+                        })
+                    }
                 },
             }
         }

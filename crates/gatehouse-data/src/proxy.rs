@@ -622,18 +622,26 @@ impl Proxy {
                     }
                     return (name, resp);
                 }
-                Ok(Err(e)) => {
+                Ok(Err(crate::connpool::SendError { error: e, request })) => {
                     if caused_by::<http_body_util::LengthLimitError>(&e)
                         || caused_by::<BodyTimedOut>(&e)
                     {
                         return (name, reject(&body_error(&e)));
                     }
-                    let connect = e.is_connect();
                     health.record_failure(route.upstream.eject_after, route.upstream.eject_for);
                     tracing::debug!(upstream = %route.upstream.name, error = %e, "upstream call failed");
                     last = Reject::BadGateway;
-                    if !connect {
-                        return (name, reject(&last));
+                    match request {
+                        // It never left: the next attempt sends it as it is.
+                        Some(req) => {
+                            let (parts, b) = req.into_parts();
+                            head = Some(parts);
+                            body = Some(b);
+                        }
+                        // Not sent by an HTTP/2 client that could not connect
+                        // (a copy of the head was kept for this).
+                        None if e.is_connect() => {}
+                        None => return (name, reject(&last)),
                     }
                 }
             }

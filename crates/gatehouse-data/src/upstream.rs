@@ -73,7 +73,10 @@ impl Connection {
 
     /// Sends `req`: for HTTP/1.1 the URI is in origin form and the caller set
     /// `Host`; for HTTP/2 it is absolute.
-    pub async fn send(self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, CallError> {
+    pub async fn send(
+        self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, crate::connpool::SendError> {
         match self {
             Connection::H1(conn) => conn.send(req).await,
             Connection::H2(client) => match client.request(req).await {
@@ -83,7 +86,10 @@ impl Connection {
                         crate::proxy::BoxError::from,
                     ))
                 })),
-                Err(e) => Err(CallError::Client(e)),
+                Err(e) => Err(crate::connpool::SendError {
+                    error: CallError::Client(e),
+                    request: None,
+                }),
             },
         }
     }
