@@ -97,11 +97,6 @@ impl ConnPool {
         }
     }
 
-    /// Idle connections held now (for tests and metrics).
-    pub fn idle_count(&self) -> usize {
-        self.lock().len()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }

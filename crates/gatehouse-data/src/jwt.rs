@@ -491,6 +491,44 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_token_counts_only_until_it_expires() {
+        let cache = TokenCache::default();
+        let t = now() as u64;
+        let entry = |exp: u64, nbf: Option<u64>| {
+            Arc::new(Verified {
+                subject: "acme".into(),
+                claims: json!({}),
+                exp,
+                nbf,
+                set: None,
+            })
+        };
+        cache.put([1; 32], entry(t + 60, None));
+        cache.put([2; 32], entry(t - 10, None));
+        cache.put([3; 32], entry(t + 60, Some(t + 30)));
+        assert!(cache.get(&[1; 32], t, 0).is_some());
+        // Past exp, and past exp plus the leeway: gone.
+        assert!(cache.get(&[2; 32], t, 0).is_none());
+        assert!(cache.get(&[2; 32], t, 5).is_none());
+        assert!(cache.get(&[2; 32], t, 11).is_some());
+        // Not yet valid.
+        assert!(cache.get(&[3; 32], t, 0).is_none());
+        assert!(cache.get(&[9; 32], t, 0).is_none());
+    }
+
+    #[test]
+    fn a_repeated_token_is_answered_from_the_cache() {
+        let issuers = [hmac_issuer("corp", "k1")];
+        let t = token("k1", &claims(json!(now() + 60)));
+        let first = verify(&t, &issuers).unwrap();
+        let second = verify(&t, &issuers).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        // A different token is checked on its own.
+        let other = token("k1", &claims(json!(now() + 61)));
+        assert!(!Arc::ptr_eq(&first, &verify(&other, &issuers).unwrap()));
+    }
+
+    #[test]
     fn a_good_token_names_its_subject() {
         let issuers = [hmac_issuer("corp", "k1")];
         let ok = verify(&token("k1", &claims(json!(now() + 60))), &issuers).unwrap();
