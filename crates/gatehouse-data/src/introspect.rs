@@ -12,26 +12,24 @@
 //! timeout, non-200, unreadable JSON) makes the request fail with 503; that
 //! is never cached.
 //!
-//! The introspector, with its cache, outlives a revision when the policy's
-//! `introspection` settings do not change.
+//! Calls go through the identity-provider client setup JWKS uses too
+//! (`idp_http`), one client per introspector, so connections to the endpoint
+//! are reused. The introspector, with its cache and connections, outlives a
+//! revision when the policy's `introspection` settings do not change.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use gatehouse_model::object::IntrospectionAuth;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST};
-use http::{HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, StatusCode};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
 
 /// The largest introspection answer read.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -101,15 +99,6 @@ impl Cache {
     }
 }
 
-/// Where the endpoint is and how to speak to it.
-struct Endpoint {
-    host: String,
-    port: u16,
-    authority: HeaderValue,
-    path: http::uri::PathAndQuery,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-}
-
 /// A policy's introspection endpoint, its cache and its calls in flight.
 pub struct Introspector {
     /// The settings it was built from (secret opened), to reuse it across
@@ -118,7 +107,9 @@ pub struct Introspector {
     /// The answer members kept in the cache besides `scope` and `exp`: the
     /// claims the policy's rules read. Nothing else is kept.
     keep: Vec<String>,
-    endpoint: Endpoint,
+    /// Its own client (the policy's CA, no redirects): connections to the
+    /// endpoint are kept and reused.
+    client: reqwest::Client,
     authorization: HeaderValue,
     cache: Mutex<Cache>,
     in_flight: Mutex<HashMap<[u8; 32], Call>>,
@@ -176,52 +167,24 @@ impl Introspector {
         if let Some(p) = previous.filter(|p| p.settings == *settings && p.keep == keep) {
             return Ok(p.clone());
         }
-        let uri: http::Uri = settings
-            .url
-            .parse()
-            .map_err(|_| fail("url", "is not a URL"))?;
-        let host = uri
-            .host()
-            .ok_or_else(|| fail("url", "has no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let authority = HeaderValue::from_str(
-            uri.authority()
-                .map(|a| a.as_str())
-                .ok_or_else(|| fail("url", "has no host"))?,
-        )
-        .map_err(|_| fail("url", "has no valid host"))?;
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let tls = if https {
-            let mut roots = rustls::RootCertStore::empty();
-            match &settings.ca_pem {
-                Some(pem) => {
-                    for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                        let der = der.map_err(|e| fail("ca_pem", &e.to_string()))?;
-                        roots.add(der).map_err(|e| fail("ca_pem", &e.to_string()))?;
-                    }
+        let url = reqwest::Url::parse(&settings.url).map_err(|_| fail("url", "is not a URL"))?;
+        if url.host_str().is_none() {
+            return Err(fail("url", "has no host"));
+        }
+        let roots = match &settings.ca_pem {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let der = der.map_err(|e| fail("ca_pem", &e.to_string()))?;
+                    roots.add(der).map_err(|e| fail("ca_pem", &e.to_string()))?;
                 }
-                None => {
-                    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                }
+                roots
             }
-            let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| fail("url", &e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| fail("url", "has no valid server name"))?;
-            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
-        } else {
-            None
+            None => crate::idp_http::system_roots(),
         };
+        let client =
+            crate::idp_http::client(roots, reqwest::redirect::Policy::none(), settings.timeout)
+                .map_err(|e| fail("url", &e))?;
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
             form_encode(&settings.client_id),
@@ -233,13 +196,7 @@ impl Introspector {
         Ok(Arc::new(Introspector {
             settings: settings.clone(),
             keep: keep.to_vec(),
-            endpoint: Endpoint {
-                host,
-                port,
-                authority,
-                path,
-                tls,
-            },
+            client,
             authorization,
             cache: Mutex::default(),
             in_flight: Mutex::default(),
@@ -379,45 +336,29 @@ impl Introspector {
         })
     }
 
-    async fn exchange(&self, token: &str) -> Result<(StatusCode, Bytes), CallError> {
-        let ep = &self.endpoint;
-        let tcp = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
-        let _ = tcp.set_nodelay(true);
+    async fn exchange(&self, token: &str) -> Result<(StatusCode, Vec<u8>), String> {
         let body = format!("token={}&token_type_hint=access_token", form_encode(token));
-        let req = Request::post(ep.path.as_str())
-            .header(HOST, ep.authority.clone())
+        let response = self
+            .client
+            .post(&self.settings.url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
             .header(AUTHORIZATION, self.authorization.clone())
-            .body(Full::new(Bytes::from(body)))?;
-        match &ep.tls {
-            Some((connector, name)) => {
-                let tls = connector.connect(name.clone(), tcp).await?;
-                send(TokioIo::new(tls), req).await
-            }
-            None => send(TokioIo::new(tcp), req).await,
-        }
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| crate::idp_http::error_chain(&e))?;
+        let status = response.status();
+        let body = crate::idp_http::read_capped(response, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                crate::idp_http::BodyError::TooLarge => {
+                    format!("answer over {MAX_ANSWER_BYTES} bytes")
+                }
+                crate::idp_http::BodyError::Broken(e) => e,
+            })?;
+        Ok((status, body))
     }
-}
-
-type CallError = Box<dyn std::error::Error + Send + Sync>;
-
-/// One request on a fresh HTTP/1.1 connection; the answer's body, capped.
-async fn send<I>(io: I, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), CallError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    let conn = tokio::spawn(conn);
-    let resp = sender.send_request(req).await?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await?
-        .to_bytes();
-    drop(sender);
-    conn.abort();
-    Ok((status, body))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -427,6 +368,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
 
     #[test]
     fn the_cache_keeps_at_most_max_entries_oldest_out_first() {

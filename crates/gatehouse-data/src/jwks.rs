@@ -152,8 +152,7 @@ struct Fetcher {
 fn build_client(settings: &JwksSettings) -> Result<reqwest::Client, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    match &settings.ca_file {
+    let roots = match &settings.ca_file {
         Some(path) => {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(|i| i.collect::<Result<_, _>>())
@@ -164,30 +163,22 @@ fn build_client(settings: &JwksSettings) -> Result<reqwest::Client, String> {
                     path.display()
                 ));
             }
+            let mut roots = rustls::RootCertStore::empty();
             for cert in certs {
                 roots
                     .add(cert)
                     .map_err(|e| format!("--jwks-ca-file {}: {e}", path.display()))?;
             }
+            roots
         }
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
-                // A root the system holds but rustls cannot read is skipped.
-                let _ = roots.add(cert);
-            }
+            let roots = crate::idp_http::system_roots();
             if roots.is_empty() {
                 tracing::warn!("no system CA certificates found: JWKS over https will fail (give --jwks-ca-file)");
             }
+            roots
         }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    };
     let redirects = reqwest::redirect::Policy::custom(|attempt| {
         let first = &attempt.previous()[0];
         let to = attempt.url();
@@ -202,15 +193,7 @@ fn build_client(settings: &JwksSettings) -> Result<reqwest::Client, String> {
             attempt.follow()
         }
     });
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .redirect(redirects)
-        .timeout(settings.timeout)
-        .connect_timeout(settings.timeout)
-        .no_proxy()
-        .user_agent(concat!("gatehouse/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())
+    crate::idp_http::client(roots, redirects, settings.timeout)
 }
 
 fn is_loopback_host(url: &reqwest::Url) -> bool {
@@ -242,7 +225,7 @@ impl Fetcher {
         let client = self.client()?;
         let cap = self.settings.max_bytes;
         let exchange = async {
-            let mut response = client
+            let response = client
                 .get(parsed)
                 .header(http::header::ACCEPT, "application/json")
                 .send()
@@ -251,21 +234,12 @@ impl Fetcher {
             if response.status() != http::StatusCode::OK {
                 return Err(FetchError::Status(response.status().as_u16()));
             }
-            if response.content_length().is_some_and(|l| l > cap as u64) {
-                return Err(FetchError::TooLarge(cap));
-            }
-            let mut body = Vec::new();
-            while let Some(chunk) = response
-                .chunk()
+            crate::idp_http::read_capped(response, cap)
                 .await
-                .map_err(|e| FetchError::Unreachable(error_chain(&e)))?
-            {
-                if body.len() + chunk.len() > cap {
-                    return Err(FetchError::TooLarge(cap));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(body)
+                .map_err(|e| match e {
+                    crate::idp_http::BodyError::TooLarge => FetchError::TooLarge(cap),
+                    crate::idp_http::BodyError::Broken(e) => FetchError::Unreachable(e),
+                })
         };
         // The client's timeout covers the exchange too; this one is the
         // last word, whatever the client does.
@@ -275,16 +249,7 @@ impl Fetcher {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+use crate::idp_http::error_chain;
 
 /// Reads a JWK Set, keeping the keys this gateway may use.
 pub(crate) fn parse_key_set(body: &[u8]) -> Result<Vec<SetKey>, String> {

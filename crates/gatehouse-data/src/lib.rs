@@ -12,6 +12,7 @@ pub mod firewall;
 pub mod framing;
 pub mod headers;
 pub mod health;
+pub mod idp_http;
 pub mod inspect;
 pub mod introspect;
 pub mod jwks;
