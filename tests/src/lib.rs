@@ -223,6 +223,28 @@ pub struct Cluster {
     pub options: Options,
     /// The links between the nodes, with `Options::faulty_network`.
     pub net: Option<std::sync::Arc<faults::FaultNet>>,
+    /// The loopback address the nodes listen on (see [`cluster_host`]).
+    host: String,
+}
+
+/// The loopback address a cluster's nodes listen on. Tests run side by side,
+/// and a node restarted on its old port would otherwise find that port taken
+/// (port 0 handed it to another test's process in the meantime) or, worse,
+/// the test's clients would talk to another test's cluster while the node is
+/// down, which accepts the same bootstrap token. So each plain cluster gets
+/// its own address in 127.0.0.0/8 (outside 127.0.0.0/16, which other
+/// servers and the fault network's source addresses use). TLS clusters keep
+/// 127.0.0.1, the address their certificates name; their own CA already
+/// keeps clients away from any other test's nodes.
+fn cluster_host(tls: bool) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    if tls {
+        return "127.0.0.1".into();
+    }
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let r = h.finish().to_le_bytes();
+    format!("127.{}.{}.{}", 1 + r[0] % 254, r[1], 1 + r[2] % 254)
 }
 
 impl Drop for Cluster {
@@ -339,6 +361,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir: tempfile::tempdir()?,
             nodes: Vec::new(),
+            host: cluster_host(options.tls.is_some()),
             options,
             net,
         };
@@ -384,8 +407,8 @@ impl Cluster {
         };
         self.nodes.push(Node {
             id,
-            admin: "127.0.0.1:0".into(),
-            raft: "127.0.0.1:0".into(),
+            admin: format!("{}:0", self.host),
+            raft: format!("{}:0", self.host),
             ops: None,
             peer_raft: String::new(),
             peer_admin: String::new(),
@@ -401,6 +424,7 @@ impl Cluster {
     /// and waits for its `ready` line.
     fn spawn(&mut self, id: u64, bootstrap: bool) -> Result<()> {
         let o = self.options.clone();
+        let host = self.host.clone();
         let node = self.node_mut(id);
         let mut cmd = Command::new(bin("gatehouse"));
         cmd.args(["control-plane", "--node-id", &id.to_string()])
@@ -417,7 +441,8 @@ impl Cluster {
             cmd.arg("--bootstrap");
         }
         if o.ops {
-            cmd.args(["--ops-listen", node.ops.as_deref().unwrap_or("127.0.0.1:0")]);
+            let ops = node.ops.clone().unwrap_or_else(|| format!("{host}:0"));
+            cmd.args(["--ops-listen", &ops]);
         }
         if let Some(key) = &o.secrets_key {
             cmd.arg("--secrets-key-file").arg(key);
