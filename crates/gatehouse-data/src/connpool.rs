@@ -333,3 +333,210 @@ impl ConnPools {
         pool
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+
+    const BODY: &str = "hello from upstream";
+
+    /// A keep-alive HTTP/1.1 server on loopback that counts the connections
+    /// it accepts and answers every request with [`BODY`]; `close` makes it
+    /// close its open connections and stop listening.
+    struct Upstream {
+        address: String,
+        accepted: Arc<AtomicUsize>,
+        close: Arc<Notify>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Upstream {
+        async fn start() -> Upstream {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap().to_string();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let close = Arc::new(Notify::new());
+            let (count, stop) = (accepted.clone(), close.clone());
+            let task = tokio::spawn(async move {
+                let mut conns = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        // Dropping the listener and the connection tasks
+                        // closes every socket.
+                        _ = stop.notified() => return,
+                        accepted = listener.accept() => {
+                            let (mut s, _) = accepted.unwrap();
+                            count.fetch_add(1, Ordering::SeqCst);
+                            conns.spawn(async move {
+                                let mut buf = vec![0u8; 4096];
+                                let mut have = Vec::new();
+                                loop {
+                                    let n = match s.read(&mut buf).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => n,
+                                    };
+                                    have.extend_from_slice(&buf[..n]);
+                                    while let Some(end) =
+                                        have.windows(4).position(|w| w == b"\r\n\r\n")
+                                    {
+                                        have.drain(..end + 4);
+                                        let resp = format!(
+                                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{BODY}",
+                                            BODY.len()
+                                        );
+                                        if s.write_all(resp.as_bytes()).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
+            });
+            Upstream {
+                address,
+                accepted,
+                close,
+                task,
+            }
+        }
+
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+
+        async fn shut(self) {
+            self.close.notify_one();
+            let _ = self.task.await;
+        }
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::get("/x")
+            .header(http::header::HOST, "upstream")
+            .body(Empty::<Bytes>::new().map_err(BoxError::from).boxed())
+            .unwrap()
+    }
+
+    const CONNECT: Duration = Duration::from_secs(2);
+
+    /// Waits until the pool holds `n` idle connections (a connection goes
+    /// back once hyper has seen the end of its response, a moment after
+    /// the body was read).
+    async fn idle(pool: &ConnPool, n: usize) {
+        for _ in 0..200 {
+            if pool.lock().len() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the pool never held {n} idle connections");
+    }
+
+    async fn body(resp: Response<ProxyBody>) -> String {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_read_to_its_end_serves_the_next_request() {
+        let upstream = Upstream::start().await;
+        let pool = ConnPools::default().get(&upstream.address);
+        for _ in 0..3 {
+            let conn = pool.connection(CONNECT).await.unwrap();
+            let resp = conn.send(get()).await.unwrap();
+            assert_eq!(body(resp).await, BODY);
+            idle(&pool, 1).await;
+        }
+        assert_eq!(upstream.accepted(), 1, "one connection for three requests");
+        upstream.shut().await;
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_midway_closes_its_connection() {
+        let upstream = Upstream::start().await;
+        let pool = ConnPools::default().get(&upstream.address);
+        let resp = pool
+            .connection(CONNECT)
+            .await
+            .unwrap()
+            .send(get())
+            .await
+            .unwrap();
+        // The client went away before the body was read.
+        drop(resp);
+        let conn = pool.connection(CONNECT).await.unwrap();
+        assert_eq!(body(conn.send(get()).await.unwrap()).await, BODY);
+        assert_eq!(
+            upstream.accepted(),
+            2,
+            "the half-read connection was not reused"
+        );
+        upstream.shut().await;
+    }
+
+    /// The race a full-suite run once lost a request to: a pooled
+    /// connection closes under the request, and reconnecting to the
+    /// target is refused. The request never left, so it comes back.
+    #[tokio::test]
+    async fn a_request_that_never_left_comes_back_when_the_target_is_gone() {
+        let upstream = Upstream::start().await;
+        let address = upstream.address.clone();
+        let pool = ConnPools::default().get(&address);
+        let warm = pool.connection(CONNECT).await.unwrap();
+        assert_eq!(body(warm.send(get()).await.unwrap()).await, BODY);
+        idle(&pool, 1).await;
+        // Taken from the pool while the target is up...
+        let conn = pool.connection(CONNECT).await.unwrap();
+        assert!(conn.reused);
+        // ...and the target goes away before the request is sent.
+        upstream.shut().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut req = get();
+        req.headers_mut()
+            .insert("x-marker", http::HeaderValue::from_static("mine"));
+        let err = conn.send(req).await.expect_err("the target is gone");
+        assert!(err.error.is_connect(), "{:?}", err.error);
+        let back = err.request.expect("the request comes back");
+        assert_eq!(back.headers()["x-marker"], "mine");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_reaches_the_upstream_and_pools_are_shared_by_address() {
+        let pools = ConnPools::default();
+        let upstream = Upstream::start().await;
+        let a = pools.get(&upstream.address);
+        let b = pools.get(&upstream.address);
+        assert!(Arc::ptr_eq(&a, &b));
+        let req = Request::post("/x")
+            .header(http::header::HOST, "upstream")
+            .body(
+                Full::new(Bytes::from_static(b"payload"))
+                    .map_err(BoxError::from)
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = a
+            .connection(CONNECT)
+            .await
+            .unwrap()
+            .send(req)
+            .await
+            .unwrap();
+        assert_eq!(body(resp).await, BODY);
+        idle(&a, 1).await;
+        let again = b.connection(CONNECT).await.unwrap();
+        assert!(
+            again.reused,
+            "the other handle sees the same idle connection"
+        );
+        drop(again);
+        upstream.shut().await;
+    }
+}
