@@ -110,25 +110,54 @@ pub fn is_sealed(value: &str) -> bool {
     value.starts_with(PREFIX)
 }
 
-/// Every secret field of `object`, with its path, for changing in place.
-fn secret_fields(object: &mut Object) -> Vec<(String, &mut String)> {
+/// A secret field of an object, for changing in place.
+struct SecretField<'a> {
+    /// Its path: the associated data it is sealed with.
+    path: String,
+    /// The path values sealed before keys with a `kid` were bound to it
+    /// (`keys[INDEX].secret`); they still open.
+    legacy: Option<String>,
+    value: &'a mut String,
+}
+
+impl<'a> SecretField<'a> {
+    fn at(path: impl Into<String>, value: &'a mut String) -> Self {
+        SecretField {
+            path: path.into(),
+            legacy: None,
+            value,
+        }
+    }
+}
+
+/// Every secret field of `object`. A JWT issuer's HMAC secret is bound to
+/// its key's `kid` when it has one (kids are unique within an issuer), so
+/// reordering the keys of an exported issuer keeps its sealed secrets
+/// valid; a key without a `kid` is bound to its position.
+fn secret_fields(object: &mut Object) -> Vec<SecretField<'_>> {
     match object {
-        Object::Certificate(c) => vec![("private_key_pem".to_string(), &mut c.private_key_pem)],
+        Object::Certificate(c) => vec![SecretField::at("private_key_pem", &mut c.private_key_pem)],
         Object::JwtIssuer(j) => j
             .keys
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, k)| k.secret.as_mut().map(|s| (format!("keys[{i}].secret"), s)))
+            .filter_map(|(i, k)| {
+                let by_index = format!("keys[{i}].secret");
+                let (path, legacy) = match &k.kid {
+                    Some(kid) => (format!("keys[kid={kid}].secret"), Some(by_index)),
+                    None => (by_index, None),
+                };
+                k.secret.as_mut().map(|value| SecretField {
+                    path,
+                    legacy,
+                    value,
+                })
+            })
             .collect(),
         Object::Policy(p) => p
             .introspection
             .iter_mut()
-            .map(|i| {
-                (
-                    "introspection.client_secret".to_string(),
-                    &mut i.client_secret,
-                )
-            })
+            .map(|i| SecretField::at("introspection.client_secret", &mut i.client_secret))
             .collect(),
         _ => Vec::new(),
     }
@@ -141,17 +170,19 @@ fn aad(kind: &str, name: &str, field: &str) -> String {
 /// Whether any secret field of `object` is sealed.
 pub fn has_sealed(object: &Object) -> bool {
     let mut object = object.clone();
-    secret_fields(&mut object).iter().any(|(_, v)| is_sealed(v))
+    secret_fields(&mut object)
+        .iter()
+        .any(|f| is_sealed(f.value))
 }
 
 /// Seals every secret field of `object` that is not sealed yet.
 pub fn seal_object(object: &mut Object, key: &SealKey) -> Result<(), SealError> {
     let (kind, name) = (object.kind().to_string(), object.name().to_string());
-    for (field, value) in secret_fields(object) {
-        if !is_sealed(value) {
-            *value = key
-                .seal(&aad(&kind, &name, &field), value)
-                .ok_or(SealError::Seal { field })?;
+    for f in secret_fields(object) {
+        if !is_sealed(f.value) {
+            *f.value = key
+                .seal(&aad(&kind, &name, &f.path), f.value)
+                .ok_or(SealError::Seal { field: f.path })?;
         }
     }
     Ok(())
@@ -161,17 +192,20 @@ pub fn seal_object(object: &mut Object, key: &SealKey) -> Result<(), SealError> 
 /// Errors name the object and the field.
 pub fn open_object(object: &mut Object, key: Option<&SealKey>) -> Result<(), SealError> {
     let (kind, name) = (object.kind().to_string(), object.name().to_string());
-    for (field, value) in secret_fields(object) {
-        if !is_sealed(value) {
+    for f in secret_fields(object) {
+        if !is_sealed(f.value) {
             continue;
         }
-        let named = format!("{kind} \"{name}\": {field}");
+        let named = format!("{kind} \"{name}\": {}", f.path);
         let Some(key) = key else {
             return Err(SealError::NoKey { field: named });
         };
-        *value = key
-            .open(&aad(&kind, &name, &field), value)
-            .ok_or(SealError::WrongKey { field: named })?;
+        let opened = key.open(&aad(&kind, &name, &f.path), f.value).or_else(|| {
+            f.legacy
+                .as_ref()
+                .and_then(|legacy| key.open(&aad(&kind, &name, legacy), f.value))
+        });
+        *f.value = opened.ok_or(SealError::WrongKey { field: named })?;
     }
     Ok(())
 }
@@ -241,6 +275,77 @@ mod tests {
         }
         open_object(&mut sealed, Some(&k)).unwrap();
         assert_eq!(sealed, plain);
+    }
+
+    fn hmac_issuer() -> crate::object::JwtIssuer {
+        let mut j = fixtures::jwt_issuer("corp");
+        j.keys.push(crate::object::JwtKey {
+            kid: Some("hmac-2".into()),
+            pem: None,
+            secret: Some("the-second-hmac-secret-32-bytes-long".into()),
+        });
+        j
+    }
+
+    fn secrets_by_kid(o: &Object) -> Vec<(Option<String>, Option<String>)> {
+        let Object::JwtIssuer(j) = o else {
+            unreachable!()
+        };
+        let mut v: Vec<_> = j
+            .keys
+            .iter()
+            .map(|k| (k.kid.clone(), k.secret.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_hmac_secret_is_bound_to_its_kid_not_its_place_in_the_list() {
+        let k = key();
+        let plain: Object = hmac_issuer().into();
+        let mut sealed = plain.clone();
+        seal_object(&mut sealed, &k).unwrap();
+        // An exported issuer with its keys reordered (the new key first).
+        let Object::JwtIssuer(mut j) = sealed.clone() else {
+            unreachable!()
+        };
+        j.keys.reverse();
+        let mut reordered = Object::JwtIssuer(j);
+        open_object(&mut reordered, Some(&k)).unwrap();
+        assert_eq!(secrets_by_kid(&reordered), secrets_by_kid(&plain));
+
+        // A sealed secret given to another kid does not open.
+        let Object::JwtIssuer(mut j) = sealed.clone() else {
+            unreachable!()
+        };
+        let first = j.keys[0].secret.clone();
+        j.keys[2].secret = first;
+        let err = open_object(&mut Object::JwtIssuer(j), Some(&k)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "jwt_issuer \"corp\": keys[kid=hmac-2].secret: does not open with this secrets key (sealed with another key, or altered)"
+        );
+    }
+
+    #[test]
+    fn secrets_sealed_by_position_before_kids_were_bound_still_open() {
+        let k = key();
+        let plain: Object = hmac_issuer().into();
+        let Object::JwtIssuer(mut j) = plain.clone() else {
+            unreachable!()
+        };
+        // Sealed as earlier versions did: bound to keys[INDEX].secret.
+        for (i, key_) in j.keys.iter_mut().enumerate() {
+            if let Some(s) = key_.secret.as_mut() {
+                *s = k
+                    .seal(&aad("jwt_issuer", "corp", &format!("keys[{i}].secret")), s)
+                    .unwrap();
+            }
+        }
+        let mut old = Object::JwtIssuer(j);
+        open_object(&mut old, Some(&k)).unwrap();
+        assert_eq!(old, plain);
     }
 
     #[test]

@@ -814,6 +814,16 @@ fn jwt_issuer(c: &Check<'_>, j: &JwtIssuer) -> Result {
                 f(".kid"),
                 "must be 1 to 256 characters",
             )?;
+            // A token's kid picks one key; a sealed HMAC secret is bound to it.
+            if let Some(other) = j.keys[..i]
+                .iter()
+                .position(|o| o.kid.as_deref() == Some(kid.as_str()))
+            {
+                return Err(c.fail(
+                    f(".kid"),
+                    format!("\"{kid}\" is also the kid of keys[{other}]; kids must be unique"),
+                ));
+            }
         }
         match (&k.pem, &k.secret) {
             (Some(pem), None) => {

@@ -1203,6 +1203,19 @@ fn policy_groups_follow_consumer_group_syntax_and_lists_are_bounded() {
 }
 
 #[test]
+fn kids_are_unique_within_an_issuer() {
+    let mut j = jwt_issuer("corp");
+    let mut twin = j.keys[0].clone();
+    twin.secret = Some("another-hmac-secret-of-at-least-32-bytes".into());
+    j.keys.push(twin);
+    assert_invalid(
+        j,
+        "keys[2].kid",
+        r#"jwt_issuer "corp": keys[2].kid: "hmac-1" is also the kid of keys[0]; kids must be unique"#,
+    );
+}
+
+#[test]
 fn rsa_keys_under_2048_bits_are_refused_at_write_time() {
     let with_pem = |pem: &str| {
         let mut j = jwt_issuer("corp");
