@@ -156,6 +156,7 @@ async fn follow(
         msg: Some(pb::watch_request::Msg::Hello(pb::Hello {
             node_name: cfg.node_name.clone(),
             revision: held.as_ref().map_or(0, ConfigState::revision),
+            cluster_id: String::new(),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -201,7 +202,7 @@ async fn read_stream(
                 }
                 continue;
             }
-            None => continue,
+            None | Some(Msg::Cluster(_)) => continue,
             Some(Msg::Snapshot(chunk)) => {
                 let (revision, objs) = pending.get_or_insert_with(|| (chunk.revision, Vec::new()));
                 if *revision != chunk.revision {
