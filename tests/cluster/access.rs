@@ -38,6 +38,7 @@ async fn watch_with(addr: &str, token: Option<&str>) -> Result<(), tonic::Status
         msg: Some(pb::watch_request::Msg::Hello(pb::Hello {
             node_name: "probe".into(),
             revision: 0,
+            cluster_id: String::new(),
         })),
     };
     let mut inbound = client

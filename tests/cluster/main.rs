@@ -6,6 +6,7 @@ mod backup;
 mod bad_input;
 mod basic;
 mod ci_workflow;
+mod cluster_id;
 mod consumer_auth;
 mod data_plane;
 mod drills;

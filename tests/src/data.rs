@@ -224,6 +224,15 @@ impl DataPlaneProc {
         serde_json::from_slice::<serde_json::Value>(body).ok()?["revision"].as_u64()
     }
 
+    /// The cluster id in the last-known-good file, if it names one.
+    pub fn lkg_cluster_id(&self) -> Option<String> {
+        let bytes = std::fs::read(self.lkg_path()).ok()?;
+        let body = &bytes[bytes.iter().position(|b| *b == b'\n')? + 1..];
+        serde_json::from_slice::<serde_json::Value>(body).ok()?["cluster_id"]
+            .as_str()
+            .map(str::to_string)
+    }
+
     /// Waits until the revision being served is also in the last-known-good
     /// file (it is written in the background), so a restart finds it.
     pub async fn wait_persisted(&self) -> Result<()> {

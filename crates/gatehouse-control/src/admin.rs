@@ -400,6 +400,7 @@ impl AdminService {
             data_planes: self
                 .data_planes
                 .status(self.identity.node_id, self.sm.read(|d| d.config.revision())),
+            cluster_id: self.identity.cluster_id().unwrap_or_default(),
         }
     }
 
@@ -958,6 +959,7 @@ impl pb::admin_server::Admin for AdminService {
             config_revision: self.sm.read(|d| d.config.revision()),
             nodes,
             data_planes,
+            cluster_id: self.identity.cluster_id().unwrap_or_default(),
         }))
     }
 

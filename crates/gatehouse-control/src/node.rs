@@ -274,6 +274,7 @@ impl ControlPlane {
             registry: data_planes.clone(),
             heartbeat: std::time::Duration::from_secs(5),
             auth: auth.clone(),
+            identity: identity.clone(),
             shutdown: shutdown.subscribe(),
         })
         .max_encoding_message_size(MAX_ADMIN_RESPONSE_BYTES);

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Auth;
+use crate::identity::Identity;
 use crate::store::Shared;
 use crate::types::NodeId;
 
@@ -128,6 +129,8 @@ pub struct ConfigStreamService {
     pub registry: Arc<Registry>,
     pub heartbeat: Duration,
     pub auth: Arc<Auth>,
+    /// The cluster this node belongs to: a data plane of another one is refused.
+    pub identity: Arc<Identity>,
     /// Set when the node shuts down: streams end, so that the server's
     /// graceful shutdown is not held up by data planes that stay connected.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -156,6 +159,31 @@ fn check_name(name: &str) -> Result<(), Status> {
         Err(Status::invalid_argument(
             "hello.node_name: must be 1 to 128 characters of a-z, A-Z, 0-9, '-', '_', '.' and ':'",
         ))
+    }
+}
+
+/// Refuses a data plane that says it belongs to another cluster than this
+/// node (`own`; `None` until the node joined one, when any is accepted). An
+/// empty `hello` id (a new data plane, or one of an older version) is accepted.
+fn check_cluster(own: Option<&str>, hello: &str) -> Result<(), Status> {
+    if hello.is_empty() {
+        return Ok(());
+    }
+    gatehouse_proto::check_cluster_id(hello)
+        .map_err(|e| Status::invalid_argument(format!("hello.cluster_id: {e}")))?;
+    match own {
+        Some(own) if own != hello => {
+            let mut status = Status::failed_precondition(format!(
+                "this control-plane node belongs to cluster {own}; the data plane belongs to cluster {hello}"
+            ));
+            if let Ok(value) = own.parse() {
+                status
+                    .metadata_mut()
+                    .insert(gatehouse_proto::CLUSTER_ID, value);
+            }
+            Err(status)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -271,6 +299,11 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
             }
         };
         check_name(&hello.node_name)?;
+        let own_cluster = self.identity.cluster_id();
+        if let Err(refusal) = check_cluster(own_cluster.as_deref(), &hello.cluster_id) {
+            tracing::warn!(data_plane = %hello.node_name, data_plane_cluster = %hello.cluster_id, error = %refusal.message(), "refused the config stream of a data plane");
+            return Err(refusal);
+        }
         let mut hello = hello;
         // With mutual TLS the certificate says who the data plane is.
         if let Some(cert_name) = caller.actor.strip_prefix("cert:") {
@@ -309,12 +342,32 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
         // A data plane that holds revision 0 has nothing yet: it gets a snapshot.
         let held = (hello.revision > 0).then_some(hello.revision);
         let mut shutdown = self.shutdown.clone();
+        let identity = self.identity.clone();
         tokio::spawn(async move {
             let _registration = registration;
             let mut held = held;
             let mut revisions = sm.subscribe();
             let registry = _registration.registry.clone();
+            // Before any configuration: which cluster this node belongs to.
+            let info = pb::WatchResponse {
+                msg: Some(pb::watch_response::Msg::Cluster(pb::ClusterInfo {
+                    cluster_id: own_cluster.clone().unwrap_or_default(),
+                })),
+            };
+            if tx.send(Ok(info)).await.is_err() {
+                return;
+            }
             loop {
+                // A node that had no cluster at hello may have joined one
+                // since: the data plane must watch again to be checked.
+                if let Some(joined) = identity.cluster_id().filter(|_| own_cluster.is_none()) {
+                    let _ = tx
+                        .send(Err(Status::unavailable(format!(
+                            "this control-plane node joined cluster {joined} after the stream began; watch again"
+                        ))))
+                        .await;
+                    return;
+                }
                 if let Some(update) = next_update(&sm, held) {
                     let revision = match &update {
                         Update::Snapshot(s) => s.revision(),
@@ -380,5 +433,42 @@ impl pb::config_stream_server::ConfigStream for ConfigStreamService {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_plane_of_another_cluster_is_refused_with_both_ids() {
+        let refusal = check_cluster(Some("aaaa1111"), "bbbb2222").unwrap_err();
+        assert_eq!(refusal.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            refusal.message(),
+            "this control-plane node belongs to cluster aaaa1111; the data plane belongs to cluster bbbb2222"
+        );
+        assert_eq!(
+            refusal
+                .metadata()
+                .get(gatehouse_proto::CLUSTER_ID)
+                .and_then(|v| v.to_str().ok()),
+            Some("aaaa1111")
+        );
+    }
+
+    #[test]
+    fn the_same_cluster_a_new_data_plane_or_a_node_without_cluster_is_accepted() {
+        assert!(check_cluster(Some("aaaa1111"), "aaaa1111").is_ok());
+        assert!(check_cluster(Some("aaaa1111"), "").is_ok(), "no id yet");
+        assert!(check_cluster(None, "bbbb2222").is_ok(), "not joined yet");
+        assert!(check_cluster(None, "").is_ok());
+    }
+
+    #[test]
+    fn a_malformed_cluster_id_in_hello_is_an_invalid_argument() {
+        let err = check_cluster(Some("aaaa1111"), "bad id\n").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("hello.cluster_id: "), "{err:?}");
     }
 }

@@ -2,6 +2,12 @@
 //! listed control-plane nodes, hands each new revision to an [`Apply`], and
 //! acknowledges it. It reconnects with backoff and jitter, moving on to the
 //! next node, and never goes back to an older revision.
+//!
+//! It follows one cluster only: it says in its hello which cluster it
+//! belongs to (a node of another cluster refuses the stream), checks the
+//! cluster each node says it belongs to before taking anything from it, and
+//! learns its cluster from the first node it applies configuration from
+//! when it had none.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +43,15 @@ pub trait Apply: Send + Sync + 'static {
 
     /// Told how many data planes the control plane reports.
     fn data_planes(&self, _count: u64) {}
+
+    /// Told the cluster this data plane belongs to from now on, learnt from
+    /// the control-plane node whose revision is applied next (called before
+    /// that `apply`), so that it is kept with the last-known-good file.
+    fn cluster_learnt(&self, _cluster_id: &str) {}
+
+    /// Told when a control-plane node was not followed because it belongs
+    /// to another cluster; `message` says which node and both clusters.
+    fn wrong_cluster(&self, _message: &str) {}
 }
 
 /// Where and as whom to watch.
@@ -52,6 +67,10 @@ pub struct WatchConfig {
     /// No message (not even a heartbeat) for this long: reconnect.
     pub idle_timeout: Duration,
     pub max_backoff: Duration,
+    /// The cluster this data plane belongs to (pinned, or from the
+    /// last-known-good file); `None`: learnt from the first control-plane
+    /// node it applies configuration from.
+    pub cluster_id: Option<String>,
 }
 
 /// Why one connection ended.
@@ -67,6 +86,8 @@ enum StreamEnd {
     Closed,
     #[error("{0}")]
     Protocol(String),
+    #[error("the control-plane node belongs to cluster {node}; this data plane belongs to cluster {own}")]
+    WrongCluster { node: String, own: String },
     #[error("shutting down")]
     Shutdown,
 }
@@ -85,12 +106,13 @@ pub async fn watch(
     }
     let mut next = rand::random::<u32>() as usize % cfg.endpoints.len();
     let mut failures: u32 = 0;
+    let mut cluster = cfg.cluster_id.clone();
     loop {
         let endpoint = &cfg.endpoints[next % cfg.endpoints.len()];
         next += 1;
         let mut progressed = false;
         let end = tokio::select! {
-            end = follow(endpoint, &cfg, &mut held, apply.as_ref(), &mut progressed) => end,
+            end = follow(endpoint, &cfg, &mut held, &mut cluster, apply.as_ref(), &mut progressed) => end,
             () = stopped(&mut shutdown) => StreamEnd::Shutdown,
         };
         if matches!(end, StreamEnd::Shutdown) || *shutdown.borrow() {
@@ -102,7 +124,21 @@ pub async fn watch(
             failures.saturating_add(1)
         };
         let backoff = backoff(failures, cfg.max_backoff);
-        tracing::warn!(control_plane = %endpoint, reason = %end, retry_in = ?backoff, "config stream interrupted");
+        match &end {
+            StreamEnd::WrongCluster { node, own } => {
+                let serving = held.as_ref().map_or("nothing yet".to_string(), |h| {
+                    format!("revision {}", h.revision())
+                });
+                let message = format!(
+                    "control-plane node {endpoint} belongs to cluster {node}; this data plane belongs to cluster {own}: not following it (serving {serving}; check --control-plane)"
+                );
+                tracing::error!(control_plane = %endpoint, node_cluster = %node, data_plane_cluster = %own, retry_in = ?backoff, "{message}");
+                apply.wrong_cluster(&message);
+            }
+            _ => {
+                tracing::warn!(control_plane = %endpoint, reason = %end, retry_in = ?backoff, "config stream interrupted");
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = stopped(&mut shutdown) => return,
@@ -126,10 +162,53 @@ fn objects(list: Vec<pb::Object>) -> Result<Vec<Object>, String> {
         .collect()
 }
 
+/// Why a control-plane node is not followed: it refused a data plane of
+/// another cluster (`status`, with its own id in [`gatehouse_proto::CLUSTER_ID`]).
+fn refusal(status: tonic::Status, own: Option<&str>) -> StreamEnd {
+    let node = status
+        .metadata()
+        .get(gatehouse_proto::CLUSTER_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match (status.code(), node, own) {
+        (tonic::Code::FailedPrecondition, Some(node), Some(own)) => StreamEnd::WrongCluster {
+            node,
+            own: own.to_string(),
+        },
+        _ => StreamEnd::Status(status),
+    }
+}
+
+/// Checks the cluster a node says it belongs to against this data plane's
+/// (`own`); on success `stated` is the node's cluster (`None`: it said none).
+fn check_node_cluster(
+    info: &pb::ClusterInfo,
+    own: Option<&str>,
+    stated: &mut Option<String>,
+) -> Result<(), StreamEnd> {
+    if info.cluster_id.is_empty() {
+        // A node that has not joined a cluster yet: it ends the stream when it does.
+        return Ok(());
+    }
+    gatehouse_proto::check_cluster_id(&info.cluster_id)
+        .map_err(|e| StreamEnd::Protocol(format!("cluster id {:?}: {e}", info.cluster_id)))?;
+    if let Some(own) = own {
+        if own != info.cluster_id {
+            return Err(StreamEnd::WrongCluster {
+                node: info.cluster_id.clone(),
+                own: own.to_string(),
+            });
+        }
+    }
+    *stated = Some(info.cluster_id.clone());
+    Ok(())
+}
+
 async fn follow(
     endpoint: &str,
     cfg: &WatchConfig,
     held: &mut Option<ConfigState>,
+    cluster: &mut Option<String>,
     apply: &dyn Apply,
     progressed: &mut bool,
 ) -> StreamEnd {
@@ -156,6 +235,7 @@ async fn follow(
         msg: Some(pb::watch_request::Msg::Hello(pb::Hello {
             node_name: cfg.node_name.clone(),
             revision: held.as_ref().map_or(0, ConfigState::revision),
+            cluster_id: cluster.clone().unwrap_or_default(),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -166,26 +246,42 @@ async fn follow(
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(s) => return StreamEnd::Status(s),
+        Err(s) => return refusal(s, cluster.as_deref()),
     };
     tracing::info!(control_plane = %endpoint, "config stream connected");
     apply.stream_state(true);
-    let end = read_stream(&mut inbound, &tx, cfg, held, apply, progressed).await;
+    let end = read_stream(
+        &mut inbound,
+        endpoint,
+        &tx,
+        cfg,
+        held,
+        cluster,
+        apply,
+        progressed,
+    )
+    .await;
     apply.stream_state(false);
     end
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_stream(
     inbound: &mut tonic::Streaming<pb::WatchResponse>,
+    endpoint: &str,
     tx: &mpsc::Sender<pb::WatchRequest>,
     cfg: &WatchConfig,
     held: &mut Option<ConfigState>,
+    cluster: &mut Option<String>,
     apply: &dyn Apply,
     progressed: &mut bool,
 ) -> StreamEnd {
     // Objects are decoded chunk by chunk as they arrive: a large snapshot is
     // never held twice (encoded and decoded) in full.
     let mut pending: Option<(u64, Vec<Object>)> = None;
+    // The cluster the node said it belongs to (`None`: it said none).
+    let mut stated: Option<String> = None;
+    let mut first = true;
     loop {
         let msg = match tokio::time::timeout(cfg.idle_timeout, inbound.message()).await {
             Err(_) => return StreamEnd::Idle(cfg.idle_timeout),
@@ -193,6 +289,20 @@ async fn read_stream(
             Ok(Ok(None)) => return StreamEnd::Closed,
             Ok(Ok(Some(m))) => m,
         };
+        match &msg.msg {
+            Some(Msg::Cluster(info)) => {
+                if let Err(end) = check_node_cluster(info, cluster.as_deref(), &mut stated) {
+                    return end;
+                }
+            }
+            _ if first && cluster.is_some() => {
+                tracing::warn!(control_plane = %endpoint, "the control-plane node does not say which cluster it belongs to (a version before cluster ids): following it unchecked");
+            }
+            _ => {}
+        }
+        first = false;
+        // Only past the cluster check is this progress (which resets the
+        // backoff): against a node of another cluster the backoff keeps growing.
         *progressed = true;
         let update = match msg.msg {
             Some(Msg::Heartbeat(beat)) => {
@@ -201,7 +311,7 @@ async fn read_stream(
                 }
                 continue;
             }
-            None => continue,
+            None | Some(Msg::Cluster(_)) => continue,
             Some(Msg::Snapshot(chunk)) => {
                 let (revision, objs) = pending.get_or_insert_with(|| (chunk.revision, Vec::new()));
                 if *revision != chunk.revision {
@@ -272,6 +382,13 @@ async fn read_stream(
                         changed,
                     },
                 };
+                if cluster.is_none() {
+                    if let Some(id) = &stated {
+                        tracing::info!(control_plane = %endpoint, cluster_id = %id, "this data plane belongs to cluster {id} from now on");
+                        apply.cluster_learnt(id);
+                        *cluster = Some(id.clone());
+                    }
+                }
                 let error = apply.apply(&state, how).err().unwrap_or_default();
                 // Hold it even when it failed to compile: later deltas build on it.
                 *held = Some(state);
@@ -299,6 +416,263 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    use gatehouse_proto::pb::config_stream_server::{ConfigStream, ConfigStreamServer};
+
+    /// A control-plane node that says it belongs to `cluster` and sends one
+    /// snapshot at `revision`, or refuses every stream with `refuse`; it
+    /// records the cluster id of each hello.
+    struct FakeNode {
+        cluster: String,
+        revision: u64,
+        refuse: Option<tonic::Status>,
+        hellos: Arc<Mutex<Vec<String>>>,
+    }
+
+    type Responses =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::WatchResponse, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl ConfigStream for FakeNode {
+        type WatchStream = Responses;
+
+        async fn watch(
+            &self,
+            request: tonic::Request<tonic::Streaming<pb::WatchRequest>>,
+        ) -> Result<tonic::Response<Responses>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            if let Some(pb::WatchRequest {
+                msg: Some(pb::watch_request::Msg::Hello(hello)),
+            }) = inbound.message().await?
+            {
+                self.hellos.lock().unwrap().push(hello.cluster_id);
+            }
+            if let Some(status) = &self.refuse {
+                return Err(status.clone());
+            }
+            let consumer = pb::Object {
+                kind: "consumer".into(),
+                name: format!("from-{}", self.cluster),
+                labels: Default::default(),
+                revision: self.revision,
+                spec_json: r#"{"groups":["x"]}"#.into(),
+            };
+            let msgs = vec![
+                Msg::Cluster(pb::ClusterInfo {
+                    cluster_id: self.cluster.clone(),
+                }),
+                Msg::Snapshot(pb::SnapshotChunk {
+                    revision: self.revision,
+                    objects: vec![consumer],
+                    last: true,
+                }),
+            ];
+            let msgs = msgs
+                .into_iter()
+                .map(|m| Ok(pb::WatchResponse { msg: Some(m) }));
+            // Then stays open, as a node does between changes.
+            let stream =
+                futures::StreamExt::chain(tokio_stream::iter(msgs), futures::stream::pending());
+            Ok(tonic::Response::new(Box::pin(stream)))
+        }
+    }
+
+    /// Starts `node` on a free loopback port; its address.
+    async fn serve(node: FakeNode) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ConfigStreamServer::new(node))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        addr.to_string()
+    }
+
+    fn fake(cluster: &str, revision: u64) -> (FakeNode, Arc<Mutex<Vec<String>>>) {
+        let hellos = Arc::new(Mutex::new(Vec::new()));
+        let node = FakeNode {
+            cluster: cluster.into(),
+            revision,
+            refuse: None,
+            hellos: hellos.clone(),
+        };
+        (node, hellos)
+    }
+
+    /// Records what the client tells its `Apply`, in order.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn events(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Apply for Recorder {
+        fn apply(&self, state: &ConfigState, _update: Update<'_>) -> Result<(), String> {
+            let names: Vec<String> = state.list_all().map(|o| o.name().to_string()).collect();
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("apply {} {}", state.revision(), names.join(",")));
+            Ok(())
+        }
+
+        fn cluster_learnt(&self, cluster_id: &str) {
+            self.0.lock().unwrap().push(format!("learnt {cluster_id}"));
+        }
+
+        fn wrong_cluster(&self, message: &str) {
+            self.0.lock().unwrap().push(format!("wrong {message}"));
+        }
+    }
+
+    fn config(endpoints: Vec<String>, cluster: Option<&str>) -> WatchConfig {
+        WatchConfig {
+            endpoints,
+            node_name: "dp-test".into(),
+            token: gatehouse_proto::BearerToken::default(),
+            tls: None,
+            idle_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_millis(200),
+            cluster_id: cluster.map(str::to_string),
+        }
+    }
+
+    fn held_at(revision: u64) -> ConfigState {
+        ConfigState::from_objects(revision, [])
+    }
+
+    #[tokio::test]
+    async fn a_node_of_another_cluster_is_not_followed_even_when_it_does_not_refuse() {
+        let (node, hellos) = fake("bbbb", 9);
+        let addr = serve(node).await;
+        let cfg = config(vec![addr.clone()], Some("aaaa"));
+        let recorder = Recorder::default();
+        let (mut held, mut cluster, mut progressed) =
+            (Some(held_at(4)), cfg.cluster_id.clone(), false);
+        let end = follow(
+            &addr,
+            &cfg,
+            &mut held,
+            &mut cluster,
+            &recorder,
+            &mut progressed,
+        )
+        .await;
+        assert!(
+            matches!(&end, StreamEnd::WrongCluster { node, own } if node == "bbbb" && own == "aaaa"),
+            "{end:?}"
+        );
+        assert_eq!(
+            *hellos.lock().unwrap(),
+            ["aaaa"],
+            "the hello names its cluster"
+        );
+        assert!(recorder.events().is_empty(), "{:?}", recorder.events());
+        assert_eq!(held.map(|h| h.revision()), Some(4), "keeps what it had");
+        assert_eq!(cluster.as_deref(), Some("aaaa"));
+        assert!(!progressed, "no progress: the backoff keeps growing");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_of_another_cluster_names_both() {
+        let (mut node, _) = fake("bbbb", 9);
+        let mut status = tonic::Status::failed_precondition(
+            "this control-plane node belongs to cluster bbbb; the data plane belongs to cluster aaaa",
+        );
+        status
+            .metadata_mut()
+            .insert(gatehouse_proto::CLUSTER_ID, "bbbb".parse().unwrap());
+        node.refuse = Some(status);
+        let addr = serve(node).await;
+        let cfg = config(vec![addr.clone()], Some("aaaa"));
+        let recorder = Recorder::default();
+        let (mut held, mut cluster, mut progressed) = (None, cfg.cluster_id.clone(), false);
+        let end = follow(
+            &addr,
+            &cfg,
+            &mut held,
+            &mut cluster,
+            &recorder,
+            &mut progressed,
+        )
+        .await;
+        assert_eq!(
+            end.to_string(),
+            "the control-plane node belongs to cluster bbbb; this data plane belongs to cluster aaaa"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cluster_is_learnt_from_the_first_node_applied_from() {
+        let (node, hellos) = fake("aaaa", 9);
+        let addr = serve(node).await;
+        let cfg = config(vec![addr.clone()], None);
+        let recorder = Recorder::default();
+        let (mut held, mut cluster, mut progressed) = (None, None, false);
+        // The fake stays open after its snapshot: stop once it is applied.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            follow(
+                &addr,
+                &cfg,
+                &mut held,
+                &mut cluster,
+                &recorder,
+                &mut progressed,
+            ),
+        )
+        .await;
+        assert_eq!(*hellos.lock().unwrap(), [""], "no cluster yet");
+        assert_eq!(recorder.events(), ["learnt aaaa", "apply 9 from-aaaa"]);
+        assert_eq!(cluster.as_deref(), Some("aaaa"));
+    }
+
+    #[tokio::test]
+    async fn it_moves_on_from_a_node_of_another_cluster_to_one_of_its_own() {
+        let (other, _) = fake("bbbb", 50);
+        let (own, own_hellos) = fake("aaaa", 9);
+        let endpoints = vec![serve(other).await, serve(own).await];
+        let cfg = config(endpoints.clone(), Some("aaaa"));
+        let recorder = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(watch(cfg, Some(held_at(4)), recorder.clone(), shutdown));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // It starts at a random one of the two: wait for both to be seen.
+        while !(recorder.events().iter().any(|e| e.starts_with("wrong "))
+            && recorder.events().iter().any(|e| e.starts_with("apply ")))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                recorder.events()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let events = recorder.events();
+        assert!(
+            events.contains(&"apply 9 from-aaaa".to_string()),
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| e.contains("from-bbbb")),
+            "{events:?}"
+        );
+        let wrong = events.iter().find(|e| e.starts_with("wrong ")).unwrap();
+        let expected = format!(
+            "wrong control-plane node {} belongs to cluster bbbb; this data plane belongs to cluster aaaa: not following it (serving revision ",
+            endpoints[0]
+        );
+        assert!(wrong.starts_with(&expected), "{wrong}");
+        assert!(own_hellos.lock().unwrap().iter().all(|h| h == "aaaa"));
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

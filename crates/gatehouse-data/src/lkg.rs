@@ -5,6 +5,11 @@
 //! (JSON). It is written to a temporary file, synced, and renamed over the
 //! old one, so a crash leaves either the old file or the new one, never half
 //! of one; a file whose checksum does not match is refused as corrupt.
+//!
+//! The body also names the cluster the configuration came from
+//! (`cluster_id`), so that a restarted data plane never follows a
+//! control-plane node of another cluster. Files written before it was kept
+//! have no `cluster_id` and read as "no cluster yet".
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +23,18 @@ const MAGIC: &str = "gatehouse-lkg v1 sha256=";
 #[derive(Deserialize)]
 struct Body {
     revision: u64,
+    #[serde(default)]
+    cluster_id: Option<String>,
     objects: Vec<Object>,
+}
+
+/// What a last-known-good file holds.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub state: ConfigState,
+    /// The cluster the configuration came from; `None` in files written
+    /// before it was kept (or before the data plane learnt it).
+    pub cluster_id: Option<String>,
 }
 
 /// A last-known-good file that cannot be used.
@@ -38,6 +54,8 @@ pub enum LkgError {
 #[derive(Serialize)]
 struct BodyRef<'a> {
     revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<&'a str>,
     objects: Objects<'a>,
 }
 
@@ -67,11 +85,12 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Writes `state` atomically to `path`. The body is streamed to a temporary
+/// Writes `state`, which came from cluster `cluster_id` (when known),
+/// atomically to `path`. The body is streamed to a temporary
 /// file through the hash, after a header of the same length as the real
 /// one; the real header is written over it once the digest is known, then
 /// the file is synced and renamed over the old one.
-pub fn write(path: &Path, state: &ConfigState) -> Result<(), LkgError> {
+pub fn write(path: &Path, state: &ConfigState, cluster_id: Option<&str>) -> Result<(), LkgError> {
     let io = |source| LkgError::Io {
         path: path.to_path_buf(),
         source,
@@ -91,6 +110,7 @@ pub fn write(path: &Path, state: &ConfigState) -> Result<(), LkgError> {
             &mut body,
             &BodyRef {
                 revision: state.revision(),
+                cluster_id,
                 objects: Objects(state),
             },
         )
@@ -112,7 +132,7 @@ pub fn write(path: &Path, state: &ConfigState) -> Result<(), LkgError> {
 }
 
 /// Reads the file: `Ok(None)` when there is none, an error when it is corrupt.
-pub fn read(path: &Path) -> Result<Option<ConfigState>, LkgError> {
+pub fn read(path: &Path) -> Result<Option<Saved>, LkgError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -141,7 +161,14 @@ pub fn read(path: &Path) -> Result<Option<ConfigState>, LkgError> {
         return Err(corrupt("checksum mismatch"));
     }
     let body: Body = serde_json::from_slice(body).map_err(|e| corrupt(&format!("body: {e}")))?;
-    Ok(Some(ConfigState::from_objects(body.revision, body.objects)))
+    let cluster_id = body.cluster_id.filter(|id| !id.is_empty());
+    if let Some(id) = &cluster_id {
+        gatehouse_proto::check_cluster_id(id).map_err(|e| corrupt(&format!("cluster_id: {e}")))?;
+    }
+    Ok(Some(Saved {
+        state: ConfigState::from_objects(body.revision, body.objects),
+        cluster_id,
+    }))
 }
 
 #[cfg(test)]
@@ -165,12 +192,60 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lkg.json");
         assert!(read(&path).unwrap().is_none(), "no file yet");
-        write(&path, &state()).unwrap();
+        write(&path, &state(), Some("5d0c2e9a41f7b3c86e12ad04")).unwrap();
         let back = read(&path).unwrap().unwrap();
-        assert_eq!(back.revision(), 4);
+        assert_eq!(back.state.revision(), 4);
         assert_eq!(
-            back.list_all().collect::<Vec<_>>(),
+            back.state.list_all().collect::<Vec<_>>(),
             state().list_all().collect::<Vec<_>>()
+        );
+        assert_eq!(back.cluster_id.as_deref(), Some("5d0c2e9a41f7b3c86e12ad04"));
+        // Without a cluster id (not learnt yet) it reads back as none.
+        write(&path, &state(), None).unwrap();
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back.state.revision(), 4);
+        assert_eq!(back.cluster_id, None);
+    }
+
+    /// A file as data planes wrote it before the cluster id was kept.
+    fn write_old_format(path: &Path, body: &serde_json::Value) {
+        let body = serde_json::to_vec(body).unwrap();
+        let mut file = format!("{MAGIC}{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
+        file.extend_from_slice(&body);
+        std::fs::write(path, file).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_before_the_cluster_id_loads_with_no_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lkg.json");
+        let state = state();
+        let objects: Vec<&Object> = state.objects().collect();
+        write_old_format(
+            &path,
+            &serde_json::json!({ "revision": 4, "objects": objects }),
+        );
+        let back = read(&path).unwrap().unwrap();
+        assert_eq!(back.state.revision(), 4);
+        assert_eq!(
+            back.state.list_all().collect::<Vec<_>>(),
+            state.list_all().collect::<Vec<_>>()
+        );
+        assert_eq!(back.cluster_id, None);
+    }
+
+    #[test]
+    fn a_malformed_cluster_id_makes_the_file_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lkg.json");
+        write_old_format(
+            &path,
+            &serde_json::json!({ "revision": 4, "cluster_id": "a b", "objects": [] }),
+        );
+        let err = read(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("corrupt last-known-good file: cluster_id: "),
+            "{err}"
         );
     }
 
@@ -178,7 +253,7 @@ mod tests {
     fn a_changed_byte_or_a_truncated_file_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lkg.json");
-        write(&path, &state()).unwrap();
+        write(&path, &state(), Some("5d0c2e9a41f7b3c86e12ad04")).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 3;
         bytes[last] ^= 1;

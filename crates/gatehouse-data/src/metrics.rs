@@ -61,6 +61,7 @@ pub struct Metrics {
     pub config_revision: Gauge<u64, AtomicU64>,
     pub config_apply_errors: Counter,
     pub config_stream_connected: Gauge,
+    pub config_stream_wrong_cluster: Counter,
     pub config_applies: Family<ApplyLabels, Counter>,
     pub config_apply_duration: Family<ApplyLabels, Histogram, fn() -> Histogram>,
     pub api_keys: Gauge,
@@ -133,6 +134,12 @@ impl Default for Metrics {
             "config_stream_connected",
             "1 while the config stream to a control-plane node is up",
             config_stream_connected.clone(),
+        );
+        let config_stream_wrong_cluster = Counter::default();
+        registry.register(
+            "config_stream_wrong_cluster",
+            "Control-plane nodes not followed because they belong to another cluster than this data plane (refused by the node, or found by the data plane)",
+            config_stream_wrong_cluster.clone(),
         );
         let config_applies = Family::<ApplyLabels, Counter>::default();
         registry.register(
@@ -276,6 +283,7 @@ impl Default for Metrics {
             config_revision,
             config_apply_errors,
             config_stream_connected,
+            config_stream_wrong_cluster,
             config_applies,
             config_apply_duration,
             api_keys,

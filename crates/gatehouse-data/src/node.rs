@@ -32,6 +32,12 @@ pub struct DataPlaneConfig {
     pub ops_listen: SocketAddr,
     /// Admin addresses of control-plane nodes to watch, tried in turn.
     pub control_planes: Vec<String>,
+    /// The cluster this data plane must belong to (`--cluster-id`): it
+    /// follows no control-plane node of another one, and refuses to start
+    /// from a last-known-good file of another one. `None`: the cluster in
+    /// the last-known-good file, or else the one of the first control-plane
+    /// node it applies configuration from.
+    pub cluster_id: Option<String>,
     pub node_name: String,
     /// Where the last-known-good configuration is kept.
     pub state_dir: PathBuf,
@@ -68,6 +74,12 @@ pub enum StartError {
     },
     #[error("{0}")]
     Config(String),
+    #[error("{path}: the last-known-good configuration came from cluster {file}, but this data plane is pinned to cluster {pinned} (--cluster-id): correct the flag, or remove the file to start afresh from cluster {pinned}")]
+    WrongCluster {
+        path: PathBuf,
+        file: String,
+        pinned: String,
+    },
     #[error(transparent)]
     AccessLog(#[from] crate::access_log::OpenError),
 }
@@ -75,8 +87,10 @@ pub enum StartError {
 /// Compiles each revision, swaps it in, and keeps it as last-known-good.
 struct Applier {
     shared: Arc<Shared>,
-    /// The newest applied state, for the last-known-good writer.
-    lkg: watch::Sender<Option<ConfigState>>,
+    /// The newest applied state and its cluster, for the last-known-good writer.
+    lkg: watch::Sender<Option<lkg::Saved>>,
+    /// The cluster the configuration comes from, once known.
+    cluster_id: std::sync::Mutex<Option<String>>,
 }
 
 /// After a last-known-good write that took `t`, the writer rests for
@@ -93,7 +107,7 @@ const LKG_MIN_REST: Duration = Duration::from_millis(100);
 /// revisions applied during a write (or the rest after it) make one write.
 async fn write_last_known_good(
     path: PathBuf,
-    mut newest: watch::Receiver<Option<ConfigState>>,
+    mut newest: watch::Receiver<Option<lkg::Saved>>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -106,12 +120,16 @@ async fn write_last_known_good(
                 () = stopped(&mut shutdown) => return,
             }
         }
-        let Some(state) = newest.borrow_and_update().clone() else {
+        let Some(saved) = newest.borrow_and_update().clone() else {
             continue;
         };
         let path = path.clone();
         let began = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || lkg::write(&path, &state)).await {
+        match tokio::task::spawn_blocking(move || {
+            lkg::write(&path, &saved.state, saved.cluster_id.as_deref())
+        })
+        .await
+        {
             Ok(Ok(())) => {
                 shared.metrics.lkg_writes.inc();
                 shared
@@ -187,8 +205,30 @@ impl Apply for Applier {
         self.shared.metrics.config_revision.set(state.revision());
         tracing::info!(revision = state.revision(), kind, took = ?began.elapsed(), "configuration applied");
         // O(1): the state is made of persistent maps.
-        self.lkg.send_replace(Some(state.clone()));
+        let cluster_id = self
+            .cluster_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.lkg.send_replace(Some(lkg::Saved {
+            state: state.clone(),
+            cluster_id,
+        }));
         Ok(())
+    }
+
+    fn cluster_learnt(&self, cluster_id: &str) {
+        *self.cluster_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(cluster_id.to_string());
+    }
+
+    fn wrong_cluster(&self, message: &str) {
+        self.shared.metrics.config_stream_wrong_cluster.inc();
+        // /readyz says why when nothing is served yet.
+        if self.shared.config.load().is_none() {
+            self.shared
+                .unready_reason
+                .store(Some(Arc::new(message.to_string())));
+        }
     }
 
     fn data_planes(&self, count: u64) {
@@ -249,6 +289,23 @@ impl DataPlane {
             ..Shared::new(cfg.limits.clone())
         });
         let lkg_path = cfg.state_dir.join("last-known-good.json");
+        let saved = lkg::read(&lkg_path);
+        let file_cluster = saved
+            .as_ref()
+            .ok()
+            .and_then(|s| s.as_ref())
+            .and_then(|s| s.cluster_id.clone());
+        let cluster_id = match (&cfg.cluster_id, file_cluster) {
+            (Some(pinned), Some(file)) if *pinned != file => {
+                return Err(StartError::WrongCluster {
+                    path: lkg_path,
+                    file,
+                    pinned: pinned.clone(),
+                })
+            }
+            (Some(pinned), _) => Some(pinned.clone()),
+            (None, file) => file,
+        };
         let (lkg_tx, lkg_rx) = watch::channel(None);
         let (shutdown, _) = watch::channel(false);
         let lkg_writer = tokio::spawn(write_last_known_good(
@@ -260,13 +317,15 @@ impl DataPlane {
         let applier = Arc::new(Applier {
             shared: shared.clone(),
             lkg: lkg_tx,
+            cluster_id: std::sync::Mutex::new(cluster_id.clone()),
         });
         // Serve what we had until a control plane answers.
-        let held = match lkg::read(&lkg_path) {
-            Ok(Some(state)) => {
+        let held = match saved {
+            Ok(Some(lkg::Saved { state, .. })) => {
                 match applier.apply(&state, Update::Full) {
                     Ok(()) => tracing::info!(
                         revision = state.revision(),
+                        cluster_id = cluster_id.as_deref().unwrap_or("unknown"),
                         "serving the last-known-good configuration"
                     ),
                     Err(e) => {
@@ -369,6 +428,7 @@ impl DataPlane {
                 .map_err(|e| StartError::Config(format!("control-plane TLS: {e}")))?,
             idle_timeout: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
+            cluster_id,
         };
         tasks.push(tokio::spawn(client::watch(
             watch_cfg,

@@ -22,6 +22,32 @@ pub const LEADER_HINT: &str = "x-gatehouse-leader";
 pub const NOT_APPLIED: &str = "x-gatehouse-not-applied";
 /// Set on a request one node forwards to the leader, so it is never forwarded twice.
 pub const FORWARDED: &str = "x-gatehouse-forwarded";
+/// Set on the FAILED_PRECONDITION answer of a control-plane node that
+/// refuses a data plane of another cluster: the node's own cluster id.
+pub const CLUSTER_ID: &str = "x-gatehouse-cluster-id";
+/// The longest cluster id accepted in a config-stream hello or a flag
+/// (the control plane makes 24 hex digits).
+pub const MAX_CLUSTER_ID_LEN: usize = 64;
+
+/// Checks the form of a cluster id: 1 to [`MAX_CLUSTER_ID_LEN`] characters
+/// of `a-z`, `A-Z`, `0-9`, `-` and `_` (ids made by the control plane are
+/// hex). `Err` says what is wrong, for the caller to name the field.
+pub fn check_cluster_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_CLUSTER_ID_LEN {
+        return Err(format!(
+            "must be 1 to {MAX_CLUSTER_ID_LEN} characters, not {}",
+            id.len()
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err("may hold only a-z, A-Z, 0-9, '-' and '_'".into());
+    }
+    Ok(())
+}
+
 /// The largest admin request accepted: one write, all of whose objects
 /// become one Raft log entry.
 pub const MAX_ADMIN_REQUEST_BYTES: usize = 16 * 1024 * 1024;
@@ -247,5 +273,21 @@ mod tests {
         assert!(e.to_string().contains("must not hold \"name\""), "{e}");
         let e = Object::try_from(msg("consumer", r#"{"grups":[]}"#)).unwrap_err();
         assert!(e.to_string().contains("unknown field `grups`"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod cluster_id_tests {
+    use super::check_cluster_id;
+
+    #[test]
+    fn cluster_ids_are_short_plain_words() {
+        assert!(check_cluster_id("3f9c0a1b2c3d4e5f60718293").is_ok());
+        assert!(check_cluster_id("staging-eu_1").is_ok());
+        assert!(check_cluster_id(&"a".repeat(64)).is_ok());
+        for bad in ["", "a b", "x\n", "naïve", "a/b"] {
+            assert!(check_cluster_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_cluster_id(&"a".repeat(65)).is_err());
     }
 }

@@ -74,6 +74,13 @@ pub struct LimitArgs {
     h2_max_local_error_reset_streams: u32,
 }
 
+/// A cluster id as the control plane makes them (`gatehousectl cluster status`).
+fn cluster_id(s: &str) -> std::result::Result<String, String> {
+    let s = s.trim();
+    gatehouse_proto::check_cluster_id(s)?;
+    Ok(s.to_string())
+}
+
 /// A duration such as `10s`, `500ms` or `2m`, at least 1 ms and at most a day.
 fn duration(s: &str) -> std::result::Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s or 500ms)"))?;
@@ -124,7 +131,8 @@ impl JwksArgs {
 #[derive(Args)]
 pub struct DataPlaneArgs {
     /// Admin address of a control-plane node to watch (host:port); repeat or
-    /// separate with commas to list several, tried in turn.
+    /// separate with commas to list several, tried in turn. A node of another
+    /// cluster than this data plane's is not followed (see --cluster-id).
     #[arg(
         long = "control-plane",
         required = true,
@@ -132,12 +140,21 @@ pub struct DataPlaneArgs {
         env = "GATEHOUSE_CONTROL_PLANES"
     )]
     control_planes: Vec<String>,
+    /// The id of the cluster this data plane belongs to (`gatehousectl
+    /// cluster status` shows it): it follows no control-plane node of
+    /// another cluster, and does not start from a last-known-good file of
+    /// another one. Without it, the data plane belongs to the cluster named
+    /// in its last-known-good file, or else to that of the first
+    /// control-plane node it applies configuration from.
+    #[arg(long, env = "GATEHOUSE_CLUSTER_ID", value_parser = cluster_id)]
+    cluster_id: Option<String>,
     #[command(flatten)]
     listeners: Listeners,
     /// This data plane's name in `gatehousectl cluster status` [default: dp-<listen address>].
     #[arg(long, env = "GATEHOUSE_NODE_NAME")]
     name: Option<String>,
-    /// Where the last-known-good configuration is kept.
+    /// Where the last-known-good configuration, and the id of the cluster it
+    /// came from, are kept.
     #[arg(
         long,
         default_value = "gatehouse-data/data-plane",
@@ -309,6 +326,7 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         tls_listen: args.listeners.tls_listen,
         ops_listen: args.listeners.ops_listen,
         control_planes,
+        cluster_id: args.cluster_id,
         node_name: args
             .name
             .unwrap_or_else(|| format!("dp-{}", args.listeners.listen)),
@@ -378,6 +396,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         tls_listen: args.listeners.tls_listen,
         ops_listen: args.listeners.ops_listen,
         control_planes: vec![cp.admin_addr.to_string()],
+        // Learnt from the embedded node, and kept in the last-known-good file.
+        cluster_id: None,
         node_name: "standalone".into(),
         state_dir: args.data_dir.join("data-plane"),
         token: gatehouse_proto::BearerToken::new(Some(&token))?,

@@ -521,6 +521,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                                 "last_log_index": n.last_log_index, "last_applied": n.last_applied,
                                 "snapshot_index": n.snapshot_index, "config_revision": n.config_revision,
                                 "initialized": n.initialized, "error": n.error,
+                                "cluster_id": n.cluster_id,
                             })
                         })
                         .collect();
@@ -536,6 +537,7 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                         })
                         .collect();
                     let v = serde_json::json!({
+                        "cluster_id": s.cluster_id,
                         "leader_id": s.leader_id, "term": s.term,
                         "config_revision": s.config_revision, "nodes": nodes,
                         "data_planes": data_planes,
@@ -552,8 +554,13 @@ async fn cluster(cli: &Cli, cmd: &ClusterCommand) -> Result<()> {
                     } else {
                         s.leader_id.to_string()
                     };
+                    let cluster = if s.cluster_id.is_empty() {
+                        "none"
+                    } else {
+                        &s.cluster_id
+                    };
                     println!(
-                        "leader: {leader}  term: {}  config revision: {}",
+                        "cluster: {cluster}  leader: {leader}  term: {}  config revision: {}",
                         s.term, s.config_revision
                     );
                     let rows: Vec<Vec<String>> = s
