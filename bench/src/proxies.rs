@@ -66,6 +66,12 @@ pub struct ProxiesArgs {
     /// Busy cores, without load from the benchmark, that count as quiet.
     #[arg(long, default_value_t = 0.15)]
     quiet_cores: f64,
+    /// Closed-loop rounds: every target is measured this many times, in
+    /// turn (round 1 of each target, then round 2, ...), so that the
+    /// machine's drift over the run hits every target alike. The tables
+    /// show each target's median round; a table lists every round.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    rounds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -886,6 +892,8 @@ fn install_hint(kind: Kind) -> String {
 struct Slot {
     kind: Kind,
     running: Option<Running>,
+    /// Every closed-loop round, in order.
+    rounds: Vec<Phase>,
     closed: Option<Phase>,
     open: Option<Phase>,
     failure: Option<String>,
@@ -1025,6 +1033,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         let mut slot = Slot {
             kind,
             running: None,
+            rounds: Vec::new(),
             closed: None,
             open: None,
             failure: None,
@@ -1050,32 +1059,52 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         slots.push(slot);
     }
 
-    // Phase 1: closed-loop throughput, one target at a time.
-    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
-        let url = slot.url();
-        eprintln!("{}: closed loop at {url}", slot.kind);
-        let ops = slot.ops();
-        let counted = match (&redis, &ops) {
-            (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
-            _ => None,
-        };
-        match measure(
-            &args,
-            &url,
-            &slot.headers(),
-            None,
-            slot.pid(),
-            backend_pid,
-            counted,
-        )
-        .await
-        {
-            Ok(p) => {
-                report_phase(slot.kind, "closed loop", &p);
-                slot.closed = Some(p);
+    // Phase 1: closed-loop throughput, one target at a time, in rounds.
+    for round in 1..=args.rounds {
+        for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
+            let url = slot.url();
+            eprintln!(
+                "{}: closed loop at {url} (round {round} of {})",
+                slot.kind, args.rounds
+            );
+            let ops = slot.ops();
+            let counted = match (&redis, &ops) {
+                (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
+                _ => None,
+            };
+            match measure(
+                &args,
+                &url,
+                &slot.headers(),
+                None,
+                slot.pid(),
+                backend_pid,
+                counted,
+            )
+            .await
+            {
+                Ok(p) => {
+                    report_phase(slot.kind, "closed loop", &p);
+                    slot.rounds.push(p);
+                }
+                Err(e) => slot.fail(&e),
             }
-            Err(e) => slot.fail(&e),
         }
+    }
+    // Each target's median round stands for it.
+    let mut by_round = Vec::new();
+    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
+        by_round.push((
+            slot.kind,
+            slot.rounds
+                .iter()
+                .map(|p| p.result.rps())
+                .collect::<Vec<f64>>(),
+        ));
+        let mut rounds = std::mem::take(&mut slot.rounds);
+        rounds.sort_by(|a, b| a.result.rps().total_cmp(&b.result.rps()));
+        let median = rounds.len() / 2;
+        slot.closed = rounds.into_iter().nth(median);
     }
 
     // The fixed rate: a share of the slowest target's throughput, so that it
@@ -1181,7 +1210,59 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     }
 
     print_tables(&args, Some(rate), &rows, &notes);
+    if args.rounds > 1 {
+        print_rounds(&by_round);
+    }
     Ok(())
+}
+
+/// Every closed-loop round, and each target's throughput as a share of
+/// plain Gatehouse's in the same round (the two measured minutes apart at
+/// most), when plain Gatehouse was measured.
+fn print_rounds(by_round: &[(Kind, Vec<f64>)]) {
+    let plain = by_round
+        .iter()
+        .find(|(k, _)| *k == Kind::Gatehouse)
+        .map(|(_, r)| r.clone());
+    let n = by_round.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+    println!();
+    println!(
+        "Closed loop by round, requests/s (and the share of plain Gatehouse's in the same round):"
+    );
+    println!();
+    let heads: Vec<String> = (1..=n).map(|i| format!("round {i}")).collect();
+    println!(
+        "| target | {} | median | median share of plain Gatehouse |",
+        heads.join(" | ")
+    );
+    println!("|---|{}---:|---:|", "---:|".repeat(n));
+    for (kind, rounds) in by_round {
+        let mut cells = Vec::new();
+        let mut shares = Vec::new();
+        for (i, rps) in rounds.iter().enumerate() {
+            match plain.as_ref().and_then(|p| p.get(i)) {
+                Some(base) if *base > 0.0 => {
+                    shares.push(rps / base);
+                    cells.push(format!("{rps:.0} ({:.3})", rps / base));
+                }
+                _ => cells.push(format!("{rps:.0}")),
+            }
+        }
+        cells.resize(n, "-".into());
+        println!(
+            "| {kind} | {} | {} | {} |",
+            cells.join(" | "),
+            median(rounds).map_or("-".into(), |m| format!("{m:.0}")),
+            median(&shares).map_or("-".into(), |m| format!("{m:.3}")),
+        );
+    }
+}
+
+/// The middle value (the upper one of the two middle values for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// How many direct children a process has (nginx's workers).
