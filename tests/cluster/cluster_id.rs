@@ -424,3 +424,63 @@ async fn a_node_that_joins_another_cluster_while_watched_is_dropped() -> anyhow:
     assert_eq!(dp.lkg_cluster_id().as_deref(), Some(id_a.as_str()));
     Ok(())
 }
+
+/// A data plane started before `cluster init` gets revision 0 (nothing)
+/// from the node it watches: it is not ready until the cluster exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_is_not_ready_before_the_cluster_is_initialized() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("node.log");
+    let mut cmd = Command::new(bin("gatehouse"));
+    cmd.args(["control-plane", "--node-id", "1"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--raft-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("node"))
+        .env("RUST_LOG", "info,openraft=warn")
+        .env("GATEHOUSE_BOOTSTRAP_TOKEN", TOKEN);
+    let (mut node, ready) = spawn_ready(cmd, &log)?;
+    let admin = ready.field("admin")?;
+    let dp = DataPlaneProc::start("dp-early", std::slice::from_ref(&admin), dir.path())?;
+    let connected = format!("control_plane={admin}");
+    eventually(
+        Duration::from_secs(15),
+        "the data plane to watch the node",
+        || async {
+            dp.log_text()
+                .lines()
+                .any(|l| l.contains("configuration applied") && l.contains("revision=0"))
+                .then_some(())
+                .filter(|()| dp.log_text().contains(&connected))
+        },
+    )
+    .await?;
+    let readyz = get(&format!("http://{}/readyz", dp.ops), &[]).await?;
+    assert_eq!(readyz.status, 503);
+    assert_eq!(
+        String::from_utf8_lossy(&readyz.body).trim(),
+        "not ready: the control plane holds no configuration yet (revision 0: initialize the cluster with `gatehousectl cluster init`)"
+    );
+
+    gatehouse_e2e::admin(&admin)
+        .await?
+        .cluster_init(pb::ClusterInitRequest::default())
+        .await?;
+    let text = eventually(
+        Duration::from_secs(15),
+        "the data plane to be ready",
+        || async {
+            let r = get(&format!("http://{}/readyz", dp.ops), &[]).await.ok()?;
+            (r.status == 200).then(|| String::from_utf8_lossy(&r.body).into_owned())
+        },
+    )
+    .await?;
+    assert!(text.starts_with("ready: revision "), "{text}");
+    let _ = node.kill();
+    let _ = node.wait();
+    Ok(())
+}

@@ -29,6 +29,14 @@ pub async fn handle(
     Ok(match req.uri().path() {
         "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
         "/readyz" => match shared.config.load().as_ref() {
+            // What a never-initialized cluster sends: nothing to serve yet.
+            Some(c) if c.revision == 0 => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                "not ready: the control plane holds no configuration yet (revision 0: \
+                 initialize the cluster with `gatehousectl cluster init`)\n"
+                    .into(),
+            ),
             Some(c) => text(
                 StatusCode::OK,
                 plain,
