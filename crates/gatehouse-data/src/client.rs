@@ -44,9 +44,10 @@ pub trait Apply: Send + Sync + 'static {
     /// Told how many data planes the control plane reports.
     fn data_planes(&self, _count: u64) {}
 
-    /// Told the cluster this data plane belongs to from now on, learnt from
-    /// the control-plane node whose revision is applied next (called before
-    /// that `apply`), so that it is kept with the last-known-good file.
+    /// Told the cluster of the control-plane node whose revision is applied
+    /// next (called before that `apply`, once the node's cluster matched
+    /// this data plane's or was learnt from it), so that the revision is
+    /// kept with its cluster id in the last-known-good file.
     fn cluster_learnt(&self, _cluster_id: &str) {}
 
     /// Told when a control-plane node was not followed because it belongs
@@ -281,6 +282,8 @@ async fn read_stream(
     let mut pending: Option<(u64, Vec<Object>)> = None;
     // The cluster the node said it belongs to (`None`: it said none).
     let mut stated: Option<String> = None;
+    // The node said it belongs to no cluster yet: it has nothing to send.
+    let mut said_none = false;
     let mut first = true;
     loop {
         let msg = match tokio::time::timeout(cfg.idle_timeout, inbound.message()).await {
@@ -294,6 +297,7 @@ async fn read_stream(
                 if let Err(end) = check_node_cluster(info, cluster.as_deref(), &mut stated) {
                     return end;
                 }
+                said_none = info.cluster_id.is_empty();
             }
             _ if first && cluster.is_some() => {
                 tracing::warn!(control_plane = %endpoint, "the control-plane node does not say which cluster it belongs to (a version before cluster ids): following it unchecked");
@@ -382,12 +386,20 @@ async fn read_stream(
                         changed,
                     },
                 };
-                if cluster.is_none() {
-                    if let Some(id) = &stated {
+                // A node of no cluster holds revision 0 only; anything else
+                // from it is another cluster's (it joined one meanwhile).
+                if said_none && revision > 0 {
+                    return StreamEnd::Protocol(format!(
+                        "the control-plane node said it belongs to no cluster, then sent revision {revision}"
+                    ));
+                }
+                if let Some(id) = &stated {
+                    if cluster.is_none() {
                         tracing::info!(control_plane = %endpoint, cluster_id = %id, "this data plane belongs to cluster {id} from now on");
-                        apply.cluster_learnt(id);
                         *cluster = Some(id.clone());
                     }
+                    // The revision is the cluster's: kept with its id.
+                    apply.cluster_learnt(id);
                 }
                 let error = apply.apply(&state, how).err().unwrap_or_default();
                 // Hold it even when it failed to compile: later deltas build on it.
@@ -577,6 +589,58 @@ mod tests {
         assert_eq!(held.map(|h| h.revision()), Some(4), "keeps what it had");
         assert_eq!(cluster.as_deref(), Some("aaaa"));
         assert!(!progressed, "no progress: the backoff keeps growing");
+    }
+
+    /// Follows `node` until it has sent everything (the fake then stays open).
+    async fn follow_briefly(
+        addr: &str,
+        cfg: &WatchConfig,
+        recorder: &Recorder,
+    ) -> (Option<StreamEnd>, Option<ConfigState>) {
+        let (mut held, mut cluster, mut progressed) = (None, cfg.cluster_id.clone(), false);
+        let end = tokio::time::timeout(
+            Duration::from_secs(2),
+            follow(
+                addr,
+                cfg,
+                &mut held,
+                &mut cluster,
+                recorder,
+                &mut progressed,
+            ),
+        )
+        .await
+        .ok();
+        (end, held)
+    }
+
+    #[tokio::test]
+    async fn a_node_of_no_cluster_is_not_followed_past_revision_0() {
+        // What a node that joined another cluster right after saying it had
+        // none could send.
+        let (node, _) = fake("", 9);
+        let addr = serve(node).await;
+        let cfg = config(vec![addr.clone()], Some("aaaa"));
+        let recorder = Recorder::default();
+        let (end, held) = follow_briefly(&addr, &cfg, &recorder).await;
+        let end = end.expect("the stream ends");
+        assert_eq!(
+            end.to_string(),
+            "the control-plane node said it belongs to no cluster, then sent revision 9"
+        );
+        assert!(recorder.events().is_empty(), "{:?}", recorder.events());
+        assert!(held.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pinned_data_plane_keeps_each_revision_with_its_cluster() {
+        let (node, _) = fake("aaaa", 9);
+        let addr = serve(node).await;
+        let cfg = config(vec![addr.clone()], Some("aaaa"));
+        let recorder = Recorder::default();
+        let (end, _) = follow_briefly(&addr, &cfg, &recorder).await;
+        assert!(end.is_none(), "{end:?}");
+        assert_eq!(recorder.events(), ["learnt aaaa", "apply 9 from-aaaa"]);
     }
 
     #[tokio::test]

@@ -223,8 +223,14 @@ impl Apply for Applier {
 
     fn wrong_cluster(&self, message: &str) {
         self.shared.metrics.config_stream_wrong_cluster.inc();
-        // /readyz says why when nothing is served yet.
-        if self.shared.config.load().is_none() {
+        // /readyz says why when nothing is served yet (revision 0 is nothing).
+        if self
+            .shared
+            .config
+            .load()
+            .as_ref()
+            .is_none_or(|c| c.revision == 0)
+        {
             self.shared
                 .unready_reason
                 .store(Some(Arc::new(message.to_string())));
@@ -295,7 +301,7 @@ impl DataPlane {
             .ok()
             .and_then(|s| s.as_ref())
             .and_then(|s| s.cluster_id.clone());
-        let cluster_id = match (&cfg.cluster_id, file_cluster) {
+        let cluster_id = match (&cfg.cluster_id, file_cluster.clone()) {
             (Some(pinned), Some(file)) if *pinned != file => {
                 return Err(StartError::WrongCluster {
                     path: lkg_path,
@@ -317,7 +323,9 @@ impl DataPlane {
         let applier = Arc::new(Applier {
             shared: shared.clone(),
             lkg: lkg_tx,
-            cluster_id: std::sync::Mutex::new(cluster_id.clone()),
+            // What the file says until a node of the cluster confirms it:
+            // a pinned id is not written into a file no node has confirmed.
+            cluster_id: std::sync::Mutex::new(file_cluster.clone()),
         });
         // Serve what we had until a control plane answers.
         let held = match saved {

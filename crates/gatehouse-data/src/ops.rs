@@ -30,13 +30,21 @@ pub async fn handle(
         "/healthz" => text(StatusCode::OK, plain, "ok\n".into()),
         "/readyz" => match shared.config.load().as_ref() {
             // What a never-initialized cluster sends: nothing to serve yet.
-            Some(c) if c.revision == 0 => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                plain,
-                "not ready: the control plane holds no configuration yet (revision 0: \
-                 initialize the cluster with `gatehousectl cluster init`)\n"
-                    .into(),
-            ),
+            Some(c) if c.revision == 0 => {
+                let why = shared.unready_reason.load().as_ref().map_or_else(
+                    || {
+                        "the control plane holds no configuration yet (revision 0: \
+                         initialize the cluster with `gatehousectl cluster init`)"
+                            .to_string()
+                    },
+                    |r| r.to_string(),
+                );
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    plain,
+                    format!("not ready: {why}\n"),
+                )
+            }
             Some(c) => text(
                 StatusCode::OK,
                 plain,
