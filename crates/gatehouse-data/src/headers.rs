@@ -268,25 +268,9 @@ impl FromStr for Cidr {
     type Err = InvalidCidr;
 
     fn from_str(s: &str) -> Result<Cidr, InvalidCidr> {
+        // The same definition validation uses.
         let invalid = || InvalidCidr(s.to_string());
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => {
-                // u8::from_str accepts a leading '+'; a prefix is digits only.
-                if prefix.is_empty()
-                    || prefix.len() > 3
-                    || !prefix.bytes().all(|b| b.is_ascii_digit())
-                {
-                    return Err(invalid());
-                }
-                let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
-                (addr, prefix.parse::<u8>().map_err(|_| invalid())?)
-            }
-            None => {
-                let addr: IpAddr = s.parse().map_err(|_| invalid())?;
-                let full = if addr.is_ipv4() { 32 } else { 128 };
-                (addr, full)
-            }
-        };
+        let (addr, prefix) = gatehouse_model::net::parse_network(s).ok_or_else(invalid)?;
         Cidr::new(addr, prefix).ok_or_else(invalid)
     }
 }

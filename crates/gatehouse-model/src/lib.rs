@@ -9,6 +9,7 @@ pub mod diff;
 pub mod error;
 pub mod file;
 pub mod lint;
+pub mod net;
 pub mod object;
 pub mod quota;
 pub mod seal;

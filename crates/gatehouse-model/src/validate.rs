@@ -179,7 +179,7 @@ fn check_address(s: &str) -> std::result::Result<(), String> {
 }
 
 fn check_cidr(s: &str) -> std::result::Result<(), String> {
-    if s.parse::<ipnet::IpNet>().is_ok() || s.parse::<std::net::IpAddr>().is_ok() {
+    if crate::net::parse_network(s).is_some() {
         Ok(())
     } else {
         Err(format!("{s:?} is not an IP address or CIDR network"))

@@ -628,6 +628,15 @@ fn bad_cidrs_are_refused() {
         "firewall.allow_ips[3]",
         r#"policy "strict": firewall.allow_ips[3]: "10.0.0.0/33" is not an IP address or CIDR network"#,
     );
+    // Leading zeros: the data plane's parser refuses them, so validation
+    // does too (a fuzz run found the two disagreeing).
+    let mut p = policy("strict");
+    p.firewall.allow_ips = vec!["1.00.0.0/8".to_string()];
+    assert_invalid(
+        p,
+        "firewall.allow_ips[0]",
+        r#"policy "strict": firewall.allow_ips[0]: "1.00.0.0/8" is not an IP address or CIDR network"#,
+    );
     let mut p = policy("strict");
     p.firewall.deny_ips = vec!["192.168.1.1".to_string(), "not-an-ip".to_string()];
     assert_invalid(
