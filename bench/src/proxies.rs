@@ -1062,32 +1062,15 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     // Phase 1: closed-loop throughput, one target at a time, in rounds.
     for round in 1..=args.rounds {
         for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
-            let url = slot.url();
             eprintln!(
-                "{}: closed loop at {url} (round {round} of {})",
-                slot.kind, args.rounds
+                "{}: closed loop at {} (round {round} of {})",
+                slot.kind,
+                slot.url(),
+                args.rounds
             );
-            let ops = slot.ops();
-            let counted = match (&redis, &ops) {
-                (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
-                _ => None,
-            };
-            match measure(
-                &args,
-                &url,
-                &slot.headers(),
-                None,
-                slot.pid(),
-                backend_pid,
-                counted,
-            )
-            .await
-            {
-                Ok(p) => {
-                    report_phase(slot.kind, "closed loop", &p);
-                    slot.rounds.push(p);
-                }
-                Err(e) => slot.fail(&e),
+            if let Some(p) = measure_slot(&args, slot, None, redis.as_ref(), backend_pid).await {
+                report_phase(slot.kind, "closed loop", &p);
+                slot.rounds.push(p);
             }
         }
     }
@@ -1128,29 +1111,10 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
 
     // Phase 2: latency at the fixed rate, one target at a time.
     for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
-        let url = slot.url();
         eprintln!("{}: open loop at {rate:.0} requests/s", slot.kind);
-        let ops = slot.ops();
-        let counted = match (&redis, &ops) {
-            (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
-            _ => None,
-        };
-        match measure(
-            &args,
-            &url,
-            &slot.headers(),
-            Some(rate),
-            slot.pid(),
-            backend_pid,
-            counted,
-        )
-        .await
-        {
-            Ok(p) => {
-                report_phase(slot.kind, "fixed rate", &p);
-                slot.open = Some(p);
-            }
-            Err(e) => slot.fail(&e),
+        if let Some(p) = measure_slot(&args, slot, Some(rate), redis.as_ref(), backend_pid).await {
+            report_phase(slot.kind, "fixed rate", &p);
+            slot.open = Some(p);
         }
     }
 
@@ -1263,6 +1227,34 @@ fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
+}
+
+/// One phase of `slot` (closed loop, or open loop at `rate`), counting its
+/// Redis script calls when it uses Redis; on failure the slot is marked
+/// failed and `None` comes back.
+async fn measure_slot(
+    args: &ProxiesArgs,
+    slot: &mut Slot,
+    rate: Option<f64>,
+    redis: Option<&gatehouse_e2e::redis::RedisServer>,
+    backend_pid: u32,
+) -> Option<Phase> {
+    let ops = slot.ops();
+    let counted = match (redis, &ops) {
+        (Some(r), Some(o)) if slot.kind.uses_redis() => Some((r, o.as_str())),
+        _ => None,
+    };
+    let measured = measure(
+        args,
+        &slot.url(),
+        &slot.headers(),
+        rate,
+        slot.pid(),
+        backend_pid,
+        counted,
+    )
+    .await;
+    measured.map_err(|e| slot.fail(&e)).ok()
 }
 
 /// How many direct children a process has (nginx's workers).
