@@ -150,44 +150,10 @@ mod tests {
         round_trip(Algorithm::ES256, encoding, decoding);
     }
 
-    /// A 2048-bit key made with `openssl genpkey` for these tests only.
-    const RSA_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\n\
-MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCHaoYLX1Bx0TWh\n\
-FanCu9QHSLHIiwT7z3zuaVZcQxpBsZXpf3y4sKE0QJza8fsWIKuvaXkCFE7gC6QT\n\
-jdCxRfXKBkuehU34x3KI2zdMQuLeElG8hG5UsgnpY1U64Dd+60U+yLvC4XIkXnBj\n\
-EKuQT+muoH8tVsSKphIkU9xY78xMMWe6RAgHtE2P4qCz9e8XeG7d8weaarhgTGmY\n\
-1h7GCgJ150OvDBAMkcSazIvpb3SknRS60EDAmJjBvMo/m34xCBb4jyF9qvHLNS1N\n\
-nkQGHLnIaPRk4NWTUhkIcL7ZvMWW9spbs2HgaMsXUUZEq/+5RXiti5EJcjDdu3/h\n\
-8phuPV19AgMBAAECggEACQhlxHHumtz+nmNkdXEpLErg0wn/l9rIEFuAmiW+urWW\n\
-v00p+7mKfe1hGSi4MTUWMVylff+ZSvrJI9BwpIvltedpbruhJHBiFzdvjvEiPXfM\n\
-Mc6apnXRe/A3PKFoCkRgKYHjJmrP6JWlGl0/uHVgLC4YCvqaoHismqA+a+9OTyG0\n\
-BiHZmJr7mLGv6NWc2UoX4kWUpYqQJ3gZQJtykML3nWHxM+Ri8l0PTLVNcH0v+40z\n\
-OKL0t/yoSYoK3XsIvBIZ/7qkSU8poOslM2OpMrlj3A+Uqghar6P/EeZSdEJiQ8p2\n\
-PaoPyWVyc0ayiJ+GsTZRkwmS8fpz+oS+myazuYBgOQKBgQC+N8pPFJ/QfKKtg35X\n\
-1s3IQIYKYwf9FP/wfRtjfeM1evlfw6RK7748ZjswSghi2DRJT8fW2gUVImZIyznd\n\
-icuZNPu2hj6Vus5I/suWGoa09jYdhD3PBNHRhAKE8F8fko9yhbmQ8gu7MKT4ntF0\n\
-N+V0vgmSWRH2rB9Pypn3P5OVuQKBgQC2PxDNvu6+nO6kn/qQcOOom+e+1oFfGCk4\n\
-u+Jd2Mr7H+CWWhQcnawvT2gePVTg6Ai6/efZH8gv/fia/EVZmCRshKjV06amZrkN\n\
-5yuKAVr8RPIQTbfp8gwc/ULHQs0j9vXs1ZyU6hgvW++L1aAaZHrc7atKXC6rJeFS\n\
-ByflO1Nn5QKBgQCsQe+2v7GeZ1AWm+7Ncxv1zeDVBSuV1++TBGjKJ5Wbt9qfC5f7\n\
-uLJpFhdhuplvkeV/wnzxp4xUwEsqfsfPRNsYyi9s8pM4muv2lK8fJrR4qkMFZd1n\n\
-XTD5cHerldY+zEWVa15J0bgn83xiHckGWxwzJWmbm4e1/9d3Nb1Kd8uaGQKBgCUz\n\
-pnh5Wz7pxgUw6vMFOFO4z4uzOeFxiyiboc/Ka1Tr4uqOJMDapsVZjkVt+5+VfgK9\n\
-xdAansC9NTxd9sIdPoIwak6Lz97z5R6ja83WDP6mDEursbk9wZ9BS5plVn7a8MSR\n\
-rk7volQ4jiObTf1VOYdTtL2PJ6+kIeSetVQj0hjJAoGBAJC3lvx9im4VhghCjD84\n\
-0koUzHdDWthK5bXWt1iNqzex9vSrb5ZKxAORCCxKqc4ZmB1cHeUh/HocOsudaSql\n\
-NSyStka9BNatBwXl+ITN/RLwY6VE0SFS3+wOzMosnFQ2jpBwEQA+DV1yiwxOZXTz\n\
-WO3k/iWob7UKar/IVFVDy39b\n\
------END PRIVATE KEY-----";
-    const RSA_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\n\
-MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAh2qGC19QcdE1oRWpwrvU\n\
-B0ixyIsE+8987mlWXEMaQbGV6X98uLChNECc2vH7FiCrr2l5AhRO4AukE43QsUX1\n\
-ygZLnoVN+MdyiNs3TELi3hJRvIRuVLIJ6WNVOuA3futFPsi7wuFyJF5wYxCrkE/p\n\
-rqB/LVbEiqYSJFPcWO/MTDFnukQIB7RNj+Kgs/XvF3hu3fMHmmq4YExpmNYexgoC\n\
-dedDrwwQDJHEmsyL6W90pJ0UutBAwJiYwbzKP5t+MQgW+I8hfarxyzUtTZ5EBhy5\n\
-yGj0ZODVk1IZCHC+2bzFlvbKW7Nh4GjLF1FGRKv/uUV4rYuRCXIw3bt/4fKYbj1d\n\
-fQIDAQAB\n\
------END PUBLIC KEY-----";
+    /// A 2048-bit RSA key pair made with `openssl genpkey` for tests only
+    /// (shared with the end-to-end RS256 tests).
+    const RSA_PRIVATE: &str = include_str!("../testdata/jwt-rsa-2048.pem");
+    const RSA_PUBLIC: &str = include_str!("../testdata/jwt-rsa-2048.pub.pem");
 
     #[test]
     fn rsa_tokens_are_checked_with_ring() {
