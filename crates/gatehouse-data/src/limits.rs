@@ -886,11 +886,26 @@ pub struct LimitContext<'a> {
 /// when refused, how long to wait.
 #[derive(Debug)]
 pub struct Decision {
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// `RateLimit-Policy`: the policy's limits.
+    pub policy: Option<HeaderValue>,
+    /// `RateLimit`: the state of the tightest limit.
+    pub state: Option<HeaderValue>,
     pub retry_after: Option<Duration>,
     /// A `closed` limit could not reach its store: refuse with 503 (unless a
     /// limit refused with 429, which says more).
     pub unavailable: bool,
+}
+
+impl Decision {
+    /// Sets `RateLimit-Policy` and `RateLimit` on a response.
+    pub fn set_headers(&self, headers: &mut HeaderMap) {
+        if let Some(v) = &self.policy {
+            headers.insert(RATELIMIT_POLICY, v.clone());
+        }
+        if let Some(v) = &self.state {
+            headers.insert(RATELIMIT, v.clone());
+        }
+    }
 }
 
 /// Counts the request against every limit; the most restrictive answer wins.
@@ -951,11 +966,7 @@ pub async fn check(
         HeaderValue::from_str(&joined).ok()
     };
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    let mut headers = Vec::with_capacity(2);
-    if let Some(v) = policy {
-        headers.push((RATELIMIT_POLICY, v));
-    }
-    if let Some((limit, c)) = &tightest {
+    let state = tightest.as_ref().and_then(|(limit, c)| {
         let mut state = String::with_capacity(48);
         state.push_str("limit=");
         push_u64(&mut state, *limit);
@@ -963,12 +974,11 @@ pub async fn check(
         push_u64(&mut state, c.remaining);
         state.push_str(", reset=");
         push_u64(&mut state, secs(c.reset));
-        if let Ok(v) = HeaderValue::try_from(state) {
-            headers.push((RATELIMIT, v));
-        }
-    }
+        HeaderValue::try_from(state).ok()
+    });
     Some(Decision {
-        headers,
+        policy,
+        state,
         retry_after: tightest
             .and_then(|(_, c)| c.wait)
             .map(|w| Duration::from_secs(secs(w).max(1))),
@@ -1026,15 +1036,7 @@ mod tests {
         for expected_remaining in [2, 1, 0] {
             let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
             assert!(d.retry_after.is_none());
-            let state = d
-                .headers
-                .iter()
-                .find(|(n, _)| *n == RATELIMIT)
-                .unwrap()
-                .1
-                .to_str()
-                .unwrap()
-                .to_string();
+            let state = d.state.unwrap().to_str().unwrap().to_string();
             assert!(
                 state.starts_with(&format!("limit=3, remaining={expected_remaining}, ")),
                 "{state}"
@@ -1046,14 +1048,7 @@ mod tests {
             wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
             "one request per 20 s: {wait:?}"
         );
-        assert_eq!(
-            d.headers
-                .iter()
-                .find(|(n, _)| *n == RATELIMIT_POLICY)
-                .unwrap()
-                .1,
-            "3;w=60"
-        );
+        assert_eq!(d.policy.unwrap(), "3;w=60");
         // Another client has its own bucket.
         assert!(run(&limits, &ctx(&h, "10.0.0.2"))
             .unwrap()

@@ -32,6 +32,7 @@ use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use gatehouse_model::object::UpstreamProtocol;
 use http::header::HOST;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::combinators::BoxBody;
@@ -246,9 +247,12 @@ impl Proxy {
         // canonicaliser refuses may only reach a route that opted out of it
         // (`raw_path`), matched on the path as sent.
         observed.stage(Stage::Route);
-        let (routed, canonical_ok) = match crate::path::canonicalize(req.uri().path()) {
-            Ok(p) => (p.into_owned(), true),
-            Err(_) => (req.uri().path().to_string(), false),
+        // A handle on the target (its bytes are shared, not copied), so the
+        // path and query stay borrowed while the headers are rewritten.
+        let uri = req.uri().clone();
+        let (routed, canonical_ok) = match crate::path::canonicalize(uri.path()) {
+            Ok(p) => (p, true),
+            Err(_) => (std::borrow::Cow::Borrowed(uri.path()), false),
         };
         observed.path(&routed);
         // A CORS preflight is routed by the method it asks about, and
@@ -397,9 +401,7 @@ impl Proxy {
             };
             if let Some(refusal) = refusal {
                 let mut response = reject(&refusal);
-                for (name, value) in &decision.headers {
-                    response.headers_mut().insert(name.clone(), value.clone());
-                }
+                decision.set_headers(response.headers_mut());
                 return (name, response);
             }
         }
@@ -429,26 +431,19 @@ impl Proxy {
 
         observed.stage(Stage::Rewrite);
         let path = if route.raw_path {
-            req.uri().path()
+            uri.path()
         } else if route.strip_prefix {
             found.stripped(&routed)
         } else {
             &routed
         };
-        let path = path.to_string();
         // The credential never travels on to the upstream.
-        let original_query = req.uri().query().map(str::to_string);
+        let original_query = uri.query();
         let query = match &route.policy {
-            Some(policy) => policy
-                .strip_credentials(req.headers_mut(), original_query.as_deref())
-                .map(|q| q.into_owned()),
-            None => original_query,
+            Some(policy) => policy.strip_credentials(req.headers_mut(), original_query),
+            None => original_query.map(Into::into),
         };
-        let path_and_query = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
-        };
-        let Ok(path_and_query) = http::uri::PathAndQuery::try_from(path_and_query) else {
+        let Some(path_and_query) = forwarded_target(&uri, path, query.as_deref()) else {
             return (name, reject(&Reject::BadRequest));
         };
         let downstream_upgrade =
@@ -616,9 +611,7 @@ impl Proxy {
                     drop(target);
                     *resp.version_mut() = version;
                     if let Some(decision) = &limited {
-                        for (name, value) in &decision.headers {
-                            resp.headers_mut().insert(name.clone(), value.clone());
-                        }
+                        decision.set_headers(resp.headers_mut());
                     }
                     return (name, resp);
                 }
@@ -651,6 +644,24 @@ impl Proxy {
 }
 
 /// Whether a request body is known to be empty.
+/// The request target sent upstream: `path` and `query` as rewritten. When
+/// they are the client's own, its `PathAndQuery` is reused (shared bytes,
+/// not parsed again). `None` when the rewritten target is not a valid one.
+fn forwarded_target(uri: &Uri, path: &str, query: Option<&str>) -> Option<PathAndQuery> {
+    if let Some(original) = uri.path_and_query() {
+        if original.path() == path && original.query() == query {
+            return Some(original.clone());
+        }
+    }
+    let mut target = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    target.push_str(path);
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(q);
+    }
+    PathAndQuery::try_from(target).ok()
+}
+
 fn replayable_body_empty(body: &Option<ProxyBody>) -> bool {
     body.as_ref().is_none_or(hyper::body::Body::is_end_stream)
 }
@@ -745,5 +756,43 @@ async fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     let mut up = TokioIo::new(up);
     if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
         tracing::debug!(error = %e, "upgraded connection closed with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(uri: &str, path: &str, query: Option<&str>) -> Option<String> {
+        let uri: Uri = uri.parse().unwrap();
+        forwarded_target(&uri, path, query).map(|t| t.as_str().to_string())
+    }
+
+    #[test]
+    fn the_upstream_gets_the_rewritten_path_and_query() {
+        // Unchanged: the client's own target.
+        assert_eq!(target("/a/b?x=1", "/a/b", Some("x=1")).unwrap(), "/a/b?x=1");
+        assert_eq!(target("/a/b", "/a/b", None).unwrap(), "/a/b");
+        // An empty query is kept as sent.
+        assert_eq!(target("/a?", "/a", Some("")).unwrap(), "/a?");
+        // A stripped prefix or a canonical path, the query kept.
+        assert_eq!(
+            target("/api/v1/x?y=2", "/v1/x", Some("y=2")).unwrap(),
+            "/v1/x?y=2"
+        );
+        assert_eq!(target("/a/%2e%2e/b", "/b", None).unwrap(), "/b");
+        // A credential taken out of the query, or the whole query.
+        assert_eq!(
+            target("/a?api_key=s3cret&page=2", "/a", Some("page=2")).unwrap(),
+            "/a?page=2"
+        );
+        assert_eq!(target("/a?api_key=s3cret", "/a", None).unwrap(), "/a");
+        // Absolute-form: only the path and query go upstream.
+        assert_eq!(
+            target("http://example.com/a?b=1", "/a", Some("b=1")).unwrap(),
+            "/a?b=1"
+        );
+        // A rewrite that is no valid target is refused, not sent.
+        assert_eq!(target("/a", "/a b", None), None);
     }
 }
