@@ -916,3 +916,48 @@ async fn cost_mode_admits_at_most_a_lease_more_per_data_plane_with_fewer_redis_c
     );
     Ok(())
 }
+
+/// Cost mode: a data plane that stops (SIGTERM) gives the tokens it leased
+/// and did not spend back to Redis, so the other data planes can admit
+/// them; without that they would be lost until the bucket refills (here,
+/// an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_data_plane_gives_its_leased_tokens_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisServer::start(dir.path())?;
+    let flags = vec!["--redis-url".to_string(), redis.url()];
+    let mut setup = Setup::start(2, &flags).await?;
+    setup
+        .apply(&[(
+            "leased",
+            "key: [route], limit: 100, window: 1h, lease: 40, on_store_failure: closed",
+        )])
+        .await?;
+
+    // Three requests on the first data plane: its first lease is a quarter
+    // of 40, so it spends three of ten and holds seven.
+    let client = http_client();
+    for _ in 0..3 {
+        assert_eq!(send(&client, &setup.url(0, "/leased"), &[]).await?.0, 200);
+    }
+    assert!(
+        setup.dps[0].terminate(Duration::from_secs(20))?,
+        "the data plane stops cleanly"
+    );
+
+    // The second data plane admits everything else in the bucket: 97.
+    let url = setup.url(1, "/leased");
+    let mut admitted = 0;
+    let refused = loop {
+        let (status, _) = send(&client, &url, &[]).await?;
+        if status != 200 {
+            break status;
+        }
+        admitted += 1;
+        anyhow::ensure!(admitted <= 100, "more than the limit admitted");
+    };
+    eprintln!("after the first data plane stopped, the second admitted {admitted}, then {refused}");
+    assert_eq!(refused, 429);
+    assert_eq!(admitted, 97, "the seven leased tokens came back");
+    Ok(())
+}

@@ -9,7 +9,9 @@
 //!
 //! Local counters outlive revisions: they are kept in a [`LimiterRegistry`]
 //! keyed by policy, limit and quota, so a config change that leaves a limit
-//! alone does not hand every client a fresh bucket. Idle keys are evicted in
+//! alone does not hand every client a fresh bucket. Cost mode's leased
+//! tokens are kept there the same way, and given back to Redis when the
+//! data plane stops. Idle keys are evicted in
 //! the background, which bounds memory by the clients active in one window.
 //!
 //! Cluster limits ask Redis once per request, except for a key this node
@@ -52,7 +54,20 @@ type RegistryKey = (String, String, u64, Duration, u64);
 
 /// Counters by (policy, limit, quota), across revisions.
 #[derive(Default)]
-pub struct LimiterRegistry(Mutex<HashMap<RegistryKey, Arc<Limiter>>>);
+pub struct LimiterRegistry {
+    limiters: Mutex<HashMap<RegistryKey, Arc<Limiter>>>,
+    /// Cost mode's leased tokens by limit and lease size, so a revision
+    /// that leaves a limit alone keeps them instead of stranding them.
+    leases: Mutex<HashMap<(RegistryKey, u64), LeaseBook>>,
+}
+
+/// The leased tokens of one cluster limit, and what giving them back to
+/// Redis needs.
+struct LeaseBook {
+    leases: Leases,
+    redis_prefix: String,
+    period: Duration,
+}
 
 impl std::fmt::Debug for LimiterRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,7 +77,7 @@ impl std::fmt::Debug for LimiterRegistry {
 
 impl LimiterRegistry {
     fn get(&self, key: RegistryKey, quota: Quota) -> Arc<Limiter> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key)
             .or_insert_with(|| {
                 Arc::new(RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>())
@@ -70,15 +85,72 @@ impl LimiterRegistry {
             .clone()
     }
 
+    /// The leased tokens of a cost-mode limit: the same ones for as long as
+    /// a revision has this limit with this rate and lease size.
+    fn leases(&self, key: RegistryKey, lease: u64, redis_prefix: &str, period: Duration) -> Leases {
+        let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((key, lease))
+            .or_insert_with(|| LeaseBook {
+                leases: Leases::default(),
+                redis_prefix: redis_prefix.to_string(),
+                period,
+            })
+            .leases
+            .clone()
+    }
+
     /// Forgets counters of limits no revision uses any more, and keys idle
     /// long enough to have a full bucket again.
     pub fn evict_idle(&self) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, limiter| Arc::strong_count(limiter) > 1);
         for limiter in map.values() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        drop(map);
+        let mut books = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        books.retain(|_, book| Arc::strong_count(&book.leases) > 1);
+    }
+
+    /// Gives every leased token this node holds and may still spend back to
+    /// Redis, for a data plane that stops: otherwise they are lost to every
+    /// data plane until their bucket refills. Returns the keys and tokens
+    /// Redis took back. Tokens are taken out of the leases first, so a
+    /// request served meanwhile asks Redis instead of spending them.
+    pub async fn give_back_leases(&self, store: &store::Store) -> (usize, u64) {
+        let now = Instant::now();
+        let mut back = Vec::new();
+        {
+            let books = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            for book in books.values() {
+                let mut leases = book.leases.lock().unwrap_or_else(|p| p.into_inner());
+                for (key, lease) in leases.iter_mut() {
+                    let held: u64 = lease
+                        .held
+                        .iter()
+                        .filter(|(_, until)| *until > now)
+                        .map(|(n, _)| n)
+                        .sum();
+                    lease.held.clear();
+                    if held > 0 {
+                        back.push((redis_key(&book.redis_prefix, key), book.period, held));
+                    }
+                }
+            }
+        }
+        let given = futures::future::join_all(back.iter().map(|(key, period, tokens)| async move {
+            match store.give_back(key, *period, *tokens).await {
+                Ok(()) => Some(*tokens),
+                Err(e) => {
+                    tracing::warn!(error = %e, tokens, "could not give leased tokens back to the rate-limit store");
+                    None
+                }
+            }
+        }))
+        .await;
+        let tokens = given.iter().flatten().sum();
+        (given.iter().flatten().count(), tokens)
     }
 }
 
@@ -267,16 +339,20 @@ impl CompiledLimit {
         let quota = Quota::with_period(period)
             .ok_or_else(|| fail("window is too short"))?
             .allow_burst(burst);
-        let limiter = registry.get(
-            (
-                policy.to_string(),
-                l.name.clone(),
-                l.limit,
-                l.window,
-                l.burst,
-            ),
-            quota,
+        let registry_key = (
+            policy.to_string(),
+            l.name.clone(),
+            l.limit,
+            l.window,
+            l.burst,
         );
+        let limiter = registry.get(registry_key.clone(), quota);
+        let redis_prefix = format!("gatehouse:rl:{{{policy}/{}/", l.name);
+        let leases = if l.lease > 0 && l.scope == LimitScope::Cluster {
+            registry.leases(registry_key, l.lease, &redis_prefix, period)
+        } else {
+            Leases::default()
+        };
         let fallback = match l.on_store_failure {
             StoreFailure::Open => "open",
             StoreFailure::Closed => "closed",
@@ -299,11 +375,11 @@ impl CompiledLimit {
             period,
             scope: l.scope,
             on_store_failure: l.on_store_failure,
-            redis_prefix: format!("gatehouse:rl:{{{policy}/{}/", l.name),
+            redis_prefix,
             refused: TimedKeys::default(),
             fallback: TimedKeys::default(),
             lease: l.lease,
-            leases: Leases::default(),
+            leases,
             policy_header: HeaderValue::from_str(&policy_part).ok(),
             policy_part,
             counters,
@@ -346,15 +422,7 @@ impl CompiledLimit {
     /// The Redis key of a bucket: a hash of the key, so neither a header
     /// value (which may be a credential) nor its length reaches Redis.
     fn redis_key(&self, key: &str) -> String {
-        let digest = Sha256::digest(key.as_bytes());
-        let mut hex = [0u8; 32];
-        // 16 bytes always fit 32 hex digits.
-        let _ = hex::encode_to_slice(&digest[..16], &mut hex);
-        let mut k = String::with_capacity(self.redis_prefix.len() + 33);
-        k.push_str(&self.redis_prefix);
-        k.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-        k.push('}');
-        k
+        redis_key(&self.redis_prefix, key)
     }
 
     fn local(&self, key: &str) -> Count {
@@ -625,6 +693,19 @@ impl CompiledLimit {
             }
         });
     }
+}
+
+/// The Redis key of a bucket of the limit whose keys start with `prefix`.
+fn redis_key(prefix: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut hex = [0u8; 32];
+    // 16 bytes always fit 32 hex digits.
+    let _ = hex::encode_to_slice(&digest[..16], &mut hex);
+    let mut k = String::with_capacity(prefix.len() + 33);
+    k.push_str(prefix);
+    k.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    k.push('}');
+    k
 }
 
 /// A data plane's tokens in cost mode, by bucket key.
@@ -1273,5 +1354,77 @@ mod tests {
                 (1, later + Duration::from_secs(5))
             ]
         );
+    }
+
+    /// Cost mode against a real Redis: leased tokens survive a revision
+    /// that leaves the limit alone, and a stopping data plane gives the
+    /// ones it still holds back to Redis.
+    #[tokio::test]
+    async fn leases_outlive_an_unchanged_revision_and_go_back_to_redis_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
+        let store = store::Store::start(
+            &store::StoreTarget::Single(redis.url()),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let env = ClusterEnv {
+            store: Some(store.clone()),
+            data_planes: AtomicU64::new(1),
+        };
+        let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
+        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 40;
+        let h = HeaderMap::new();
+        let calls = || {
+            let stats = redis.cli(&["info", "commandstats"]).unwrap();
+            stats
+                .lines()
+                .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>()
+        };
+
+        // The first request leases a quarter of 40: one spent, nine held.
+        let first = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        assert!(check(&first, &ctx(&h, "10.0.0.1"), &env, &metrics)
+            .await
+            .unwrap()
+            .retry_after
+            .is_none());
+        let after_first = calls();
+        assert!(after_first >= 1);
+
+        // A new revision with the same limit spends the held tokens without
+        // asking Redis.
+        let second = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        drop(first);
+        for _ in 0..2 {
+            assert!(check(&second, &ctx(&h, "10.0.0.1"), &env, &metrics)
+                .await
+                .unwrap()
+                .retry_after
+                .is_none());
+        }
+        assert_eq!(calls(), after_first, "the held tokens were spent locally");
+
+        // Stopping: the seven still held go back; Redis then has 100 - 3.
+        assert_eq!(reg.give_back_leases(&store).await, (1, 7));
+        let key = redis_key("gatehouse:rl:{p/leased/", "10.0.0.1");
+        let rest = store
+            .decide(key, Duration::from_secs(36), 100, 1000)
+            .await
+            .unwrap();
+        assert_eq!(rest.taken, 97);
+        // Nothing is held any more, so nothing goes back twice.
+        assert_eq!(reg.give_back_leases(&store).await, (0, 0));
     }
 }

@@ -463,6 +463,18 @@ impl DataPlane {
         if tokio::time::timeout(drain, all).await.is_err() {
             tracing::warn!(?drain, "requests still in flight after the drain deadline");
         }
+        // Leased tokens this node will not spend go back to the other data
+        // planes (cost mode), each call bounded by the decision timeout.
+        if let Some(store) = &self.shared.cluster_limits.store {
+            let (keys, tokens) = self.shared.limiters.give_back_leases(store).await;
+            if tokens > 0 {
+                tracing::info!(
+                    keys,
+                    tokens,
+                    "gave leased rate-limit tokens back to the store"
+                );
+            }
+        }
         // The drained requests' access-log lines are written before exit.
         if let Some(log) = &self.shared.access_log {
             log.drain(Duration::from_secs(5)).await;

@@ -76,3 +76,33 @@ async fn concurrent_decisions_of_hot_keys_admit_exactly_the_capacity() {
         .unwrap();
     assert_eq!(next.taken, 0);
 }
+
+/// Tokens given back return to their bucket, and a bucket never ends up
+/// holding more than its capacity, whatever is given back.
+#[tokio::test]
+async fn tokens_given_back_return_to_the_bucket_up_to_its_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path()).unwrap();
+    let store = Store::start(&StoreTarget::Single(redis.url()), Duration::from_secs(2)).unwrap();
+    let (interval, capacity) = (Duration::from_secs(3600), 10);
+    let take = |key: &str, want: u64| {
+        let (store, key) = (store.clone(), key.to_string());
+        async move { store.decide(key, interval, capacity, want).await.unwrap() }
+    };
+
+    // All ten taken, four given back: four can be taken again, no more.
+    assert_eq!(take("{t}:a", 10).await.taken, 10);
+    store.give_back("{t}:a", interval, 4).await.unwrap();
+    let again = take("{t}:a", 10).await;
+    assert_eq!((again.taken, again.remaining), (4, 0));
+
+    // Three taken, ten given back: the bucket is full again, not over.
+    assert_eq!(take("{t}:b", 3).await.taken, 3);
+    store.give_back("{t}:b", interval, 10).await.unwrap();
+    assert_eq!(take("{t}:b", 20).await.taken, 10);
+
+    // A full (or never used) bucket takes nothing back.
+    store.give_back("{t}:c", interval, 5).await.unwrap();
+    assert_eq!(take("{t}:c", 20).await.taken, 10);
+    assert_eq!(redis.cli(&["exists", "{t}:c"]).unwrap().trim(), "1");
+}

@@ -93,6 +93,26 @@ end
 return out
 ";
 
+/// Gives tokens a data plane took and will not spend back to a GCRA bucket:
+/// KEYS[1] the bucket, ARGV[1] its interval (µs), ARGV[2] the tokens. The
+/// bucket's TAT moves back by that many intervals, but never before now: a
+/// bucket never holds more than its capacity, so giving back cannot admit
+/// more than if the tokens had never been taken. Returns 1 when the bucket
+/// changed, 0 when it was already full (nothing to give back to).
+pub const GIVE_BACK: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat <= now then return 0 end
+tat = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+end
+return 1
+";
+
 /// Where the counters live, as the data plane's flags give it.
 #[derive(Clone)]
 pub enum StoreTarget {
@@ -157,6 +177,7 @@ struct Inner {
     conn: Arc<ArcSwapOption<Conn>>,
     script: redis::Script,
     quota: redis::Script,
+    give_back: redis::Script,
     timeout: Duration,
     /// Decisions waiting to go out in one call (one server or Sentinel).
     batch: mpsc::UnboundedSender<Ask>,
@@ -280,6 +301,7 @@ impl Store {
             conn,
             script,
             quota: redis::Script::new(QUOTAS),
+            give_back: redis::Script::new(GIVE_BACK),
             timeout,
             batch,
             tasks,
@@ -327,6 +349,35 @@ impl Store {
                 Some((0, [i, ..])) => Ok(Err(usize::try_from(*i - 1).unwrap_or(0))),
                 _ => Err(format!("unexpected reply from the quota script: {reply:?}")),
             },
+        }
+    }
+
+    /// Gives `tokens` of the bucket `key` (interval `interval`) back,
+    /// bounded by the decision timeout (see [`GIVE_BACK`]).
+    pub async fn give_back(
+        &self,
+        key: &str,
+        interval: Duration,
+        tokens: u64,
+    ) -> Result<(), String> {
+        let Some(conn) = self.0.conn.load_full() else {
+            return Err("not connected yet".into());
+        };
+        let interval_us = u64::try_from(interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut invocation = self.0.give_back.prepare_invoke();
+        invocation.key(key).arg(interval_us).arg(tokens);
+        let call = async {
+            match (*conn).clone() {
+                Conn::Single(mut c) => invocation.invoke_async::<i64>(&mut c).await,
+                Conn::Cluster(mut c) => invocation.invoke_async::<i64>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.0.timeout, call).await {
+            Err(_) => Err("timed out".into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(_)) => Ok(()),
         }
     }
 
