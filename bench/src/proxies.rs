@@ -72,6 +72,53 @@ pub struct ProxiesArgs {
     /// show each target's median round; a table lists every round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
     rounds: u64,
+    /// Give each proxy CPUs of its own (with `taskset`): the proxy on CPUs
+    /// 0..--proxy-threads, the backend, the load generator and Redis on the
+    /// others. Without it, the scheduler shares every CPU among all of
+    /// them, and a proxy's throughput also depends on how they are
+    /// interleaved. Needs more cores than --proxy-threads.
+    #[arg(long)]
+    pin: bool,
+}
+
+/// The CPUs of `--pin`, as `taskset` lists.
+struct Pinning {
+    proxy: String,
+    rest: String,
+}
+
+impl Pinning {
+    fn of(args: &ProxiesArgs) -> Result<Option<Pinning>> {
+        if !args.pin {
+            return Ok(None);
+        }
+        let cores = machine_cores() as u64;
+        ensure!(
+            cores > args.proxy_threads,
+            "--pin: {cores} core(s) leave none for the backend and the load generator \
+             beside {} proxy CPU(s)",
+            args.proxy_threads
+        );
+        Ok(Some(Pinning {
+            proxy: format!("0-{}", args.proxy_threads - 1),
+            rest: format!("{}-{}", args.proxy_threads, cores - 1),
+        }))
+    }
+}
+
+/// Sets the CPUs of a process, of all its threads and of its child
+/// processes (nginx's workers); threads started later inherit them.
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-cp", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("taskset (util-linux) is needed for --pin")?;
+    ensure!(status.success(), "taskset -a -cp {cpus} {pid} failed");
+    for child in child_pids(pid) {
+        pin(child, cpus)?;
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -713,6 +760,24 @@ struct CpuSample {
     machine: Option<CpuTicks>,
 }
 
+/// The machine's CPUs (`cpuN` lines of /proc/stat): unlike
+/// `available_parallelism`, not narrowed by this process's own CPU set
+/// (`--pin`).
+fn machine_cores() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .map(|stat| {
+            stat.lines()
+                .filter(|l| {
+                    l.strip_prefix("cpu")
+                        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+                })
+                .count()
+        })
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// CPU seconds used so far by every live process on the machine.
 fn all_processes_seconds() -> f64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -730,7 +795,7 @@ fn all_processes_seconds() -> f64 {
 /// `max_cores` busy over one second while this benchmark sends nothing.
 /// Returns the busy cores of the last second checked.
 async fn wait_quiet(max_wait: Duration, max_cores: f64) -> f64 {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = machine_cores() as f64;
     let deadline = Instant::now() + max_wait;
     let mut said = false;
     loop {
@@ -768,7 +833,7 @@ fn sample(proxy: Option<u32>, backend: u32) -> CpuSample {
 impl CpuSample {
     fn until(&self, later: &CpuSample) -> Cpu {
         let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-3);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cores = machine_cores() as f64;
         Cpu {
             proxy: self.proxy.zip(later.proxy).map(|(a, b)| (b - a) / secs),
             backend: (later.backend - self.backend) / secs,
@@ -785,6 +850,14 @@ impl CpuSample {
                 .zip(later.machine.as_ref())
                 .map(|(a, b)| a.share_until(b).busy * cores),
         }
+    }
+}
+
+impl Phase {
+    /// The proxy's CPU time per request, µs (none for the direct target).
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        let rps = self.result.rps();
+        (rps > 0.0).then(|| self.cpu.proxy.map(|cores| cores / rps * 1e6))?
     }
 }
 
@@ -978,6 +1051,10 @@ async fn start(
     };
     if let Some(r) = running.as_mut() {
         wait_serving(&r.url, &r.headers, &mut r.proc.as_mut()).await?;
+        if let (Some(p), Some(pinning)) = (&r.proc, Pinning::of(args)?) {
+            pin(p.pid(), &pinning.proxy)?;
+            r.notes.push(format!("pinned to CPU(s) {}", pinning.proxy));
+        }
         if let Some(p) = &r.proc {
             r.notes.push(format!(
                 "threads of pid {}: {}",
@@ -1003,8 +1080,17 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
     let dir = tempfile::tempdir()?;
+    let pinning = Pinning::of(&args)?;
     let (mut backend, backend_addr) = start_backend(dir.path(), args.backend_threads)?;
     let backend_pid = backend.pid();
+    if let Some(pinning) = &pinning {
+        pin(backend_pid, &pinning.rest)?;
+        pin(std::process::id(), &pinning.rest)?;
+        eprintln!(
+            "pinned: proxies on CPU(s) {}, the backend, this load generator and Redis on CPU(s) {}",
+            pinning.proxy, pinning.rest
+        );
+    }
     eprintln!(
         "proxies: backend {backend_addr} (pid {backend_pid}, {} threads), {} connections, warmup {}s, duration {}s per phase, client threads {}, proxy threads {}, {} cores",
         args.backend_threads,
@@ -1013,13 +1099,21 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         args.duration,
         args.client_threads,
         args.proxy_threads,
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        machine_cores(),
     );
 
     // One Redis for the cluster limits, as a real deployment would have.
     let redis = if kinds.iter().any(|k| k.uses_redis()) {
         let r = gatehouse_e2e::redis::RedisServer::start(dir.path())?;
         eprintln!("redis-server on port {}", r.port);
+        if let Some(pinning) = &pinning {
+            let info = r.cli(&["info", "server"])?;
+            let pid = info
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:")?.trim().parse::<u32>().ok())
+                .context("redis-server's INFO gave no process_id")?;
+            pin(pid, &pinning.rest)?;
+        }
         Some(r)
     } else {
         None
@@ -1081,8 +1175,8 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             slot.kind,
             slot.rounds
                 .iter()
-                .map(|p| p.result.rps())
-                .collect::<Vec<f64>>(),
+                .map(|p| (p.result.rps(), p.cpu_us_per_request()))
+                .collect::<Vec<_>>(),
         ));
         let mut rounds = std::mem::take(&mut slot.rounds);
         rounds.sort_by(|a, b| a.result.rps().total_cmp(&b.result.rps()));
@@ -1180,19 +1274,47 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     Ok(())
 }
 
+/// One closed-loop round of a target: requests/s, and the proxy's CPU µs
+/// per request.
+type Round = (f64, Option<f64>);
+
 /// Every closed-loop round, and each target's throughput as a share of
 /// plain Gatehouse's in the same round (the two measured minutes apart at
-/// most), when plain Gatehouse was measured.
-fn print_rounds(by_round: &[(Kind, Vec<f64>)]) {
+/// most), when plain Gatehouse was measured; then the same for the proxy's
+/// CPU time per request.
+fn print_rounds(by_round: &[(Kind, Vec<Round>)]) {
+    let rps: Vec<(Kind, Vec<f64>)> = by_round
+        .iter()
+        .map(|(k, r)| (*k, r.iter().map(|(rps, _)| *rps).collect()))
+        .collect();
+    print_round_table(
+        "Closed loop by round, requests/s (and the share of plain Gatehouse's in the same round):",
+        &rps,
+        0,
+    );
+    let cpu: Vec<(Kind, Vec<f64>)> = by_round
+        .iter()
+        .filter_map(|(k, r)| Some((*k, r.iter().map(|(_, c)| *c).collect::<Option<Vec<f64>>>()?)))
+        .collect();
+    if !cpu.is_empty() {
+        print_round_table(
+            "The proxy's CPU time per request in the same rounds, µs (user and kernel, from \
+             /proc; and its ratio to plain Gatehouse's in the same round). Less sensitive than \
+             throughput to how the scheduler interleaves the processes sharing the cores:",
+            &cpu,
+            2,
+        );
+    }
+}
+
+fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize) {
     let plain = by_round
         .iter()
         .find(|(k, _)| *k == Kind::Gatehouse)
         .map(|(_, r)| r.clone());
     let n = by_round.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
     println!();
-    println!(
-        "Closed loop by round, requests/s (and the share of plain Gatehouse's in the same round):"
-    );
+    println!("{title}");
     println!();
     let heads: Vec<String> = (1..=n).map(|i| format!("round {i}")).collect();
     println!(
@@ -1207,16 +1329,16 @@ fn print_rounds(by_round: &[(Kind, Vec<f64>)]) {
             match plain.as_ref().and_then(|p| p.get(i)) {
                 Some(base) if *base > 0.0 => {
                     shares.push(rps / base);
-                    cells.push(format!("{rps:.0} ({:.3})", rps / base));
+                    cells.push(format!("{rps:.decimals$} ({:.3})", rps / base));
                 }
-                _ => cells.push(format!("{rps:.0}")),
+                _ => cells.push(format!("{rps:.decimals$}")),
             }
         }
         cells.resize(n, "-".into());
         println!(
             "| {kind} | {} | {} | {} |",
             cells.join(" | "),
-            median(rounds).map_or("-".into(), |m| format!("{m:.0}")),
+            median(rounds).map_or("-".into(), |m| format!("{m:.decimals$}")),
             median(&shares).map_or("-".into(), |m| format!("{m:.3}")),
         );
     }
@@ -1259,14 +1381,18 @@ async fn measure_slot(
 
 /// How many direct children a process has (nginx's workers).
 fn children(pid: u32) -> usize {
+    child_pids(pid).len()
+}
+
+fn child_pids(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&p| proc_ticks(p).is_some_and(|(_, ppid)| ppid == pid))
-        .count()
+        .collect()
 }
 
 fn report_phase(kind: Kind, what: &str, p: &Phase) {
@@ -1301,7 +1427,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
     let direct_p99 = direct.and_then(|(_, o)| o.result.quantile_ms(0.99));
     println!(
         "{} connections, {} s measured per phase after {} s warmup; fixed rate {} requests/s; \
-         proxies with {} worker thread(s)/process(es); backend {} thread(s); load generator {} thread(s)",
+         proxies with {} worker thread(s)/process(es); backend {} thread(s); load generator {} thread(s){}",
         args.connections,
         args.duration,
         args.warmup,
@@ -1309,6 +1435,13 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         args.proxy_threads,
         args.backend_threads,
         args.client_threads,
+        match Pinning::of(args) {
+            Ok(Some(p)) => format!(
+                "; pinned: each proxy on CPU(s) {}, backend, load generator and Redis on CPU(s) {}",
+                p.proxy, p.rest
+            ),
+            _ => String::new(),
+        },
     );
     println!();
     println!("| target | requests/s (closed loop) | vs direct | p50 ms @ rate | p99 ms @ rate | p99.9 ms @ rate | added p99 ms vs direct | errors |");

@@ -61,6 +61,9 @@ pub struct LimiterRegistry {
     leases: Mutex<HashMap<(RegistryKey, u64), LeaseBook>>,
 }
 
+/// Calls giving leased tokens back that may be out at once.
+pub const GIVE_BACK_IN_FLIGHT: usize = 64;
+
 /// The leased tokens of one cluster limit, and what giving them back to
 /// Redis needs.
 struct LeaseBook {
@@ -115,10 +118,13 @@ impl LimiterRegistry {
 
     /// Gives every leased token this node holds and may still spend back to
     /// Redis, for a data plane that stops: otherwise they are lost to every
-    /// data plane until their bucket refills. Returns the keys and tokens
+    /// data plane until their bucket refills. One call per key, at most
+    /// [`GIVE_BACK_IN_FLIGHT`] at a time, all within `deadline` (what is not
+    /// given back by then is lost, as before). Returns the keys and tokens
     /// Redis took back. Tokens are taken out of the leases first, so a
     /// request served meanwhile asks Redis instead of spending them.
-    pub async fn give_back_leases(&self, store: &store::Store) -> (usize, u64) {
+    pub async fn give_back_leases(&self, store: &store::Store, deadline: Duration) -> (usize, u64) {
+        use futures::StreamExt;
         let now = Instant::now();
         let mut back = Vec::new();
         {
@@ -139,18 +145,32 @@ impl LimiterRegistry {
                 }
             }
         }
-        let given = futures::future::join_all(back.iter().map(|(key, period, tokens)| async move {
-            match store.give_back(key, *period, *tokens).await {
-                Ok(()) => Some(*tokens),
-                Err(e) => {
-                    tracing::warn!(error = %e, tokens, "could not give leased tokens back to the rate-limit store");
-                    None
+        let (mut keys, mut tokens) = (0, 0);
+        let mut calls = futures::stream::iter(back.iter().map(|(key, period, n)| async move {
+            store.give_back(key, *period, *n).await.map(|()| *n)
+        }))
+        .buffer_unordered(GIVE_BACK_IN_FLIGHT);
+        let all = async {
+            while let Some(given) = calls.next().await {
+                match given {
+                    Ok(n) => {
+                        keys += 1;
+                        tokens += n;
+                    }
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "could not give leased tokens back to the rate-limit store"
+                    ),
                 }
             }
-        }))
-        .await;
-        let tokens = given.iter().flatten().sum();
-        (given.iter().flatten().count(), tokens)
+        };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(
+                ?deadline,
+                "not every leased token was given back to the rate-limit store in time"
+            );
+        }
+        (keys, tokens)
     }
 }
 
@@ -1417,7 +1437,10 @@ mod tests {
         assert_eq!(calls(), after_first, "the held tokens were spent locally");
 
         // Stopping: the seven still held go back; Redis then has 100 - 3.
-        assert_eq!(reg.give_back_leases(&store).await, (1, 7));
+        assert_eq!(
+            reg.give_back_leases(&store, Duration::from_secs(5)).await,
+            (1, 7)
+        );
         let key = redis_key("gatehouse:rl:{p/leased/", "10.0.0.1");
         let rest = store
             .decide(key, Duration::from_secs(36), 100, 1000)
@@ -1425,6 +1448,9 @@ mod tests {
             .unwrap();
         assert_eq!(rest.taken, 97);
         // Nothing is held any more, so nothing goes back twice.
-        assert_eq!(reg.give_back_leases(&store).await, (0, 0));
+        assert_eq!(
+            reg.give_back_leases(&store, Duration::from_secs(5)).await,
+            (0, 0)
+        );
     }
 }

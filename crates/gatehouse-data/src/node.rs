@@ -464,9 +464,14 @@ impl DataPlane {
             tracing::warn!(?drain, "requests still in flight after the drain deadline");
         }
         // Leased tokens this node will not spend go back to the other data
-        // planes (cost mode), each call bounded by the decision timeout.
+        // planes (cost mode), each call bounded by the decision timeout and
+        // all of them by a few seconds.
         if let Some(store) = &self.shared.cluster_limits.store {
-            let (keys, tokens) = self.shared.limiters.give_back_leases(store).await;
+            let (keys, tokens) = self
+                .shared
+                .limiters
+                .give_back_leases(store, Duration::from_secs(5))
+                .await;
             if tokens > 0 {
                 tracing::info!(
                     keys,
