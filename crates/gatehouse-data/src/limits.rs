@@ -445,8 +445,8 @@ impl CompiledLimit {
         redis_key(&self.redis_prefix, key)
     }
 
-    fn local(&self, key: &str) -> Count {
-        match self.limiter.check_key(&key.to_string()) {
+    fn local(&self, key: String) -> Count {
+        match self.limiter.check_key(&key) {
             Ok(snapshot) => {
                 let remaining = u64::from(snapshot.remaining_burst_capacity());
                 Count {
@@ -469,7 +469,7 @@ impl CompiledLimit {
         let key = self.key(ctx);
         let verdict = match (self.scope, &env.store) {
             (LimitScope::Local, _) | (LimitScope::Cluster, None) => {
-                Verdict::Counted(self.local(&key))
+                Verdict::Counted(self.local(key))
             }
             (LimitScope::Cluster, Some(store)) => self.cluster(key, store, env, m).await,
         };
@@ -999,12 +999,12 @@ pub struct Decision {
 
 impl Decision {
     /// Sets `RateLimit-Policy` and `RateLimit` on a response.
-    pub fn set_headers(&self, headers: &mut HeaderMap) {
-        if let Some(v) = &self.policy {
-            headers.insert(RATELIMIT_POLICY, v.clone());
+    pub fn set_headers(self, headers: &mut HeaderMap) {
+        if let Some(v) = self.policy {
+            headers.insert(RATELIMIT_POLICY, v);
         }
-        if let Some(v) = &self.state {
-            headers.insert(RATELIMIT, v.clone());
+        if let Some(v) = self.state {
+            headers.insert(RATELIMIT, v);
         }
     }
 }

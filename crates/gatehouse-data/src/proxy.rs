@@ -373,7 +373,7 @@ impl Proxy {
 
         // Count the request against the policy's limits.
         observed.stage(Stage::RateLimit);
-        let limited = match &route.policy {
+        let mut limited = match &route.policy {
             Some(policy) if !policy.limits.is_empty() => {
                 crate::limits::check(
                     &policy.limits,
@@ -401,7 +401,9 @@ impl Proxy {
             };
             if let Some(refusal) = refusal {
                 let mut response = reject(&refusal);
-                decision.set_headers(response.headers_mut());
+                if let Some(decision) = limited.take() {
+                    decision.set_headers(response.headers_mut());
+                }
                 return (name, response);
             }
         }
@@ -610,7 +612,7 @@ impl Proxy {
                     }
                     drop(target);
                     *resp.version_mut() = version;
-                    if let Some(decision) = &limited {
+                    if let Some(decision) = limited.take() {
                         decision.set_headers(resp.headers_mut());
                     }
                     return (name, resp);
