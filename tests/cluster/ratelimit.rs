@@ -736,7 +736,9 @@ async fn the_local_share_divides_by_the_data_planes_of_the_whole_cluster() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_count_per_consumer_across_data_planes_and_usage_reads_them() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let redis = RedisServer::start(dir.path())?;
+    // The data planes count over plain TCP; `usage` also reads over TLS (the
+    // same server's TLS port).
+    let redis = RedisServer::start_tls(dir.path())?;
     let setup = Setup::start(
         2,
         &[
@@ -837,6 +839,49 @@ routes:
     };
     assert_eq!(used("daily"), Some((3, 3)), "{rows}");
     assert_eq!(used("monthly"), Some((3, 100)), "{rows}");
+    let (tls_url, ca) = (
+        redis.tls_url().expect("a TLS port"),
+        redis.ca_file().display().to_string(),
+    );
+    let over_tls = gatehouse_e2e::ctl(
+        &server,
+        &[
+            "usage",
+            "acme",
+            "--redis-url",
+            &tls_url,
+            "--redis-ca-file",
+            &ca,
+            "-o",
+            "json",
+        ],
+    );
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&over_tls.stdout)?,
+        rows
+    );
+    let clear_with_ca = gatehouse_e2e::ctl(
+        &server,
+        &[
+            "usage",
+            "acme",
+            "--redis-url",
+            &redis.url(),
+            "--redis-ca-file",
+            &ca,
+        ],
+    );
+    assert!(!clear_with_ca.status.success());
+    assert!(
+        String::from_utf8_lossy(&clear_with_ca.stderr).contains("--redis-ca-file is for rediss://"),
+        "{}",
+        String::from_utf8_lossy(&clear_with_ca.stderr)
+    );
     let table = gatehouse_e2e::ctl(&server, &["usage", "acme", "--redis-url", &redis.url()]);
     let table = String::from_utf8_lossy(&table.stdout);
     eprintln!("gatehousectl usage acme:\n{table}");
@@ -959,5 +1004,100 @@ async fn a_stopping_data_plane_gives_its_leased_tokens_back() -> anyhow::Result<
     eprintln!("after the first data plane stopped, the second admitted {admitted}, then {refused}");
     assert_eq!(refused, 429);
     assert_eq!(admitted, 97, "the seven leased tokens came back");
+    Ok(())
+}
+
+/// Cluster limits over TLS to a real redis-server (`rediss://` and
+/// `--redis-ca-file`): counted exactly as over plain TCP. A data plane that
+/// does not trust the server's certificate gets no decision, and a limit
+/// with `on_store_failure: closed` answers 503 there rather than counting
+/// in clear or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_limits_are_counted_over_tls_with_the_servers_ca() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisServer::start_tls(dir.path())?;
+    let url = redis.tls_url().expect("a TLS port");
+    let limit = [(
+        "tls",
+        "key: [route], limit: 3, window: 1m, on_store_failure: closed",
+    )];
+
+    let trusted = Setup::start(
+        1,
+        &[
+            "--redis-url".to_string(),
+            url.clone(),
+            "--redis-ca-file".into(),
+            redis.ca_file().display().to_string(),
+        ],
+    )
+    .await?;
+    trusted.apply(&limit).await?;
+    let client = http_client();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send(&client, &trusted.url(0, "/tls"), &[]).await?.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    // Counted in that Redis (read on its plain port).
+    let keys = redis.cli(&["keys", "gatehouse:rl:*"])?;
+    assert!(keys.contains("{tls/tls/"), "the bucket is in Redis: {keys}");
+
+    // Another CA: no decision can be made, the closed limit says 503.
+    let other = gatehouse_e2e::certs::LoopbackCert::new()?;
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.ca_pem)?;
+    let untrusted = Setup::start(
+        1,
+        &[
+            "--redis-url".to_string(),
+            url,
+            "--redis-ca-file".into(),
+            other_ca.display().to_string(),
+        ],
+    )
+    .await?;
+    untrusted.apply(&limit).await?;
+    assert_eq!(send(&client, &untrusted.url(0, "/tls"), &[]).await?.0, 503);
+    assert_eq!(send(&client, &untrusted.url(0, "/free"), &[]).await?.0, 200);
+    let metrics = untrusted.metrics(0).await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gatehouse_ratelimit_redis_errors_total") && !l.ends_with(" 0")),
+        "the failed decisions are counted:\n{metrics}"
+    );
+
+    // Flags that cannot work stop the data plane at start, saying why.
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n")?;
+    let redis_url = redis.url();
+    let not_pem_arg = not_pem.display().to_string();
+    let ca_arg = redis.ca_file().display().to_string();
+    for (flags, says) in [
+        (
+            vec!["--redis-url", &redis_url, "--redis-ca-file", &not_pem_arg],
+            "no PEM certificate",
+        ),
+        (
+            vec!["--redis-url", &redis_url, "--redis-ca-file", &ca_arg],
+            "the Redis URLs are redis:// (no TLS): use rediss://",
+        ),
+        (
+            vec!["--redis-ca-file", &ca_arg],
+            "--redis-ca-file needs --redis-url or --redis-cluster",
+        ),
+    ] {
+        let out = std::process::Command::new(gatehouse_e2e::bin("gatehouse"))
+            .args(["data-plane", "--control-plane", "127.0.0.1:1"])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .args(&flags)
+            .env("GATEHOUSE_TOKEN", gatehouse_e2e::TOKEN)
+            .env_remove("GATEHOUSE_REDIS_URL")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} started");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+    }
     Ok(())
 }

@@ -93,26 +93,15 @@ impl TestIdp {
     /// Serves `set` over https with a certificate for 127.0.0.1 signed by a
     /// new CA, written to `dir`/idp-ca.pem.
     pub async fn start_tls(set: serde_json::Value, dir: &Path) -> Result<TestIdp> {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let cert = crate::certs::LoopbackCert::new()?;
         let ca_file = dir.join("idp-ca.pem");
-        std::fs::write(&ca_file, ca_cert.pem())?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate()?;
-        let cert =
-            CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &issuer)?;
+        std::fs::write(&ca_file, &cert.ca_pem)?;
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )?;
+        .with_single_cert(vec![cert.cert_der], cert.key_der)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         Self::start_with(set, Some(acceptor), Some(ca_file)).await
     }

@@ -11,6 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+pub mod certs;
 pub mod data;
 pub mod drill;
 pub mod faults;

@@ -22,6 +22,9 @@ pub struct RedisServer {
     /// More arguments: `--replicaof`, or a sentinel's config file first.
     extra: Vec<String>,
     child: Option<Child>,
+    /// The TLS port of [`RedisServer::start_tls`] (`port` stays plain, for
+    /// `redis-cli`).
+    pub tls_port: Option<u16>,
 }
 
 impl Drop for RedisServer {
@@ -35,6 +38,44 @@ impl RedisServer {
     /// Starts a server on a free port in `dir`.
     pub fn start(dir: &std::path::Path) -> Result<RedisServer> {
         Self::start_mode(dir, false)
+    }
+
+    /// Starts a server that also takes TLS connections, on `tls_port`, with
+    /// a certificate for 127.0.0.1 from a new CA written to [`Self::ca_file`].
+    pub fn start_tls(dir: &std::path::Path) -> Result<RedisServer> {
+        let tls_port = free_port()?;
+        let mut server = Self::start_with(dir, false, |_, dir| {
+            let cert = crate::certs::LoopbackCert::new()?;
+            let file = |name: &str, text: &str| -> Result<String> {
+                let path = dir.join(name);
+                std::fs::write(&path, text)?;
+                Ok(path.display().to_string())
+            };
+            Ok(vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("redis.crt", &cert.cert_pem)?,
+                "--tls-key-file".into(),
+                file("redis.key", &cert.key_pem)?,
+                "--tls-ca-cert-file".into(),
+                file("ca.crt", &cert.ca_pem)?,
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ])
+        })?;
+        server.tls_port = Some(tls_port);
+        Ok(server)
+    }
+
+    /// The CA file of a [`RedisServer::start_tls`] server.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// `rediss://` to the TLS port of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
     }
 
     /// Starts a server with `--cluster-enabled yes`, not yet in a cluster.
@@ -101,6 +142,7 @@ sentinel parallel-syncs {name} 1
             cluster,
             extra,
             child: None,
+            tls_port: None,
         };
         server.spawn()?;
         Ok(server)

@@ -50,6 +50,8 @@ pub struct DataPlaneConfig {
     pub secrets_key: Option<gatehouse_model::seal::SealKey>,
     /// The counter store of `scope: cluster` rate limits (none: counted per node).
     pub rate_limit_store: Option<crate::limits::store::StoreTarget>,
+    /// TLS settings for a store reached through `rediss://` URLs.
+    pub rate_limit_store_tls: crate::limits::store::StoreTls,
     /// How long one cluster rate-limit decision may take before the limit's
     /// `on_store_failure` applies.
     pub rate_limit_timeout: Duration,
@@ -268,10 +270,17 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub async fn start(cfg: DataPlaneConfig) -> Result<DataPlane, StartError> {
+        // The provider of TLS connections that take the process default
+        // (the Redis client's); set once, the same as everywhere else.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let store = match &cfg.rate_limit_store {
             Some(target) => Some(
-                crate::limits::store::Store::start(target, cfg.rate_limit_timeout)
-                    .map_err(|e| StartError::Config(e.to_string()))?,
+                crate::limits::store::Store::start_tls(
+                    target,
+                    &cfg.rate_limit_store_tls,
+                    cfg.rate_limit_timeout,
+                )
+                .map_err(|e| StartError::Config(format!("rate-limit store: {e}")))?,
             ),
             None => None,
         };

@@ -106,3 +106,74 @@ async fn tokens_given_back_return_to_the_bucket_up_to_its_capacity() {
     assert_eq!(take("{t}:c", 20).await.taken, 10);
     assert_eq!(redis.cli(&["exists", "{t}:c"]).unwrap().trim(), "1");
 }
+
+/// `rediss://` to a real redis-server's TLS port: decisions work with the
+/// server's CA, fail (within the timeout) with another CA or without TLS,
+/// and settings that would send in clear what was meant to be encrypted
+/// are refused at start.
+#[tokio::test]
+async fn decisions_over_tls_need_the_servers_ca() {
+    use gatehouse_data::limits::store::StoreTls;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_tls(dir.path()).unwrap();
+    let url = redis.tls_url().unwrap();
+    let ca = std::fs::read(redis.ca_file()).unwrap();
+    let (interval, timeout) = (Duration::from_secs(3600), Duration::from_secs(2));
+    let tls = StoreTls::with_ca_pem(ca).unwrap();
+
+    let store = Store::start_tls(&StoreTarget::Single(url.clone()), &tls, timeout).unwrap();
+    let a = store
+        .decide("{t}:tls".into(), interval, 3, 1)
+        .await
+        .unwrap();
+    assert_eq!((a.taken, a.remaining), (1, 2));
+    // It is the same server: the plain port sees the bucket.
+    assert_eq!(redis.cli(&["exists", "{t}:tls"]).unwrap().trim(), "1");
+
+    // Another CA: the server is not trusted, no decision.
+    let other = gatehouse_e2e::certs::LoopbackCert::new().unwrap();
+    let wrong = StoreTls::with_ca_pem(other.ca_pem.into_bytes()).unwrap();
+    let store = Store::start_tls(&StoreTarget::Single(url.clone()), &wrong, timeout).unwrap();
+    let refused = store.decide("{t}:tls".into(), interval, 3, 1).await;
+    assert!(
+        refused.is_err(),
+        "an untrusted server answered: {refused:?}"
+    );
+
+    // Plain Redis protocol to the TLS port gets nothing either.
+    let port = redis.tls_port.unwrap();
+    let plain = Store::start(
+        &StoreTarget::Single(format!("redis://127.0.0.1:{port}")),
+        timeout,
+    )
+    .unwrap();
+    assert!(plain
+        .decide("{t}:tls".into(), interval, 3, 1)
+        .await
+        .is_err());
+
+    // Refused at start, with what to change.
+    let cases = [
+        (StoreTarget::Single(redis.url()), "redis:// (no TLS)"),
+        (
+            StoreTarget::Cluster(vec![url.clone(), redis.url()]),
+            "use one scheme for all",
+        ),
+        (
+            StoreTarget::Sentinel {
+                sentinels: vec![url.clone()],
+                master: "m".into(),
+            },
+            "not supported",
+        ),
+    ];
+    for (target, says) in cases {
+        let Err(err) = Store::start_tls(&target, &tls, timeout) else {
+            panic!("{target:?}: started");
+        };
+        assert!(err.to_string().contains(says), "{target:?}: {err}");
+    }
+    // A CA file without a certificate in it.
+    let err = StoreTls::with_ca_pem(b"not a certificate\n".to_vec()).unwrap_err();
+    assert!(err.to_string().contains("no PEM certificate"), "{err}");
+}

@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use gatehouse_control::{ControlPlane, NodeConfig, Tuning};
 use gatehouse_data::access_log::AccessLogTarget;
-use gatehouse_data::limits::store::StoreTarget;
+use gatehouse_data::limits::store::{StoreTarget, StoreTls};
 use gatehouse_data::node::{DataPlane, DataPlaneConfig};
 use gatehouse_data::resources::Limits;
 use gatehouse_proto::tls::ClientTlsFiles;
@@ -194,12 +194,12 @@ pub struct DataPlaneArgs {
 #[derive(Args)]
 pub struct RedisArgs {
     /// One Redis server for cluster rate limits:
-    /// redis://[user:password@]host:port[/db] (no TLS in this build).
+    /// redis://[user:password@]host:port[/db], or rediss://... for TLS.
     #[arg(long, env = "GATEHOUSE_REDIS_URL", hide_env_values = true,
           conflicts_with_all = ["redis_cluster", "redis_sentinel"])]
     redis_url: Option<String>,
-    /// Seed nodes of a Redis Cluster for cluster rate limits (redis://host:port);
-    /// repeat or separate with commas.
+    /// Seed nodes of a Redis Cluster for cluster rate limits (redis://host:port,
+    /// or rediss:// for TLS); repeat or separate with commas.
     #[arg(
         long,
         value_delimiter = ',',
@@ -221,6 +221,10 @@ pub struct RedisArgs {
     /// The master name the sentinels watch.
     #[arg(long, env = "GATEHOUSE_REDIS_SENTINEL_MASTER")]
     redis_sentinel_master: Option<String>,
+    /// PEM file of the CA certificate(s) that Redis's certificate must chain
+    /// to, for rediss:// URLs (default: the system's trusted roots).
+    #[arg(long, env = "GATEHOUSE_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
     /// How long one cluster rate-limit decision may wait for Redis before the
     /// limit's on_store_failure applies, in milliseconds.
     #[arg(long, default_value_t = 50, env = "GATEHOUSE_RATE_LIMIT_TIMEOUT_MS",
@@ -229,6 +233,25 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
+    /// The store and its TLS settings (the CA file read and checked here).
+    fn store(self) -> Result<(Option<StoreTarget>, StoreTls)> {
+        let tls = match &self.redis_ca_file {
+            None => StoreTls::default(),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("--redis-ca-file {}", path.display()))?;
+                StoreTls::with_ca_pem(pem)
+                    .with_context(|| format!("--redis-ca-file {}", path.display()))?
+            }
+        };
+        let has_ca = tls.ca_pem.is_some();
+        let target = self.target()?;
+        if has_ca && target.is_none() {
+            bail!("--redis-ca-file needs --redis-url or --redis-cluster");
+        }
+        Ok((target, tls))
+    }
+
     fn target(self) -> Result<Option<StoreTarget>> {
         let clean = |v: Vec<String>| -> Vec<String> {
             v.into_iter()
@@ -321,6 +344,8 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
     if token.is_none() && !has_cert {
         bail!("the data plane needs a credential to watch the control plane: a client certificate (--control-plane-cert with TLS) or a token (GATEHOUSE_TOKEN or --token-file; make one with `gatehousectl tokens create NAME --role data_plane`)");
     }
+    let rate_limit_timeout = Duration::from_millis(args.redis.rate_limit_timeout_ms);
+    let store = args.redis.store()?;
     Ok(DataPlaneConfig {
         listen: args.listeners.listen,
         tls_listen: args.listeners.tls_listen,
@@ -334,8 +359,9 @@ fn data_plane_config(args: DataPlaneArgs) -> Result<DataPlaneConfig> {
         token: gatehouse_proto::BearerToken::new(token.as_deref())?,
         control_plane_tls,
         secrets_key: crate::tokens::secrets_key(args.secrets_key_file.as_deref())?,
-        rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
-        rate_limit_store: args.redis.target()?,
+        rate_limit_timeout,
+        rate_limit_store: store.0,
+        rate_limit_store_tls: store.1,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
         jwks: args.jwks.settings(),
@@ -391,6 +417,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         tuning: Tuning::default(),
     })
     .await?;
+    let rate_limit_timeout = Duration::from_millis(args.redis.rate_limit_timeout_ms);
+    let store = args.redis.store()?;
     let dp = DataPlane::start(DataPlaneConfig {
         listen: args.listeners.listen,
         tls_listen: args.listeners.tls_listen,
@@ -403,8 +431,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> Result<()> {
         token: gatehouse_proto::BearerToken::new(Some(&token))?,
         control_plane_tls: None,
         secrets_key: Some(secrets_key),
-        rate_limit_timeout: Duration::from_millis(args.redis.rate_limit_timeout_ms),
-        rate_limit_store: args.redis.target()?,
+        rate_limit_timeout,
+        rate_limit_store: store.0,
+        rate_limit_store_tls: store.1,
         limits: args.listeners.limits.limits(),
         access_log: args.listeners.access_log,
         jwks: args.jwks.settings(),

@@ -153,6 +153,10 @@ enum Command {
             hide_env_values = true
         )]
         redis_cluster: Vec<String>,
+        /// PEM file of the CA certificate(s) Redis's certificate must chain
+        /// to, for rediss:// URLs (default: the system's trusted roots).
+        #[arg(long, env = "GATEHOUSE_REDIS_CA_FILE")]
+        redis_ca_file: Option<std::path::PathBuf>,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -832,8 +836,16 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             consumer,
             redis_url,
             redis_cluster,
+            redis_ca_file,
             output,
-        } => usage(cli, consumer, redis_url.as_deref(), redis_cluster, *output).await,
+        } => {
+            let redis = RedisTarget {
+                url: redis_url.as_deref(),
+                cluster: redis_cluster,
+                ca_file: redis_ca_file.as_deref(),
+            };
+            usage(cli, consumer, redis, *output).await
+        }
     };
     done.map(|()| ExitCode::SUCCESS)
 }
@@ -849,13 +861,38 @@ struct QuotaUse {
     resets: String,
 }
 
-async fn usage(
-    cli: &Cli,
-    consumer: &str,
-    redis_url: Option<&str>,
-    redis_cluster: &[String],
-    output: Output,
-) -> Result<()> {
+/// Where `usage` reads the counts: the Redis the data planes count in.
+struct RedisTarget<'a> {
+    url: Option<&'a str>,
+    cluster: &'a [String],
+    ca_file: Option<&'a std::path::Path>,
+}
+
+impl RedisTarget<'_> {
+    /// The CA of `--redis-ca-file`, for `rediss://` URLs only.
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        let Some(path) = self.ca_file else {
+            return Ok(None);
+        };
+        let all_tls = self
+            .url
+            .into_iter()
+            .chain(self.cluster.iter().map(String::as_str))
+            .all(|u| u.trim().to_ascii_lowercase().starts_with("rediss://"));
+        if !all_tls {
+            bail!("--redis-ca-file is for rediss:// (TLS) URLs; the Redis URL is redis://");
+        }
+        let pem =
+            std::fs::read(path).with_context(|| format!("--redis-ca-file {}", path.display()))?;
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        }))
+    }
+}
+
+async fn usage(cli: &Cli, consumer: &str, redis: RedisTarget<'_>, output: Output) -> Result<()> {
+    let certs = redis.certificates()?;
     let client = connect(cli).await?;
     let found = rpc!(
         cli,
@@ -906,9 +943,13 @@ async fn usage(
         let mut cmd = redis::cmd("MGET");
         cmd.arg(&keys);
         // The consumer is the hash tag of every key: one slot, so one MGET.
-        let counts: Vec<Option<u64>> = match redis_url {
+        let counts: Vec<Option<u64>> = match redis.url {
             Some(url) => {
-                let client = redis::Client::open(url).map_err(|e| anyhow!("--redis-url: {e}"))?;
+                let client = match certs {
+                    Some(certs) => redis::Client::build_with_tls(url, certs),
+                    None => redis::Client::open(url),
+                }
+                .map_err(|e| anyhow!("--redis-url: {e}"))?;
                 let mut conn =
                     tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
                         .await
@@ -919,7 +960,12 @@ async fn usage(
                     .map_err(|e| anyhow!("redis: {e}"))?
             }
             None => {
-                let client = redis::cluster::ClusterClient::new(redis_cluster.to_vec())
+                let mut builder = redis::cluster::ClusterClient::builder(redis.cluster.to_vec());
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
                     .map_err(|e| anyhow!("--redis-cluster: {e}"))?;
                 let mut conn = tokio::time::timeout(timeout, client.get_async_connection())
                     .await

@@ -234,11 +234,104 @@ fn redis_err(e: redis::RedisError) -> StoreError {
     StoreError::Config(e.to_string())
 }
 
+/// TLS to Redis beyond what `rediss://` URLs give by themselves (the
+/// system's trusted roots).
+#[derive(Clone, Default)]
+pub struct StoreTls {
+    /// PEM certificates of the CA(s) that Redis's certificate must chain to,
+    /// instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for StoreTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTls")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "set"))
+            .finish()
+    }
+}
+
+impl StoreTls {
+    /// Settings that trust the CA certificate(s) of a PEM file's contents;
+    /// fails when it holds none, or one that does not parse.
+    pub fn with_ca_pem(pem: Vec<u8>) -> Result<StoreTls, StoreError> {
+        use rustls_pki_types::pem::PemObject;
+        let mut count = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            cert.map_err(|e| StoreError::Config(format!("the Redis CA file: {e}")))?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(StoreError::Config(
+                "the Redis CA file holds no PEM certificate".into(),
+            ));
+        }
+        Ok(StoreTls { ca_pem: Some(pem) })
+    }
+
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        let ca = self.ca_pem.clone()?;
+        Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        })
+    }
+}
+
+/// Whether a Redis URL asks for TLS.
+fn is_tls_url(url: &str) -> bool {
+    url.trim()
+        .get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
+}
+
+/// Refuses settings that would send in clear what the operator meant to
+/// encrypt, or mix encrypted and clear connections.
+fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
+    let urls: Vec<&String> = match target {
+        StoreTarget::Single(url) => vec![url],
+        StoreTarget::Cluster(nodes) => nodes.iter().collect(),
+        StoreTarget::Sentinel { sentinels, .. } => {
+            if tls.ca_pem.is_some() || sentinels.iter().any(|u| is_tls_url(u)) {
+                return Err(StoreError::Config(
+                    "TLS to Redis through Sentinel is not supported yet: use rediss:// with \
+                     --redis-url or --redis-cluster"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+    };
+    let encrypted = urls.iter().filter(|u| is_tls_url(u)).count();
+    if encrypted != 0 && encrypted != urls.len() {
+        return Err(StoreError::Config(
+            "some Redis URLs are rediss:// (TLS) and some redis://: use one scheme for all".into(),
+        ));
+    }
+    if tls.ca_pem.is_some() && encrypted == 0 {
+        return Err(StoreError::Config(
+            "a CA file for Redis is set, but the Redis URLs are redis:// (no TLS): use rediss://"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Sets up the store without waiting for Redis: a data plane starts and
     /// serves while Redis is down, each limit following its failure mode.
     /// Must be called inside a tokio runtime.
     pub fn start(target: &StoreTarget, timeout: Duration) -> Result<Store, StoreError> {
+        Store::start_tls(target, &StoreTls::default(), timeout)
+    }
+
+    /// [`Store::start`], with TLS settings for `rediss://` URLs.
+    pub fn start_tls(
+        target: &StoreTarget,
+        tls: &StoreTls,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        check_tls(target, tls)?;
         let conn = Arc::new(ArcSwapOption::empty());
         let mut tasks = Vec::new();
         match target {
@@ -246,20 +339,26 @@ impl Store {
                 let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
                     .map_err(redis_err)?
                     .set_tcp_settings(tcp_settings());
-                let client = redis::Client::open(info).map_err(redis_err)?;
+                let client = match tls.certificates() {
+                    Some(certs) => redis::Client::build_with_tls(info, certs),
+                    None => redis::Client::open(info),
+                }
+                .map_err(redis_err)?;
                 let manager =
                     ConnectionManager::new_lazy_with_config(client, manager_config(timeout))
                         .map_err(redis_err)?;
                 conn.store(Some(Arc::new(Conn::Single(manager))));
             }
             StoreTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
                     .connection_timeout(timeout.max(Duration::from_millis(200)))
                     .response_timeout(timeout)
                     .retries(1)
-                    .tcp_settings(tcp_settings())
-                    .build()
-                    .map_err(redis_err)?;
+                    .tcp_settings(tcp_settings());
+                if let Some(certs) = tls.certificates() {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build().map_err(redis_err)?;
                 let slot = conn.clone();
                 tasks.push(tokio::spawn(async move {
                     // Until the first connection, decisions fail over.

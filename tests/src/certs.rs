@@ -1,0 +1,38 @@
+//! A throwaway CA and a certificate for 127.0.0.1 signed by it, for the
+//! test servers that speak TLS (identity providers, Redis).
+
+use anyhow::Result;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A new CA and a server certificate for 127.0.0.1 that it signed.
+pub struct LoopbackCert {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The server certificate, PEM and DER.
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    /// The server key, PEM (PKCS#8) and DER.
+    pub key_pem: String,
+    pub key_der: PrivateKeyDer<'static>,
+}
+
+impl LoopbackCert {
+    pub fn new() -> Result<LoopbackCert> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &issuer)?;
+        Ok(LoopbackCert {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            key_der: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        })
+    }
+}
