@@ -488,16 +488,35 @@ async fn limit_keys_cannot_be_dodged() -> anyhow::Result<()> {
 async fn a_redis_cluster_of_three_masters_holds_the_limits() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let redis = RedisCluster::start(dir.path(), 3)?;
-    let setup = Setup::start(
-        3,
-        &[
-            "--redis-cluster".to_string(),
-            redis.urls().join(","),
-            "--rate-limit-timeout-ms".into(),
-            "2000".into(),
-        ],
-    )
-    .await?;
+    cluster_holds_the_limits(&redis, redis.urls(), &[]).await
+}
+
+/// The same over TLS: a cluster whose nodes speak only TLS to clients and
+/// to each other, reached with `rediss://` seeds and the cluster's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_over_tls_holds_the_limits() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisCluster::start_tls(dir.path(), 3)?;
+    let ca = redis.nodes[0].ca_file().display().to_string();
+    cluster_holds_the_limits(&redis, redis.tls_urls(), &["--redis-ca-file".into(), ca]).await
+}
+
+/// Three data planes count per-user limits of 3 in `redis` (reached through
+/// `seeds`, with `more` flags): each user gets 3 of 5 requests spread over
+/// the data planes, and the keys spread over the masters.
+async fn cluster_holds_the_limits(
+    redis: &RedisCluster,
+    seeds: Vec<String>,
+    more: &[String],
+) -> anyhow::Result<()> {
+    let mut flags = vec![
+        "--redis-cluster".to_string(),
+        seeds.join(","),
+        "--rate-limit-timeout-ms".into(),
+        "2000".into(),
+    ];
+    flags.extend_from_slice(more);
+    let setup = Setup::start(3, &flags).await?;
     setup
         .apply(&[(
             "users",

@@ -2,7 +2,7 @@
 //! test servers that speak TLS (identity providers, Redis).
 
 use anyhow::Result;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A new CA and a server certificate for 127.0.0.1 that it signed.
@@ -22,11 +22,19 @@ impl LoopbackCert {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Names of their own: OpenSSL (redis-server, redis-cli) takes a
+        // certificate whose subject is its issuer's for a self-signed one.
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "gatehouse test CA");
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
         let key = KeyPair::generate()?;
-        let cert =
-            CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&key, &issuer)?;
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "127.0.0.1");
+        let cert = params.signed_by(&key, &issuer)?;
         Ok(LoopbackCert {
             ca_pem: ca_cert.pem(),
             cert_pem: cert.pem(),

@@ -43,15 +43,24 @@ impl RedisServer {
     /// Starts a server that also takes TLS connections, on `tls_port`, with
     /// a certificate for 127.0.0.1 from a new CA written to [`Self::ca_file`].
     pub fn start_tls(dir: &std::path::Path) -> Result<RedisServer> {
+        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false)
+    }
+
+    /// A TLS server (`cluster`: a cluster node whose bus and announced ports
+    /// are TLS too) with the certificate of `cert`.
+    fn start_tls_with(
+        dir: &std::path::Path,
+        cert: &crate::certs::LoopbackCert,
+        cluster: bool,
+    ) -> Result<RedisServer> {
         let tls_port = free_port()?;
-        let mut server = Self::start_with(dir, false, |_, dir| {
-            let cert = crate::certs::LoopbackCert::new()?;
+        let mut server = Self::start_with(dir, cluster, |_, dir| {
             let file = |name: &str, text: &str| -> Result<String> {
                 let path = dir.join(name);
                 std::fs::write(&path, text)?;
                 Ok(path.display().to_string())
             };
-            Ok(vec![
+            let mut args = vec![
                 "--tls-port".into(),
                 tls_port.to_string(),
                 "--tls-cert-file".into(),
@@ -62,7 +71,11 @@ impl RedisServer {
                 file("ca.crt", &cert.ca_pem)?,
                 "--tls-auth-clients".into(),
                 "no".into(),
-            ])
+            ];
+            if cluster {
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            }
+            Ok(args)
         })?;
         server.tls_port = Some(tls_port);
         Ok(server)
@@ -278,11 +291,18 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create").args(&addrs).args([
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ]);
+        Self::created(nodes, &mut create)
+    }
+
+    /// Runs `redis-cli --cluster create` and waits for `cluster_state:ok`.
+    fn created(nodes: Vec<RedisServer>, create: &mut Command) -> Result<RedisCluster> {
+        let out = create
             .stdin(Stdio::null())
             .output()
             .context("run redis-cli --cluster create")?;
@@ -313,6 +333,35 @@ impl RedisCluster {
     /// Seed URLs for `--redis-cluster`.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `rediss://` seed URLs of a [`RedisCluster::start_tls`] cluster.
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().filter_map(RedisServer::tls_url).collect()
+    }
+
+    /// A cluster that speaks only TLS to clients and between its nodes
+    /// (plain ports stay open for `redis-cli` checks), with one CA, whose
+    /// file is any node's [`RedisServer::ca_file`].
+    pub fn start_tls(dir: &std::path::Path, masters: usize) -> Result<RedisCluster> {
+        let cert = crate::certs::LoopbackCert::new()?;
+        let nodes = (0..masters)
+            .map(|_| RedisServer::start_tls_with(dir, &cert, true))
+            .collect::<Result<Vec<_>>>()?;
+        let ca = nodes[0].ca_file();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .filter_map(|n| n.tls_port.map(|p| format!("127.0.0.1:{p}")))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create
+            .arg("--tls")
+            .arg("--cacert")
+            .arg(&ca)
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"]);
+        Self::created(nodes, &mut create)
     }
 }
 
