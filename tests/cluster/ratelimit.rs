@@ -756,8 +756,8 @@ async fn the_local_share_divides_by_the_data_planes_of_the_whole_cluster() -> an
 async fn quotas_count_per_consumer_across_data_planes_and_usage_reads_them() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // The data planes count over plain TCP; `usage` also reads over TLS (the
-    // same server's TLS port).
-    let redis = RedisServer::start_tls(dir.path())?;
+    // same server's TLS port, which asks for a client certificate).
+    let redis = RedisServer::start_tls_mutual(dir.path())?;
     let setup = Setup::start(
         2,
         &[
@@ -862,6 +862,8 @@ routes:
         redis.tls_url().expect("a TLS port"),
         redis.ca_file().display().to_string(),
     );
+    let (cert, key) = redis.client_files();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let over_tls = gatehouse_e2e::ctl(
         &server,
         &[
@@ -871,6 +873,10 @@ routes:
             &tls_url,
             "--redis-ca-file",
             &ca,
+            "--redis-client-cert",
+            &cert,
+            "--redis-client-key",
+            &key,
             "-o",
             "json",
         ],
@@ -883,6 +889,21 @@ routes:
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&over_tls.stdout)?,
         rows
+    );
+    let no_client_cert = gatehouse_e2e::ctl(
+        &server,
+        &[
+            "usage",
+            "acme",
+            "--redis-url",
+            &tls_url,
+            "--redis-ca-file",
+            &ca,
+        ],
+    );
+    assert!(
+        !no_client_cert.status.success(),
+        "read without a client certificate"
     );
     let clear_with_ca = gatehouse_e2e::ctl(
         &server,
@@ -897,7 +918,8 @@ routes:
     );
     assert!(!clear_with_ca.status.success());
     assert!(
-        String::from_utf8_lossy(&clear_with_ca.stderr).contains("--redis-ca-file is for rediss://"),
+        String::from_utf8_lossy(&clear_with_ca.stderr)
+            .contains("--redis-ca-file and --redis-client-cert are for rediss://"),
         "{}",
         String::from_utf8_lossy(&clear_with_ca.stderr)
     );
@@ -1048,6 +1070,9 @@ async fn cluster_limits_are_counted_over_tls_with_the_servers_ca() -> anyhow::Re
             url.clone(),
             "--redis-ca-file".into(),
             redis.ca_file().display().to_string(),
+            // The first decision also connects (TLS handshake, debug build).
+            "--rate-limit-timeout-ms".into(),
+            "2000".into(),
         ],
     )
     .await?;
@@ -1104,7 +1129,7 @@ async fn cluster_limits_are_counted_over_tls_with_the_servers_ca() -> anyhow::Re
         ),
         (
             vec!["--redis-ca-file", &ca_arg],
-            "--redis-ca-file needs --redis-url or --redis-cluster",
+            "--redis-ca-file and --redis-client-cert need --redis-url or --redis-cluster",
         ),
     ] {
         let out = std::process::Command::new(gatehouse_e2e::bin("gatehouse"))
@@ -1118,5 +1143,44 @@ async fn cluster_limits_are_counted_over_tls_with_the_servers_ca() -> anyhow::Re
         assert!(!out.status.success(), "{flags:?} started");
         assert!(stderr.contains(says), "{flags:?}: {stderr}");
     }
+    Ok(())
+}
+
+/// A Redis that asks TLS clients for a certificate: a data plane with
+/// `--redis-client-cert` and `--redis-client-key` counts in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_shows_its_client_certificate_to_redis() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisServer::start_tls_mutual(dir.path())?;
+    let (cert, key) = redis.client_files();
+    let setup = Setup::start(
+        1,
+        &[
+            "--redis-url".to_string(),
+            redis.tls_url().expect("a TLS port"),
+            "--redis-ca-file".into(),
+            redis.ca_file().display().to_string(),
+            "--redis-client-cert".into(),
+            cert.display().to_string(),
+            "--redis-client-key".into(),
+            key.display().to_string(),
+            // The first decision also connects (TLS handshake, debug build).
+            "--rate-limit-timeout-ms".into(),
+            "2000".into(),
+        ],
+    )
+    .await?;
+    setup
+        .apply(&[(
+            "mtls",
+            "key: [route], limit: 3, window: 1m, on_store_failure: closed",
+        )])
+        .await?;
+    let client = http_client();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(send(&client, &setup.url(0, "/mtls"), &[]).await?.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
     Ok(())
 }

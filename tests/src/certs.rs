@@ -15,6 +15,9 @@ pub struct LoopbackCert {
     /// The server key, PEM (PKCS#8) and DER.
     pub key_pem: String,
     pub key_der: PrivateKeyDer<'static>,
+    /// A client certificate from the same CA, and its key, PEM.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 impl LoopbackCert {
@@ -35,7 +38,15 @@ impl LoopbackCert {
             .distinguished_name
             .push(DnType::CommonName, "127.0.0.1");
         let cert = params.signed_by(&key, &issuer)?;
+        let client_key = KeyPair::generate()?;
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "gatehouse test client");
+        let client_cert = client.signed_by(&client_key, &issuer)?;
         Ok(LoopbackCert {
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
             ca_pem: ca_cert.pem(),
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),

@@ -43,7 +43,19 @@ impl RedisServer {
     /// Starts a server that also takes TLS connections, on `tls_port`, with
     /// a certificate for 127.0.0.1 from a new CA written to [`Self::ca_file`].
     pub fn start_tls(dir: &std::path::Path) -> Result<RedisServer> {
-        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false)
+        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false, false)
+    }
+
+    /// [`RedisServer::start_tls`] that also asks every TLS client for a
+    /// certificate from its CA (`tls-auth-clients yes`); one is written to
+    /// `client.crt` and `client.key` beside [`Self::ca_file`].
+    pub fn start_tls_mutual(dir: &std::path::Path) -> Result<RedisServer> {
+        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false, true)
+    }
+
+    /// The client certificate and key files of [`RedisServer::start_tls_mutual`].
+    pub fn client_files(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("client.crt"), self.dir.join("client.key"))
     }
 
     /// A TLS server (`cluster`: a cluster node whose bus and announced ports
@@ -52,6 +64,7 @@ impl RedisServer {
         dir: &std::path::Path,
         cert: &crate::certs::LoopbackCert,
         cluster: bool,
+        mutual: bool,
     ) -> Result<RedisServer> {
         let tls_port = free_port()?;
         let mut server = Self::start_with(dir, cluster, |_, dir| {
@@ -70,8 +83,10 @@ impl RedisServer {
                 "--tls-ca-cert-file".into(),
                 file("ca.crt", &cert.ca_pem)?,
                 "--tls-auth-clients".into(),
-                "no".into(),
+                if mutual { "yes" } else { "no" }.into(),
             ];
+            file("client.crt", &cert.client_cert_pem)?;
+            file("client.key", &cert.client_key_pem)?;
             if cluster {
                 args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
             }
@@ -346,7 +361,7 @@ impl RedisCluster {
     pub fn start_tls(dir: &std::path::Path, masters: usize) -> Result<RedisCluster> {
         let cert = crate::certs::LoopbackCert::new()?;
         let nodes = (0..masters)
-            .map(|_| RedisServer::start_tls_with(dir, &cert, true))
+            .map(|_| RedisServer::start_tls_with(dir, &cert, true, false))
             .collect::<Result<Vec<_>>>()?;
         let ca = nodes[0].ca_file();
         let addrs: Vec<String> = nodes

@@ -177,3 +177,41 @@ async fn decisions_over_tls_need_the_servers_ca() {
     let err = StoreTls::with_ca_pem(b"not a certificate\n".to_vec()).unwrap_err();
     assert!(err.to_string().contains("no PEM certificate"), "{err}");
 }
+
+/// A Redis that asks TLS clients for a certificate (`tls-auth-clients yes`)
+/// decides only for a data plane that shows one from its CA.
+#[tokio::test]
+async fn a_redis_that_asks_for_client_certificates_decides_only_with_one() {
+    use gatehouse_data::limits::store::StoreTls;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_tls_mutual(dir.path()).unwrap();
+    let target = StoreTarget::Single(redis.tls_url().unwrap());
+    let (interval, timeout) = (Duration::from_secs(3600), Duration::from_secs(2));
+    let ca = StoreTls::with_ca_pem(std::fs::read(redis.ca_file()).unwrap()).unwrap();
+
+    let without = Store::start_tls(&target, &ca, timeout).unwrap();
+    let refused = without.decide("{t}:m".into(), interval, 3, 1).await;
+    assert!(
+        refused.is_err(),
+        "decided without a client certificate: {refused:?}"
+    );
+
+    let (cert, key) = redis.client_files();
+    let with = ca
+        .with_client_identity(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+        .unwrap();
+    let store = Store::start_tls(&target, &with, timeout).unwrap();
+    let a = store.decide("{t}:m".into(), interval, 3, 1).await.unwrap();
+    assert_eq!((a.taken, a.remaining), (1, 2));
+
+    // Files that hold no certificate or no key are refused, naming which.
+    let err = StoreTls::default()
+        .with_client_identity(b"no".to_vec(), b"no".to_vec())
+        .unwrap_err();
+    assert!(err.to_string().contains("client certificate"), "{err}");
+    let (cert, _) = redis.client_files();
+    let err = StoreTls::default()
+        .with_client_identity(std::fs::read(cert).unwrap(), b"no key".to_vec())
+        .unwrap_err();
+    assert!(err.to_string().contains("client key"), "{err}");
+}

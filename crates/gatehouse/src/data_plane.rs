@@ -225,6 +225,21 @@ pub struct RedisArgs {
     /// to, for rediss:// URLs (default: the system's trusted roots).
     #[arg(long, env = "GATEHOUSE_REDIS_CA_FILE")]
     redis_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) this data plane shows Redis, for a Redis that
+    /// asks for one (tls-auth-clients yes). Needs --redis-client-key.
+    #[arg(
+        long,
+        env = "GATEHOUSE_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        env = "GATEHOUSE_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    redis_client_key: Option<PathBuf>,
     /// How long one cluster rate-limit decision may wait for Redis before the
     /// limit's on_store_failure applies, in milliseconds.
     #[arg(long, default_value_t = 50, env = "GATEHOUSE_RATE_LIMIT_TIMEOUT_MS",
@@ -235,19 +250,26 @@ pub struct RedisArgs {
 impl RedisArgs {
     /// The store and its TLS settings (the CA file read and checked here).
     fn store(self) -> Result<(Option<StoreTarget>, StoreTls)> {
-        let tls = match &self.redis_ca_file {
-            None => StoreTls::default(),
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("--redis-ca-file {}", path.display()))?;
-                StoreTls::with_ca_pem(pem)
-                    .with_context(|| format!("--redis-ca-file {}", path.display()))?
-            }
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
         };
-        let has_ca = tls.ca_pem.is_some();
+        let mut tls = match &self.redis_ca_file {
+            None => StoreTls::default(),
+            Some(path) => StoreTls::with_ca_pem(read("--redis-ca-file", path)?)
+                .with_context(|| format!("--redis-ca-file {}", path.display()))?,
+        };
+        if let (Some(cert), Some(key)) = (&self.redis_client_cert, &self.redis_client_key) {
+            tls = tls
+                .with_client_identity(
+                    read("--redis-client-cert", cert)?,
+                    read("--redis-client-key", key)?,
+                )
+                .context("--redis-client-cert / --redis-client-key")?;
+        }
+        let has_tls_files = self.redis_ca_file.is_some() || self.redis_client_cert.is_some();
         let target = self.target()?;
-        if has_ca && target.is_none() {
-            bail!("--redis-ca-file needs --redis-url or --redis-cluster");
+        if has_tls_files && target.is_none() {
+            bail!("--redis-ca-file and --redis-client-cert need --redis-url or --redis-cluster");
         }
         Ok((target, tls))
     }

@@ -157,6 +157,20 @@ enum Command {
         /// to, for rediss:// URLs (default: the system's trusted roots).
         #[arg(long, env = "GATEHOUSE_REDIS_CA_FILE")]
         redis_ca_file: Option<std::path::PathBuf>,
+        /// PEM certificate (chain) shown to a Redis that asks clients for one.
+        #[arg(
+            long,
+            env = "GATEHOUSE_REDIS_CLIENT_CERT",
+            requires = "redis_client_key"
+        )]
+        redis_client_cert: Option<std::path::PathBuf>,
+        /// PEM private key of --redis-client-cert.
+        #[arg(
+            long,
+            env = "GATEHOUSE_REDIS_CLIENT_KEY",
+            requires = "redis_client_cert"
+        )]
+        redis_client_key: Option<std::path::PathBuf>,
         #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -837,12 +851,17 @@ async fn run(cli: &Cli) -> Result<ExitCode> {
             redis_url,
             redis_cluster,
             redis_ca_file,
+            redis_client_cert,
+            redis_client_key,
             output,
         } => {
             let redis = RedisTarget {
                 url: redis_url.as_deref(),
                 cluster: redis_cluster,
                 ca_file: redis_ca_file.as_deref(),
+                client: redis_client_cert
+                    .as_deref()
+                    .zip(redis_client_key.as_deref()),
             };
             usage(cli, consumer, redis, *output).await
         }
@@ -866,27 +885,45 @@ struct RedisTarget<'a> {
     url: Option<&'a str>,
     cluster: &'a [String],
     ca_file: Option<&'a std::path::Path>,
+    /// A client certificate and its key.
+    client: Option<(&'a std::path::Path, &'a std::path::Path)>,
 }
 
 impl RedisTarget<'_> {
-    /// The CA of `--redis-ca-file`, for `rediss://` URLs only.
+    /// The CA of `--redis-ca-file` and the client certificate, for
+    /// `rediss://` URLs only.
     fn certificates(&self) -> Result<Option<redis::TlsCertificates>> {
-        let Some(path) = self.ca_file else {
+        if self.ca_file.is_none() && self.client.is_none() {
             return Ok(None);
-        };
+        }
         let all_tls = self
             .url
             .into_iter()
             .chain(self.cluster.iter().map(String::as_str))
             .all(|u| u.trim().to_ascii_lowercase().starts_with("rediss://"));
         if !all_tls {
-            bail!("--redis-ca-file is for rediss:// (TLS) URLs; the Redis URL is redis://");
+            bail!(
+                "--redis-ca-file and --redis-client-cert are for rediss:// (TLS) URLs; \
+                 the Redis URL is redis://"
+            );
         }
-        let pem =
-            std::fs::read(path).with_context(|| format!("--redis-ca-file {}", path.display()))?;
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+        };
+        let root_cert = match self.ca_file {
+            Some(path) => Some(read("--redis-ca-file", path)?),
+            None => None,
+        };
+        let client_tls = match self.client {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("--redis-client-cert", cert)?,
+                client_key: read("--redis-client-key", key)?,
+            }),
+            None => None,
+        };
         Ok(Some(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem),
+            client_tls,
+            root_cert,
         }))
     }
 }

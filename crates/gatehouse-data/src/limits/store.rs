@@ -241,12 +241,17 @@ pub struct StoreTls {
     /// PEM certificates of the CA(s) that Redis's certificate must chain to,
     /// instead of the system's roots.
     pub ca_pem: Option<Vec<u8>>,
+    /// This data plane's certificate chain and key (PEM), for a Redis that
+    /// asks clients for one (`tls-auth-clients yes`).
+    client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for StoreTls {
+    // Never the key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreTls")
             .field("ca_pem", &self.ca_pem.as_ref().map(|_| "set"))
+            .field("client", &self.client.as_ref().map(|_| "set"))
             .finish()
     }
 }
@@ -266,14 +271,58 @@ impl StoreTls {
                 "the Redis CA file holds no PEM certificate".into(),
             ));
         }
-        Ok(StoreTls { ca_pem: Some(pem) })
+        Ok(StoreTls {
+            ca_pem: Some(pem),
+            client: None,
+        })
+    }
+
+    /// Adds a client certificate chain and its key (PEM); fails when either
+    /// does not parse.
+    pub fn with_client_identity(
+        self,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> Result<StoreTls, StoreError> {
+        use rustls_pki_types::pem::PemObject;
+        let mut certs = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem) {
+            cert.map_err(|e| StoreError::Config(format!("the Redis client certificate: {e}")))?;
+            certs += 1;
+        }
+        if certs == 0 {
+            return Err(StoreError::Config(
+                "the Redis client certificate file holds no PEM certificate".into(),
+            ));
+        }
+        // The parse error names no key material.
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            StoreError::Config(format!(
+                "the Redis client key file holds no usable key: {e}"
+            ))
+        })?;
+        Ok(StoreTls {
+            client: Some((cert_pem, key_pem)),
+            ..self
+        })
+    }
+
+    fn is_set(&self) -> bool {
+        self.ca_pem.is_some() || self.client.is_some()
     }
 
     fn certificates(&self) -> Option<redis::TlsCertificates> {
-        let ca = self.ca_pem.clone()?;
+        if !self.is_set() {
+            return None;
+        }
         Some(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(ca),
+            client_tls: self.client.clone().map(|(client_cert, client_key)| {
+                redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }
+            }),
+            root_cert: self.ca_pem.clone(),
         })
     }
 }
@@ -292,7 +341,7 @@ fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
         StoreTarget::Single(url) => vec![url],
         StoreTarget::Cluster(nodes) => nodes.iter().collect(),
         StoreTarget::Sentinel { sentinels, .. } => {
-            if tls.ca_pem.is_some() || sentinels.iter().any(|u| is_tls_url(u)) {
+            if tls.is_set() || sentinels.iter().any(|u| is_tls_url(u)) {
                 return Err(StoreError::Config(
                     "TLS to Redis through Sentinel is not supported yet: use rediss:// with \
                      --redis-url or --redis-cluster"
@@ -308,9 +357,9 @@ fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
             "some Redis URLs are rediss:// (TLS) and some redis://: use one scheme for all".into(),
         ));
     }
-    if tls.ca_pem.is_some() && encrypted == 0 {
+    if tls.is_set() && encrypted == 0 {
         return Err(StoreError::Config(
-            "a CA file for Redis is set, but the Redis URLs are redis:// (no TLS): use rediss://"
+            "TLS files for Redis are set, but the Redis URLs are redis:// (no TLS): use rediss://"
                 .into(),
         ));
     }
