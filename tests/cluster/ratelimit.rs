@@ -1129,7 +1129,7 @@ async fn cluster_limits_are_counted_over_tls_with_the_servers_ca() -> anyhow::Re
         ),
         (
             vec!["--redis-ca-file", &ca_arg],
-            "--redis-ca-file and --redis-client-cert need --redis-url or --redis-cluster",
+            "--redis-ca-file and --redis-client-cert need --redis-url, --redis-cluster or --redis-sentinel",
         ),
     ] {
         let out = std::process::Command::new(gatehouse_e2e::bin("gatehouse"))
@@ -1182,5 +1182,63 @@ async fn a_data_plane_shows_its_client_certificate_to_redis() -> anyhow::Result<
         statuses.push(send(&client, &setup.url(0, "/mtls"), &[]).await?.0);
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    Ok(())
+}
+
+/// Sentinel over TLS: the data plane asks TLS-only sentinels for the master
+/// and counts in it over TLS (master, replica and sentinels speak only TLS
+/// to each other and to clients).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls_name_the_master_the_limits_count_in() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let redis = RedisSentinels::start_tls(dir.path(), "gh-tls")?;
+    let setup = Setup::start(
+        1,
+        &[
+            "--redis-sentinel".to_string(),
+            redis.tls_urls().join(","),
+            "--redis-sentinel-master".into(),
+            redis.name.clone(),
+            "--redis-ca-file".into(),
+            redis.master.ca_file().display().to_string(),
+            "--rate-limit-timeout-ms".into(),
+            "2000".into(),
+        ],
+    )
+    .await?;
+    setup
+        .apply(&[(
+            "users",
+            "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
+        )])
+        .await?;
+    let client = http_client();
+    eventually(
+        Duration::from_secs(20),
+        "the master from the sentinels",
+        || async {
+            send(&client, &setup.url(0, "/users"), &[("x-user", "probe")])
+                .await
+                .is_ok_and(|(s, _)| s != 503)
+                .then_some(())
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {}", setup.dps[0].log_tail()))?;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            send(&client, &setup.url(0, "/users"), &[("x-user", "alice")])
+                .await?
+                .0,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    // Counted in the master the sentinels name (read on its plain port).
+    assert_eq!(
+        redis.master.cli(&["dbsize"])?.trim(),
+        "2",
+        "the probe and alice"
+    );
     Ok(())
 }

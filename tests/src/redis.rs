@@ -43,14 +43,14 @@ impl RedisServer {
     /// Starts a server that also takes TLS connections, on `tls_port`, with
     /// a certificate for 127.0.0.1 from a new CA written to [`Self::ca_file`].
     pub fn start_tls(dir: &std::path::Path) -> Result<RedisServer> {
-        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false, false)
+        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, TlsRole::Plain)
     }
 
     /// [`RedisServer::start_tls`] that also asks every TLS client for a
     /// certificate from its CA (`tls-auth-clients yes`); one is written to
     /// `client.crt` and `client.key` beside [`Self::ca_file`].
     pub fn start_tls_mutual(dir: &std::path::Path) -> Result<RedisServer> {
-        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, false, true)
+        Self::start_tls_with(dir, &crate::certs::LoopbackCert::new()?, TlsRole::Mutual)
     }
 
     /// The client certificate and key files of [`RedisServer::start_tls_mutual`].
@@ -58,39 +58,50 @@ impl RedisServer {
         (self.dir.join("client.crt"), self.dir.join("client.key"))
     }
 
-    /// A TLS server (`cluster`: a cluster node whose bus and announced ports
-    /// are TLS too) with the certificate of `cert`.
+    /// A TLS server with the certificate of `cert`, in `role`.
     fn start_tls_with(
         dir: &std::path::Path,
         cert: &crate::certs::LoopbackCert,
-        cluster: bool,
-        mutual: bool,
+        role: TlsRole,
     ) -> Result<RedisServer> {
         let tls_port = free_port()?;
+        let cluster = role == TlsRole::ClusterNode;
         let mut server = Self::start_with(dir, cluster, |_, dir| {
-            let file = |name: &str, text: &str| -> Result<String> {
-                let path = dir.join(name);
-                std::fs::write(&path, text)?;
-                Ok(path.display().to_string())
-            };
-            let mut args = vec![
-                "--tls-port".into(),
-                tls_port.to_string(),
-                "--tls-cert-file".into(),
-                file("redis.crt", &cert.cert_pem)?,
-                "--tls-key-file".into(),
-                file("redis.key", &cert.key_pem)?,
-                "--tls-ca-cert-file".into(),
-                file("ca.crt", &cert.ca_pem)?,
-                "--tls-auth-clients".into(),
-                if mutual { "yes" } else { "no" }.into(),
-            ];
-            file("client.crt", &cert.client_cert_pem)?;
-            file("client.key", &cert.client_key_pem)?;
-            if cluster {
-                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            let mut args: Vec<String> = tls_directives(tls_port, &tls_files(dir, cert)?, role)
+                .into_iter()
+                .flat_map(|(k, v)| [format!("--{k}"), v])
+                .collect();
+            if let TlsRole::Replicated {
+                replica_of: Some(master),
+            } = role
+            {
+                args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
             }
             Ok(args)
+        })?;
+        server.tls_port = Some(tls_port);
+        Ok(server)
+    }
+
+    /// A Sentinel that speaks TLS to clients, to the master (on its TLS
+    /// port `master_tls_port`) and to other sentinels.
+    fn start_sentinel_tls(
+        dir: &std::path::Path,
+        cert: &crate::certs::LoopbackCert,
+        name: &str,
+        master_tls_port: u16,
+        quorum: usize,
+    ) -> Result<RedisServer> {
+        let tls_port = free_port()?;
+        let mut server = Self::start_with(dir, false, |port, dir| {
+            let conf = dir.join("sentinel.conf");
+            let mut text = format!("port {port}\nbind 127.0.0.1\ndir {}\n", dir.display());
+            for (k, v) in tls_directives(tls_port, &tls_files(dir, cert)?, TlsRole::Sentinel) {
+                text.push_str(&format!("{k} {v}\n"));
+            }
+            text.push_str(&sentinel_monitor(name, master_tls_port, quorum));
+            std::fs::write(&conf, text)?;
+            Ok(vec![conf.display().to_string(), "--sentinel".into()])
         })?;
         server.tls_port = Some(tls_port);
         Ok(server)
@@ -140,15 +151,9 @@ impl RedisServer {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}
-bind 127.0.0.1
-dir {}
-sentinel monitor {name} 127.0.0.1 {master_port} {quorum}
-sentinel down-after-milliseconds {name} 1000
-sentinel failover-timeout {name} 10000
-sentinel parallel-syncs {name} 1
-",
-                    dir.display()
+                    "port {port}\nbind 127.0.0.1\ndir {}\n{}",
+                    dir.display(),
+                    sentinel_monitor(name, master_port, quorum)
                 ),
             )?;
             Ok(vec![conf.display().to_string(), "--sentinel".into()])
@@ -293,6 +298,79 @@ sentinel parallel-syncs {name} 1
 
 /// A Redis Cluster of `masters` masters and no replicas, made with
 /// `redis-cli --cluster create`.
+/// A sentinel's lines that watch the master `name` on `master_port`.
+fn sentinel_monitor(name: &str, master_port: u16, quorum: usize) -> String {
+    format!(
+        "sentinel monitor {name} 127.0.0.1 {master_port} {quorum}
+sentinel down-after-milliseconds {name} 1000
+sentinel failover-timeout {name} 10000
+sentinel parallel-syncs {name} 1
+"
+    )
+}
+
+/// What a TLS server is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TlsRole {
+    /// Clients connect without a certificate.
+    Plain,
+    /// Clients must show a certificate from the CA.
+    Mutual,
+    /// A cluster node: the bus and the announced ports are TLS too.
+    ClusterNode,
+    /// A master (or, with `replica_of`, a replica of the master on that TLS
+    /// port) that replicates over TLS.
+    Replicated { replica_of: Option<u16> },
+    /// A sentinel: TLS to the servers it watches and to other sentinels.
+    Sentinel,
+}
+
+/// The certificate files of a TLS server, in its directory (with a client
+/// certificate from the same CA beside them).
+struct TlsFiles {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+fn tls_files(dir: &std::path::Path, cert: &crate::certs::LoopbackCert) -> Result<TlsFiles> {
+    let file = |name: &str, text: &str| -> Result<String> {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path.display().to_string())
+    };
+    file("client.crt", &cert.client_cert_pem)?;
+    file("client.key", &cert.client_key_pem)?;
+    Ok(TlsFiles {
+        cert: file("redis.crt", &cert.cert_pem)?,
+        key: file("redis.key", &cert.key_pem)?,
+        ca: file("ca.crt", &cert.ca_pem)?,
+    })
+}
+
+/// The TLS directives (name, value) of a server or sentinel in `role`.
+fn tls_directives(tls_port: u16, files: &TlsFiles, role: TlsRole) -> Vec<(String, String)> {
+    let auth_clients = if role == TlsRole::Mutual { "yes" } else { "no" };
+    let mut d = vec![
+        ("tls-port", tls_port.to_string()),
+        ("tls-cert-file", files.cert.clone()),
+        ("tls-key-file", files.key.clone()),
+        ("tls-ca-cert-file", files.ca.clone()),
+        ("tls-auth-clients", auth_clients.to_string()),
+    ];
+    match role {
+        TlsRole::ClusterNode => {
+            d.push(("tls-cluster", "yes".into()));
+            d.push(("tls-replication", "yes".into()));
+        }
+        TlsRole::Replicated { .. } | TlsRole::Sentinel => {
+            d.push(("tls-replication", "yes".into()));
+        }
+        TlsRole::Plain | TlsRole::Mutual => {}
+    }
+    d.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -361,7 +439,7 @@ impl RedisCluster {
     pub fn start_tls(dir: &std::path::Path, masters: usize) -> Result<RedisCluster> {
         let cert = crate::certs::LoopbackCert::new()?;
         let nodes = (0..masters)
-            .map(|_| RedisServer::start_tls_with(dir, &cert, true, false))
+            .map(|_| RedisServer::start_tls_with(dir, &cert, TlsRole::ClusterNode))
             .collect::<Result<Vec<_>>>()?;
         let ca = nodes[0].ca_file();
         let addrs: Vec<String> = nodes
@@ -406,6 +484,45 @@ impl RedisSentinels {
         let sentinels = (0..3)
             .map(|_| RedisServer::start_sentinel(dir, name, master.port, 2))
             .collect::<Result<Vec<_>>>()?;
+        Self::watching(master, replica, sentinels, name)
+    }
+
+    /// The same, speaking only TLS between them and to clients (plain ports
+    /// stay open for `redis-cli` checks), with one CA, whose file is any
+    /// server's [`RedisServer::ca_file`].
+    pub fn start_tls(dir: &std::path::Path, name: &str) -> Result<RedisSentinels> {
+        let cert = crate::certs::LoopbackCert::new()?;
+        let master =
+            RedisServer::start_tls_with(dir, &cert, TlsRole::Replicated { replica_of: None })?;
+        let master_tls = master.tls_port.context("the master's TLS port")?;
+        let replica = RedisServer::start_tls_with(
+            dir,
+            &cert,
+            TlsRole::Replicated {
+                replica_of: Some(master_tls),
+            },
+        )?;
+        let sentinels = (0..3)
+            .map(|_| RedisServer::start_sentinel_tls(dir, &cert, name, master_tls, 2))
+            .collect::<Result<Vec<_>>>()?;
+        Self::watching(master, replica, sentinels, name)
+    }
+
+    /// `rediss://` URLs of [`RedisSentinels::start_tls`] sentinels.
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .filter_map(RedisServer::tls_url)
+            .collect()
+    }
+
+    /// Waits until the sentinels see the replica and each other.
+    fn watching(
+        master: RedisServer,
+        replica: RedisServer,
+        sentinels: Vec<RedisServer>,
+        name: &str,
+    ) -> Result<RedisSentinels> {
         let set = RedisSentinels {
             master,
             replica,

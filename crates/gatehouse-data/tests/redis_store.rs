@@ -161,10 +161,10 @@ async fn decisions_over_tls_need_the_servers_ca() {
         ),
         (
             StoreTarget::Sentinel {
-                sentinels: vec![url.clone()],
+                sentinels: vec![url.clone(), redis.url()],
                 master: "m".into(),
             },
-            "not supported",
+            "use one scheme for all",
         ),
     ];
     for (target, says) in cases {

@@ -208,8 +208,9 @@ pub struct RedisArgs {
         conflicts_with = "redis_sentinel"
     )]
     redis_cluster: Vec<String>,
-    /// Redis Sentinels (redis://host:port) that name the master for cluster rate
-    /// limits; repeat or separate with commas. Needs --redis-sentinel-master.
+    /// Redis Sentinels (redis://host:port, or rediss:// for TLS to them and to
+    /// the master) that name the master for cluster rate limits; repeat or
+    /// separate with commas. Needs --redis-sentinel-master.
     #[arg(
         long,
         value_delimiter = ',',
@@ -269,7 +270,10 @@ impl RedisArgs {
         let has_tls_files = self.redis_ca_file.is_some() || self.redis_client_cert.is_some();
         let target = self.target()?;
         if has_tls_files && target.is_none() {
-            bail!("--redis-ca-file and --redis-client-cert need --redis-url or --redis-cluster");
+            bail!(
+                "--redis-ca-file and --redis-client-cert need --redis-url, --redis-cluster or \
+                 --redis-sentinel"
+            );
         }
         Ok((target, tls))
     }

@@ -340,16 +340,7 @@ fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
     let urls: Vec<&String> = match target {
         StoreTarget::Single(url) => vec![url],
         StoreTarget::Cluster(nodes) => nodes.iter().collect(),
-        StoreTarget::Sentinel { sentinels, .. } => {
-            if tls.is_set() || sentinels.iter().any(|u| is_tls_url(u)) {
-                return Err(StoreError::Config(
-                    "TLS to Redis through Sentinel is not supported yet: use rediss:// with \
-                     --redis-url or --redis-cluster"
-                        .into(),
-                ));
-            }
-            return Ok(());
-        }
+        StoreTarget::Sentinel { sentinels, .. } => sentinels.iter().collect(),
     };
     let encrypted = urls.iter().filter(|u| is_tls_url(u)).count();
     if encrypted != 0 && encrypted != urls.len() {
@@ -364,6 +355,45 @@ fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
         ));
     }
     Ok(())
+}
+
+/// A Sentinel client that speaks TLS both to the sentinels (`rediss://`
+/// URLs) and to the master they name, with the same certificates. The
+/// sentinels' password, if their URLs carry one, is the first URL's.
+fn sentinel_over_tls(
+    sentinels: &[String],
+    master: &str,
+    tls: &StoreTls,
+) -> Result<SentinelClient, StoreError> {
+    let infos = sentinels
+        .iter()
+        .map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(redis_err)?;
+    let mut builder = redis::sentinel::SentinelClientBuilder::new(
+        infos.iter().map(|i| i.addr().clone()),
+        master,
+        SentinelServerType::Master,
+    )
+    .map_err(redis_err)?
+    .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+    .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+    .set_client_to_sentinel_tcp_settings(tcp_settings())
+    .set_client_to_redis_tcp_settings(tcp_settings());
+    if let Some(first) = infos.first().map(|i| i.redis_settings()) {
+        if let Some(user) = first.username() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = first.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    if let Some(certs) = tls.certificates() {
+        builder = builder
+            .set_client_to_sentinel_certificates(certs.clone())
+            .set_client_to_redis_certificates(certs);
+    }
+    builder.build().map_err(redis_err)
 }
 
 impl Store {
@@ -427,13 +457,19 @@ impl Store {
                 }));
             }
             StoreTarget::Sentinel { sentinels, master } => {
-                let client = SentinelClient::build(
-                    sentinels.clone(),
-                    master.clone(),
-                    Some(SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings())),
-                    SentinelServerType::Master,
-                )
-                .map_err(redis_err)?;
+                let client = if sentinels.iter().any(|u| is_tls_url(u)) {
+                    sentinel_over_tls(sentinels, master, tls)?
+                } else {
+                    SentinelClient::build(
+                        sentinels.clone(),
+                        master.clone(),
+                        Some(
+                            SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings()),
+                        ),
+                        SentinelServerType::Master,
+                    )
+                    .map_err(redis_err)?
+                };
                 tasks.push(tokio::spawn(follow_master(client, conn.clone(), timeout)));
             }
         };
