@@ -79,6 +79,12 @@ routes:
     )
 }
 
+/// Route `/users` with a limit of 3 per `x-user` an hour, `closed`.
+const PER_USER_LIMIT: (&str, &str) = (
+    "users",
+    "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
+);
+
 /// A control plane, an upstream, a Redis and `n` data planes with `flags`.
 struct Setup {
     cluster: Cluster,
@@ -517,12 +523,7 @@ async fn cluster_holds_the_limits(
     ];
     flags.extend_from_slice(more);
     let setup = Setup::start(3, &flags).await?;
-    setup
-        .apply(&[(
-            "users",
-            "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
-        )])
-        .await?;
+    setup.apply(&[PER_USER_LIMIT]).await?;
     let client = http_client();
     // Wait until the data planes have their cluster connection.
     eventually(Duration::from_secs(20), "the redis cluster", || async {
@@ -583,12 +584,7 @@ async fn sentinels_fail_over_and_limits_resume_against_the_new_master() -> anyho
         ],
     )
     .await?;
-    setup
-        .apply(&[(
-            "users",
-            "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
-        )])
-        .await?;
+    setup.apply(&[PER_USER_LIMIT]).await?;
     let client = http_client();
     let status = |dp: usize, user: String| {
         let (client, url) = (&client, setup.url(dp, "/users"));
@@ -864,23 +860,19 @@ routes:
     );
     let (cert, key) = redis.client_files();
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let over_tls = gatehouse_e2e::ctl(
-        &server,
-        &[
-            "usage",
-            "acme",
-            "--redis-url",
-            &tls_url,
-            "--redis-ca-file",
-            &ca,
-            "--redis-client-cert",
-            &cert,
-            "--redis-client-key",
-            &key,
-            "-o",
-            "json",
-        ],
-    );
+    let usage = |flags: &[&str]| gatehouse_e2e::ctl(&server, &[&["usage", "acme"], flags].concat());
+    let over_tls = usage(&[
+        "--redis-url",
+        &tls_url,
+        "--redis-ca-file",
+        &ca,
+        "--redis-client-cert",
+        &cert,
+        "--redis-client-key",
+        &key,
+        "-o",
+        "json",
+    ]);
     assert!(
         over_tls.status.success(),
         "{}",
@@ -890,32 +882,12 @@ routes:
         serde_json::from_slice::<serde_json::Value>(&over_tls.stdout)?,
         rows
     );
-    let no_client_cert = gatehouse_e2e::ctl(
-        &server,
-        &[
-            "usage",
-            "acme",
-            "--redis-url",
-            &tls_url,
-            "--redis-ca-file",
-            &ca,
-        ],
-    );
+    let no_client_cert = usage(&["--redis-url", &tls_url, "--redis-ca-file", &ca]);
     assert!(
         !no_client_cert.status.success(),
         "read without a client certificate"
     );
-    let clear_with_ca = gatehouse_e2e::ctl(
-        &server,
-        &[
-            "usage",
-            "acme",
-            "--redis-url",
-            &redis.url(),
-            "--redis-ca-file",
-            &ca,
-        ],
-    );
+    let clear_with_ca = usage(&["--redis-url", &redis.url(), "--redis-ca-file", &ca]);
     assert!(!clear_with_ca.status.success());
     assert!(
         String::from_utf8_lossy(&clear_with_ca.stderr)
@@ -1206,12 +1178,7 @@ async fn sentinels_over_tls_name_the_master_the_limits_count_in() -> anyhow::Res
         ],
     )
     .await?;
-    setup
-        .apply(&[(
-            "users",
-            "key: [\"header:x-user\"], limit: 3, window: 1h, on_store_failure: closed",
-        )])
-        .await?;
+    setup.apply(&[PER_USER_LIMIT]).await?;
     let client = http_client();
     eventually(
         Duration::from_secs(20),

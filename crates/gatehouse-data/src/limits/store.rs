@@ -260,17 +260,7 @@ impl StoreTls {
     /// Settings that trust the CA certificate(s) of a PEM file's contents;
     /// fails when it holds none, or one that does not parse.
     pub fn with_ca_pem(pem: Vec<u8>) -> Result<StoreTls, StoreError> {
-        use rustls_pki_types::pem::PemObject;
-        let mut count = 0;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-            cert.map_err(|e| StoreError::Config(format!("the Redis CA file: {e}")))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(StoreError::Config(
-                "the Redis CA file holds no PEM certificate".into(),
-            ));
-        }
+        check_certificates(&pem, "the Redis CA file")?;
         Ok(StoreTls {
             ca_pem: Some(pem),
             client: None,
@@ -285,16 +275,7 @@ impl StoreTls {
         key_pem: Vec<u8>,
     ) -> Result<StoreTls, StoreError> {
         use rustls_pki_types::pem::PemObject;
-        let mut certs = 0;
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem) {
-            cert.map_err(|e| StoreError::Config(format!("the Redis client certificate: {e}")))?;
-            certs += 1;
-        }
-        if certs == 0 {
-            return Err(StoreError::Config(
-                "the Redis client certificate file holds no PEM certificate".into(),
-            ));
-        }
+        check_certificates(&cert_pem, "the Redis client certificate file")?;
         // The parse error names no key material.
         rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             StoreError::Config(format!(
@@ -325,6 +306,23 @@ impl StoreTls {
             root_cert: self.ca_pem.clone(),
         })
     }
+}
+
+/// Checks that `pem` holds at least one certificate and that each parses;
+/// errors start with `what`.
+fn check_certificates(pem: &[u8], what: &str) -> Result<(), StoreError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| StoreError::Config(format!("{what}: {e}")))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(StoreError::Config(format!(
+            "{what} holds no PEM certificate"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether a Redis URL asks for TLS.
