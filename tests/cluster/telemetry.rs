@@ -303,12 +303,26 @@ impl TraceService for Collector {
 
 impl Collector {
     async fn start() -> anyhow::Result<(Collector, SocketAddr, tokio::task::JoinHandle<()>)> {
+        Self::start_with(None).await
+    }
+
+    /// A collector that only speaks TLS, with a certificate for 127.0.0.1
+    /// from `cert`'s CA.
+    async fn start_with(
+        tls: Option<&gatehouse_e2e::certs::LoopbackCert>,
+    ) -> anyhow::Result<(Collector, SocketAddr, tokio::task::JoinHandle<()>)> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let collector = Collector::default();
         let service = TraceServiceServer::new(collector.clone());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(cert) = tls {
+            server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&cert.cert_pem, &cert.key_pem),
+            ))?;
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = server
                 .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await;
@@ -483,5 +497,83 @@ async fn a_proxied_request_is_traced_over_otlp_with_a_span_per_stage() -> anyhow
     );
     drop(dp);
     collector_task.abort();
+    Ok(())
+}
+
+/// Traces to a collector that speaks only TLS (`https://` and
+/// `--otlp-ca-file`): the request's spans arrive. A CA file with an
+/// `http://` endpoint, or one without a certificate, stops the data plane
+/// at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_a_collector_over_tls() -> anyhow::Result<()> {
+    let cert = gatehouse_e2e::certs::LoopbackCert::new()?;
+    let (collector, collector_addr, collector_task) = Collector::start_with(Some(&cert)).await?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("collector-ca.pem");
+    std::fs::write(&ca, &cert.ca_pem)?;
+    let cluster = Cluster::start(1, Options::default()).await?;
+    let server = cluster.node(1).admin.clone();
+    let upstream = Upstream::start("app").await?;
+    let dp = DataPlaneProc::start_custom(
+        "dp-1",
+        std::slice::from_ref(&server),
+        dir.path(),
+        &[
+            "--otlp-endpoint".to_string(),
+            format!("https://{collector_addr}"),
+            "--otlp-ca-file".to_string(),
+            ca.display().to_string(),
+        ],
+        Some(TOKEN),
+    )?;
+    apply_config(&server, dir.path(), upstream.addr)?;
+    let key = create_key(&server)?;
+    let url = format!("http://{}/billing/traced", dp.proxy);
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    eventually(Duration::from_secs(15), "a traced request", || async {
+        get(
+            &url,
+            &[
+                ("x-api-key", &key),
+                ("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01")),
+            ],
+        )
+        .await
+        .ok()
+        .filter(|r| r.status == 200)
+    })
+    .await?;
+    let spans = whole_trace(&collector, trace)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", dp.log_tail()))?;
+    assert!(spans.iter().any(|s| s.name == "request"), "{spans:#?}");
+    collector_task.abort();
+
+    // Refused at start, saying why.
+    let not_pem = dir.path().join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello\n")?;
+    for (endpoint, file, says) in [
+        (
+            format!("https://{collector_addr}"),
+            &not_pem,
+            "--otlp-ca-file: no PEM certificate",
+        ),
+        (
+            format!("http://{collector_addr}"),
+            &ca,
+            "--otlp-ca-file is for an https:// --otlp-endpoint",
+        ),
+    ] {
+        let out = std::process::Command::new(gatehouse_e2e::bin("gatehouse"))
+            .args(["data-plane", "--control-plane", &server])
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .args(["--otlp-endpoint", &endpoint, "--otlp-ca-file"])
+            .arg(file)
+            .env("GATEHOUSE_TOKEN", TOKEN)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{endpoint}: started");
+        assert!(stderr.contains(says), "{endpoint}: {stderr}");
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::filter::Targets;
@@ -21,10 +21,14 @@ use tracing_subscriber::Layer;
 /// Where and how much to trace.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OtlpConfig {
-    /// The collector's OTLP/gRPC address, e.g. `http://127.0.0.1:4317`.
+    /// The collector's OTLP/gRPC address: `http://127.0.0.1:4317`, or
+    /// `https://...` for TLS.
     pub endpoint: String,
     /// The share of new traces recorded, 0.0 to 1.0.
     pub sample_ratio: f64,
+    /// PEM certificates of the CA(s) an `https://` collector's certificate
+    /// must chain to, instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Why tracing could not be set up.
@@ -32,8 +36,12 @@ pub struct OtlpConfig {
 pub enum TelemetryError {
     #[error("--trace-sample-ratio must be between 0 and 1, not {0}")]
     SampleRatio(f64),
-    #[error("--otlp-endpoint {endpoint:?} must be an http:// URL (TLS to the collector is not supported yet)")]
+    #[error("--otlp-endpoint {endpoint:?} must be an http:// or https:// URL")]
     Endpoint { endpoint: String },
+    #[error("--otlp-ca-file is for an https:// --otlp-endpoint, not {endpoint:?}")]
+    CaWithoutTls { endpoint: String },
+    #[error("--otlp-ca-file: {0}")]
+    Ca(String),
     #[error("cannot set up the OTLP exporter for {endpoint}: {source}")]
     Exporter {
         endpoint: String,
@@ -76,22 +84,49 @@ where
     if !(0.0..=1.0).contains(&cfg.sample_ratio) {
         return Err(TelemetryError::SampleRatio(cfg.sample_ratio));
     }
-    // Plaintext gRPC: the collector is expected beside the data plane (an
-    // agent or sidecar on loopback or the pod network).
-    if !cfg.endpoint.starts_with("http://") {
+    // Plaintext gRPC for a collector beside the data plane (an agent or
+    // sidecar on loopback or the pod network); TLS for one elsewhere.
+    let tls = if cfg.endpoint.starts_with("https://") {
+        true
+    } else if cfg.endpoint.starts_with("http://") {
+        false
+    } else {
         return Err(TelemetryError::Endpoint {
             endpoint: cfg.endpoint.clone(),
         });
+    };
+    if let Some(pem) = &cfg.ca_pem {
+        if !tls {
+            return Err(TelemetryError::CaWithoutTls {
+                endpoint: cfg.endpoint.clone(),
+            });
+        }
+        use rustls_pki_types::pem::PemObject;
+        let mut certs = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            cert.map_err(|e| TelemetryError::Ca(e.to_string()))?;
+            certs += 1;
+        }
+        if certs == 0 {
+            return Err(TelemetryError::Ca("no PEM certificate in it".into()));
+        }
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(cfg.endpoint.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|source| TelemetryError::Exporter {
-            endpoint: cfg.endpoint.clone(),
-            source,
-        })?;
+        .with_timeout(EXPORT_TIMEOUT);
+    if tls {
+        use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+        let config = match &cfg.ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        builder = builder.with_tls_config(config);
+    }
+    let exporter = builder.build().map_err(|source| TelemetryError::Exporter {
+        endpoint: cfg.endpoint.clone(),
+        source,
+    })?;
     let mut resource = Resource::builder();
     // OTEL_SERVICE_NAME, read by the builder, wins.
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {

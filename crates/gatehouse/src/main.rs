@@ -42,9 +42,14 @@ struct Cli {
     )]
     log_level: String,
     /// Export OpenTelemetry traces of proxied requests over OTLP/gRPC to this
-    /// collector, e.g. `http://127.0.0.1:4317`. Off unless set.
+    /// collector, e.g. `http://127.0.0.1:4317`, or `https://...` for TLS. Off
+    /// unless set.
     #[arg(long, global = true, env = "GATEHOUSE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// PEM file of the CA certificate(s) an https:// collector's certificate
+    /// must chain to (default: the system's trusted roots).
+    #[arg(long, global = true, env = "GATEHOUSE_OTLP_CA_FILE")]
+    otlp_ca_file: Option<std::path::PathBuf>,
     /// Share of new traces recorded (0 to 1); a request whose `traceparent`
     /// carries a sampling decision follows it.
     #[arg(
@@ -353,12 +358,27 @@ async fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let ca_pem = match &cli.otlp_ca_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("error: --otlp-ca-file {}: {e}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+    };
+    if ca_pem.is_some() && cli.otlp_endpoint.is_none() {
+        eprintln!("error: --otlp-ca-file needs --otlp-endpoint");
+        return std::process::ExitCode::FAILURE;
+    }
     let otlp = cli
         .otlp_endpoint
         .as_ref()
         .map(|endpoint| gatehouse_telemetry::OtlpConfig {
             endpoint: endpoint.clone(),
             sample_ratio: cli.trace_sample_ratio,
+            ca_pem,
         });
     let traces = match gatehouse_telemetry::init_with_traces(
         cli.log_format,
