@@ -25,6 +25,8 @@ pub struct RedisServer {
     /// The TLS port of [`RedisServer::start_tls`] (`port` stays plain, for
     /// `redis-cli`).
     pub tls_port: Option<u16>,
+    /// `requirepass`, which `redis-cli` then sends.
+    password: Option<String>,
 }
 
 impl Drop for RedisServer {
@@ -165,10 +167,24 @@ impl RedisServer {
         cluster: bool,
         extra: impl FnOnce(u16, &std::path::Path) -> Result<Vec<String>>,
     ) -> Result<RedisServer> {
+        Self::start_with_password(dir, cluster, None, extra)
+    }
+
+    /// [`RedisServer::start_with`] a server that asks for `password`
+    /// (`requirepass`, and `masterauth` for a replica's master).
+    fn start_with_password(
+        dir: &std::path::Path,
+        cluster: bool,
+        password: Option<&str>,
+        extra: impl FnOnce(u16, &std::path::Path) -> Result<Vec<String>>,
+    ) -> Result<RedisServer> {
         let port = free_port()?;
         let dir = dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir)?;
-        let extra = extra(port, &dir)?;
+        let mut extra = extra(port, &dir)?;
+        if let Some(p) = password {
+            extra.extend(["--requirepass", p, "--masterauth", p].map(String::from));
+        }
         let mut server = RedisServer {
             port,
             dir,
@@ -176,6 +192,7 @@ impl RedisServer {
             extra,
             child: None,
             tls_port: None,
+            password: password.map(str::to_string),
         };
         server.spawn()?;
         Ok(server)
@@ -226,8 +243,12 @@ impl RedisServer {
 
     /// `redis-cli -p PORT args...`, its standard output.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            cmd.args(["-a", p, "--no-auth-warning"]);
+        }
+        let out = cmd
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -504,6 +525,42 @@ impl RedisSentinels {
         )?;
         let sentinels = (0..3)
             .map(|_| RedisServer::start_sentinel_tls(dir, &cert, name, master_tls, 2))
+            .collect::<Result<Vec<_>>>()?;
+        Self::watching(master, replica, sentinels, name)
+    }
+
+    /// The same with a master and replica that ask for `password`; the
+    /// sentinels know it (`sentinel auth-pass`) and ask for none themselves.
+    pub fn start_with_password(
+        dir: &std::path::Path,
+        name: &str,
+        password: &str,
+    ) -> Result<RedisSentinels> {
+        let master =
+            RedisServer::start_with_password(dir, false, Some(password), |_, _| Ok(Vec::new()))?;
+        let master_port = master.port;
+        let replica = RedisServer::start_with_password(dir, false, Some(password), |_, _| {
+            Ok(vec![
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                master_port.to_string(),
+            ])
+        })?;
+        let sentinels = (0..3)
+            .map(|_| {
+                RedisServer::start_with(dir, false, |port, dir| {
+                    let conf = dir.join("sentinel.conf");
+                    std::fs::write(
+                        &conf,
+                        format!(
+                            "port {port}\nbind 127.0.0.1\ndir {}\n{}sentinel auth-pass {name} {password}\n",
+                            dir.display(),
+                            sentinel_monitor(name, master_port, 2)
+                        ),
+                    )?;
+                    Ok(vec![conf.display().to_string(), "--sentinel".into()])
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Self::watching(master, replica, sentinels, name)
     }

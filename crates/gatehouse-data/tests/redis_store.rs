@@ -151,6 +151,7 @@ async fn decisions_over_tls_need_the_servers_ca() {
             StoreTarget::Sentinel {
                 sentinels: vec![url.clone(), redis.url()],
                 master: "m".into(),
+                master_password: None,
             },
             "use one scheme for all",
         ),

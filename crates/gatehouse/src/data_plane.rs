@@ -222,6 +222,15 @@ pub struct RedisArgs {
     /// The master name the sentinels watch.
     #[arg(long, env = "GATEHOUSE_REDIS_SENTINEL_MASTER")]
     redis_sentinel_master: Option<String>,
+    /// The password of the master the sentinels name (the sentinels' own
+    /// goes in their URLs). Prefer the environment variable.
+    #[arg(
+        long,
+        env = "GATEHOUSE_REDIS_SENTINEL_MASTER_PASSWORD",
+        hide_env_values = true,
+        requires = "redis_sentinel"
+    )]
+    redis_sentinel_master_password: Option<String>,
     /// PEM file of the CA certificate(s) that Redis's certificate must chain
     /// to, for rediss:// URLs (default: the system's trusted roots).
     #[arg(long, env = "GATEHOUSE_REDIS_CA_FILE")]
@@ -294,7 +303,11 @@ impl RedisArgs {
         }
         let sentinels = clean(self.redis_sentinel);
         match (sentinels.is_empty(), self.redis_sentinel_master) {
-            (false, Some(master)) => Ok(Some(StoreTarget::Sentinel { sentinels, master })),
+            (false, Some(master)) => Ok(Some(StoreTarget::Sentinel {
+                sentinels,
+                master,
+                master_password: self.redis_sentinel_master_password,
+            })),
             (false, None) => bail!("--redis-sentinel needs --redis-sentinel-master"),
             (true, Some(_)) => bail!("--redis-sentinel-master needs --redis-sentinel"),
             (true, None) => Ok(None),

@@ -120,10 +120,12 @@ pub enum StoreTarget {
     Single(String),
     /// Seed nodes of a Redis Cluster.
     Cluster(Vec<String>),
-    /// Sentinels and the name of the master they watch.
+    /// Sentinels and the name of the master they watch, and the master's
+    /// password (the sentinels' own is in their URLs).
     Sentinel {
         sentinels: Vec<String>,
         master: String,
+        master_password: Option<String>,
     },
 }
 
@@ -133,7 +135,9 @@ impl std::fmt::Debug for StoreTarget {
         match self {
             StoreTarget::Single(_) => f.write_str("Single"),
             StoreTarget::Cluster(n) => write!(f, "Cluster({} seed nodes)", n.len()),
-            StoreTarget::Sentinel { sentinels, master } => {
+            StoreTarget::Sentinel {
+                sentinels, master, ..
+            } => {
                 write!(
                     f,
                     "Sentinel({} sentinels, master {master:?})",
@@ -361,6 +365,7 @@ fn check_tls(target: &StoreTarget, tls: &StoreTls) -> Result<(), StoreError> {
 fn sentinel_over_tls(
     sentinels: &[String],
     master: &str,
+    master_password: Option<&str>,
     tls: &StoreTls,
 ) -> Result<SentinelClient, StoreError> {
     let infos = sentinels
@@ -385,6 +390,9 @@ fn sentinel_over_tls(
         if let Some(password) = first.password() {
             builder = builder.set_client_to_sentinel_password(password);
         }
+    }
+    if let Some(password) = master_password {
+        builder = builder.set_client_to_redis_password(password);
     }
     if let Some(certs) = tls.certificates() {
         builder = builder
@@ -454,16 +462,25 @@ impl Store {
                     }
                 }));
             }
-            StoreTarget::Sentinel { sentinels, master } => {
+            StoreTarget::Sentinel {
+                sentinels,
+                master,
+                master_password,
+            } => {
                 let client = if sentinels.iter().any(|u| is_tls_url(u)) {
-                    sentinel_over_tls(sentinels, master, tls)?
+                    sentinel_over_tls(sentinels, master, master_password.as_deref(), tls)?
                 } else {
+                    let mut node =
+                        SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings());
+                    if let Some(password) = master_password {
+                        node = node.set_redis_connection_info(
+                            redis::RedisConnectionInfo::default().set_password(password),
+                        );
+                    }
                     SentinelClient::build(
                         sentinels.clone(),
                         master.clone(),
-                        Some(
-                            SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings()),
-                        ),
+                        Some(node),
                         SentinelServerType::Master,
                     )
                     .map_err(redis_err)?
