@@ -1164,20 +1164,50 @@ async fn a_data_plane_shows_its_client_certificate_to_redis() -> anyhow::Result<
 async fn sentinels_over_tls_name_the_master_the_limits_count_in() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let redis = RedisSentinels::start_tls(dir.path(), "gh-tls")?;
-    let setup = Setup::start(
-        1,
-        &[
-            "--redis-sentinel".to_string(),
-            redis.tls_urls().join(","),
-            "--redis-sentinel-master".into(),
-            redis.name.clone(),
-            "--redis-ca-file".into(),
-            redis.master.ca_file().display().to_string(),
-            "--rate-limit-timeout-ms".into(),
-            "2000".into(),
-        ],
+    let ca = redis.master.ca_file().display().to_string();
+    counts_in_the_master(&redis, redis.tls_urls(), &["--redis-ca-file", &ca]).await
+}
+
+/// Through Sentinel to a master that asks for a password
+/// (`--redis-sentinel-master-password`): the limits count in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_name_a_master_with_a_password_the_limits_count_in() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let password = "s3ntinel-master-pass";
+    let redis = RedisSentinels::start_with_password(dir.path(), "gh-auth", password)?;
+    // The master refuses a client without the password.
+    let port = redis.master.port.to_string();
+    let anonymous = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port, "dbsize"])
+        .output()?;
+    let said = String::from_utf8_lossy(&anonymous.stdout);
+    assert!(said.contains("NOAUTH"), "{said}");
+    counts_in_the_master(
+        &redis,
+        redis.urls(),
+        &["--redis-sentinel-master-password", password],
     )
-    .await?;
+    .await
+}
+
+/// One data plane that finds the master through `sentinels` (with `more`
+/// flags) counts a per-user limit of 3 in it: 3 of 5 requests admitted, the
+/// keys in the master the sentinels name (read on its plain port).
+async fn counts_in_the_master(
+    redis: &RedisSentinels,
+    sentinels: Vec<String>,
+    more: &[&str],
+) -> anyhow::Result<()> {
+    let mut flags = vec![
+        "--redis-sentinel".to_string(),
+        sentinels.join(","),
+        "--redis-sentinel-master".into(),
+        redis.name.clone(),
+        "--rate-limit-timeout-ms".into(),
+        "2000".into(),
+    ];
+    flags.extend(more.iter().map(|f| f.to_string()));
+    let setup = Setup::start(1, &flags).await?;
     setup.apply(&[PER_USER_LIMIT]).await?;
     let client = http_client();
     eventually(
@@ -1201,78 +1231,10 @@ async fn sentinels_over_tls_name_the_master_the_limits_count_in() -> anyhow::Res
         );
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
-    // Counted in the master the sentinels name (read on its plain port).
     assert_eq!(
         redis.master.cli(&["dbsize"])?.trim(),
         "2",
         "the probe and alice"
-    );
-    Ok(())
-}
-
-/// Through Sentinel to a master that asks for a password
-/// (`--redis-sentinel-master-password`): the limits count in it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinels_name_a_master_with_a_password_the_limits_count_in() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let password = "s3ntinel-master-pass";
-    let redis = RedisSentinels::start_with_password(dir.path(), "gh-auth", password)?;
-    // The master refuses a client without the password.
-    let anonymous = std::process::Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &redis.master.port.to_string(),
-            "dbsize",
-        ])
-        .output()?;
-    assert!(
-        String::from_utf8_lossy(&anonymous.stdout).contains("NOAUTH"),
-        "{}",
-        String::from_utf8_lossy(&anonymous.stdout)
-    );
-    let setup = Setup::start(
-        1,
-        &[
-            "--redis-sentinel".to_string(),
-            redis.urls().join(","),
-            "--redis-sentinel-master".into(),
-            redis.name.clone(),
-            "--redis-sentinel-master-password".into(),
-            password.into(),
-            "--rate-limit-timeout-ms".into(),
-            "2000".into(),
-        ],
-    )
-    .await?;
-    setup.apply(&[PER_USER_LIMIT]).await?;
-    let client = http_client();
-    eventually(
-        Duration::from_secs(20),
-        "the master from the sentinels",
-        || async {
-            send(&client, &setup.url(0, "/users"), &[("x-user", "probe")])
-                .await
-                .is_ok_and(|(s, _)| s != 503)
-                .then_some(())
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}: {}", setup.dps[0].log_tail()))?;
-    let mut statuses = Vec::new();
-    for _ in 0..5 {
-        statuses.push(
-            send(&client, &setup.url(0, "/users"), &[("x-user", "bob")])
-                .await?
-                .0,
-        );
-    }
-    assert_eq!(statuses, [200, 200, 200, 429, 429]);
-    assert_eq!(
-        redis.master.cli(&["dbsize"])?.trim(),
-        "2",
-        "the probe and bob"
     );
     Ok(())
 }
