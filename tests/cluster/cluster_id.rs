@@ -355,21 +355,12 @@ async fn a_node_that_joins_another_cluster_while_watched_is_dropped() -> anyhow:
     dp.wait_persisted().await?;
 
     // A node of no cluster yet, at the address the data plane now watches.
-    let log = dir.path().join("spare.log");
-    let mut cmd = Command::new(bin("gatehouse"));
-    cmd.args(["control-plane", "--node-id", "2"])
-        .args([
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--raft-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("spare"))
-        .args(["--heartbeat-ms", "100", "--election-timeout-ms", "700"])
-        .env("RUST_LOG", "info,openraft=warn")
-        .env("GATEHOUSE_BOOTSTRAP_TOKEN", TOKEN);
-    let (mut spare, ready) = spawn_ready(cmd, &log)?;
+    let (mut spare, ready) = uninitialized_node(
+        dir.path(),
+        2,
+        "spare",
+        &["--heartbeat-ms", "100", "--election-timeout-ms", "700"],
+    )?;
     let spare_admin = ready.field("admin")?;
     let spare_raft = ready.field("raft")?;
     dp.set_control_planes(std::slice::from_ref(&spare_admin));
@@ -425,14 +416,16 @@ async fn a_node_that_joins_another_cluster_while_watched_is_dropped() -> anyhow:
     Ok(())
 }
 
-/// A data plane started before `cluster init` gets revision 0 (nothing)
-/// from the node it watches: it is not ready until the cluster exists.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_plane_is_not_ready_before_the_cluster_is_initialized() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let log = dir.path().join("node.log");
+/// A control-plane node `id` that is in no cluster yet (data in `dir/name`,
+/// log in `dir/name.log`, `more` flags), started and ready.
+fn uninitialized_node(
+    dir: &std::path::Path,
+    id: u64,
+    name: &str,
+    more: &[&str],
+) -> anyhow::Result<(std::process::Child, gatehouse_e2e::Ready)> {
     let mut cmd = Command::new(bin("gatehouse"));
-    cmd.args(["control-plane", "--node-id", "1"])
+    cmd.args(["control-plane", "--node-id", &id.to_string()])
         .args([
             "--admin-listen",
             "127.0.0.1:0",
@@ -440,10 +433,19 @@ async fn a_data_plane_is_not_ready_before_the_cluster_is_initialized() -> anyhow
             "127.0.0.1:0",
         ])
         .arg("--data-dir")
-        .arg(dir.path().join("node"))
+        .arg(dir.join(name))
+        .args(more)
         .env("RUST_LOG", "info,openraft=warn")
         .env("GATEHOUSE_BOOTSTRAP_TOKEN", TOKEN);
-    let (mut node, ready) = spawn_ready(cmd, &log)?;
+    spawn_ready(cmd, &dir.join(format!("{name}.log")))
+}
+
+/// A data plane started before `cluster init` gets revision 0 (nothing)
+/// from the node it watches: it is not ready until the cluster exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_is_not_ready_before_the_cluster_is_initialized() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut node, ready) = uninitialized_node(dir.path(), 1, "node", &[])?;
     let admin = ready.field("admin")?;
     let dp = DataPlaneProc::start("dp-early", std::slice::from_ref(&admin), dir.path())?;
     let connected = format!("control_plane={admin}");
