@@ -7,7 +7,9 @@
 # builds on a busy machine. Usage: bench/proxy-instructions.sh [GATEHOUSE_BINARY [SECS]];
 # `bench/proxy-instructions.sh nginx [SECS]` counts nginx instead (one worker
 # process, keep-alive to the backend, as in bench/run-proxies.sh), for the
-# same comparison in the same unit.
+# same comparison in the same unit; `bench/proxy-instructions.sh floor [SECS]`
+# counts `gatehouse-bench hyper-floor` (hyper's server and client with
+# nothing between them, one worker thread).
 # Builds release binaries unless NO_BUILD=1. Prints the requests, the total
 # and the per-request figure; `callgrind_annotate` reads the profile kept
 # in the printed directory.
@@ -45,6 +47,13 @@ CONF
     nginx -c "$D/nginx.conf" -p "$D" > "$D/gh.out" 2> "$D/gh.err" &
   GP=$!
   for i in $(seq 100); do curl -s -o /dev/null "http://$PROXY/x" && break; kill -0 $GP || { cat "$D/gh.err"; exit 1; }; sleep 0.2; done
+elif [ "$BIN" = floor ]; then
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out" \
+    $T/gatehouse-bench hyper-floor --listen 127.0.0.1:0 --upstream "$BADDR" --threads 1 --max-seconds 600 \
+    > "$D/gh.out" 2> "$D/gh.err" &
+  GP=$!
+  for i in $(seq 100); do grep -q ready "$D/gh.out" && break; kill -0 $GP || { cat "$D/gh.err"; exit 1; }; sleep 0.2; done
+  PROXY=$(sed -n 's/.*addr=\([^ ]*\).*/\1/p' "$D/gh.out" | head -1)
 else
   export GATEHOUSE_BOOTSTRAP_TOKEN=ght_e2eTestBootstrapToken0123456789abcdefghi
   TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out" \

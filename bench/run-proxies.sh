@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Proxy throughput and latency (the backend direct, and behind nginx, HAProxy
-# and Gatehouse, one worker each; Gatehouse twice: without a policy, and with
+# Proxy throughput and latency (the backend direct, and behind nginx, HAProxy,
+# the hyper floor (hyper's server and client with nothing between them) and
+# Gatehouse, one worker each; Gatehouse twice: without a policy, and with
 # the default firewall rule set) and config propagation (3 control-plane
 # nodes, 2 data planes), with the parameters docs/benchmarks.md reports.
 #

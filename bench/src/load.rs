@@ -514,10 +514,10 @@ pub async fn serve_backend(listener: TcpListener) -> Result<()> {
     }
 }
 
-/// Checks that a listen address is on loopback.
+/// Checks that an address to listen on or connect to is on loopback.
 pub fn loopback_listen(addr: SocketAddr) -> Result<SocketAddr> {
     if !addr.ip().is_loopback() {
-        bail!("{addr}: the backend only listens on a loopback address");
+        bail!("{addr} is not a loopback address: the benchmark servers stay on loopback");
     }
     Ok(addr)
 }

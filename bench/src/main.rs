@@ -22,6 +22,7 @@
 
 mod auth;
 mod firewall_cost;
+mod floor;
 mod load;
 mod propagation;
 mod proxies;
@@ -68,6 +69,11 @@ enum Cmd {
     /// A trivial HTTP/1.1 backend on loopback: 200 with a small fixed body to
     /// every request. Prints `ready addr=HOST:PORT` once it listens.
     Backend(BackendArgs),
+    /// The floor under a hyper-based proxy: every request forwarded unchanged
+    /// over an upstream connection of its client connection's own, nothing
+    /// else done (a reference point for `proxies`, not a proxy to run).
+    /// Prints `ready addr=HOST:PORT` once it listens.
+    HyperFloor(HyperFloorArgs),
     /// HTTP/1.1 load over keep-alive connections: closed loop (maximum
     /// throughput), or with --rate an open loop on a fixed schedule per
     /// connection, latency measured from the intended send time.
@@ -94,6 +100,22 @@ struct BackendArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Worker threads of the backend's runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    threads: u64,
+    /// Exit after this many seconds, in case whoever started it does not stop it.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    max_seconds: u64,
+}
+
+#[derive(clap::Args)]
+struct HyperFloorArgs {
+    /// Listen address; loopback only (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The backend every request goes to; loopback only.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Worker threads of the runtime.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     threads: u64,
     /// Exit after this many seconds, in case whoever started it does not stop it.
@@ -199,6 +221,7 @@ fn main() -> Result<()> {
         Cmd::AdminWrites(args) => rt.block_on(admin_writes(args)),
         Cmd::SledFlush(args) => rt.block_on(sled_flush(args)),
         Cmd::Backend(args) => backend(args),
+        Cmd::HyperFloor(args) => hyper_floor(args),
         Cmd::Http(args) => http_load(args),
         Cmd::Proxies(args) => rt.block_on(proxies::proxies(args)),
         Cmd::Propagation(args) => rt.block_on(propagation::propagation(args)),
@@ -224,6 +247,25 @@ fn backend(args: BackendArgs) -> Result<()> {
                 eprintln!("backend: --max-seconds {} reached, exiting", args.max_seconds);
                 Ok(())
             }
+        }
+    })
+}
+
+fn hyper_floor(args: HyperFloorArgs) -> Result<()> {
+    let addr = load::loopback_listen(args.listen)?;
+    let upstream = load::loopback_listen(args.upstream)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads as usize)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        println!("ready addr={}", listener.local_addr()?);
+        tokio::select! {
+            r = floor::serve(listener, upstream) => r,
+            () = tokio::time::sleep(Duration::from_secs(args.max_seconds)) => Ok(()),
         }
     })
 }

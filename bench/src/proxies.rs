@@ -49,11 +49,13 @@ pub struct ProxiesArgs {
     /// The targets, measured in this order: direct, nginx, haproxy, gatehouse,
     /// gatehouse-local, gatehouse-cluster, gatehouse-lease, gatehouse-firewall
     /// (the same route under a policy with the default firewall rule set:
-    /// SQL-injection and XSS patterns, blocking).
+    /// SQL-injection and XSS patterns, blocking), hyper-floor (hyper's
+    /// server and client with nothing between them: the floor under any
+    /// proxy built on them).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,nginx,haproxy,gatehouse,gatehouse-firewall"
+        default_value = "direct,nginx,haproxy,hyper-floor,gatehouse,gatehouse-firewall"
     )]
     targets: Vec<Kind>,
     /// Per-request time limit, milliseconds.
@@ -130,6 +132,9 @@ pub enum Kind {
     HaproxyJwtRs256,
     /// HAProxy checking an ES256 JWT, the same way.
     HaproxyJwtEs256,
+    /// `gatehouse-bench hyper-floor`: hyper server and client with nothing
+    /// between them, the floor under any proxy built on them.
+    HyperFloor,
     Gatehouse,
     /// Gatehouse with a local (governor) rate limit on the route.
     GatehouseLocal,
@@ -187,6 +192,7 @@ impl fmt::Display for Kind {
             Kind::Haproxy => "HAProxy",
             Kind::HaproxyJwtRs256 => "HAProxy, JWT RS256",
             Kind::HaproxyJwtEs256 => "HAProxy, JWT ES256",
+            Kind::HyperFloor => "hyper floor (no proxy logic)",
             Kind::Gatehouse => "Gatehouse",
             Kind::GatehouseLocal => "Gatehouse, local limit",
             Kind::GatehouseCluster => "Gatehouse, cluster limit (exact)",
@@ -293,6 +299,31 @@ pub fn start_backend(dir: &Path, threads: u64) -> Result<(Proc, SocketAddr)> {
         },
         addr,
     ))
+}
+
+/// `gatehouse-bench hyper-floor` in front of `backend`.
+fn start_hyper_floor(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Running> {
+    let log = dir.join("hyper-floor.log");
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["hyper-floor", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &backend.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--max-seconds", "3600"]);
+    let (child, ready) = spawn_ready(cmd, &log)?;
+    let addr: SocketAddr = ready.field("addr")?.parse()?;
+    Ok(Running {
+        headers: Vec::new(),
+        url: format!("http://{addr}/"),
+        ops: None,
+        proc: Some(Proc {
+            name: "hyper-floor".into(),
+            child,
+            log,
+        }),
+        notes: vec![format!(
+            "gatehouse-bench hyper-floor, {threads} worker thread(s): hyper's HTTP/1.1 server and client, one upstream connection per client connection, nothing else"
+        )],
+    })
 }
 
 /// Waits until `url` answers 200, for up to 15 s.
@@ -1023,6 +1054,7 @@ async fn start(
             )],
         }),
         Kind::Nginx => start_nginx(dir, backend, args.proxy_threads)?,
+        Kind::HyperFloor => Some(start_hyper_floor(dir, backend, args.proxy_threads)?),
         Kind::Haproxy => start_haproxy(dir, backend, args.proxy_threads, None)?,
         Kind::HaproxyJwtRs256 | Kind::HaproxyJwtEs256 => {
             let jwt = kind.jwt().map(|alg| (alg, auth.get(dir)));

@@ -1,0 +1,66 @@
+//! `gatehouse-bench hyper-floor`: the least an HTTP/1.1 reverse proxy built
+//! on hyper and tokio can do per request, as a reference point in the
+//! `proxies` table. Each client connection gets one upstream connection of
+//! its own (no pool to search), every request goes up unchanged and every
+//! response comes back unchanged, bodies streamed: hyper's server side,
+//! hyper's client side and tokio's scheduling, nothing else. No routing, no
+//! header rewriting, no limits, no metrics, no logs: not a proxy anyone
+//! should run, only the floor under any proxy that uses the same libraries.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves `listener` until the process ends, forwarding to `upstream`.
+pub async fn serve(listener: TcpListener, upstream: SocketAddr) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await.context("accept")?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            // One upstream connection per client connection, opened with it.
+            let Ok(up) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = up.set_nodelay(true);
+            let Ok((send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(up)).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            // A client connection's requests come one at a time, so this
+            // lock is never contended; it only lets the service own `send`.
+            let send = Arc::new(Mutex::new(send));
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let send = send.clone();
+                async move { Ok::<_, Infallible>(forward(&send, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn forward(send: &Mutex<SendRequest<Incoming>>, req: Request<Incoming>) -> Response<Body> {
+    let mut send = send.lock().await;
+    match send.send_request(req).await {
+        Ok(resp) => resp.map(BodyExt::boxed),
+        Err(_) => {
+            let mut resp = Response::new(Empty::new().map_err(|e| match e {}).boxed());
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp
+        }
+    }
+}
