@@ -64,3 +64,70 @@ async fn forward(send: &Mutex<SendRequest<Incoming>>, req: Request<Incoming>) ->
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Empty;
+
+    /// The floor passes requests through to the backend and its answers
+    /// back, over one kept-alive connection: it is a proxy, however bare,
+    /// not a server answering by itself.
+    #[tokio::test]
+    async fn the_floor_forwards_requests_and_answers_unchanged() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        tokio::spawn(crate::load::serve_backend(backend));
+        let floor = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let floor_addr = floor.local_addr().unwrap();
+        tokio::spawn(serve(floor, backend_addr));
+
+        let stream = TcpStream::connect(floor_addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..3 {
+            let req = Request::get("/x")
+                .header(http::header::HOST, "floor")
+                .body(Empty::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                resp.headers()[http::header::CONTENT_TYPE],
+                "text/plain",
+                "the backend's header comes through"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, crate::load::BACKEND_BODY.as_bytes());
+        }
+    }
+
+    /// With the backend gone, the floor answers 502 rather than hanging.
+    #[tokio::test]
+    async fn the_floor_answers_502_when_the_backend_closes() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let floor = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let floor_addr = floor.local_addr().unwrap();
+        tokio::spawn(serve(floor, backend_addr));
+        // Accept the floor's upstream connection and close it at once.
+        let closer = tokio::spawn(async move { drop(backend.accept().await) });
+
+        let stream = TcpStream::connect(floor_addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        closer.await.unwrap();
+        let req = Request::get("/x")
+            .header(http::header::HOST, "floor")
+            .body(Empty::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    }
+}
