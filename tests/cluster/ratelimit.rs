@@ -1182,6 +1182,29 @@ async fn sentinels_name_a_master_with_a_password_the_limits_count_in() -> anyhow
         .output()?;
     let said = String::from_utf8_lossy(&anonymous.stdout);
     assert!(said.contains("NOAUTH"), "{said}");
+    // A data plane without the password says which flag is missing, rather
+    // than that the sentinels named no master.
+    {
+        let flags = [
+            "--redis-sentinel".to_string(),
+            redis.urls().join(","),
+            "--redis-sentinel-master".into(),
+            redis.name.clone(),
+        ];
+        let setup = Setup::start(1, &flags).await?;
+        eventually(
+            Duration::from_secs(20),
+            "the credentials warning",
+            || async {
+                setup.dps[0]
+                    .log_text()
+                    .contains("refused our credentials: check --redis-sentinel-master-password")
+                    .then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {}", setup.dps[0].log_tail()))?;
+    }
     counts_in_the_master(
         &redis,
         redis.urls(),

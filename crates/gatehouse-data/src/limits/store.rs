@@ -823,6 +823,12 @@ fn parse_u64(digits: &[u8]) -> Option<u64> {
     })
 }
 
+/// Whether Redis refused a client for its credentials (none, or wrong ones).
+fn refused_credentials(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+}
+
 /// Asks the sentinels for the master every two seconds and moves the
 /// connection when it changed (a failover).
 async fn follow_master(
@@ -847,6 +853,12 @@ async fn follow_master(
                     }
                 }
             }
+            // The crate asks the master it was told of for its role, so a
+            // master that wants other credentials fails the whole question.
+            Err(e) if refused_credentials(&e) => tracing::warn!(
+                error = %e,
+                "the redis master the sentinels named refused our credentials: check --redis-sentinel-master-password"
+            ),
             Err(e) => tracing::warn!(error = %e, "the sentinels did not name a master"),
         }
         tokio::time::sleep(Duration::from_secs(2).saturating_sub(asked.elapsed())).await;
