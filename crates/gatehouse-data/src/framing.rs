@@ -19,7 +19,7 @@
 //!   `TE` other than `trailers`).
 
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Request, Version};
+use http::{HeaderMap, HeaderValue, Request, Version};
 
 /// Why a request's framing was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -64,7 +64,9 @@ pub fn check<B>(req: &Request<B>) -> Result<(), FramingError> {
     if headers.get_all(CONTENT_LENGTH).iter().count() > 1 {
         return Err(FramingError::ContentLength);
     }
-    let hosts: Vec<&[u8]> = headers.get_all(HOST).iter().map(|h| h.as_bytes()).collect();
+    let mut hosts = headers.get_all(HOST).iter();
+    let first_host = hosts.next().map(HeaderValue::as_bytes);
+    let more_hosts = hosts.next().is_some();
     match req.version() {
         Version::HTTP_2 | Version::HTTP_3 => {
             let te_ok = headers
@@ -80,15 +82,15 @@ pub fn check<B>(req: &Request<B>) -> Result<(), FramingError> {
             if connection_specific {
                 return Err(FramingError::Http2ConnectionHeader);
             }
-            if hosts.len() > 1 {
+            if more_hosts {
                 return Err(FramingError::Host);
             }
         }
-        Version::HTTP_11 if hosts.len() != 1 => return Err(FramingError::Host),
-        _ if hosts.len() > 1 => return Err(FramingError::Host),
+        Version::HTTP_11 if first_host.is_none() || more_hosts => return Err(FramingError::Host),
+        _ if more_hosts => return Err(FramingError::Host),
         _ => {}
     }
-    if let (Some(authority), Some(host)) = (req.uri().authority(), hosts.first()) {
+    if let (Some(authority), Some(host)) = (req.uri().authority(), first_host) {
         if !authority.as_str().as_bytes().eq_ignore_ascii_case(host) {
             return Err(FramingError::HostMismatch);
         }

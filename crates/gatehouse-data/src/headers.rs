@@ -354,19 +354,93 @@ pub struct ClientInfo {
 /// A host that cannot be carried in a header (control characters) is left
 /// out rather than mangled.
 pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust) {
-    let peer = client.peer.to_canonical();
-    let trusted = trust.contains(peer);
+    set_forwarded_cached(headers, client, trust, None);
+}
 
-    // From an untrusted peer they are replaced below (`insert` drops every
-    // value the client sent), so there is nothing to take out first.
-    let (prior_xff, prior_forwarded) = if trusted {
-        (
-            take_all(headers, &X_FORWARDED_FOR),
-            take_all(headers, &FORWARDED),
-        )
-    } else {
-        (Taken::default(), Taken::default())
-    };
+/// The forwarding headers last built on one client connection for a peer
+/// that is not a trusted proxy. They depend only on the peer, the scheme
+/// and the host, which stay the same from one request to the next on a
+/// connection, so the proxy builds them once per connection and copies a
+/// reference after that.
+#[derive(Debug, Default)]
+pub struct ForwardedCache(std::sync::Mutex<Option<Untrusted>>);
+
+/// The four headers for a peer that is not trusted (`None`: left out).
+#[derive(Debug)]
+pub struct Untrusted {
+    peer: IpAddr,
+    scheme: &'static str,
+    host: Option<String>,
+    xff: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+    xfh: Option<HeaderValue>,
+}
+
+impl Untrusted {
+    fn build(peer: IpAddr, scheme: &'static str, host: Option<&str>) -> Untrusted {
+        let mut xff = Vec::with_capacity(40);
+        push_ip(&mut xff, peer);
+        let mut forwarded = Vec::with_capacity(96);
+        push_own_element(&mut forwarded, peer, host, scheme);
+        Untrusted {
+            peer,
+            scheme,
+            host: host.map(str::to_string),
+            xff: header_value(xff),
+            forwarded: header_value(forwarded),
+            xfh: host.and_then(|h| HeaderValue::from_str(h).ok()),
+        }
+    }
+
+    fn is_for(&self, peer: IpAddr, scheme: &str, host: Option<&str>) -> bool {
+        self.peer == peer && self.scheme == scheme && self.host.as_deref() == host
+    }
+
+    /// Replaces whatever the client sent in the four headers.
+    fn apply(&self, headers: &mut HeaderMap) {
+        set_or_remove(headers, X_FORWARDED_FOR, self.xff.clone());
+        set_or_remove(headers, FORWARDED, self.forwarded.clone());
+        headers.insert(X_FORWARDED_PROTO, proto_value(self.scheme));
+        set_or_remove(headers, X_FORWARDED_HOST, self.xfh.clone());
+    }
+}
+
+/// [`set_forwarded`], reusing the headers built for the last request of the
+/// same connection (`cache`) when the peer is not trusted.
+pub fn set_forwarded_cached(
+    headers: &mut HeaderMap,
+    client: &ClientInfo,
+    trust: &Trust,
+    cache: Option<&ForwardedCache>,
+) {
+    let peer = client.peer.to_canonical();
+    let host = client
+        .host
+        .as_deref()
+        .filter(|h| !h.is_empty() && is_field_text(h));
+    if !trust.contains(peer) {
+        // Nothing the client sent is kept: the headers describe the
+        // connection only, so they are the same for the same connection.
+        let Some(cache) = cache else {
+            return Untrusted::build(peer, client.scheme, host).apply(headers);
+        };
+        let mut last = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+        match last
+            .as_ref()
+            .filter(|u| u.is_for(peer, client.scheme, host))
+        {
+            Some(built) => built.apply(headers),
+            None => {
+                let built = Untrusted::build(peer, client.scheme, host);
+                built.apply(headers);
+                *last = Some(built);
+            }
+        }
+        return;
+    }
+
+    let prior_xff = take_all(headers, &X_FORWARDED_FOR);
+    let prior_forwarded = take_all(headers, &FORWARDED);
 
     // X-Forwarded-For: the kept chain, then the peer.
     let mut xff = Vec::with_capacity(64);
@@ -378,7 +452,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust
         }
     }
     push_ip(&mut xff, peer);
-    set_bytes(headers, X_FORWARDED_FOR, xff);
+    set_or_remove(headers, X_FORWARDED_FOR, header_value(xff));
 
     // Forwarded: the kept elements (or the converted chain), then ours.
     let mut forwarded = Vec::with_capacity(96);
@@ -406,33 +480,47 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientInfo, trust: &Trust
             }
         }
     }
-    let host = client
-        .host
-        .as_deref()
-        .filter(|h| !h.is_empty() && is_field_text(h));
-    forwarded.extend_from_slice(b"for=");
-    push_node(&mut forwarded, peer);
-    if let Some(host) = host {
-        forwarded.extend_from_slice(b";host=");
-        push_param_value(&mut forwarded, host);
-    }
-    forwarded.extend_from_slice(b";proto=");
-    push_param_value(&mut forwarded, client.scheme);
-    set_bytes(headers, FORWARDED, forwarded);
+    push_own_element(&mut forwarded, peer, host, client.scheme);
+    set_or_remove(headers, FORWARDED, header_value(forwarded));
 
-    // X-Forwarded-Proto and -Host: a trusted proxy's, else the connection's.
-    if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
-        let proto = match client.scheme {
-            "https" => HeaderValue::from_static("https"),
-            _ => HeaderValue::from_static("http"),
-        };
-        headers.insert(X_FORWARDED_PROTO, proto);
+    // X-Forwarded-Proto and -Host: the trusted proxy's, else the connection's.
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, proto_value(client.scheme));
     }
-    if !(trusted && headers.contains_key(X_FORWARDED_HOST)) {
-        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
-            Some(v) => headers.insert(X_FORWARDED_HOST, v),
-            None => headers.remove(X_FORWARDED_HOST),
-        };
+    if !headers.contains_key(X_FORWARDED_HOST) {
+        if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+    }
+}
+
+/// This gateway's `Forwarded` element: `for=PEER[;host=HOST];proto=SCHEME`.
+fn push_own_element(out: &mut Vec<u8>, peer: IpAddr, host: Option<&str>, scheme: &str) {
+    out.extend_from_slice(b"for=");
+    push_node(out, peer);
+    if let Some(host) = host {
+        out.extend_from_slice(b";host=");
+        push_param_value(out, host);
+    }
+    out.extend_from_slice(b";proto=");
+    push_param_value(out, scheme);
+}
+
+fn proto_value(scheme: &str) -> HeaderValue {
+    match scheme {
+        "https" => HeaderValue::from_static("https"),
+        _ => HeaderValue::from_static("http"),
+    }
+}
+
+fn set_or_remove(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(v) => {
+            headers.insert(name, v);
+        }
+        None => {
+            headers.remove(name);
+        }
     }
 }
 
@@ -554,18 +642,11 @@ fn is_field_text(s: &str) -> bool {
     s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
-/// Sets a header from bytes built here. They are made of header values and
+/// A header value from bytes built here. They are made of header values and
 /// checked text, so this only fails on a bug, and then the header is left
 /// out rather than the request failed.
-fn set_bytes(headers: &mut HeaderMap, name: HeaderName, value: Vec<u8>) {
-    match HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
+fn header_value(value: Vec<u8>) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(Bytes::from(value)).ok()
 }
 
 /// RFC 9110 `tchar`: the bytes a token may hold.

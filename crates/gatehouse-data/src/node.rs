@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::client::{self, Apply, Update, WatchConfig};
 use crate::compile::Compiled;
+use crate::headers::ForwardedCache;
 use crate::lkg;
 use crate::mtls::PeerChain;
 use crate::proxy::{Proxy, Shared};
@@ -381,14 +382,16 @@ impl DataPlane {
         let proxy = Proxy::new(shared.clone());
         let proxy_service = move |peer: SocketAddr, tls: bool, chain: Option<Arc<PeerChain>>| {
             let proxy = proxy.clone();
+            let forwarded = Arc::new(ForwardedCache::default());
             service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 let proxy = proxy.clone();
+                let forwarded = forwarded.clone();
                 // The client certificate chain travels with each request of
                 // its connection, for the policy to check.
                 if let Some(chain) = &chain {
                     req.extensions_mut().insert(chain.clone());
                 }
-                async move { proxy.handle(req, peer, tls).await }
+                async move { proxy.handle(req, peer, tls, &forwarded).await }
             })
         };
         let mut tasks = vec![lkg_writer];
@@ -639,9 +642,11 @@ where
 {
     let guard = Guard::proxy(&shared.limits, &shared);
     let proxy = Proxy::new(shared.clone());
+    let forwarded = Arc::new(ForwardedCache::default());
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
-        async move { proxy.handle(req, peer, false).await }
+        let forwarded = forwarded.clone();
+        async move { proxy.handle(req, peer, false, &forwarded).await }
     });
     // The sender stays alive until the connection ends: no shutdown.
     let (running, stop) = watch::channel(false);

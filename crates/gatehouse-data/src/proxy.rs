@@ -42,7 +42,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::auth::CompiledPolicy;
 use crate::compile::Compiled;
-use crate::headers::{self, ClientInfo, HopByHop, Trust};
+use crate::headers::{self, ClientInfo, ForwardedCache, HopByHop, Trust};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::observe::{RequestContext, Stage};
 use crate::problem::Reject;
@@ -149,11 +149,14 @@ impl Proxy {
     }
 
     /// Serves one request from a client at `peer`.
+    /// `forwarded` belongs to the request's connection: the forwarding
+    /// headers built for its last request.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
+        forwarded: &ForwardedCache,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let log = self.shared.access_log.as_ref();
@@ -162,7 +165,7 @@ impl Proxy {
         // response body is done.
         let (route, mut response) = match self.shared.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
-                let (route, response) = self.serve(req, peer, tls, &mut observed).await;
+                let (route, response) = self.serve(req, peer, tls, forwarded, &mut observed).await;
                 let response = response.map(|body| {
                     body.map_frame(move |frame| {
                         let _held = &permit;
@@ -219,6 +222,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         tls: bool,
+        forwarded: &ForwardedCache,
         observed: &mut RequestContext,
     ) -> (Option<RouteTag>, Response<ProxyBody>) {
         // Nothing reads a request whose framing two servers could disagree on.
@@ -458,7 +462,12 @@ impl Proxy {
             host: (!host.is_empty()).then_some(host),
         };
         let no_trust = Trust::default();
-        headers::set_forwarded(&mut parts.headers, &client, trust.unwrap_or(&no_trust));
+        headers::set_forwarded_cached(
+            &mut parts.headers,
+            &client,
+            trust.unwrap_or(&no_trust),
+            Some(forwarded),
+        );
         crate::auth::identity_headers(&mut parts.headers, consumer.as_deref());
         observed.trace_id(headers::ensure_traceparent(&mut parts.headers));
         let http2 = route.upstream.protocol == UpstreamProtocol::Http2;

@@ -535,6 +535,84 @@ fn set_forwarded_leaves_other_headers_alone() {
     assert_eq!(h.len(), 7);
 }
 
+/// The four headers of a request, as the upstream sees them.
+fn forwarding(h: &HeaderMap) -> [Vec<String>; 4] {
+    [
+        all(h, "x-forwarded-for"),
+        all(h, "forwarded"),
+        all(h, "x-forwarded-proto"),
+        all(h, "x-forwarded-host"),
+    ]
+}
+
+#[test]
+fn a_connection_reuses_its_forwarding_headers_only_while_they_are_the_same() {
+    let untrusted = Trust::default();
+    let cache = ForwardedCache::default();
+    // What the client sends is replaced every time, from the cache too.
+    let spoofed = || {
+        map(&[
+            ("x-forwarded-for", "203.0.113.66"),
+            ("forwarded", "for=203.0.113.66"),
+            ("x-forwarded-proto", "gopher"),
+            ("x-forwarded-host", "spoof"),
+        ])
+    };
+    let requests = [
+        info("192.0.2.1", "http", Some("a.example")),
+        info("192.0.2.1", "http", Some("a.example")),
+        // Another host on the same connection (HTTP/2 coalescing).
+        info("192.0.2.1", "http", Some("b.example")),
+        info("192.0.2.1", "http", None),
+        info("192.0.2.1", "https", None),
+        info("192.0.2.2", "https", None),
+        info("2001:db8::1", "https", Some("a.example")),
+        info("2001:db8::1", "https", Some("a.example")),
+    ];
+    for client in &requests {
+        let mut cached = spoofed();
+        set_forwarded_cached(&mut cached, client, &untrusted, Some(&cache));
+        let mut fresh = spoofed();
+        set_forwarded(&mut fresh, client, &untrusted);
+        assert_eq!(forwarding(&cached), forwarding(&fresh), "{client:?}");
+        assert_eq!(all(&cached, "x-forwarded-for"), [client.peer.to_string()]);
+        let host = client.host.as_deref();
+        assert_eq!(
+            all(&cached, "x-forwarded-host"),
+            host.map(str::to_string).into_iter().collect::<Vec<_>>(),
+            "{client:?}"
+        );
+        assert_eq!(all(&cached, "x-forwarded-proto"), [client.scheme]);
+    }
+}
+
+#[test]
+fn a_trusted_peer_keeps_its_chain_whatever_the_connection_built_before() {
+    let proxies = Trust::parse(["10.0.0.0/8"]).unwrap();
+    let cache = ForwardedCache::default();
+    // First a request from an untrusted peer fills the cache...
+    let mut h = HeaderMap::new();
+    set_forwarded_cached(
+        &mut h,
+        &info("192.0.2.1", "http", Some("a")),
+        &proxies,
+        Some(&cache),
+    );
+    // ...then one from a trusted proxy with the same host keeps its chain.
+    let mut h = map(&[("x-forwarded-for", "198.51.100.7")]);
+    set_forwarded_cached(
+        &mut h,
+        &info("10.1.2.3", "http", Some("a")),
+        &proxies,
+        Some(&cache),
+    );
+    assert_eq!(all(&h, "x-forwarded-for"), ["198.51.100.7, 10.1.2.3"]);
+    assert_eq!(
+        all(&h, "forwarded"),
+        ["for=198.51.100.7, for=10.1.2.3;host=a;proto=http"]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // client_ip
 // ---------------------------------------------------------------------------
