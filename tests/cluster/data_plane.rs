@@ -490,8 +490,12 @@ async fn a_revision_that_does_not_compile_keeps_the_old_one_serving_and_is_repor
         serves(&dp, "a").await?;
     }
     let metrics = get(&format!("http://{}/metrics", dp.ops), &[]).await?;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(metrics.contains("gatehouse_config_apply_errors_total 1"));
+    // One answer from `serves` before the bad revision, five after.
     assert!(
-        String::from_utf8_lossy(&metrics.body).contains("gatehouse_config_apply_errors_total 1")
+        metrics.contains("gatehouse_requests_total{route=\"echo\",status=\"200\"} 6\n"),
+        "{metrics}"
     );
 
     // The fix is applied, and the data plane moves on.

@@ -32,6 +32,9 @@ pub struct CompiledRoute {
     pub policy: Option<Arc<CompiledPolicy>>,
     /// The route's latency histogram, looked up once per revision.
     pub latency: prometheus_client::metrics::histogram::Histogram,
+    /// Its count of 200 answers, the usual one, looked up once per revision
+    /// (other statuses per request).
+    pub ok: prometheus_client::metrics::counter::Counter,
 }
 
 /// Everything a request needs, for one revision.
@@ -246,7 +249,16 @@ impl Compiled {
                         route: name.clone(),
                     })
                     .clone();
+                let ok = shared
+                    .metrics
+                    .requests
+                    .get_or_create(&crate::metrics::RequestLabels {
+                        route: name.clone(),
+                        status: 200,
+                    })
+                    .clone();
                 Ok(CompiledRoute {
+                    ok,
                     name,
                     upstream,
                     strip_prefix: r.strip_prefix,

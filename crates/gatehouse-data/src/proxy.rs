@@ -118,6 +118,7 @@ impl Default for Shared {
 struct RouteTag {
     name: Arc<String>,
     latency: prometheus_client::metrics::histogram::Histogram,
+    ok: prometheus_client::metrics::counter::Counter,
     cors: Option<(Arc<CompiledPolicy>, HeaderValue)>,
 }
 
@@ -182,10 +183,12 @@ impl Proxy {
         };
         let elapsed = start.elapsed().as_secs_f64();
         let m = &self.shared.metrics;
+        let status = response.status();
         let route = match route {
             Some(RouteTag {
                 name,
                 latency,
+                ok,
                 cors,
             }) => {
                 // Every answer on a CORS route tells the browser whether its
@@ -196,6 +199,10 @@ impl Proxy {
                     }
                 }
                 latency.observe(elapsed);
+                if status == StatusCode::OK {
+                    ok.inc();
+                    return Ok(observed.finish(response, log));
+                }
                 name
             }
             None => {
@@ -211,7 +218,7 @@ impl Proxy {
         m.requests
             .get_or_create(&RequestLabels {
                 route,
-                status: response.status().as_u16(),
+                status: status.as_u16(),
             })
             .inc();
         Ok(observed.finish(response, log))
@@ -296,6 +303,7 @@ impl Proxy {
         let name = Some(RouteTag {
             name: route.name.clone(),
             latency: route.latency.clone(),
+            ok: route.ok.clone(),
             cors,
         });
         observed.route(&route.name);
