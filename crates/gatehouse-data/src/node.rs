@@ -1,9 +1,13 @@
 //! One data-plane node: the config stream, the proxy listener and the ops
 //! listener, started and stopped together.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use gatehouse_model::ConfigState;
@@ -13,6 +17,7 @@ use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -582,7 +587,7 @@ async fn serve_connection<I, S, B>(
     service: S,
     builder: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    stop: Arc<Stop>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
@@ -602,13 +607,14 @@ async fn serve_connection<I, S, B>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let idle_at_start = tokio::time::timeout(header_read_timeout, first.notified());
+    let mut stopping = stop.wait();
     let result = tokio::select! {
         result = conn.as_mut() => Some(result),
-        () = stopped(&mut shutdown) => None,
+        () = &mut stopping => None,
         waited = idle_at_start => match waited {
             Ok(()) => tokio::select! {
                 result = conn.as_mut() => Some(result),
-                () = stopped(&mut shutdown) => None,
+                () = &mut stopping => None,
             },
             Err(_) => {
                 // Nothing arrived that makes a request (a slow or silent
@@ -648,17 +654,15 @@ where
         let forwarded = forwarded.clone();
         async move { proxy.handle(req, peer, false, &forwarded).await }
     });
-    // The sender stays alive until the connection ends: no shutdown.
-    let (running, stop) = watch::channel(false);
+    // Never stopped: the connection runs until the client is done.
     serve_connection(
         TokioIo::new(io),
         service,
         guard.builder.clone(),
         guard.header_read_timeout,
-        stop,
+        Arc::new(Stop::default()),
     )
     .await;
-    drop(running);
 }
 
 /// Accepts connections (through TLS when given an acceptor) until shutdown,
@@ -681,6 +685,7 @@ async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let make = Arc::new(make);
+    let stop = Arc::new(Stop::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -704,7 +709,7 @@ async fn serve<F, S, B>(
                 };
                 let _ = stream.set_nodelay(true);
                 let make = make.clone();
-                let (builder, tls, stop) = (guard.builder.clone(), tls.clone(), shutdown.clone());
+                let (builder, tls, stop) = (guard.builder.clone(), tls.clone(), stop.clone());
                 let (timeout, open) = (guard.header_read_timeout, guard.open.clone());
                 tokio::spawn(async move {
                     if let Some(open) = &open {
@@ -731,13 +736,120 @@ async fn serve<F, S, B>(
         }
     }
     drop(listener);
+    stop.trigger();
     // Every connection holds a slot until it ends: having them all back
     // means every connection has drained.
     let all = u32::try_from(guard.max_connections).unwrap_or(u32::MAX);
     let _ = guard.slots.acquire_many(all).await;
 }
 
+/// Tells a listener's connections to finish, once, when the listener
+/// stops. A connection looks at it on every wake-up, so looking is one
+/// atomic load (a `watch` receiver takes a lock each time).
+#[derive(Debug, Default)]
+struct Stop {
+    stopped: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+impl Stop {
+    fn trigger(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn wait(self: &Arc<Self>) -> Stopping {
+        Stopping {
+            stop: self.clone(),
+            notified: Box::pin(self.notify.clone().notified_owned()),
+            registered: None,
+        }
+    }
+}
+
+/// Resolves once its [`Stop`] is triggered.
+struct Stopping {
+    stop: Arc<Stop>,
+    notified: Pin<Box<OwnedNotified>>,
+    /// The waker the notification will wake, once registered.
+    registered: Option<Waker>,
+}
+
+impl Future for Stopping {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if this.stop.stopped.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        // Already registered with this task's waker: nothing to renew.
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        if this.notified.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.registered = Some(cx.waker().clone());
+        // Triggered between the first look and the registration.
+        if this.stop.stopped.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection waiting on its listener's stop wakes when the listener
+    /// stops, however often it was polled before; one accepted after the
+    /// stop sees it at once.
+    #[tokio::test]
+    async fn a_stop_reaches_connections_waiting_before_and_after_it() {
+        let stop = Arc::new(Stop::default());
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let mut stopping = stop.wait();
+                tokio::spawn(async move {
+                    // Woken for other reasons first, as a connection is.
+                    for _ in 0..5 {
+                        tokio::select! {
+                            biased;
+                            () = &mut stopping => return true,
+                            () = tokio::task::yield_now() => {}
+                        }
+                    }
+                    (&mut stopping).await;
+                    true
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            waiting.iter().all(|w| !w.is_finished()),
+            "nothing stopped yet"
+        );
+        stop.trigger();
+        for w in waiting {
+            let done = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(
+                matches!(done, Ok(Ok(true))),
+                "a waiting connection saw the stop"
+            );
+        }
+        let late = tokio::time::timeout(Duration::from_secs(5), stop.wait()).await;
+        assert!(late.is_ok(), "a connection accepted after the stop sees it");
+    }
 }
