@@ -231,7 +231,10 @@ impl Conn {
                 Err(mut e) => match e.take_message() {
                     // The idle connection closed under us; the request is intact.
                     Some(back) if self.reused => {
-                        match self.pool.connection(self.connect_timeout).await {
+                        // Boxed: connecting is the rare path, and inline its
+                        // state would make every send's future kilobytes
+                        // larger.
+                        match Box::pin(self.pool.connection(self.connect_timeout)).await {
                             Ok(fresh) => {
                                 req = back;
                                 self = fresh;
