@@ -70,6 +70,23 @@ mod tests {
     use super::*;
     use http_body_util::Empty;
 
+    /// A client connection to the floor at `addr`.
+    async fn client(addr: SocketAddr) -> SendRequest<Empty<Bytes>> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn get_x() -> Request<Empty<Bytes>> {
+        Request::get("/x")
+            .header(http::header::HOST, "floor")
+            .body(Empty::new())
+            .unwrap()
+    }
+
     /// The floor passes requests through to the backend and its answers
     /// back, over one kept-alive connection: it is a proxy, however bare,
     /// not a server answering by itself.
@@ -82,18 +99,9 @@ mod tests {
         let floor_addr = floor.local_addr().unwrap();
         tokio::spawn(serve(floor, backend_addr));
 
-        let stream = TcpStream::connect(floor_addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut send = client(floor_addr).await;
         for _ in 0..3 {
-            let req = Request::get("/x")
-                .header(http::header::HOST, "floor")
-                .body(Empty::new())
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
+            let resp = send.send_request(get_x()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             assert_eq!(
                 resp.headers()[http::header::CONTENT_TYPE],
@@ -116,18 +124,9 @@ mod tests {
         // Accept the floor's upstream connection and close it at once.
         let closer = tokio::spawn(async move { drop(backend.accept().await) });
 
-        let stream = TcpStream::connect(floor_addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+        let mut send = client(floor_addr).await;
         closer.await.unwrap();
-        let req = Request::get("/x")
-            .header(http::header::HOST, "floor")
-            .body(Empty::new())
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
+        let resp = send.send_request(get_x()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     }
 }

@@ -232,30 +232,42 @@ fn main() -> Result<()> {
 
 fn backend(args: BackendArgs) -> Result<()> {
     let addr = load::loopback_listen(args.listen)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads as usize)
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen on {addr}"))?;
-        println!("ready addr={}", listener.local_addr()?);
-        tokio::select! {
-            r = load::serve_backend(listener) => r,
-            () = tokio::time::sleep(Duration::from_secs(args.max_seconds)) => {
-                eprintln!("backend: --max-seconds {} reached, exiting", args.max_seconds);
-                Ok(())
-            }
-        }
-    })
+    serve_until(
+        addr,
+        args.threads,
+        args.max_seconds,
+        "backend",
+        load::serve_backend,
+    )
 }
 
 fn hyper_floor(args: HyperFloorArgs) -> Result<()> {
     let addr = load::loopback_listen(args.listen)?;
     let upstream = load::loopback_listen(args.upstream)?;
+    serve_until(
+        addr,
+        args.threads,
+        args.max_seconds,
+        "hyper-floor",
+        |listener| floor::serve(listener, upstream),
+    )
+}
+
+/// Listens on `addr` with a runtime of `threads` workers, prints
+/// `ready addr=...`, and runs `serve` until it fails or `max_seconds` pass.
+fn serve_until<F, Fut>(
+    addr: SocketAddr,
+    threads: u64,
+    max_seconds: u64,
+    name: &str,
+    serve: F,
+) -> Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads as usize)
+        .worker_threads(threads as usize)
         .enable_all()
         .build()?;
     rt.block_on(async {
@@ -264,8 +276,11 @@ fn hyper_floor(args: HyperFloorArgs) -> Result<()> {
             .with_context(|| format!("listen on {addr}"))?;
         println!("ready addr={}", listener.local_addr()?);
         tokio::select! {
-            r = floor::serve(listener, upstream) => r,
-            () = tokio::time::sleep(Duration::from_secs(args.max_seconds)) => Ok(()),
+            r = serve(listener) => r,
+            () = tokio::time::sleep(Duration::from_secs(max_seconds)) => {
+                eprintln!("{name}: --max-seconds {max_seconds} reached, exiting");
+                Ok(())
+            }
         }
     })
 }
