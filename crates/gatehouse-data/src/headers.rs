@@ -367,7 +367,7 @@ pub struct ForwardedCache(std::sync::Mutex<Option<Untrusted>>);
 
 /// The four headers for a peer that is not trusted (`None`: left out).
 #[derive(Debug)]
-pub struct Untrusted {
+struct Untrusted {
     peer: IpAddr,
     scheme: &'static str,
     host: Option<String>,
