@@ -8,7 +8,7 @@
 # Needs valgrind, redis-server, redis-cli and curl; builds release binaries
 # unless NO_BUILD=1. GH=path runs another gatehouse binary (e.g. an older
 # build) with this tree's gatehousectl and load generator. VARIANTS picks
-# a subset of "plain exact lease".
+# a subset of "plain local exact lease" (default: all but local).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=target/release
@@ -40,6 +40,7 @@ for v in ${VARIANTS:-plain exact lease}; do
   case $v in
     plain) pol=""; polref="";;
     exact) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
+    local) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: local, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
     lease) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, lease: 100, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
   esac
   printf "version: 1\n${pol}upstreams:\n  - name: backend\n    targets:\n      - address: \"$BACKEND\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n${polref}" > $d/gw.yaml

@@ -72,7 +72,7 @@ fn main() {
             route: "all",
             headers,
         };
-        limits::check(compiled, &ctx, env, metrics).await;
+        limits::check(compiled, &ctx, env).await;
         let started = Instant::now();
         let tasks: Vec<_> = (0..concurrency)
             .map(|_| {
@@ -85,7 +85,7 @@ fn main() {
                     };
                     let mut refused = 0u64;
                     for _ in 0..requests / concurrency {
-                        let d = limits::check(compiled, &ctx, env, metrics).await.unwrap();
+                        let d = limits::check(compiled, &ctx, env).await.unwrap();
                         refused += u64::from(d.retry_after.is_some() || d.unavailable);
                         if interleave {
                             // As requests of a proxy do between decisions

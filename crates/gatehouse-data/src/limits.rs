@@ -40,7 +40,6 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
-use sha2::{Digest, Sha256};
 
 use crate::metrics::{LimitLabels, Metrics};
 
@@ -68,7 +67,7 @@ pub const GIVE_BACK_IN_FLIGHT: usize = 64;
 /// Redis needs.
 struct LeaseBook {
     leases: Leases,
-    redis_prefix: String,
+    redis_prefix: Arc<str>,
     period: Duration,
 }
 
@@ -90,12 +89,18 @@ impl LimiterRegistry {
 
     /// The leased tokens of a cost-mode limit: the same ones for as long as
     /// a revision has this limit with this rate and lease size.
-    fn leases(&self, key: RegistryKey, lease: u64, redis_prefix: &str, period: Duration) -> Leases {
+    fn leases(
+        &self,
+        key: RegistryKey,
+        lease: u64,
+        redis_prefix: &Arc<str>,
+        period: Duration,
+    ) -> Leases {
         let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         map.entry((key, lease))
             .or_insert_with(|| LeaseBook {
                 leases: Leases::default(),
-                redis_prefix: redis_prefix.to_string(),
+                redis_prefix: redis_prefix.clone(),
                 period,
             })
             .leases
@@ -140,14 +145,15 @@ impl LimiterRegistry {
                         .sum();
                     lease.held.clear();
                     if held > 0 {
-                        back.push((redis_key(&book.redis_prefix, key), book.period, held));
+                        let bucket = store::Bucket::new(book.redis_prefix.clone(), key.as_str());
+                        back.push((bucket, book.period, held));
                     }
                 }
             }
         }
         let (mut keys, mut tokens) = (0, 0);
-        let mut calls = futures::stream::iter(back.iter().map(|(key, period, n)| async move {
-            store.give_back(key, *period, *n).await.map(|()| *n)
+        let mut calls = futures::stream::iter(back.iter().map(|(bucket, period, n)| async move {
+            store.give_back(bucket, *period, *n).await.map(|()| *n)
         }))
         .buffer_unordered(GIVE_BACK_IN_FLIGHT);
         let all = async {
@@ -279,14 +285,13 @@ pub struct CompiledLimit {
     name: String,
     parts: Vec<KeyPart>,
     limiter: Arc<Limiter>,
-    limit: u64,
     capacity: u64,
     period: Duration,
     scope: LimitScope,
     on_store_failure: StoreFailure,
     /// `gatehouse:rl:{policy/limit/`: the hash tag covers the whole bucket
     /// name, so whatever keys one bucket uses land in one cluster slot.
-    redis_prefix: String,
+    redis_prefix: Arc<str>,
     /// Keys Redis refused, until they may retry.
     refused: TimedKeys,
     /// This node's share while Redis is unavailable (`on_store_failure: local`).
@@ -300,6 +305,8 @@ pub struct CompiledLimit {
     policy_part: String,
     /// `RateLimit-Policy` of a policy with this limit alone.
     policy_header: Option<HeaderValue>,
+    /// `limit=LIMIT, remaining=`, how this limit's `RateLimit` header starts.
+    state_prefix: String,
     counters: LimitCounters,
 }
 
@@ -367,7 +374,7 @@ impl CompiledLimit {
             l.burst,
         );
         let limiter = registry.get(registry_key.clone(), quota);
-        let redis_prefix = format!("gatehouse:rl:{{{policy}/{}/", l.name);
+        let redis_prefix: Arc<str> = format!("gatehouse:rl:{{{policy}/{}/", l.name).into();
         let leases = if l.lease > 0 && l.scope == LimitScope::Cluster {
             registry.leases(registry_key, l.lease, &redis_prefix, period)
         } else {
@@ -390,7 +397,6 @@ impl CompiledLimit {
             name: l.name.clone(),
             parts,
             limiter,
-            limit: l.limit,
             capacity,
             period,
             scope: l.scope,
@@ -402,6 +408,7 @@ impl CompiledLimit {
             leases,
             policy_header: HeaderValue::from_str(&policy_part).ok(),
             policy_part,
+            state_prefix: format!("limit={}, remaining=", l.limit),
             counters,
         })
     }
@@ -439,10 +446,9 @@ impl CompiledLimit {
         key
     }
 
-    /// The Redis key of a bucket: a hash of the key, so neither a header
-    /// value (which may be a credential) nor its length reaches Redis.
-    fn redis_key(&self, key: &str) -> String {
-        redis_key(&self.redis_prefix, key)
+    /// The bucket of a key in the store (its Redis key is made there).
+    fn bucket(&self, key: &str) -> store::Bucket {
+        store::Bucket::new(self.redis_prefix.clone(), key)
     }
 
     fn local(&self, key: String) -> Count {
@@ -465,13 +471,13 @@ impl CompiledLimit {
         }
     }
 
-    async fn verdict(&self, ctx: &LimitContext<'_>, env: &ClusterEnv, m: &Metrics) -> Verdict {
+    async fn verdict(&self, ctx: &LimitContext<'_>, env: &ClusterEnv) -> Verdict {
         let key = self.key(ctx);
         let verdict = match (self.scope, &env.store) {
             (LimitScope::Local, _) | (LimitScope::Cluster, None) => {
                 Verdict::Counted(self.local(key))
             }
-            (LimitScope::Cluster, Some(store)) => self.cluster(key, store, env, m).await,
+            (LimitScope::Cluster, Some(store)) => self.cluster(key, store, env).await,
         };
         match &verdict {
             Verdict::Counted(c) if c.wait.is_some() => self.counters.limited.inc(),
@@ -481,13 +487,7 @@ impl CompiledLimit {
         verdict
     }
 
-    async fn cluster(
-        &self,
-        key: String,
-        store: &store::Store,
-        env: &ClusterEnv,
-        m: &Metrics,
-    ) -> Verdict {
+    async fn cluster(&self, key: String, store: &store::Store, env: &ClusterEnv) -> Verdict {
         let sent = Instant::now();
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
@@ -499,7 +499,7 @@ impl CompiledLimit {
                 match self.spend_lease(&key, sent, may_wait) {
                     Spend::Spent(count, refill) => {
                         if let Some(want) = refill {
-                            self.refill_in_background(key, want, store, m);
+                            self.refill_in_background(key, want, store);
                         }
                         return Verdict::Counted(count);
                     }
@@ -534,11 +534,10 @@ impl CompiledLimit {
             });
         }
         match store
-            .decide(self.redis_key(&key), self.period, self.capacity, want)
+            .decide(self.bucket(&key), self.period, self.capacity, want)
             .await
         {
             Ok(a) => {
-                m.redis_duration.observe(sent.elapsed().as_secs_f64());
                 let wait = (a.taken == 0).then_some(a.wait);
                 if let Some(w) = wait {
                     // From when the question was sent, so never later than
@@ -554,7 +553,6 @@ impl CompiledLimit {
                 })
             }
             Err(e) => {
-                m.redis_errors.inc();
                 self.counters.fallback.inc();
                 warn_store_failure(&e);
                 match self.on_store_failure {
@@ -683,21 +681,19 @@ impl CompiledLimit {
 
     /// Fetches up to `want` more tokens of `key` without holding up the
     /// request that noticed the lease running low.
-    fn refill_in_background(&self, key: String, want: u64, store: &store::Store, m: &Metrics) {
+    fn refill_in_background(&self, key: String, want: u64, store: &store::Store) {
         let inflight = LeaseInFlight {
             leases: self.leases.clone(),
             key: key.clone(),
             lease_time: self.lease_time(),
             done: false,
         };
-        let redis_key = self.redis_key(&key);
+        let bucket = self.bucket(&key);
         let (store, period, capacity) = (store.clone(), self.period, self.capacity);
-        let (duration, errors) = (m.redis_duration.clone(), m.redis_errors.clone());
         tokio::spawn(async move {
             let sent = Instant::now();
-            match store.decide(redis_key, period, capacity, want).await {
+            match store.decide(bucket, period, capacity, want).await {
                 Ok(a) => {
-                    duration.observe(sent.elapsed().as_secs_f64());
                     if a.taken > 0 {
                         inflight.done(a.taken, sent);
                     } else {
@@ -706,26 +702,10 @@ impl CompiledLimit {
                         inflight.refused_until(sent + a.wait);
                     }
                 }
-                Err(e) => {
-                    errors.inc();
-                    warn_store_failure(&e);
-                }
+                Err(e) => warn_store_failure(&e),
             }
         });
     }
-}
-
-/// The Redis key of a bucket of the limit whose keys start with `prefix`.
-fn redis_key(prefix: &str, key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    let mut hex = [0u8; 32];
-    // 16 bytes always fit 32 hex digits.
-    let _ = hex::encode_to_slice(&digest[..16], &mut hex);
-    let mut k = String::with_capacity(prefix.len() + 33);
-    k.push_str(prefix);
-    k.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-    k.push('}');
-    k
 }
 
 /// A data plane's tokens in cost mode, by bucket key.
@@ -901,7 +881,6 @@ pub async fn check_quotas(
     quotas: &[CompiledQuota],
     consumer: Option<&str>,
     env: &ClusterEnv,
-    m: &Metrics,
 ) -> Option<Option<Duration>> {
     // Validation makes a policy with quotas authenticate; no consumer, no quota.
     let consumer = consumer?;
@@ -931,15 +910,7 @@ pub async fn check_quotas(
     }
     let answer = match &env.store {
         None => Err("no rate-limit store is configured".to_string()),
-        Some(store) => {
-            let r = store.count_quotas(&asks).await;
-            if r.is_ok() {
-                m.redis_duration.observe(instant.elapsed().as_secs_f64());
-            } else {
-                m.redis_errors.inc();
-            }
-            r
-        }
+        Some(store) => store.count_quotas(&asks).await,
     };
     match answer {
         Ok(Ok(_)) => {
@@ -1012,19 +983,18 @@ impl Decision {
 /// Counts the request against every limit; the most restrictive answer wins.
 /// Cluster limits of one request are asked concurrently (and pipelined on
 /// the one connection).
-pub async fn check(
-    limits: &[CompiledLimit],
+pub async fn check<'a>(
+    limits: &'a [CompiledLimit],
     ctx: &LimitContext<'_>,
     env: &ClusterEnv,
-    metrics: &Metrics,
 ) -> Option<Decision> {
     if limits.is_empty() {
         return None;
     }
     // (limit, the count) of the tightest limit.
-    let mut tightest: Option<(u64, Count)> = None;
+    let mut tightest: Option<(&CompiledLimit, Count)> = None;
     let mut unavailable = false;
-    let mut fold = |limit: &CompiledLimit, verdict: Verdict| {
+    let mut fold = |limit: &'a CompiledLimit, verdict: Verdict| {
         let count = match verdict {
             Verdict::Counted(c) => c,
             Verdict::Admitted => return,
@@ -1043,17 +1013,17 @@ pub async fn check(
             },
         };
         if tighter {
-            tightest = Some((limit.limit, count));
+            tightest = Some((limit, count));
         }
     };
     let policy = if let [limit] = limits {
-        fold(limit, limit.verdict(ctx, env, metrics).await);
+        fold(limit, limit.verdict(ctx, env).await);
         limit.policy_header.clone()
     } else {
         let verdicts = futures::future::join_all(
             limits
                 .iter()
-                .map(|l| async move { (l, l.verdict(ctx, env, metrics).await) }),
+                .map(|l| async move { (l, l.verdict(ctx, env).await) }),
         )
         .await;
         for (limit, verdict) in verdicts {
@@ -1067,16 +1037,9 @@ pub async fn check(
         HeaderValue::from_str(&joined).ok()
     };
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    let state = tightest.as_ref().and_then(|(limit, c)| {
-        let mut state = String::with_capacity(48);
-        state.push_str("limit=");
-        push_u64(&mut state, *limit);
-        state.push_str(", remaining=");
-        push_u64(&mut state, c.remaining);
-        state.push_str(", reset=");
-        push_u64(&mut state, secs(c.reset));
-        HeaderValue::try_from(state).ok()
-    });
+    let state = tightest
+        .as_ref()
+        .and_then(|(limit, c)| rate_limit_state(&limit.state_prefix, c.remaining, secs(c.reset)));
     Some(Decision {
         policy,
         state,
@@ -1087,17 +1050,29 @@ pub async fn check(
     })
 }
 
+/// `RateLimit: limit=L, remaining=R, reset=S` (the prefix made when the
+/// limit was compiled), in one allocation of the exact size.
+fn rate_limit_state(prefix: &str, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
+    let (mut r, mut s) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let parts = [
+        prefix,
+        r.format(remaining),
+        ", reset=",
+        s.format(reset_secs),
+    ];
+    let mut value = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        value.extend_from_slice(part.as_bytes());
+    }
+    HeaderValue::try_from(value).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn run(limits: &[CompiledLimit], ctx: &LimitContext<'_>) -> Option<Decision> {
-        futures::executor::block_on(check(
-            limits,
-            ctx,
-            &ClusterEnv::default(),
-            &Metrics::default(),
-        ))
+        futures::executor::block_on(check(limits, ctx, &ClusterEnv::default()))
     }
 
     fn limit(name: &str, key: &[&str], limit: u64, window: Duration, burst: u64) -> RateLimit {
@@ -1253,8 +1228,9 @@ mod tests {
             .retry_after
             .is_some());
         assert_eq!(
-            l[0].redis_key(&l[0].key(&ctx(&with(" ACME corp "), "10.0.0.1"))),
-            l[0].redis_key(&l[0].key(&ctx(&first, "10.0.0.1")))
+            l[0].bucket(&l[0].key(&ctx(&with(" ACME corp "), "10.0.0.1")))
+                .redis_key(),
+            l[0].bucket(&l[0].key(&ctx(&first, "10.0.0.1"))).redis_key()
         );
     }
 
@@ -1276,7 +1252,7 @@ mod tests {
         .unwrap();
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "secret-value".parse().unwrap());
-        let key = l.redis_key(&l.key(&ctx(&h, "10.0.0.1")));
+        let key = l.bucket(&l.key(&ctx(&h, "10.0.0.1"))).redis_key();
         assert!(key.starts_with("gatehouse:rl:{billing/per-key/"), "{key}");
         assert!(key.ends_with('}'));
         assert_eq!(key.matches('{').count(), 1);
@@ -1401,7 +1377,7 @@ mod tests {
 
         // The first request leases a quarter of 40: one spent, nine held.
         let first = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
-        assert!(check(&first, &ctx(&h, "10.0.0.1"), &env, &metrics)
+        assert!(check(&first, &ctx(&h, "10.0.0.1"), &env)
             .await
             .unwrap()
             .retry_after
@@ -1414,7 +1390,7 @@ mod tests {
         let second = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
         drop(first);
         for _ in 0..2 {
-            assert!(check(&second, &ctx(&h, "10.0.0.1"), &env, &metrics)
+            assert!(check(&second, &ctx(&h, "10.0.0.1"), &env)
                 .await
                 .unwrap()
                 .retry_after
@@ -1427,9 +1403,9 @@ mod tests {
             reg.give_back_leases(&store, Duration::from_secs(5)).await,
             (1, 7)
         );
-        let key = redis_key("gatehouse:rl:{p/leased/", "10.0.0.1");
+        let bucket = store::Bucket::new("gatehouse:rl:{p/leased/", "10.0.0.1");
         let rest = store
-            .decide(key, Duration::from_secs(36), 100, 1000)
+            .decide(bucket, Duration::from_secs(36), 100, 1000)
             .await
             .unwrap();
         assert_eq!(rest.taken, 97);

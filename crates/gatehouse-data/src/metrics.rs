@@ -198,17 +198,16 @@ impl Default for Metrics {
             "Cluster-limit decisions Redis did not answer in time, by the failure mode applied (outcome: open, closed, local)",
             limit_fallbacks.clone(),
         );
-        // 50 µs to about 0.8 s.
-        let redis_duration = Histogram::new(exponential_buckets(0.00005, 2.0, 15));
+        let redis_duration = redis_duration_histogram();
         registry.register(
             "ratelimit_redis_duration_seconds",
-            "Time of one cluster-limit decision in Redis, answered ones only",
+            "Time of one rate-limit script call to Redis (a batch of decisions), answered ones only",
             redis_duration.clone(),
         );
         let redis_errors = Counter::default();
         registry.register(
             "ratelimit_redis_errors",
-            "Cluster-limit decisions that failed or timed out",
+            "Rate-limit script calls to Redis that failed or timed out, and decisions asked with no connection",
             redis_errors.clone(),
         );
         let data_planes = Gauge::default();
@@ -301,4 +300,10 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// The buckets of `gatehouse_ratelimit_redis_duration_seconds`: 50 µs to
+/// about 0.8 s.
+pub fn redis_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 2.0, 15))
 }

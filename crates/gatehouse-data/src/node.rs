@@ -279,18 +279,22 @@ impl DataPlane {
         // The provider of TLS connections that take the process default
         // (the Redis client's); set once, the same as everywhere else.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let metrics = crate::metrics::Metrics::default();
         let store = match &cfg.rate_limit_store {
             Some(target) => Some(
                 crate::limits::store::Store::start_tls(
                     target,
                     &cfg.rate_limit_store_tls,
                     cfg.rate_limit_timeout,
+                    crate::limits::store::CallMetrics {
+                        duration: metrics.redis_duration.clone(),
+                        errors: metrics.redis_errors.clone(),
+                    },
                 )
                 .map_err(|e| StartError::Config(format!("rate-limit store: {e}")))?,
             ),
             None => None,
         };
-        let metrics = crate::metrics::Metrics::default();
         let access_log = crate::access_log::AccessLog::start(
             &cfg.access_log,
             metrics.access_log_dropped.clone(),

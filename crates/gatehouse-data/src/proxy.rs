@@ -396,7 +396,6 @@ impl Proxy {
                         headers: req.headers(),
                     },
                     &self.shared.cluster_limits,
-                    &self.shared.metrics,
                 )
                 .await
             }
@@ -425,7 +424,6 @@ impl Proxy {
                 &policy.quotas,
                 consumer.as_deref().map(|c| c.name.as_str()),
                 &self.shared.cluster_limits,
-                &self.shared.metrics,
             )
             .await;
             match refused {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use gatehouse_data::limits::store::{Answer, Store, StoreTarget};
+use gatehouse_data::limits::store::{Answer, Bucket, CallMetrics, Store, StoreTarget};
 use gatehouse_e2e::redis::RedisServer;
 
 /// Many requests at once on two hot keys (one worker thread, so they
@@ -15,16 +15,29 @@ use gatehouse_e2e::redis::RedisServer;
 async fn concurrent_decisions_of_hot_keys_admit_exactly_the_capacity() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path()).unwrap();
-    let store = Store::start(&StoreTarget::Single(redis.url()), Duration::from_secs(2)).unwrap();
+    // Loaded beforehand, so every call Redis counts is one of the store's.
+    redis
+        .cli(&["script", "load", gatehouse_data::limits::store::GCRA])
+        .unwrap();
+    let calls = CallMetrics::default();
+    let store = Store::start_tls(
+        &StoreTarget::Single(redis.url()),
+        &Default::default(),
+        Duration::from_secs(2),
+        calls.clone(),
+    )
+    .unwrap();
     // 50 in a bucket that refills one token an hour: nothing comes back
     // during the test.
     let (interval, capacity) = (Duration::from_secs(3600), 50);
     let mut tasks = Vec::new();
     for i in 0..400 {
         let store = store.clone();
-        let key = format!("{{test}}:hot-{}", i % 2);
+        let key = format!("hot-{}", i % 2);
         tasks.push(tokio::spawn(async move {
-            let a = store.decide(key.clone(), interval, capacity, 1).await;
+            let a = store
+                .decide(Bucket::new("{test:", key.clone()), interval, capacity, 1)
+                .await;
             (key, a)
         }));
     }
@@ -52,14 +65,17 @@ async fn concurrent_decisions_of_hot_keys_admit_exactly_the_capacity() {
         }
     }
     // They went out together: far fewer script calls than decisions.
-    let calls = redis.calls("evalsha").unwrap() + redis.calls("eval").unwrap();
+    let script_calls = redis.calls("evalsha").unwrap() + redis.calls("eval").unwrap();
     assert!(
-        (1..100).contains(&calls),
-        "400 decisions took {calls} script calls"
+        (1..100).contains(&script_calls),
+        "400 decisions took {script_calls} script calls"
     );
+    // The store timed each call once, not each decision in it.
+    assert_eq!(calls.duration.count(), script_calls);
+    assert_eq!(calls.errors.get(), 0);
     // And Redis holds the state: the next request of either key is refused.
     let next = store
-        .decide("{test}:hot-0".into(), interval, capacity, 1)
+        .decide(Bucket::new("{test:", "hot-0"), interval, capacity, 1)
         .await
         .unwrap();
     assert_eq!(next.taken, 0);
@@ -73,26 +89,38 @@ async fn tokens_given_back_return_to_the_bucket_up_to_its_capacity() {
     let redis = RedisServer::start(dir.path()).unwrap();
     let store = Store::start(&StoreTarget::Single(redis.url()), Duration::from_secs(2)).unwrap();
     let (interval, capacity) = (Duration::from_secs(3600), 10);
+    let bucket = |key: &str| Bucket::new("{t:", key);
     let take = |key: &str, want: u64| {
-        let (store, key) = (store.clone(), key.to_string());
-        async move { store.decide(key, interval, capacity, want).await.unwrap() }
+        let (store, bucket) = (store.clone(), bucket(key));
+        async move {
+            store
+                .decide(bucket, interval, capacity, want)
+                .await
+                .unwrap()
+        }
     };
 
     // All ten taken, four given back: four can be taken again, no more.
-    assert_eq!(take("{t}:a", 10).await.taken, 10);
-    store.give_back("{t}:a", interval, 4).await.unwrap();
-    let again = take("{t}:a", 10).await;
+    assert_eq!(take("a", 10).await.taken, 10);
+    store.give_back(&bucket("a"), interval, 4).await.unwrap();
+    let again = take("a", 10).await;
     assert_eq!((again.taken, again.remaining), (4, 0));
 
     // Three taken, ten given back: the bucket is full again, not over.
-    assert_eq!(take("{t}:b", 3).await.taken, 3);
-    store.give_back("{t}:b", interval, 10).await.unwrap();
-    assert_eq!(take("{t}:b", 20).await.taken, 10);
+    assert_eq!(take("b", 3).await.taken, 3);
+    store.give_back(&bucket("b"), interval, 10).await.unwrap();
+    assert_eq!(take("b", 20).await.taken, 10);
 
     // A full (or never used) bucket takes nothing back.
-    store.give_back("{t}:c", interval, 5).await.unwrap();
-    assert_eq!(take("{t}:c", 20).await.taken, 10);
-    assert_eq!(redis.cli(&["exists", "{t}:c"]).unwrap().trim(), "1");
+    store.give_back(&bucket("c"), interval, 5).await.unwrap();
+    assert_eq!(take("c", 20).await.taken, 10);
+    assert_eq!(
+        redis
+            .cli(&["exists", &bucket("c").redis_key()])
+            .unwrap()
+            .trim(),
+        "1"
+    );
 }
 
 /// `rediss://` to a real redis-server's TLS port: decisions work with the
@@ -109,20 +137,35 @@ async fn decisions_over_tls_need_the_servers_ca() {
     let (interval, timeout) = (Duration::from_secs(3600), Duration::from_secs(2));
     let tls = StoreTls::with_ca_pem(ca).unwrap();
 
-    let store = Store::start_tls(&StoreTarget::Single(url.clone()), &tls, timeout).unwrap();
+    let store = Store::start_tls(
+        &StoreTarget::Single(url.clone()),
+        &tls,
+        timeout,
+        CallMetrics::default(),
+    )
+    .unwrap();
     let a = store
-        .decide("{t}:tls".into(), interval, 3, 1)
+        .decide(Bucket::new("{t:", "tls"), interval, 3, 1)
         .await
         .unwrap();
     assert_eq!((a.taken, a.remaining), (1, 2));
     // It is the same server: the plain port sees the bucket.
-    assert_eq!(redis.cli(&["exists", "{t}:tls"]).unwrap().trim(), "1");
+    let tls_key = Bucket::new("{t:", "tls").redis_key();
+    assert_eq!(redis.cli(&["exists", &tls_key]).unwrap().trim(), "1");
 
     // Another CA: the server is not trusted, no decision.
     let other = gatehouse_e2e::certs::LoopbackCert::new().unwrap();
     let wrong = StoreTls::with_ca_pem(other.ca_pem.into_bytes()).unwrap();
-    let store = Store::start_tls(&StoreTarget::Single(url.clone()), &wrong, timeout).unwrap();
-    let refused = store.decide("{t}:tls".into(), interval, 3, 1).await;
+    let store = Store::start_tls(
+        &StoreTarget::Single(url.clone()),
+        &wrong,
+        timeout,
+        CallMetrics::default(),
+    )
+    .unwrap();
+    let refused = store
+        .decide(Bucket::new("{t:", "tls"), interval, 3, 1)
+        .await;
     assert!(
         refused.is_err(),
         "an untrusted server answered: {refused:?}"
@@ -136,7 +179,7 @@ async fn decisions_over_tls_need_the_servers_ca() {
     )
     .unwrap();
     assert!(plain
-        .decide("{t}:tls".into(), interval, 3, 1)
+        .decide(Bucket::new("{t:", "tls"), interval, 3, 1)
         .await
         .is_err());
 
@@ -157,7 +200,7 @@ async fn decisions_over_tls_need_the_servers_ca() {
         ),
     ];
     for (target, says) in cases {
-        let Err(err) = Store::start_tls(&target, &tls, timeout) else {
+        let Err(err) = Store::start_tls(&target, &tls, timeout, CallMetrics::default()) else {
             panic!("{target:?}: started");
         };
         assert!(err.to_string().contains(says), "{target:?}: {err}");
@@ -178,8 +221,10 @@ async fn a_redis_that_asks_for_client_certificates_decides_only_with_one() {
     let (interval, timeout) = (Duration::from_secs(3600), Duration::from_secs(2));
     let ca = StoreTls::with_ca_pem(std::fs::read(redis.ca_file()).unwrap()).unwrap();
 
-    let without = Store::start_tls(&target, &ca, timeout).unwrap();
-    let refused = without.decide("{t}:m".into(), interval, 3, 1).await;
+    let without = Store::start_tls(&target, &ca, timeout, CallMetrics::default()).unwrap();
+    let refused = without
+        .decide(Bucket::new("{t:", "m"), interval, 3, 1)
+        .await;
     assert!(
         refused.is_err(),
         "decided without a client certificate: {refused:?}"
@@ -189,8 +234,11 @@ async fn a_redis_that_asks_for_client_certificates_decides_only_with_one() {
     let with = ca
         .with_client_identity(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
         .unwrap();
-    let store = Store::start_tls(&target, &with, timeout).unwrap();
-    let a = store.decide("{t}:m".into(), interval, 3, 1).await.unwrap();
+    let store = Store::start_tls(&target, &with, timeout, CallMetrics::default()).unwrap();
+    let a = store
+        .decide(Bucket::new("{t:", "m"), interval, 3, 1)
+        .await
+        .unwrap();
     assert_eq!((a.taken, a.remaining), (1, 2));
 
     // Files that hold no certificate or no key are refused, naming which.

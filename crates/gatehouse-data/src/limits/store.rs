@@ -17,9 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 /// Generic cell rate algorithm over one or more keys, each holding the
@@ -183,14 +186,101 @@ struct Inner {
     quota: redis::Script,
     give_back: redis::Script,
     timeout: Duration,
+    calls: CallMetrics,
     /// Decisions waiting to go out in one call (one server or Sentinel).
     batch: mpsc::UnboundedSender<Ask>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// One bucket of a limit: the limit's key prefix (`gatehouse:rl:{policy/limit/`)
+/// and the request's key. Its Redis key ([`redis_key`]) is made when it
+/// goes out, once per script call for all the asks of one bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub prefix: Arc<str>,
+    pub key: String,
+}
+
+impl Bucket {
+    pub fn new(prefix: impl Into<Arc<str>>, key: impl Into<String>) -> Bucket {
+        Bucket {
+            prefix: prefix.into(),
+            key: key.into(),
+        }
+    }
+
+    pub fn redis_key(&self) -> String {
+        redis_key(&self.prefix, &self.key)
+    }
+}
+
+/// The Redis key of the bucket `key` of the limit whose keys start with
+/// `prefix`: a hash of the key, so neither a header value (which may be a
+/// credential) nor its length reaches Redis; the prefix opens the hash tag
+/// and this closes it, so a limit's buckets share a cluster slot.
+pub fn redis_key(prefix: &str, key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut hex = [0u8; 32];
+    // 16 bytes always fit 32 hex digits.
+    let _ = hex::encode_to_slice(&digest[..16], &mut hex);
+    let mut k = String::with_capacity(prefix.len() + 33);
+    k.push_str(prefix);
+    k.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    k.push('}');
+    k
+}
+
+/// What the store counts of its script calls (a batch of decisions is one
+/// call): the time of each answered call, from sending it to its answer,
+/// which the decision timeout bounds; and the calls that failed or timed
+/// out, with the decisions asked while no connection to Redis exists.
+#[derive(Clone, Debug)]
+pub struct CallMetrics {
+    pub duration: Histogram,
+    pub errors: Counter,
+}
+
+impl Default for CallMetrics {
+    fn default() -> Self {
+        CallMetrics {
+            duration: crate::metrics::redis_duration_histogram(),
+            errors: Counter::default(),
+        }
+    }
+}
+
+impl CallMetrics {
+    /// Runs one call within `timeout` and counts it; `answer` reads the reply.
+    async fn call<R, T>(
+        &self,
+        timeout: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<R>>,
+        answer: impl FnOnce(R) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let sent = Instant::now();
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err("timed out".to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(reply)) => answer(reply),
+        };
+        match outcome {
+            Ok(_) => self.duration.observe(sent.elapsed().as_secs_f64()),
+            Err(_) => {
+                self.errors.inc();
+            }
+        }
+        outcome
+    }
+
+    fn not_connected<T>(&self) -> Result<T, String> {
+        self.errors.inc();
+        Err("not connected yet".into())
+    }
+}
+
 /// One decision waiting for the batcher.
 struct Ask {
-    key: String,
+    bucket: Bucket,
     interval_us: u64,
     capacity: u64,
     want: u64,
@@ -407,14 +497,21 @@ impl Store {
     /// serves while Redis is down, each limit following its failure mode.
     /// Must be called inside a tokio runtime.
     pub fn start(target: &StoreTarget, timeout: Duration) -> Result<Store, StoreError> {
-        Store::start_tls(target, &StoreTls::default(), timeout)
+        Store::start_tls(
+            target,
+            &StoreTls::default(),
+            timeout,
+            CallMetrics::default(),
+        )
     }
 
-    /// [`Store::start`], with TLS settings for `rediss://` URLs.
+    /// [`Store::start`], with TLS settings for `rediss://` URLs, counting
+    /// its calls in `calls`.
     pub fn start_tls(
         target: &StoreTarget,
         tls: &StoreTls,
         timeout: Duration,
+        calls: CallMetrics,
     ) -> Result<Store, StoreError> {
         check_tls(target, tls)?;
         let conn = Arc::new(ArcSwapOption::empty());
@@ -495,6 +592,7 @@ impl Store {
             conn.clone(),
             script.clone(),
             timeout,
+            calls.clone(),
         )));
         Ok(Store(Arc::new(Inner {
             conn,
@@ -502,6 +600,7 @@ impl Store {
             quota: redis::Script::new(QUOTAS),
             give_back: redis::Script::new(GIVE_BACK),
             timeout,
+            calls,
             batch,
             tasks,
         })))
@@ -519,7 +618,7 @@ impl Store {
         quotas: &[(String, u64, u64)],
     ) -> Result<Result<Vec<u64>, usize>, String> {
         let Some(conn) = self.0.conn.load_full() else {
-            return Err("not connected yet".into());
+            return self.0.calls.not_connected();
         };
         let mut invocation = self.0.quota.prepare_invoke();
         for (key, _, _) in quotas {
@@ -537,61 +636,60 @@ impl Store {
                 Conn::Cluster(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
             }
         };
-        match tokio::time::timeout(self.0.timeout, call).await {
-            Err(_) => Err("timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(reply)) => match reply.split_first() {
-                Some((1, used)) => Ok(Ok(used
-                    .iter()
-                    .map(|u| u64::try_from(*u).unwrap_or(0))
-                    .collect())),
-                Some((0, [i, ..])) => Ok(Err(usize::try_from(*i - 1).unwrap_or(0))),
-                _ => Err(format!("unexpected reply from the quota script: {reply:?}")),
-            },
-        }
+        let answer = |reply: Vec<i64>| match reply.split_first() {
+            Some((1, used)) => Ok(Ok(used
+                .iter()
+                .map(|u| u64::try_from(*u).unwrap_or(0))
+                .collect())),
+            Some((0, [i, ..])) => Ok(Err(usize::try_from(*i - 1).unwrap_or(0))),
+            _ => Err(format!("unexpected reply from the quota script: {reply:?}")),
+        };
+        self.0.calls.call(self.0.timeout, call, answer).await
     }
 
-    /// Gives `tokens` of the bucket `key` (interval `interval`) back,
-    /// bounded by the decision timeout (see [`GIVE_BACK`]).
+    /// Gives `tokens` of `bucket` (interval `interval`) back, bounded by
+    /// the decision timeout (see [`GIVE_BACK`]).
     pub async fn give_back(
         &self,
-        key: &str,
+        bucket: &Bucket,
         interval: Duration,
         tokens: u64,
     ) -> Result<(), String> {
         let Some(conn) = self.0.conn.load_full() else {
-            return Err("not connected yet".into());
+            return self.0.calls.not_connected();
         };
         let interval_us = u64::try_from(interval.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let mut invocation = self.0.give_back.prepare_invoke();
-        invocation.key(key).arg(interval_us).arg(tokens);
+        invocation
+            .key(bucket.redis_key())
+            .arg(interval_us)
+            .arg(tokens);
         let call = async {
             match (*conn).clone() {
                 Conn::Single(mut c) => invocation.invoke_async::<i64>(&mut c).await,
                 Conn::Cluster(mut c) => invocation.invoke_async::<i64>(&mut c).await,
             }
         };
-        match tokio::time::timeout(self.0.timeout, call).await {
-            Err(_) => Err("timed out".into()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(_)) => Ok(()),
-        }
+        self.0
+            .calls
+            .call(self.0.timeout, call, |_: i64| Ok(()))
+            .await
     }
 
-    /// One GCRA decision for `key` taking up to `want` tokens, bounded by
-    /// the decision timeout. On one server (or Sentinel's master) the
+    /// One GCRA decision for `bucket` taking up to `want` tokens, bounded
+    /// by the decision timeout. On one server (or Sentinel's master) the
     /// decisions of concurrent requests go out together, in one script call.
     pub async fn decide(
         &self,
-        key: String,
+        bucket: Bucket,
         interval: Duration,
         capacity: u64,
         want: u64,
     ) -> Result<Answer, String> {
         let Some(conn) = self.0.conn.load_full() else {
-            return Err("not connected yet".into());
+            return self.0.calls.not_connected();
         };
         let interval_us = u64::try_from(interval.as_micros())
             .unwrap_or(u64::MAX)
@@ -602,7 +700,7 @@ impl Store {
                 // every ask; a dropped sender means it is gone.
                 let (reply, answer) = oneshot::channel();
                 let ask = Ask {
-                    key,
+                    bucket,
                     interval_us,
                     capacity,
                     want,
@@ -618,15 +716,12 @@ impl Store {
             Conn::Cluster(c) => {
                 // Keys of different buckets live in different slots: one
                 // call per decision.
-                let mut invocation = self.0.script.key(&key);
+                let mut invocation = self.0.script.key(bucket.redis_key());
                 invocation.arg(interval_us).arg(capacity).arg(want);
                 let mut c = c.clone();
                 let call = invocation.invoke_async::<Vec<u8>>(&mut c);
-                match tokio::time::timeout(self.0.timeout, call).await {
-                    Err(_) => Err("timed out".into()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Ok(Ok(reply)) => parse_answers(&reply, 1).map(|a| a[0]),
-                }
+                let answer = |reply: Vec<u8>| parse_answers(&reply, 1).map(|a| a[0]);
+                self.0.calls.call(self.0.timeout, call, answer).await
             }
         }
     }
@@ -639,6 +734,7 @@ async fn batcher(
     conn: Arc<ArcSwapOption<Conn>>,
     script: redis::Script,
     timeout: Duration,
+    calls: CallMetrics,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = asks.recv().await {
@@ -655,16 +751,16 @@ async fn batcher(
         let asks_of_call = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
         let Some(conn) = conn.load_full() else {
             for ask in asks_of_call {
-                let _ = ask.reply.send(Err("not connected yet".into()));
+                let _ = ask.reply.send(calls.not_connected());
             }
             continue;
         };
-        let script = script.clone();
+        let (script, calls) = (script.clone(), calls.clone());
         tokio::spawn(async move {
             let takes = Takes::of(&asks_of_call);
             let mut invocation = script.prepare_invoke();
             for &first in &takes.first {
-                invocation.key(&asks_of_call[first].key);
+                invocation.key(asks_of_call[first].bucket.redis_key());
             }
             for (&first, &want) in takes.first.iter().zip(&takes.want) {
                 let ask = &asks_of_call[first];
@@ -676,11 +772,10 @@ async fn batcher(
                     Conn::Cluster(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
                 }
             };
-            let answers = match tokio::time::timeout(timeout, call).await {
-                Err(_) => Err("timed out".to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(reply)) => parse_answers(&reply, takes.first.len()),
-            };
+            let n = takes.first.len();
+            let answers = calls
+                .call(timeout, call, |reply: Vec<u8>| parse_answers(&reply, n))
+                .await;
             match answers {
                 Ok(answers) => {
                     let mut given = vec![0u64; answers.len()];
@@ -733,7 +828,7 @@ impl Takes {
                 let other = &asks[f];
                 other.interval_us == ask.interval_us
                     && other.capacity == ask.capacity
-                    && other.key == ask.key
+                    && other.bucket == ask.bucket
             });
             match same {
                 Some(t) => {
