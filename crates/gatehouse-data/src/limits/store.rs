@@ -728,7 +728,9 @@ impl Store {
 }
 
 /// Sends the asks that are waiting together in one script call, and the
-/// next batch while that one is out (the connection pipelines them).
+/// next batch while that one is out (the connection pipelines them). The
+/// calls out are driven here rather than as tasks of their own, and
+/// borrow the script rather than copy it.
 async fn batcher(
     mut asks: mpsc::UnboundedReceiver<Ask>,
     conn: Arc<ArcSwapOption<Conn>>,
@@ -736,8 +738,18 @@ async fn batcher(
     timeout: Duration,
     calls: CallMetrics,
 ) {
+    use futures::StreamExt;
+    let mut out = futures::stream::FuturesUnordered::new();
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = asks.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(()) = out.next(), if !out.is_empty() => continue,
+            ask = asks.recv() => match ask {
+                Some(ask) => ask,
+                None => break,
+            },
+        };
         batch.push(first);
         // Let the requests that are ready run up to their decision, so that
         // theirs join this call rather than each waking this task.
@@ -748,56 +760,67 @@ async fn batcher(
                 Err(_) => break,
             }
         }
-        let asks_of_call = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-        let Some(conn) = conn.load_full() else {
-            for ask in asks_of_call {
-                let _ = ask.reply.send(calls.not_connected());
-            }
-            continue;
-        };
-        let (script, calls) = (script.clone(), calls.clone());
-        tokio::spawn(async move {
-            let takes = Takes::of(&asks_of_call);
-            let mut invocation = script.prepare_invoke();
-            for &first in &takes.first {
-                invocation.key(asks_of_call[first].bucket.redis_key());
-            }
-            for (&first, &want) in takes.first.iter().zip(&takes.want) {
-                let ask = &asks_of_call[first];
-                invocation.arg(ask.interval_us).arg(ask.capacity).arg(want);
-            }
-            let call = async {
-                match (*conn).clone() {
-                    Conn::Single(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
-                    Conn::Cluster(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
-                }
-            };
-            let n = takes.first.len();
-            let answers = calls
-                .call(timeout, call, |reply: Vec<u8>| parse_answers(&reply, n))
-                .await;
-            match answers {
-                Ok(answers) => {
-                    let mut given = vec![0u64; answers.len()];
-                    for (ask, &t) in asks_of_call.into_iter().zip(&takes.of_ask) {
-                        let answer = share(
-                            &answers[t],
-                            ask.interval_us,
-                            ask.capacity,
-                            given[t],
-                            ask.want,
-                        );
-                        given[t] += answer.taken;
-                        let _ = ask.reply.send(Ok(answer));
-                    }
-                }
-                Err(e) => {
-                    for ask in asks_of_call {
-                        let _ = ask.reply.send(Err(e.clone()));
-                    }
+        let asks_of_call: Vec<Ask> = batch.drain(..).collect();
+        match conn.load_full() {
+            Some(conn) => out.push(call(asks_of_call, conn, &script, timeout, &calls)),
+            None => {
+                for ask in asks_of_call {
+                    let _ = ask.reply.send(calls.not_connected());
                 }
             }
-        });
+        }
+    }
+    // The store is gone: answer what is out before leaving.
+    while out.next().await.is_some() {}
+}
+
+/// One script call for the asks of a batch, answering each of them.
+async fn call(
+    asks: Vec<Ask>,
+    conn: Arc<Conn>,
+    script: &redis::Script,
+    timeout: Duration,
+    calls: &CallMetrics,
+) {
+    let takes = Takes::of(&asks);
+    let mut invocation = script.prepare_invoke();
+    for &first in &takes.first {
+        invocation.key(asks[first].bucket.redis_key());
+    }
+    for (&first, &want) in takes.first.iter().zip(&takes.want) {
+        let ask = &asks[first];
+        invocation.arg(ask.interval_us).arg(ask.capacity).arg(want);
+    }
+    let reply = async {
+        match (*conn).clone() {
+            Conn::Single(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
+            Conn::Cluster(mut c) => invocation.invoke_async::<Vec<u8>>(&mut c).await,
+        }
+    };
+    let n = takes.first.len();
+    let answers = calls
+        .call(timeout, reply, |reply: Vec<u8>| parse_answers(&reply, n))
+        .await;
+    match answers {
+        Ok(answers) => {
+            let mut given = vec![0u64; answers.len()];
+            for (ask, &t) in asks.into_iter().zip(&takes.of_ask) {
+                let answer = share(
+                    &answers[t],
+                    ask.interval_us,
+                    ask.capacity,
+                    given[t],
+                    ask.want,
+                );
+                given[t] += answer.taken;
+                let _ = ask.reply.send(Ok(answer));
+            }
+        }
+        Err(e) => {
+            for ask in asks {
+                let _ = ask.reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
