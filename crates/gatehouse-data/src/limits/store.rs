@@ -760,7 +760,9 @@ async fn batcher(
                 Err(_) => break,
             }
         }
-        let asks_of_call: Vec<Ask> = batch.drain(..).collect();
+        // Its own exact-size allocation; `batch` keeps room for the next.
+        let mut asks_of_call = Vec::with_capacity(batch.len());
+        asks_of_call.append(&mut batch);
         match conn.load_full() {
             Some(conn) => out.push(call(asks_of_call, conn, &script, timeout, &calls)),
             None => {
