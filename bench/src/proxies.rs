@@ -70,8 +70,10 @@ pub struct ProxiesArgs {
     quiet_cores: f64,
     /// Closed-loop rounds: every target is measured this many times, in
     /// turn (round 1 of each target, then round 2, ...), so that the
-    /// machine's drift over the run hits every target alike. The tables
-    /// show each target's median round; a table lists every round.
+    /// machine's drift over the run hits every target alike; each round
+    /// starts one target later, so every target takes every place in a
+    /// round. The tables show each target's median round; a table lists
+    /// every round.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
     rounds: u64,
     /// Give each proxy CPUs of its own (with `taskset`): the proxy on CPUs
@@ -1185,9 +1187,16 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         slots.push(slot);
     }
 
-    // Phase 1: closed-loop throughput, one target at a time, in rounds.
+    // Phase 1: closed-loop throughput, one target at a time, in rounds;
+    // each round starts one target later than the one before, so every
+    // target takes every place in a round (first after the quiet wait,
+    // last, ...) as often as the others.
     for round in 1..=args.rounds {
-        for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
+        for i in round_order(slots.len(), round) {
+            let slot = &mut slots[i];
+            if slot.failure.is_some() {
+                continue;
+            }
             eprintln!(
                 "{}: closed loop at {} (round {round} of {})",
                 slot.kind,
@@ -1314,6 +1323,13 @@ type Round = (f64, Option<f64>);
 /// plain Gatehouse's in the same round (the two measured minutes apart at
 /// most), when plain Gatehouse was measured; then the same for the proxy's
 /// CPU time per request.
+/// The order of `n` targets in round `round` (from 1): round 1 in their
+/// order, each later round starting one target later.
+fn round_order(n: usize, round: u64) -> impl Iterator<Item = usize> {
+    let start = usize::try_from(round.saturating_sub(1)).unwrap_or(0) % n.max(1);
+    (0..n).map(move |i| (start + i) % n)
+}
+
 fn print_rounds(by_round: &[(Kind, Vec<Round>)]) {
     let rps: Vec<(Kind, Vec<f64>)> = by_round
         .iter()
@@ -1555,5 +1571,28 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
     println!();
     for n in notes {
         println!("- {n}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn each_round_starts_one_target_later_and_runs_every_target_once() {
+        let order = |round| round_order(3, round).collect::<Vec<_>>();
+        assert_eq!(order(1), [0, 1, 2]);
+        assert_eq!(order(2), [1, 2, 0]);
+        assert_eq!(order(3), [2, 0, 1]);
+        assert_eq!(order(4), [0, 1, 2]);
+        // Over n rounds, each target runs once in each place of a round.
+        for target in 0..3 {
+            let mut places: Vec<usize> = (1..=3)
+                .map(|r| order(r).iter().position(|t| *t == target).unwrap())
+                .collect();
+            places.sort_unstable();
+            assert_eq!(places, [0, 1, 2], "target {target}");
+        }
+        assert_eq!(round_order(0, 2).count(), 0);
     }
 }
