@@ -690,23 +690,21 @@ impl CompiledLimit {
             lease_time: self.lease_time(),
             done: false,
         };
-        let bucket = self.bucket(&key);
-        let (store, period, capacity) = (store.clone(), self.period, self.capacity);
-        tokio::spawn(async move {
-            let sent = Instant::now();
-            match store.decide(bucket, period, capacity, want).await {
-                Ok(a) => {
-                    if a.taken > 0 {
-                        inflight.done(a.taken, sent);
-                    } else {
-                        // The bucket is empty: spend what is held, and ask
-                        // again when Redis says a token is back.
-                        inflight.refused_until(sent + a.wait);
-                    }
-                }
+        let sent = Instant::now();
+        store.decide_in_background(
+            self.bucket(&key),
+            self.period,
+            self.capacity,
+            want,
+            move |answer| match answer {
+                Ok(a) if a.taken > 0 => inflight.done(a.taken, sent),
+                // The bucket is empty: spend what is held, and ask again
+                // when Redis says a token is back.
+                Ok(a) => inflight.refused_until(sent + a.wait),
+                // Dropping the fetch lets the next request fetch.
                 Err(e) => warn_store_failure(&e),
-            }
-        });
+            },
+        );
     }
 }
 

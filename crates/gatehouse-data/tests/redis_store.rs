@@ -252,3 +252,46 @@ async fn a_redis_that_asks_for_client_certificates_decides_only_with_one() {
         .unwrap_err();
     assert!(err.to_string().contains("client key"), "{err}");
 }
+
+/// A background ask (a lease refill) hands its answer to its closure, and
+/// Redis keeps what it took; with Redis paused the closure gets the
+/// timeout instead, within the decision timeout, and the call is counted
+/// as failed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_background_ask_hands_its_answer_to_its_closure() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path()).unwrap();
+    let calls = CallMetrics::default();
+    let timeout = Duration::from_millis(300);
+    let store = Store::start_tls(
+        &StoreTarget::Single(redis.url()),
+        &Default::default(),
+        timeout,
+        calls.clone(),
+    )
+    .unwrap();
+    let (interval, capacity) = (Duration::from_secs(3600), 10);
+    let ask = |want: u64| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.decide_in_background(Bucket::new("{t:", "bg"), interval, capacity, want, |a| {
+            let _ = tx.send(a);
+        });
+        rx
+    };
+
+    let a = ask(4).await.unwrap().unwrap();
+    assert_eq!((a.taken, a.remaining), (4, 6));
+    let rest = store
+        .decide(Bucket::new("{t:", "bg"), interval, capacity, 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.taken, 6, "Redis kept the four taken in the background");
+
+    redis.stop();
+    let asked = std::time::Instant::now();
+    let failed = ask(1).await.unwrap();
+    redis.cont();
+    assert_eq!(failed, Err("timed out".to_string()));
+    assert!(asked.elapsed() < timeout * 3, "{:?}", asked.elapsed());
+    assert_eq!(calls.errors.get(), 1);
+}
