@@ -137,13 +137,16 @@ async fn decisions_over_tls_need_the_servers_ca() {
     let (interval, timeout) = (Duration::from_secs(3600), Duration::from_secs(2));
     let tls = StoreTls::with_ca_pem(ca).unwrap();
 
-    let store = Store::start_tls(
-        &StoreTarget::Single(url.clone()),
-        &tls,
-        timeout,
-        CallMetrics::default(),
-    )
-    .unwrap();
+    let start = |tls: &StoreTls| {
+        Store::start_tls(
+            &StoreTarget::Single(url.clone()),
+            tls,
+            timeout,
+            CallMetrics::default(),
+        )
+        .unwrap()
+    };
+    let store = start(&tls);
     let a = store
         .decide(Bucket::new("{t:", "tls"), interval, 3, 1)
         .await
@@ -156,13 +159,7 @@ async fn decisions_over_tls_need_the_servers_ca() {
     // Another CA: the server is not trusted, no decision.
     let other = gatehouse_e2e::certs::LoopbackCert::new().unwrap();
     let wrong = StoreTls::with_ca_pem(other.ca_pem.into_bytes()).unwrap();
-    let store = Store::start_tls(
-        &StoreTarget::Single(url.clone()),
-        &wrong,
-        timeout,
-        CallMetrics::default(),
-    )
-    .unwrap();
+    let store = start(&wrong);
     let refused = store
         .decide(Bucket::new("{t:", "tls"), interval, 3, 1)
         .await;
