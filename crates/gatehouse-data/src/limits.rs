@@ -127,9 +127,30 @@ impl LimiterRegistry {
     /// [`GIVE_BACK_IN_FLIGHT`] at a time, all within `deadline` (what is not
     /// given back by then is lost, as before). Returns the keys and tokens
     /// Redis took back. Tokens are taken out of the leases first, so a
-    /// request served meanwhile asks Redis instead of spending them.
+    /// request served meanwhile asks Redis instead of spending them; fetches
+    /// still out are waited for first (within the same deadline), or their
+    /// tokens would arrive after the others went back, and be lost.
     pub async fn give_back_leases(&self, store: &store::Store, deadline: Duration) -> (usize, u64) {
         use futures::StreamExt;
+        let end = tokio::time::Instant::now() + deadline;
+        let out: Vec<tokio::sync::watch::Receiver<u64>> = {
+            let books = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            books
+                .values()
+                .flat_map(|book| {
+                    let leases = book.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    leases
+                        .values()
+                        .filter(|l| l.fetching)
+                        .map(|l| l.arrived.subscribe())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if !out.is_empty() {
+            let fetched = futures::future::join_all(out.into_iter().map(fetch_ended));
+            let _ = tokio::time::timeout_at(end, fetched).await;
+        }
         let now = Instant::now();
         let mut back = Vec::new();
         {
@@ -170,7 +191,7 @@ impl LimiterRegistry {
                 }
             }
         };
-        if tokio::time::timeout(deadline, all).await.is_err() {
+        if tokio::time::timeout_at(end, all).await.is_err() {
             tracing::warn!(
                 ?deadline,
                 "not every leased token was given back to the rate-limit store in time"
@@ -178,6 +199,11 @@ impl LimiterRegistry {
         }
         (keys, tokens)
     }
+}
+
+/// Until a lease fetch ends, however it ends (its `arrived` is bumped).
+async fn fetch_ended(mut arrived: tokio::sync::watch::Receiver<u64>) {
+    let _ = arrived.changed().await;
 }
 
 /// What cluster limits need at request time besides the compiled revision.
@@ -1401,6 +1427,69 @@ mod tests {
         // The smallest leases still refill before they are gone.
         assert_eq!(at(&lease(1, 10, 1000)), 1);
         assert_eq!(at(&lease(3, 45_000, 1000)), 1);
+    }
+
+    /// A lease fetch still out when the data plane stops (here: Redis
+    /// paused while it is asked) is waited for, and its tokens go back to
+    /// Redis with the others: Redis ends up with all but the spent ones.
+    #[tokio::test]
+    async fn a_fetch_still_out_when_the_node_stops_goes_back_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
+        let store = store::Store::start(
+            &store::StoreTarget::Single(redis.url()),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+        let env = ClusterEnv {
+            store: Some(store.clone()),
+            data_planes: AtomicU64::new(1),
+        };
+        let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
+        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 40;
+        let limits = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        let h = HeaderMap::new();
+        let admit = || async {
+            let d = check(&limits, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
+            assert!(d.retry_after.is_none() && !d.unavailable, "{d:?}");
+        };
+        // A first lease of 10; spend from it with Redis paused until one
+        // request starts the next fetch in the background.
+        admit().await;
+        redis.stop();
+        let fetching = || {
+            let leases = limits[0].leases.lock().unwrap();
+            leases["10.0.0.1"].fetching
+        };
+        let mut spent = 1;
+        while !fetching() {
+            admit().await;
+            spent += 1;
+        }
+        let ((keys, tokens), ()) = tokio::join!(
+            reg.give_back_leases(&store, Duration::from_secs(10)),
+            async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                redis.cont();
+            }
+        );
+        assert_eq!(keys, 1);
+        let rest = store
+            .decide(
+                store::Bucket::new("gatehouse:rl:{p/leased/", "10.0.0.1"),
+                Duration::from_secs(36),
+                100,
+                1000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            rest.taken,
+            100 - spent,
+            "{spent} spent, {tokens} given back: the fetched ones too"
+        );
     }
 
     /// Cost mode against a real Redis: leased tokens survive a revision
