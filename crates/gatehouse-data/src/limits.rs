@@ -1429,6 +1429,24 @@ mod tests {
         assert_eq!(at(&lease(3, 45_000, 1000)), 1);
     }
 
+    /// A store on `redis`, its cluster settings (one data plane), and a
+    /// cluster limit `leased`: 100 an hour on the client's address, leases
+    /// of 40.
+    fn leased_on(
+        redis: &gatehouse_e2e::redis::RedisServer,
+        timeout: Duration,
+    ) -> (store::Store, ClusterEnv, RateLimit) {
+        let store = store::Store::start(&store::StoreTarget::Single(redis.url()), timeout).unwrap();
+        let env = ClusterEnv {
+            store: Some(store.clone()),
+            data_planes: AtomicU64::new(1),
+        };
+        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 40;
+        (store, env, l)
+    }
+
     /// A lease fetch still out when the data plane stops (here: Redis
     /// paused while it is asked) is waited for, and its tokens go back to
     /// Redis with the others: Redis ends up with all but the spent ones.
@@ -1436,19 +1454,8 @@ mod tests {
     async fn a_fetch_still_out_when_the_node_stops_goes_back_too() {
         let dir = tempfile::tempdir().unwrap();
         let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
-        let store = store::Store::start(
-            &store::StoreTarget::Single(redis.url()),
-            Duration::from_secs(3),
-        )
-        .unwrap();
-        let env = ClusterEnv {
-            store: Some(store.clone()),
-            data_planes: AtomicU64::new(1),
-        };
+        let (store, env, l) = leased_on(&redis, Duration::from_secs(3));
         let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
-        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
-        l.scope = LimitScope::Cluster;
-        l.lease = 40;
         let limits = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
         let h = HeaderMap::new();
         let admit = || async {
@@ -1499,19 +1506,8 @@ mod tests {
     async fn leases_outlive_an_unchanged_revision_and_go_back_to_redis_at_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
-        let store = store::Store::start(
-            &store::StoreTarget::Single(redis.url()),
-            Duration::from_secs(2),
-        )
-        .unwrap();
-        let env = ClusterEnv {
-            store: Some(store.clone()),
-            data_planes: AtomicU64::new(1),
-        };
+        let (store, env, l) = leased_on(&redis, Duration::from_secs(2));
         let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
-        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
-        l.scope = LimitScope::Cluster;
-        l.lease = 40;
         let h = HeaderMap::new();
         let calls = || redis.calls("evalsha").unwrap() + redis.calls("eval").unwrap();
 
