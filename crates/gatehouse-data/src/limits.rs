@@ -673,8 +673,9 @@ impl CompiledLimit {
             oldest.0 -= 1;
             let left: u64 = lease.held.iter().map(|(n, _)| n).sum();
             // Fetched in the background while what is held still lasts
-            // the fetch (see `refill_at`); held and fetched together stay
-            // within one lease.
+            // the fetch (see `refill_at`; half a lease, its upper bound, is
+            // checked first as the cheap test for most requests); held and
+            // fetched together stay within one lease.
             let refill = (!lease.fetching
                 && left <= (lease.size / 2).max(1)
                 && left <= refill_at(lease, now)
