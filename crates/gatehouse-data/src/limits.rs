@@ -1448,6 +1448,41 @@ mod tests {
         (store, env, l)
     }
 
+    /// Cost mode's lease books are kept while a revision has their limit,
+    /// and forgotten (with whatever they held) once none has, so a config
+    /// that keeps adding and removing cost-mode limits does not grow them.
+    #[test]
+    fn lease_books_of_limits_no_revision_has_are_evicted() {
+        let reg = LimiterRegistry::default();
+        let books = || reg.leases.lock().unwrap().len();
+        let mut leased = limit("leased", &["client_ip"], 100, Duration::from_secs(60), 0);
+        leased.scope = LimitScope::Cluster;
+        leased.lease = 40;
+        let mut other = leased.clone();
+        other.name = "other".into();
+        let metrics = Metrics::default();
+        let first = CompiledLimit::compile("p", &leased, &reg, &metrics).unwrap();
+        let gone = CompiledLimit::compile("p", &other, &reg, &metrics).unwrap();
+        assert_eq!(books(), 2);
+
+        // A new revision without "other", and the old one dropped.
+        let second = CompiledLimit::compile("p", &leased, &reg, &metrics).unwrap();
+        drop((first, gone));
+        reg.evict_idle();
+        assert_eq!(books(), 1, "the book of the limit still in use is kept");
+        let kept = reg
+            .leases
+            .lock()
+            .unwrap()
+            .keys()
+            .all(|(k, _)| k.1 == "leased");
+        assert!(kept, "the book kept is the limit's still in use");
+
+        drop(second);
+        reg.evict_idle();
+        assert_eq!(books(), 0);
+    }
+
     /// A lease fetch still out when the data plane stops (here: Redis
     /// paused while it is asked) is waited for, and its tokens go back to
     /// Redis with the others: Redis ends up with all but the spent ones.
