@@ -314,6 +314,12 @@ impl CompiledPolicy {
         }
     }
 
+    /// Whether the policy asks callers who they are (its `authentication`
+    /// lists a method).
+    pub fn authenticates(&self) -> bool {
+        !self.methods.is_empty()
+    }
+
     /// The policy's token introspector, if it has one.
     pub fn introspector(&self) -> Option<&Arc<crate::introspect::Introspector>> {
         self.introspector.as_ref()

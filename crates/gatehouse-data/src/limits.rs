@@ -332,7 +332,7 @@ pub struct CompiledLimit {
     /// `RateLimit-Policy` of a policy with this limit alone.
     policy_header: Option<HeaderValue>,
     /// `limit=LIMIT, remaining=`, how this limit's `RateLimit` header starts.
-    state_prefix: String,
+    state_prefix: Arc<str>,
     counters: LimitCounters,
 }
 
@@ -434,7 +434,7 @@ impl CompiledLimit {
             leases,
             policy_header: HeaderValue::from_str(&policy_part).ok(),
             policy_part,
-            state_prefix: format!("limit={}, remaining=", l.limit),
+            state_prefix: format!("limit={}, remaining=", l.limit).into(),
             counters,
         })
     }
@@ -1100,9 +1100,57 @@ pub async fn check<'a>(
     })
 }
 
-/// `RateLimit: limit=L, remaining=R, reset=S` (the prefix made when the
-/// limit was compiled), in one allocation of the exact size.
-fn rate_limit_state(prefix: &str, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
+/// `RateLimit: limit=L, remaining=R, reset=S`, the prefix made when the
+/// limit was compiled. A limit's values repeat (a bucket that is seldom
+/// empty answers the same `remaining` and `reset` for many requests, and a
+/// per-second limit has few of either), so the values made lately on this
+/// thread are kept: a copy of one costs a reference count, against
+/// formatting, allocating and checking a new one.
+fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
+    // The prefix's address tells limits apart (an entry keeps its prefix
+    // alive, so the address is not reused while the entry is there).
+    let limit = Arc::as_ptr(prefix) as *const u8 as usize as u64;
+    let slot = ((remaining ^ reset_secs.rotate_left(20) ^ (limit >> 4)) % STATES as u64) as usize;
+    STATE_VALUES.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            return make_state(prefix, remaining, reset_secs);
+        };
+        if let Some(made) = &cache[slot] {
+            if made.remaining == remaining
+                && made.reset_secs == reset_secs
+                && Arc::ptr_eq(&made.prefix, prefix)
+            {
+                return Some(made.value.clone());
+            }
+        }
+        let value = make_state(prefix, remaining, reset_secs)?;
+        cache[slot] = Some(MadeState {
+            prefix: prefix.clone(),
+            remaining,
+            reset_secs,
+            value: value.clone(),
+        });
+        Some(value)
+    })
+}
+
+/// `RateLimit` values kept per thread (see [`rate_limit_state`]).
+const STATES: usize = 64;
+
+struct MadeState {
+    prefix: Arc<str>,
+    remaining: u64,
+    reset_secs: u64,
+    value: HeaderValue,
+}
+
+thread_local! {
+    static STATE_VALUES: std::cell::RefCell<[Option<MadeState>; STATES]> =
+        const { std::cell::RefCell::new([const { None }; STATES]) };
+}
+
+/// A new `RateLimit` value, in one allocation of the exact size.
+fn make_state(prefix: &str, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
     let (mut r, mut s) = (itoa::Buffer::new(), itoa::Buffer::new());
     let parts = [
         prefix,
@@ -1215,6 +1263,40 @@ mod tests {
                 .is_none(),
             "unused limits are forgotten"
         );
+    }
+
+    /// Kept values are only handed out for their own limit and state:
+    /// two limits with the same state, and more states than the thread
+    /// keeps, each get their own text.
+    #[test]
+    fn rate_limit_values_kept_per_thread_are_those_of_their_limit_and_state() {
+        let five: Arc<str> = "limit=5, remaining=".into();
+        let seven: Arc<str> = "limit=7, remaining=".into();
+        for _ in 0..2 {
+            for remaining in 0..200 {
+                for (prefix, limit) in [(&five, 5), (&seven, 7)] {
+                    let reset = remaining % 3;
+                    let value = rate_limit_state(prefix, remaining, reset).unwrap();
+                    assert_eq!(
+                        value,
+                        format!("limit={limit}, remaining={remaining}, reset={reset}").as_str()
+                    );
+                }
+            }
+        }
+        // More limits than the thread keeps values, all in the same state:
+        // some share a slot, and none gets another's text.
+        let limits: Vec<Arc<str>> = (0..200)
+            .map(|l| format!("limit={l}, remaining=").into())
+            .collect();
+        for _ in 0..2 {
+            for (l, prefix) in limits.iter().enumerate() {
+                assert_eq!(
+                    rate_limit_state(prefix, 1, 1).unwrap(),
+                    format!("limit={l}, remaining=1, reset=1").as_str()
+                );
+            }
+        }
     }
 
     #[test]

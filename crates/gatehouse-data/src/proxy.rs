@@ -296,10 +296,14 @@ impl Proxy {
         if !canonical_ok && !route.raw_path {
             return (None, reject(&Reject::BadRequest));
         }
-        let cors = route.policy.as_ref().and_then(|p| {
-            let origin = req.headers().get(http::header::ORIGIN)?;
-            (p.firewall.cors.is_some() && preflight.is_none()).then(|| (p.clone(), origin.clone()))
-        });
+        let cors = route
+            .policy
+            .as_ref()
+            .filter(|p| p.firewall.cors.is_some() && preflight.is_none())
+            .and_then(|p| {
+                let origin = req.headers().get(http::header::ORIGIN)?;
+                Some((p.clone(), origin.clone()))
+            });
         let name = Some(RouteTag {
             name: route.name.clone(),
             latency: route.latency.clone(),
@@ -362,8 +366,9 @@ impl Proxy {
             policy.fetch_token_keys(req.headers()).await;
         }
         let consumer = match &route.policy {
-            None => None,
-            Some(policy) => match policy
+            // A policy that does not authenticate (only limits, say) needs
+            // neither the clock nor the connection's certificate.
+            Some(policy) if policy.authenticates() => match policy
                 .authenticate(
                     &config.credentials,
                     req.headers(),
@@ -379,6 +384,7 @@ impl Proxy {
                 Ok(c) => c,
                 Err(r) => return (name, reject(&r)),
             },
+            _ => None,
         };
 
         observed.consumer(consumer.as_ref());
