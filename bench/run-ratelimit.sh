@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What rate limiting costs the proxy: the backend direct, Gatehouse plain,
 # with a local limit, with a cluster limit in Redis (exact) and with one in
-# cost mode (lease 100), one worker each, with the parameters
+# cost mode (lease 100, and lease 1000), one worker each, with the parameters
 # docs/benchmarks.md reports. Redis commands per request come from Redis's
 # INFO commandstats.
 #
@@ -33,6 +33,6 @@ mkdir -p "$(dirname "$out")"
     echo
     target/release/gatehouse-bench proxies --connections 32 --warmup 3 --duration 10 --rate-fraction 0.5 \
         --proxy-threads 1 --backend-threads 1 --client-threads 1 \
-        --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease "$@"
+        --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease,gatehouse-lease-1000 "$@"
 } 2> >(tee "${out%.md}.log" >&2) | tee "$out"
 echo "results: $out (progress and warnings: ${out%.md}.log)" >&2
