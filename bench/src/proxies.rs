@@ -166,16 +166,12 @@ impl Kind {
         match self {
             Kind::GatehouseLocal => Some(format!("{{ name: l, {base} }}")),
             Kind::GatehouseCluster => Some(format!("{{ name: l, scope: cluster, {base} }}")),
-            Kind::GatehouseLease | Kind::GatehouseLease1000 => {
-                let lease = if self == Kind::GatehouseLease {
-                    100
-                } else {
-                    1000
-                };
-                Some(format!(
-                    "{{ name: l, scope: cluster, lease: {lease}, {base} }}"
-                ))
+            Kind::GatehouseLease => {
+                Some(format!("{{ name: l, scope: cluster, lease: 100, {base} }}"))
             }
+            Kind::GatehouseLease1000 => Some(format!(
+                "{{ name: l, scope: cluster, lease: 1000, {base} }}"
+            )),
             _ => None,
         }
     }

@@ -1137,6 +1137,7 @@ fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Optio
 /// `RateLimit` values kept per thread (see [`rate_limit_state`]).
 const STATES: usize = 64;
 
+/// A kept `RateLimit` value, and what it was made of.
 struct MadeState {
     prefix: Arc<str>,
     remaining: u64,
