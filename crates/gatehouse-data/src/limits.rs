@@ -1513,9 +1513,17 @@ mod tests {
         assert_eq!(at(&lease(3, 45_000, 1000)), 1);
     }
 
-    /// A store on `redis`, its cluster settings (one data plane), and a
-    /// cluster limit `leased`: 100 an hour on the client's address, leases
-    /// of 40.
+    /// A cluster limit `name` in cost mode: 100 per `window` on the
+    /// client's address, leases of 40.
+    fn leased(name: &str, window: Duration) -> RateLimit {
+        let mut l = limit(name, &["client_ip"], 100, window, 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 40;
+        l
+    }
+
+    /// A store on `redis`, its cluster settings (one data plane), and the
+    /// limit `leased` with 100 an hour.
     fn leased_on(
         redis: &gatehouse_e2e::redis::RedisServer,
         timeout: Duration,
@@ -1525,10 +1533,7 @@ mod tests {
             store: Some(store.clone()),
             data_planes: AtomicU64::new(1),
         };
-        let mut l = limit("leased", &["client_ip"], 100, Duration::from_secs(3600), 0);
-        l.scope = LimitScope::Cluster;
-        l.lease = 40;
-        (store, env, l)
+        (store, env, leased("leased", Duration::from_secs(3600)))
     }
 
     /// Cost mode's lease books are kept while a revision has their limit,
@@ -1538,28 +1543,25 @@ mod tests {
     fn lease_books_of_limits_no_revision_has_are_evicted() {
         let reg = LimiterRegistry::default();
         let books = || reg.leases.lock().unwrap().len();
-        let mut leased = limit("leased", &["client_ip"], 100, Duration::from_secs(60), 0);
-        leased.scope = LimitScope::Cluster;
-        leased.lease = 40;
-        let mut other = leased.clone();
-        other.name = "other".into();
+        let window = Duration::from_secs(60);
+        let (kept, other) = (leased("leased", window), leased("other", window));
         let metrics = Metrics::default();
-        let first = CompiledLimit::compile("p", &leased, &reg, &metrics).unwrap();
+        let first = CompiledLimit::compile("p", &kept, &reg, &metrics).unwrap();
         let gone = CompiledLimit::compile("p", &other, &reg, &metrics).unwrap();
         assert_eq!(books(), 2);
 
         // A new revision without "other", and the old one dropped.
-        let second = CompiledLimit::compile("p", &leased, &reg, &metrics).unwrap();
+        let second = CompiledLimit::compile("p", &kept, &reg, &metrics).unwrap();
         drop((first, gone));
         reg.evict_idle();
         assert_eq!(books(), 1, "the book of the limit still in use is kept");
-        let kept = reg
+        let only_leased = reg
             .leases
             .lock()
             .unwrap()
             .keys()
             .all(|(k, _)| k.1 == "leased");
-        assert!(kept, "the book kept is the limit's still in use");
+        assert!(only_leased, "the book kept is the limit's still in use");
 
         drop(second);
         reg.evict_idle();

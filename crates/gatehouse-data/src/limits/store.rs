@@ -677,9 +677,7 @@ impl Store {
         let Some(conn) = self.0.conn.load_full() else {
             return self.0.calls.not_connected();
         };
-        let interval_us = u64::try_from(interval.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let interval_us = interval_us(interval);
         let mut invocation = self.0.give_back.prepare_invoke();
         invocation
             .key(bucket.redis_key())
@@ -710,9 +708,7 @@ impl Store {
         let Some(conn) = self.0.conn.load_full() else {
             return self.0.calls.not_connected();
         };
-        let interval_us = u64::try_from(interval.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let interval_us = interval_us(interval);
         match &*conn {
             Conn::Single(_) => {
                 // The batcher bounds the call by the timeout and answers
@@ -744,6 +740,7 @@ impl Store {
             }
         }
     }
+
     /// [`Store::decide`] for nobody waiting: `then` gets the answer (on
     /// the batcher's task, so it must be quick). Sent straight to the
     /// batcher, so it goes out in the next call without a task of its own
@@ -767,9 +764,7 @@ impl Store {
         }
         let ask = Ask {
             bucket,
-            interval_us: u64::try_from(interval.as_micros())
-                .unwrap_or(u64::MAX)
-                .max(1),
+            interval_us: interval_us(interval),
             capacity,
             want,
             reply: Reply::Then(Box::new(then)),
@@ -779,6 +774,13 @@ impl Store {
                 .send(Err("the rate-limit store is shut down".into()));
         }
     }
+}
+
+/// A GCRA interval in the scripts' unit: whole microseconds, at least one.
+fn interval_us(interval: Duration) -> u64 {
+    u64::try_from(interval.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Sends the asks that are waiting together in one script call, and the
