@@ -292,3 +292,33 @@ async fn a_background_ask_hands_its_answer_to_its_closure() {
     assert!(asked.elapsed() < timeout * 3, "{:?}", asked.elapsed());
     assert_eq!(calls.errors.get(), 1);
 }
+
+/// A Redis that does not know the rate-limit script (a fresh one, or one
+/// that lost it: restarted, failed over, `SCRIPT FLUSH`) still decides:
+/// the store loads the script and sends the call once more, and the
+/// request sees an answer, not an error.
+#[tokio::test(flavor = "current_thread")]
+async fn a_redis_that_forgot_the_script_loads_it_again_and_decides() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path()).unwrap();
+    let calls = CallMetrics::default();
+    let store = Store::start_tls(
+        &StoreTarget::Single(redis.url()),
+        &Default::default(),
+        Duration::from_secs(2),
+        calls.clone(),
+    )
+    .unwrap();
+    let (interval, capacity) = (Duration::from_secs(3600), 10);
+    let take = || store.decide(Bucket::new("{t:", "k"), interval, capacity, 1);
+
+    let first = take().await.expect("a decision from a fresh Redis");
+    assert_eq!((first.taken, first.remaining), (1, 9));
+    redis.cli(&["script", "flush"]).unwrap();
+    let second = take().await.expect("a decision after SCRIPT FLUSH");
+    assert_eq!((second.taken, second.remaining), (1, 8));
+
+    // Loaded once for each time Redis did not know it; no call failed.
+    assert_eq!(redis.calls("script|load").unwrap(), 2);
+    assert_eq!(calls.errors.get(), 0);
+}
