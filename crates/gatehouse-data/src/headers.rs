@@ -593,17 +593,60 @@ fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
 }
 
 fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push(b'.');
+    out.extend_from_slice(Ipv4Text::new(ip).as_bytes());
+}
+
+/// An IPv4 address as `Display` writes it, made without the formatting
+/// machinery: for the forwarding headers of every proxied request, and the
+/// key of every request a rate limit counts by address.
+pub(crate) struct Ipv4Text {
+    /// Room for three more bytes than the longest address: every octet is
+    /// copied as three bytes, of which the length counts its digits.
+    buf: [u8; 18],
+    len: usize,
+}
+
+/// Each octet's decimal digits, padded to three, and how many there are.
+const OCTET_DIGITS: [[u8; 4]; 256] = {
+    let mut table = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let o = i as u8;
+        table[i] = if o >= 100 {
+            [b'0' + o / 100, b'0' + o / 10 % 10, b'0' + o % 10, 3]
+        } else if o >= 10 {
+            [b'0' + o / 10, b'0' + o % 10, 0, 2]
+        } else {
+            [b'0' + o, 0, 0, 1]
+        };
+        i += 1;
+    }
+    table
+};
+
+impl Ipv4Text {
+    pub(crate) fn new(ip: std::net::Ipv4Addr) -> Ipv4Text {
+        let mut buf = [0u8; 18];
+        let mut len = 0;
+        for (i, octet) in ip.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            let [a, b, c, n] = OCTET_DIGITS[usize::from(octet)];
+            buf[len..len + 3].copy_from_slice(&[a, b, c]);
+            len += usize::from(n);
         }
-        if octet >= 100 {
-            out.push(b'0' + octet / 100);
-        }
-        if octet >= 10 {
-            out.push(b'0' + octet / 10 % 10);
-        }
-        out.push(b'0' + octet % 10);
+        Ipv4Text { buf, len }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Digits and dots only, so always text.
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 

@@ -846,23 +846,12 @@ impl Drop for LeaseInFlight {
 /// for the common IPv4 case.
 fn push_ip(key: &mut String, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    key.push('.');
-                }
-                push_u64(key, u64::from(octet));
-            }
-        }
+        IpAddr::V4(v4) => key.push_str(crate::headers::Ipv4Text::new(v4).as_str()),
         IpAddr::V6(v6) => {
             use std::fmt::Write;
             let _ = write!(key, "{v6}");
         }
     }
-}
-
-fn push_u64(s: &mut String, n: u64) {
-    s.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Logs a failed decision at most once a second: Redis being down would

@@ -916,6 +916,20 @@ fn an_untrusted_or_invalid_request_id_is_replaced() {
 }
 
 #[test]
+fn every_ipv4_octet_in_every_place_is_written_as_display_writes_it() {
+    for octet in 0..=255u8 {
+        for place in 0..4 {
+            let mut octets = [1, 20, 3, 199];
+            octets[place] = octet;
+            let ip = Ipv4Addr::from(octets);
+            let text = Ipv4Text::new(ip);
+            assert_eq!(text.as_str(), ip.to_string());
+            assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
+        }
+    }
+}
+
+#[test]
 fn addresses_are_written_as_display_writes_them() {
     let cases = [
         "0.0.0.0",
