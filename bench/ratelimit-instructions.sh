@@ -8,7 +8,8 @@
 # Needs valgrind, redis-server, redis-cli and curl; builds release binaries
 # unless NO_BUILD=1. GH=path runs another gatehouse binary (e.g. an older
 # build) with this tree's gatehousectl and load generator. VARIANTS picks
-# a subset of "plain local exact lease" (default: all but local).
+# a subset of "plain local exact lease lease1000" (default: plain exact
+# lease).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=target/release
@@ -42,6 +43,7 @@ for v in ${VARIANTS:-plain exact lease}; do
     exact) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
     local) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: local, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
     lease) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, lease: 100, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
+    lease1000) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, lease: 1000, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
   esac
   printf "version: 1\n${pol}upstreams:\n  - name: backend\n    targets:\n      - address: \"$BACKEND\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n${polref}" > $d/gw.yaml
   for i in $(seq 100); do GATEHOUSE_TOKEN=$TOKEN $T/gatehousectl --server $ADMIN apply -f $d/gw.yaml >/dev/null 2>&1 && break; sleep 0.5; done

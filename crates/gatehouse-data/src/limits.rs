@@ -1090,11 +1090,14 @@ pub async fn check<'a>(
 }
 
 /// `RateLimit: limit=L, remaining=R, reset=S`, the prefix made when the
-/// limit was compiled. A limit's values repeat (a bucket that is seldom
-/// empty answers the same `remaining` and `reset` for many requests, and a
-/// per-second limit has few of either), so the values made lately on this
-/// thread are kept: a copy of one costs a reference count, against
-/// formatting, allocating and checking a new one.
+/// limit was compiled. A limit's values often repeat (a bucket that is
+/// seldom empty answers the same `remaining` and `reset` for many
+/// requests, and a per-second limit has few of either), so values seen
+/// lately on this thread are kept: a copy of one costs a reference count,
+/// against formatting, allocating and checking a new one. A value is kept
+/// the second time it is made: one seen once (a `remaining` that counts
+/// down, as in cost mode) is not worth the shared copy and the eviction
+/// that keeping it costs.
 fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
     // The prefix's address tells limits apart (an entry keeps its prefix
     // alive, so the address is not reused while the entry is there).
@@ -1104,12 +1107,17 @@ fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Optio
         let Ok(mut cache) = cache.try_borrow_mut() else {
             return make_state(prefix, remaining, reset_secs);
         };
-        if let Some(made) = &cache[slot] {
-            if made.remaining == remaining
+        let seen = cache[slot].as_ref().is_some_and(|made| {
+            made.remaining == remaining
                 && made.reset_secs == reset_secs
                 && Arc::ptr_eq(&made.prefix, prefix)
+        });
+        if seen {
+            if let Some(MadeState {
+                value: Some(value), ..
+            }) = &cache[slot]
             {
-                return Some(made.value.clone());
+                return Some(value.clone());
             }
         }
         let value = make_state(prefix, remaining, reset_secs)?;
@@ -1117,7 +1125,7 @@ fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Optio
             prefix: prefix.clone(),
             remaining,
             reset_secs,
-            value: value.clone(),
+            value: seen.then(|| value.clone()),
         });
         Some(value)
     })
@@ -1126,12 +1134,12 @@ fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Optio
 /// `RateLimit` values kept per thread (see [`rate_limit_state`]).
 const STATES: usize = 64;
 
-/// A kept `RateLimit` value, and what it was made of.
+/// A `RateLimit` state seen lately, and its value once it was seen twice.
 struct MadeState {
     prefix: Arc<str>,
     remaining: u64,
     reset_secs: u64,
-    value: HeaderValue,
+    value: Option<HeaderValue>,
 }
 
 thread_local! {
@@ -1270,6 +1278,19 @@ mod tests {
                     assert_eq!(
                         value,
                         format!("limit={limit}, remaining={remaining}, reset={reset}").as_str()
+                    );
+                }
+            }
+        }
+        // A state seen again and again: made the first time, kept the
+        // second, copied after; the same text every time, also with another
+        // limit's value kept in between.
+        for _ in 0..3 {
+            for (prefix, limit) in [(&five, 5), (&seven, 7), (&five, 5)] {
+                for _ in 0..3 {
+                    assert_eq!(
+                        rate_limit_state(prefix, 42, 2).unwrap(),
+                        format!("limit={limit}, remaining=42, reset=2").as_str()
                     );
                 }
             }
