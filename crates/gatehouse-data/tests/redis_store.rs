@@ -7,6 +7,20 @@ use std::time::Duration;
 use gatehouse_data::limits::store::{Answer, Bucket, CallMetrics, Store, StoreTarget};
 use gatehouse_e2e::redis::RedisServer;
 
+/// A store on `redis` with this decision timeout, and the metrics of its
+/// calls.
+fn counted_store(redis: &RedisServer, timeout: Duration) -> (Store, CallMetrics) {
+    let calls = CallMetrics::default();
+    let store = Store::start_tls(
+        &StoreTarget::Single(redis.url()),
+        &Default::default(),
+        timeout,
+        calls.clone(),
+    )
+    .unwrap();
+    (store, calls)
+}
+
 /// Many requests at once on two hot keys (one worker thread, so they
 /// queue for the same script calls): each key admits exactly its capacity,
 /// every admitted request sees a different `remaining`, and the refused
@@ -19,14 +33,7 @@ async fn concurrent_decisions_of_hot_keys_admit_exactly_the_capacity() {
     redis
         .cli(&["script", "load", gatehouse_data::limits::store::GCRA])
         .unwrap();
-    let calls = CallMetrics::default();
-    let store = Store::start_tls(
-        &StoreTarget::Single(redis.url()),
-        &Default::default(),
-        Duration::from_secs(2),
-        calls.clone(),
-    )
-    .unwrap();
+    let (store, calls) = counted_store(&redis, Duration::from_secs(2));
     // 50 in a bucket that refills one token an hour: nothing comes back
     // during the test.
     let (interval, capacity) = (Duration::from_secs(3600), 50);
@@ -258,15 +265,8 @@ async fn a_redis_that_asks_for_client_certificates_decides_only_with_one() {
 async fn a_background_ask_hands_its_answer_to_its_closure() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path()).unwrap();
-    let calls = CallMetrics::default();
     let timeout = Duration::from_millis(300);
-    let store = Store::start_tls(
-        &StoreTarget::Single(redis.url()),
-        &Default::default(),
-        timeout,
-        calls.clone(),
-    )
-    .unwrap();
+    let (store, calls) = counted_store(&redis, timeout);
     let (interval, capacity) = (Duration::from_secs(3600), 10);
     let ask = |want: u64| {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -301,14 +301,7 @@ async fn a_background_ask_hands_its_answer_to_its_closure() {
 async fn a_redis_that_forgot_the_script_loads_it_again_and_decides() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path()).unwrap();
-    let calls = CallMetrics::default();
-    let store = Store::start_tls(
-        &StoreTarget::Single(redis.url()),
-        &Default::default(),
-        Duration::from_secs(2),
-        calls.clone(),
-    )
-    .unwrap();
+    let (store, calls) = counted_store(&redis, Duration::from_secs(2));
     let (interval, capacity) = (Duration::from_secs(3600), 10);
     let take = || store.decide(Bucket::new("{t:", "k"), interval, capacity, 1);
 
