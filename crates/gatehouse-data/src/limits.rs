@@ -565,15 +565,20 @@ impl CompiledLimit {
         {
             Ok(a) => {
                 let wait = (a.taken == 0).then_some(a.wait);
+                let mut remaining = a.remaining;
                 if let Some(w) = wait {
                     // From when the question was sent, so never later than
                     // Redis's own answer.
                     self.refused.set(key, sent + w, Instant::now());
                 } else if let Some(lease) = leasing.take() {
-                    lease.done(a.taken - 1, sent);
+                    // Told as the spends after it will be: the bucket and
+                    // what this node now holds.
+                    let held = a.taken - 1;
+                    lease.done(held, a.remaining, sent);
+                    remaining = remaining.saturating_add(held).min(self.capacity);
                 }
                 Verdict::Counted(Count {
-                    remaining: a.remaining,
+                    remaining,
                     reset: a.reset,
                     wait,
                 })
@@ -661,6 +666,7 @@ impl CompiledLimit {
                     demand: 1,
                     since: now,
                     fetch_time: Duration::ZERO,
+                    bucket_left: 0,
                 },
             );
             return Spend::Fetch(size);
@@ -686,12 +692,15 @@ impl CompiledLimit {
                     lease.fetching = true;
                     size - left
                 });
+            // What the bucket held at this node's last fetch and what the
+            // node holds: other data planes' spending since shows at the
+            // next fetch.
+            let remaining = left.saturating_add(lease.bucket_left).min(self.capacity);
             return Spend::Spent(
                 Count {
-                    // What this node holds; the bucket may hold more.
-                    remaining: left,
+                    remaining,
                     reset: self.period.saturating_mul(
-                        u32::try_from(self.capacity.saturating_sub(left)).unwrap_or(u32::MAX),
+                        u32::try_from(self.capacity - remaining).unwrap_or(u32::MAX),
                     ),
                     wait: None,
                 },
@@ -725,7 +734,7 @@ impl CompiledLimit {
             self.capacity,
             want,
             move |answer| match answer {
-                Ok(a) if a.taken > 0 => inflight.done(a.taken, sent),
+                Ok(a) if a.taken > 0 => inflight.done(a.taken, a.remaining, sent),
                 // The bucket is empty: spend what is held, and ask again
                 // when Redis says a token is back.
                 Ok(a) => inflight.refused_until(sent + a.wait),
@@ -775,6 +784,8 @@ struct Lease {
     since: Instant,
     /// How long the last fetch took, from asking Redis to the tokens held.
     fetch_time: Duration,
+    /// What the bucket held in Redis after the last fetch took its tokens.
+    bucket_left: u64,
 }
 
 impl Lease {
@@ -807,8 +818,9 @@ struct LeaseInFlight {
 }
 
 impl LeaseInFlight {
-    /// Keeps `tokens` taken from Redis at `taken_at` for later requests.
-    fn done(mut self, tokens: u64, taken_at: Instant) {
+    /// Keeps `tokens` taken from Redis at `taken_at` for later requests;
+    /// `bucket_left` is what Redis said the bucket holds after them.
+    fn done(mut self, tokens: u64, bucket_left: u64, taken_at: Instant) {
         let until = taken_at + self.lease_time;
         let now = Instant::now();
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
@@ -817,6 +829,7 @@ impl LeaseInFlight {
                 lease.held.push((tokens, until));
             }
             lease.fetch_time = now.saturating_duration_since(taken_at);
+            lease.bucket_left = bucket_left;
             lease.fetched();
         }
         self.done = true;
@@ -1442,7 +1455,7 @@ mod tests {
         };
         assert!(!arrived.has_changed().unwrap());
         assert!(matches!(c.spend_lease("k", t0, false), Spend::One));
-        fetch().done(1, t0);
+        fetch().done(1, 0, t0);
         assert!(arrived.has_changed().unwrap(), "waiters are woken");
         // Three requests in 10 ms: at that rate a lease time (1 s) spends
         // far more than 8, so the next lease is the whole 8, fetched in the
@@ -1452,14 +1465,17 @@ mod tests {
             c.spend_lease("k", t1, true),
             Spend::Spent(_, Some(8))
         ));
-        fetch().done(8, t1);
+        fetch().done(8, 50, t1);
         // 8 held: spent locally; the next lease is fetched in the
         // background, topping up to 8 in all, at half left (4): no time has
-        // passed since the fetch began, so the rate is taken as high.
+        // passed since the fetch began, so the rate is taken as high. What
+        // a request is told remains is what the bucket held after the
+        // fetch (50) and what the node still holds.
         for left in (0..8).rev() {
             match c.spend_lease("k", t1, false) {
                 Spend::Spent(count, refill) => {
-                    assert_eq!(count.remaining, left);
+                    assert_eq!(count.remaining, 50 + left);
+                    assert_eq!(count.reset, c.period * (100 - 50 - left) as u32);
                     assert_eq!(refill, (left == 4).then_some(4), "{left} left");
                 }
                 _ => panic!("a leased token was not spent"),
@@ -1473,10 +1489,10 @@ mod tests {
         let later = t1 + Duration::from_secs(100);
         assert!(matches!(c.spend_lease("k", later, true), Spend::Fetch(1)));
         // Tokens are not spent after the lease time (1 s here).
-        fetch().done(3, t1);
+        fetch().done(3, 0, t1);
         assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch(_)));
         // Tokens of an older lease are spent first.
-        fetch().done(1, later);
+        fetch().done(1, 100, later);
         {
             let mut leases = c.leases.lock().unwrap();
             leases
@@ -1486,7 +1502,12 @@ mod tests {
                 .push((1, later + Duration::from_secs(5)));
         }
         let held = |c: &CompiledLimit| c.leases.lock().unwrap()["k"].held.clone();
-        assert!(matches!(c.spend_lease("k", later, false), Spend::Spent(..)));
+        // A full bucket (100) and one token still held: never more than the
+        // capacity remains.
+        let Spend::Spent(count, _) = c.spend_lease("k", later, false) else {
+            panic!("a leased token was not spent");
+        };
+        assert_eq!((count.remaining, count.reset), (100, Duration::ZERO));
         assert_eq!(
             held(&c),
             [
@@ -1508,6 +1529,7 @@ mod tests {
             demand: per_second,
             since: t0,
             fetch_time: Duration::from_micros(fetch_us),
+            bucket_left: 0,
         };
         let at = |l: &Lease| refill_at(l, t0 + Duration::from_secs(1));
         // Ten requests a second: a fetch of 1 ms spends nothing; a quarter.
@@ -1642,13 +1664,18 @@ mod tests {
         let h = HeaderMap::new();
         let calls = || redis.calls("evalsha").unwrap() + redis.calls("eval").unwrap();
 
+        // What `RateLimit` says remains: as in exact mode on one data plane,
+        // the bucket (90 after the first lease) and the tokens held.
+        let remaining = |d: &Decision| {
+            let state = d.state.as_ref().unwrap().to_str().unwrap().to_string();
+            state.split(", ").nth(1).unwrap().to_string()
+        };
+
         // The first request leases a quarter of 40: one spent, nine held.
         let first = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
-        assert!(check(&first, &ctx(&h, "10.0.0.1"), &env)
-            .await
-            .unwrap()
-            .retry_after
-            .is_none());
+        let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
+        assert!(d.retry_after.is_none());
+        assert_eq!(remaining(&d), "remaining=99");
         let after_first = calls();
         assert!(after_first >= 1);
 
@@ -1656,12 +1683,10 @@ mod tests {
         // asking Redis.
         let second = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
         drop(first);
-        for _ in 0..2 {
-            assert!(check(&second, &ctx(&h, "10.0.0.1"), &env)
-                .await
-                .unwrap()
-                .retry_after
-                .is_none());
+        for left in [98, 97] {
+            let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
+            assert!(d.retry_after.is_none());
+            assert_eq!(remaining(&d), format!("remaining={left}"));
         }
         assert_eq!(calls(), after_first, "the held tokens were spent locally");
 
