@@ -313,7 +313,7 @@ const MAX_BATCH: usize = 64;
 /// Turns the batcher lets the other tasks run for more asks before a call
 /// goes out (see [`batcher`]). Measured in the harness (exact mode, one
 /// worker, 32 connections): one turn gave 0.15 script calls per request,
-/// three 0.07 and the proxy's CPU per request 3 % lower; six 0.06 and no
+/// three 0.07 and the proxy's CPU per request 2-3 % lower; six 0.06 and no
 /// lower CPU (docs/benchmarks.md).
 const BATCH_TURNS: usize = 3;
 
