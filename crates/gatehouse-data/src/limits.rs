@@ -575,7 +575,7 @@ impl CompiledLimit {
                     // what this node now holds.
                     let held = a.taken - 1;
                     lease.done(held, a.remaining, sent);
-                    remaining = remaining.saturating_add(held).min(self.capacity);
+                    remaining = self.leased_remaining(a.remaining, held);
                 }
                 Verdict::Counted(Count {
                     remaining,
@@ -692,10 +692,7 @@ impl CompiledLimit {
                     lease.fetching = true;
                     size - left
                 });
-            // What the bucket held at this node's last fetch and what the
-            // node holds: other data planes' spending since shows at the
-            // next fetch.
-            let remaining = left.saturating_add(lease.bucket_left).min(self.capacity);
+            let remaining = self.leased_remaining(lease.bucket_left, left);
             return Spend::Spent(
                 Count {
                     remaining,
@@ -716,6 +713,13 @@ impl CompiledLimit {
         }
         lease.fetching = true;
         Spend::Fetch(self.next_size(lease, now))
+    }
+
+    /// What cost mode tells a request remains: what the bucket held in Redis
+    /// after this node's last fetch and what the node holds, at most the
+    /// capacity. Other data planes' spending since shows at the next fetch.
+    fn leased_remaining(&self, bucket_left: u64, held: u64) -> u64 {
+        bucket_left.saturating_add(held).min(self.capacity)
     }
 
     /// Fetches up to `want` more tokens of `key` without holding up the
@@ -1120,19 +1124,19 @@ fn rate_limit_state(prefix: &Arc<str>, remaining: u64, reset_secs: u64) -> Optio
         let Ok(mut cache) = cache.try_borrow_mut() else {
             return make_state(prefix, remaining, reset_secs);
         };
-        let seen = cache[slot].as_ref().is_some_and(|made| {
-            made.remaining == remaining
-                && made.reset_secs == reset_secs
-                && Arc::ptr_eq(&made.prefix, prefix)
-        });
-        if seen {
-            if let Some(MadeState {
-                value: Some(value), ..
-            }) = &cache[slot]
+        let seen = match &cache[slot] {
+            Some(made)
+                if made.remaining == remaining
+                    && made.reset_secs == reset_secs
+                    && Arc::ptr_eq(&made.prefix, prefix) =>
             {
-                return Some(value.clone());
+                if let Some(value) = &made.value {
+                    return Some(value.clone());
+                }
+                true
             }
-        }
+            _ => false,
+        };
         let value = make_state(prefix, remaining, reset_secs)?;
         cache[slot] = Some(MadeState {
             prefix: prefix.clone(),
