@@ -597,8 +597,7 @@ fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
 }
 
 /// An IPv4 address as `Display` writes it, made without the formatting
-/// machinery: for the forwarding headers of every proxied request, and the
-/// key of every request a rate limit counts by address.
+/// machinery, for the forwarding headers of every proxied request.
 pub(crate) struct Ipv4Text {
     /// Room for three more bytes than the longest address: every octet is
     /// copied as three bytes, of which the length counts its digits.
@@ -642,11 +641,6 @@ impl Ipv4Text {
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
-    }
-
-    /// Digits and dots only, so always text.
-    pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
 

@@ -40,11 +40,66 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
+use smallvec::SmallVec;
 
 use crate::metrics::{LimitLabels, Metrics};
 
-type Limiter =
-    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Limiter = RateLimiter<
+    LimitKey,
+    DefaultKeyedStateStore<LimitKey>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// The bucket of a request within one limit: the values of the limit's key
+/// parts, normalised (see [`CompiledLimit::key`]), joined by U+001F. An
+/// address is a tag byte (4 or 6) and its bytes. Up to 32 bytes (an
+/// address, a consumer name, a short header value) are kept inline, so
+/// making a key allocates nothing in the common case.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+pub struct LimitKey(SmallVec<[u8; 32]>);
+
+/// A copy of the bytes (`SmallVec`'s own `clone` goes byte by byte).
+impl Clone for LimitKey {
+    fn clone(&self) -> LimitKey {
+        LimitKey(SmallVec::from_slice(&self.0))
+    }
+}
+
+impl LimitKey {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn push_ip(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                self.0.extend_from_slice(&[4, a, b, c, d]);
+            }
+            IpAddr::V6(v6) => {
+                let mut tagged = [6; 17];
+                tagged[1..].copy_from_slice(&v6.octets());
+                self.0.extend_from_slice(&tagged);
+            }
+        }
+    }
+}
+
+/// The key of a limit that counts by client address alone.
+impl From<IpAddr> for LimitKey {
+    fn from(ip: IpAddr) -> LimitKey {
+        let mut key = LimitKey::default();
+        key.push_ip(ip.to_canonical());
+        key
+    }
+}
+
+impl From<&str> for LimitKey {
+    fn from(s: &str) -> LimitKey {
+        LimitKey(SmallVec::from_slice(s.as_bytes()))
+    }
+}
 
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -166,7 +221,7 @@ impl LimiterRegistry {
                         .sum();
                     lease.held.clear();
                     if held > 0 {
-                        let bucket = store::Bucket::new(book.redis_prefix.clone(), key.as_str());
+                        let bucket = store::Bucket::new(book.redis_prefix.clone(), key.clone());
                         back.push((bucket, book.period, held));
                     }
                 }
@@ -233,18 +288,18 @@ enum KeyPart {
 /// buckets until they are full again. Expired entries are dropped when the
 /// map grows, so it holds at most the keys active within their deadline.
 #[derive(Default)]
-struct TimedKeys(Mutex<HashMap<String, Instant>>);
+struct TimedKeys<K = LimitKey>(Mutex<HashMap<K, Instant>>);
 
 /// Entries past which a [`TimedKeys`] sweeps out expired keys.
 const SWEEP_AT: usize = 4096;
 
-impl TimedKeys {
-    fn get(&self, key: &str, now: Instant) -> Option<Instant> {
+impl<K: std::hash::Hash + Eq + Clone> TimedKeys<K> {
+    fn get(&self, key: &K, now: Instant) -> Option<Instant> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key).copied().filter(|t| *t > now)
     }
 
-    fn set(&self, key: String, until: Instant, now: Instant) {
+    fn set(&self, key: K, until: Instant, now: Instant) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= SWEEP_AT && !map.contains_key(&key) {
             map.retain(|_, t| *t > now);
@@ -253,7 +308,7 @@ impl TimedKeys {
     }
 
     /// One GCRA step on a bucket kept here (the `local` fallback).
-    fn take(&self, key: &str, interval: Duration, capacity: u64, now: Instant) -> Count {
+    fn take(&self, key: &K, interval: Duration, capacity: u64, now: Instant) -> Count {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let ahead = map
             .get(key)
@@ -270,7 +325,7 @@ impl TimedKeys {
         if map.len() >= SWEEP_AT && !map.contains_key(key) {
             map.retain(|_, t| *t > now);
         }
-        map.insert(key.to_string(), now + new_ahead);
+        map.insert(key.clone(), now + new_ahead);
         Count {
             remaining: ((bucket - new_ahead).as_nanos() / interval.as_nanos().max(1)) as u64,
             reset: new_ahead,
@@ -442,27 +497,29 @@ impl CompiledLimit {
     /// The bucket a request counts against. Values are normalised so that
     /// spelling a header value differently (case, surrounding blanks) or an
     /// IPv4 address as IPv4-mapped IPv6 does not give a fresh bucket.
-    fn key(&self, ctx: &LimitContext<'_>) -> String {
-        let mut key = String::with_capacity(48);
+    fn key(&self, ctx: &LimitContext<'_>) -> LimitKey {
+        let mut key = LimitKey::default();
         for (i, part) in self.parts.iter().enumerate() {
             if i > 0 {
-                key.push('\u{1f}');
+                key.0.push(0x1f);
             }
             match part {
-                KeyPart::Consumer => key.push_str(ctx.consumer.unwrap_or("")),
-                KeyPart::ClientIp => push_ip(&mut key, ctx.client_ip.to_canonical()),
-                KeyPart::Route => key.push_str(ctx.route),
+                KeyPart::Consumer => key
+                    .0
+                    .extend_from_slice(ctx.consumer.unwrap_or("").as_bytes()),
+                KeyPart::ClientIp => key.push_ip(ctx.client_ip.to_canonical()),
+                KeyPart::Route => key.0.extend_from_slice(ctx.route.as_bytes()),
                 KeyPart::Header(h) => {
                     if let Some(v) = ctx.headers.get(h) {
                         let v = String::from_utf8_lossy(v.as_bytes());
                         for (i, word) in v.split_ascii_whitespace().enumerate() {
                             if i > 0 {
-                                key.push(' ');
+                                key.0.push(b' ');
                             }
                             if word.is_ascii() {
-                                key.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+                                key.0.extend(word.bytes().map(|c| c.to_ascii_lowercase()));
                             } else {
-                                key.push_str(&word.to_lowercase());
+                                key.0.extend_from_slice(word.to_lowercase().as_bytes());
                             }
                         }
                     }
@@ -473,11 +530,11 @@ impl CompiledLimit {
     }
 
     /// The bucket of a key in the store (its Redis key is made there).
-    fn bucket(&self, key: &str) -> store::Bucket {
-        store::Bucket::new(self.redis_prefix.clone(), key)
+    fn bucket(&self, key: &LimitKey) -> store::Bucket {
+        store::Bucket::new(self.redis_prefix.clone(), key.clone())
     }
 
-    fn local(&self, key: String) -> Count {
+    fn local(&self, key: LimitKey) -> Count {
         match self.limiter.check_key(&key) {
             Ok(snapshot) => {
                 let remaining = u64::from(snapshot.remaining_burst_capacity());
@@ -513,7 +570,7 @@ impl CompiledLimit {
         verdict
     }
 
-    async fn cluster(&self, key: String, store: &store::Store, env: &ClusterEnv) -> Verdict {
+    async fn cluster(&self, key: LimitKey, store: &store::Store, env: &ClusterEnv) -> Verdict {
         let sent = Instant::now();
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
@@ -646,7 +703,7 @@ impl CompiledLimit {
     /// Spends one leased token of `key` if this node holds one (and says
     /// how many to fetch in the background when it now holds few);
     /// otherwise says whether this request fetches the next lease.
-    fn spend_lease(&self, key: &str, now: Instant, may_wait: bool) -> Spend {
+    fn spend_lease(&self, key: &LimitKey, now: Instant, may_wait: bool) -> Spend {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         let Some(lease) = leases.get_mut(key) else {
             if leases.len() >= SWEEP_AT {
@@ -656,7 +713,7 @@ impl CompiledLimit {
             }
             let size = (self.lease / 4).max(1);
             leases.insert(
-                key.to_string(),
+                key.clone(),
                 Lease {
                     held: Vec::new(),
                     fetching: true,
@@ -724,7 +781,7 @@ impl CompiledLimit {
 
     /// Fetches up to `want` more tokens of `key` without holding up the
     /// request that noticed the lease running low.
-    fn refill_in_background(&self, key: String, want: u64, store: &store::Store) {
+    fn refill_in_background(&self, key: LimitKey, want: u64, store: &store::Store) {
         let inflight = LeaseInFlight {
             leases: self.leases.clone(),
             key: key.clone(),
@@ -768,7 +825,7 @@ fn refill_at(lease: &Lease, now: Instant) -> u64 {
 }
 
 /// A data plane's tokens in cost mode, by bucket key.
-type Leases = Arc<Mutex<HashMap<String, Lease>>>;
+type Leases = Arc<Mutex<HashMap<LimitKey, Lease>>>;
 
 /// A data plane's tokens of one key in cost mode.
 struct Lease {
@@ -816,7 +873,7 @@ enum Spend {
 /// next request fetches.
 struct LeaseInFlight {
     leases: Leases,
-    key: String,
+    key: LimitKey,
     lease_time: Duration,
     done: bool,
 }
@@ -859,18 +916,6 @@ impl Drop for LeaseInFlight {
     }
 }
 
-/// Writes an address as `Display` would, without the formatting machinery
-/// for the common IPv4 case.
-fn push_ip(key: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => key.push_str(crate::headers::Ipv4Text::new(v4).as_str()),
-        IpAddr::V6(v6) => {
-            use std::fmt::Write;
-            let _ = write!(key, "{v6}");
-        }
-    }
-}
-
 /// Logs a failed decision at most once a second: Redis being down would
 /// otherwise write a line per request.
 fn warn_store_failure(error: &str) {
@@ -891,7 +936,7 @@ pub struct CompiledQuota {
     limit: u64,
     on_store_failure: StoreFailure,
     /// Consumers over the quota, until the period ends.
-    exhausted: TimedKeys,
+    exhausted: TimedKeys<String>,
     counters: LimitCounters,
 }
 
@@ -1184,6 +1229,11 @@ fn make_state(prefix: &str, remaining: u64, reset_secs: u64) -> Option<HeaderVal
 mod tests {
     use super::*;
 
+    /// The bucket of client 10.0.0.1 in a limit by `client_ip`.
+    fn ten() -> LimitKey {
+        LimitKey::from(IpAddr::from([10, 0, 0, 1]))
+    }
+
     fn run(limits: &[CompiledLimit], ctx: &LimitContext<'_>) -> Option<Decision> {
         futures::executor::block_on(check(limits, ctx, &ClusterEnv::default()))
     }
@@ -1394,6 +1444,56 @@ mod tests {
         );
     }
 
+    /// Addresses are kept as their bytes: different clients, and values
+    /// of different parts, must still never meet in one bucket.
+    #[test]
+    fn different_clients_never_share_a_bucket() {
+        let reg = LimiterRegistry::default();
+        let compile = |key: &[&str]| {
+            let l = limit("k", key, 1, Duration::from_secs(60), 0);
+            CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap()
+        };
+        let (by_ip, by_ip_and_route) = (compile(&["client_ip"]), compile(&["client_ip", "route"]));
+        let h = HeaderMap::new();
+        let clients = [
+            "10.0.0.1",
+            "10.0.0.2",
+            "1.0.0.10",
+            "31.31.31.31",
+            "0.0.0.0",
+            "::",
+            "::a00:1",
+            "::1",
+            "2001:db8::1",
+            "2001:db8::100",
+        ];
+        let mut seen = HashMap::new();
+        for client in clients {
+            for (route, limit) in [
+                ("", &by_ip),
+                ("r", &by_ip_and_route),
+                ("s", &by_ip_and_route),
+            ] {
+                let c = LimitContext {
+                    route,
+                    ..ctx(&h, client)
+                };
+                let key = limit.bucket(&limit.key(&c)).redis_key();
+                let before = seen.insert(key, (client, route));
+                assert!(
+                    before.is_none(),
+                    "{client} {route:?} shares {before:?}'s bucket"
+                );
+            }
+        }
+        // An IPv4-mapped IPv6 address is the IPv4 client.
+        assert_eq!(
+            by_ip.key(&ctx(&h, "::ffff:10.0.0.1")),
+            by_ip.key(&ctx(&h, "10.0.0.1"))
+        );
+        assert_eq!(by_ip.key(&ctx(&h, "10.0.0.1")), ten());
+    }
+
     #[test]
     fn redis_keys_carry_one_hash_tag_and_no_header_value() {
         let reg = LimiterRegistry::default();
@@ -1421,19 +1521,25 @@ mod tests {
 
     #[test]
     fn the_local_fallback_is_a_gcra_bucket_of_the_given_share() {
-        let keys = TimedKeys::default();
+        let keys: TimedKeys = TimedKeys::default();
         let now = Instant::now();
         // A limit of 10 per second shared by 2 nodes: 5 at once, then one per 200 ms.
         let interval = Duration::from_millis(200);
         for left in (0..5).rev() {
-            let c = keys.take("k", interval, 5, now);
+            let c = keys.take(&"k".into(), interval, 5, now);
             assert_eq!((c.remaining, c.wait), (left, None));
         }
-        let refused = keys.take("k", interval, 5, now);
+        let refused = keys.take(&"k".into(), interval, 5, now);
         assert_eq!(refused.wait, Some(interval));
-        assert!(keys.take("k", interval, 5, now + interval).wait.is_none());
-        assert!(keys.take("k", interval, 5, now + interval).wait.is_some());
-        assert!(keys.take("other", interval, 5, now).wait.is_none());
+        assert!(keys
+            .take(&"k".into(), interval, 5, now + interval)
+            .wait
+            .is_none());
+        assert!(keys
+            .take(&"k".into(), interval, 5, now + interval)
+            .wait
+            .is_some());
+        assert!(keys.take(&"other".into(), interval, 5, now).wait.is_none());
     }
 
     #[test]
@@ -1451,14 +1557,17 @@ mod tests {
         };
         let t0 = Instant::now();
         // The first lease of a key is a quarter of `lease`.
-        assert!(matches!(c.spend_lease("k", t0, true), Spend::Fetch(2)));
+        assert!(matches!(
+            c.spend_lease(&"k".into(), t0, true),
+            Spend::Fetch(2)
+        ));
         // While it is out, others wait for it (once), then ask for one
         // token each.
-        let Spend::Wait(arrived) = c.spend_lease("k", t0, true) else {
+        let Spend::Wait(arrived) = c.spend_lease(&"k".into(), t0, true) else {
             panic!("no wait for the lease on its way");
         };
         assert!(!arrived.has_changed().unwrap());
-        assert!(matches!(c.spend_lease("k", t0, false), Spend::One));
+        assert!(matches!(c.spend_lease(&"k".into(), t0, false), Spend::One));
         fetch().done(1, 0, t0);
         assert!(arrived.has_changed().unwrap(), "waiters are woken");
         // Three requests in 10 ms: at that rate a lease time (1 s) spends
@@ -1466,7 +1575,7 @@ mod tests {
         // background as the last held token goes.
         let t1 = t0 + Duration::from_millis(10);
         assert!(matches!(
-            c.spend_lease("k", t1, true),
+            c.spend_lease(&"k".into(), t1, true),
             Spend::Spent(_, Some(8))
         ));
         fetch().done(8, 50, t1);
@@ -1476,7 +1585,7 @@ mod tests {
         // a request is told remains is what the bucket held after the
         // fetch (50) and what the node still holds.
         for left in (0..8).rev() {
-            match c.spend_lease("k", t1, false) {
+            match c.spend_lease(&"k".into(), t1, false) {
                 Spend::Spent(count, refill) => {
                     assert_eq!(count.remaining, 50 + left);
                     assert_eq!(count.reset, c.period * (100 - 50 - left) as u32);
@@ -1486,29 +1595,35 @@ mod tests {
             }
         }
         // That fetch is still out: one token each.
-        assert!(matches!(c.spend_lease("k", t1, false), Spend::One));
+        assert!(matches!(c.spend_lease(&"k".into(), t1, false), Spend::One));
         // It ends without a lease (Redis failed, client gone): the next
         // request fetches. One request in 100 s: a lease of 1.
         drop(fetch());
         let later = t1 + Duration::from_secs(100);
-        assert!(matches!(c.spend_lease("k", later, true), Spend::Fetch(1)));
+        assert!(matches!(
+            c.spend_lease(&"k".into(), later, true),
+            Spend::Fetch(1)
+        ));
         // Tokens are not spent after the lease time (1 s here).
         fetch().done(3, 0, t1);
-        assert!(matches!(c.spend_lease("k", later, false), Spend::Fetch(_)));
+        assert!(matches!(
+            c.spend_lease(&"k".into(), later, false),
+            Spend::Fetch(_)
+        ));
         // Tokens of an older lease are spent first.
         fetch().done(1, 100, later);
         {
             let mut leases = c.leases.lock().unwrap();
             leases
-                .get_mut("k")
+                .get_mut(&LimitKey::from("k"))
                 .unwrap()
                 .held
                 .push((1, later + Duration::from_secs(5)));
         }
-        let held = |c: &CompiledLimit| c.leases.lock().unwrap()["k"].held.clone();
+        let held = |c: &CompiledLimit| c.leases.lock().unwrap()[&LimitKey::from("k")].held.clone();
         // A full bucket (100) and one token still held: never more than the
         // capacity remains.
-        let Spend::Spent(count, _) = c.spend_lease("k", later, false) else {
+        let Spend::Spent(count, _) = c.spend_lease(&"k".into(), later, false) else {
             panic!("a leased token was not spent");
         };
         assert_eq!((count.remaining, count.reset), (100, Duration::ZERO));
@@ -1625,7 +1740,7 @@ mod tests {
         redis.stop();
         let fetching = || {
             let leases = limits[0].leases.lock().unwrap();
-            leases["10.0.0.1"].fetching
+            leases[&ten()].fetching
         };
         let mut spent = 1;
         while !fetching() {
@@ -1642,7 +1757,7 @@ mod tests {
         assert_eq!(keys, 1);
         let rest = store
             .decide(
-                store::Bucket::new("gatehouse:rl:{p/leased/", "10.0.0.1"),
+                store::Bucket::new("gatehouse:rl:{p/leased/", ten()),
                 Duration::from_secs(36),
                 100,
                 1000,
@@ -1699,7 +1814,7 @@ mod tests {
             reg.give_back_leases(&store, Duration::from_secs(5)).await,
             (1, 7)
         );
-        let bucket = store::Bucket::new("gatehouse:rl:{p/leased/", "10.0.0.1");
+        let bucket = store::Bucket::new("gatehouse:rl:{p/leased/", ten());
         let rest = store
             .decide(bucket, Duration::from_secs(36), 100, 1000)
             .await

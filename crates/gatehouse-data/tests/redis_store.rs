@@ -43,7 +43,7 @@ async fn concurrent_decisions_of_hot_keys_admit_exactly_the_capacity() {
         let key = format!("hot-{}", i % 2);
         tasks.push(tokio::spawn(async move {
             let a = store
-                .decide(Bucket::new("{test:", key.clone()), interval, capacity, 1)
+                .decide(Bucket::new("{test:", key.as_str()), interval, capacity, 1)
                 .await;
             (key, a)
         }));

@@ -923,7 +923,6 @@ fn every_ipv4_octet_in_every_place_is_written_as_display_writes_it() {
             octets[place] = octet;
             let ip = Ipv4Addr::from(octets);
             let text = Ipv4Text::new(ip);
-            assert_eq!(text.as_str(), ip.to_string());
             assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
         }
     }

@@ -26,6 +26,8 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use super::LimitKey;
+
 /// Generic cell rate algorithm over one or more keys, each holding the
 /// theoretical arrival time (TAT) in microseconds of Redis's clock.
 ///
@@ -199,11 +201,11 @@ struct Inner {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bucket {
     pub prefix: Arc<str>,
-    pub key: String,
+    pub key: LimitKey,
 }
 
 impl Bucket {
-    pub fn new(prefix: impl Into<Arc<str>>, key: impl Into<String>) -> Bucket {
+    pub fn new(prefix: impl Into<Arc<str>>, key: impl Into<LimitKey>) -> Bucket {
         Bucket {
             prefix: prefix.into(),
             key: key.into(),
@@ -211,7 +213,7 @@ impl Bucket {
     }
 
     pub fn redis_key(&self) -> String {
-        redis_key(&self.prefix, &self.key)
+        redis_key(&self.prefix, self.key.as_bytes())
     }
 }
 
@@ -219,8 +221,8 @@ impl Bucket {
 /// `prefix`: a hash of the key, so neither a header value (which may be a
 /// credential) nor its length reaches Redis; the prefix opens the hash tag
 /// and this closes it, so a limit's buckets share a cluster slot.
-pub fn redis_key(prefix: &str, key: &str) -> String {
-    let digest = Sha256::digest(key.as_bytes());
+pub fn redis_key(prefix: &str, key: &[u8]) -> String {
+    let digest = Sha256::digest(key);
     let mut hex = [0u8; 32];
     // 16 bytes always fit 32 hex digits.
     let _ = hex::encode_to_slice(&digest[..16], &mut hex);
