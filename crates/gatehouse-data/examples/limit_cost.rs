@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use gatehouse_data::limits::{
-    self, store, ClusterEnv, CompiledLimit, LimitContext, LimiterRegistry,
+    self, store, ClusterEnv, CompiledLimit, LimitContext, LimiterRegistry, PolicyLimits,
 };
 use gatehouse_data::metrics::Metrics;
 use gatehouse_model::object::{LimitScope, RateLimit, StoreFailure};
@@ -60,10 +60,11 @@ fn main() {
             lease,
         };
         let registry = LimiterRegistry::default();
-        let compiled: &'static [CompiledLimit] = Box::leak(Box::new([CompiledLimit::compile(
-            "p", &limit, &registry, metrics,
-        )
-        .unwrap()]));
+        let compiled: &'static PolicyLimits =
+            Box::leak(Box::new(PolicyLimits::from(vec![CompiledLimit::compile(
+                "p", &limit, &registry, metrics,
+            )
+            .unwrap()])));
         let headers: &'static http::HeaderMap = Box::leak(Box::default());
         // One warm-up decision: the connection and the script load.
         let ctx = LimitContext {

@@ -196,7 +196,7 @@ pub struct CompiledPolicy {
     introspector: Option<Arc<crate::introspect::Introspector>>,
     challenge: HeaderValue,
     /// The policy's rate limits.
-    pub limits: Vec<crate::limits::CompiledLimit>,
+    pub limits: crate::limits::PolicyLimits,
     /// The policy's per-consumer quotas.
     pub quotas: Vec<crate::limits::CompiledQuota>,
     /// The policy's firewall rules.
@@ -290,7 +290,8 @@ impl CompiledPolicy {
                 .rate_limits
                 .iter()
                 .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters, metrics))
-                .collect::<Result<_, _>>()?,
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
         })
     }
 

@@ -384,8 +384,6 @@ pub struct CompiledLimit {
     leases: Leases,
     /// `LIMIT;w=SECONDS`, this limit's part of `RateLimit-Policy`.
     policy_part: String,
-    /// `RateLimit-Policy` of a policy with this limit alone.
-    policy_header: Option<HeaderValue>,
     /// `limit=LIMIT, remaining=`, how this limit's `RateLimit` header starts.
     state_prefix: Arc<str>,
     counters: LimitCounters,
@@ -487,7 +485,6 @@ impl CompiledLimit {
             fallback: TimedKeys::default(),
             lease: l.lease,
             leases,
-            policy_header: HeaderValue::from_str(&policy_part).ok(),
             policy_part,
             state_prefix: format!("limit={}, remaining=", l.limit).into(),
             counters,
@@ -1046,6 +1043,36 @@ pub async fn check_quotas(
     }
 }
 
+/// A policy's rate limits, compiled, and the `RateLimit-Policy` header
+/// they make together (joined once here, not per request).
+#[derive(Debug, Default)]
+pub struct PolicyLimits {
+    limits: Vec<CompiledLimit>,
+    policy_header: Option<HeaderValue>,
+}
+
+impl From<Vec<CompiledLimit>> for PolicyLimits {
+    fn from(limits: Vec<CompiledLimit>) -> PolicyLimits {
+        let joined = limits
+            .iter()
+            .map(|l| l.policy_part.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        PolicyLimits {
+            policy_header: HeaderValue::from_str(&joined).ok(),
+            limits,
+        }
+    }
+}
+
+impl std::ops::Deref for PolicyLimits {
+    type Target = [CompiledLimit];
+
+    fn deref(&self) -> &[CompiledLimit] {
+        &self.limits
+    }
+}
+
 /// What a request is counted by.
 #[derive(Debug)]
 pub struct LimitContext<'a> {
@@ -1085,13 +1112,14 @@ impl Decision {
 /// Cluster limits of one request are asked concurrently (and pipelined on
 /// the one connection).
 pub async fn check<'a>(
-    limits: &'a [CompiledLimit],
+    limits: &'a PolicyLimits,
     ctx: &LimitContext<'_>,
     env: &ClusterEnv,
 ) -> Option<Decision> {
     if limits.is_empty() {
         return None;
     }
+    let policy = limits.policy_header.clone();
     // (limit, the count) of the tightest limit.
     let mut tightest: Option<(&CompiledLimit, Count)> = None;
     let mut unavailable = false;
@@ -1117,9 +1145,8 @@ pub async fn check<'a>(
             tightest = Some((limit, count));
         }
     };
-    let policy = if let [limit] = limits {
+    if let [limit] = &limits[..] {
         fold(limit, limit.verdict(ctx, env).await);
-        limit.policy_header.clone()
     } else {
         let verdicts = futures::future::join_all(
             limits
@@ -1130,13 +1157,7 @@ pub async fn check<'a>(
         for (limit, verdict) in verdicts {
             fold(limit, verdict);
         }
-        let joined = limits
-            .iter()
-            .map(|l| l.policy_part.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        HeaderValue::from_str(&joined).ok()
-    };
+    }
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     let state = tightest
         .as_ref()
@@ -1234,7 +1255,7 @@ mod tests {
         LimitKey::from(IpAddr::from([10, 0, 0, 1]))
     }
 
-    fn run(limits: &[CompiledLimit], ctx: &LimitContext<'_>) -> Option<Decision> {
+    fn run(limits: &PolicyLimits, ctx: &LimitContext<'_>) -> Option<Decision> {
         futures::executor::block_on(check(limits, ctx, &ClusterEnv::default()))
     }
 
@@ -1271,7 +1292,7 @@ mod tests {
         )
         .unwrap();
         let h = HeaderMap::new();
-        let limits = [l];
+        let limits = PolicyLimits::from(vec![l]);
         for expected_remaining in [2, 1, 0] {
             let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
             assert!(d.retry_after.is_none());
@@ -1301,15 +1322,21 @@ mod tests {
         let small = limit("small", &["consumer"], 1, Duration::from_secs(60), 0);
         let big = limit("big", &["consumer"], 100, Duration::from_secs(60), 0);
         let h = HeaderMap::new();
-        let limits = [
+        let limits = PolicyLimits::from(vec![
             CompiledLimit::compile("p", &big, &reg, &Metrics::default()).unwrap(),
             CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap(),
-        ];
-        assert!(run(&limits, &ctx(&h, "10.0.0.1"))
-            .unwrap()
-            .retry_after
-            .is_none());
-        let again = [CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap()];
+        ]);
+        let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
+        assert!(d.retry_after.is_none());
+        assert_eq!(d.policy.unwrap(), "100;w=60, 1;w=60");
+        assert_eq!(d.state.unwrap(), "limit=1, remaining=0, reset=60");
+        let again = PolicyLimits::from(vec![CompiledLimit::compile(
+            "p",
+            &small,
+            &reg,
+            &Metrics::default(),
+        )
+        .unwrap()]);
         assert!(
             run(&again, &ctx(&h, "10.0.0.1"))
                 .unwrap()
@@ -1320,7 +1347,13 @@ mod tests {
         drop(limits);
         drop(again);
         reg.evict_idle();
-        let fresh = [CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap()];
+        let fresh = PolicyLimits::from(vec![CompiledLimit::compile(
+            "p",
+            &small,
+            &reg,
+            &Metrics::default(),
+        )
+        .unwrap()]);
         assert!(
             run(&fresh, &ctx(&h, "10.0.0.1"))
                 .unwrap()
@@ -1380,7 +1413,7 @@ mod tests {
     #[test]
     fn header_keys_separate_buckets() {
         let reg = LimiterRegistry::default();
-        let l = [CompiledLimit::compile(
+        let l = PolicyLimits::from(vec![CompiledLimit::compile(
             "p",
             &limit(
                 "tenant",
@@ -1392,7 +1425,7 @@ mod tests {
             &reg,
             &Metrics::default(),
         )
-        .unwrap()];
+        .unwrap()]);
         let mut a = HeaderMap::new();
         a.insert("x-tenant", "a".parse().unwrap());
         let mut b = HeaderMap::new();
@@ -1405,7 +1438,7 @@ mod tests {
     #[test]
     fn casing_and_padding_of_a_header_value_do_not_give_a_fresh_bucket() {
         let reg = LimiterRegistry::default();
-        let l = [CompiledLimit::compile(
+        let l = PolicyLimits::from(vec![CompiledLimit::compile(
             "p",
             &limit(
                 "tenant",
@@ -1417,7 +1450,7 @@ mod tests {
             &reg,
             &Metrics::default(),
         )
-        .unwrap()];
+        .unwrap()]);
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert("x-tenant", HeaderValue::from_str(v).unwrap());
@@ -1728,7 +1761,9 @@ mod tests {
         let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
         let (store, env, l) = leased_on(&redis, Duration::from_secs(3));
         let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
-        let limits = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        let limits = PolicyLimits::from(vec![
+            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
+        ]);
         let h = HeaderMap::new();
         let admit = || async {
             let d = check(&limits, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
@@ -1791,7 +1826,9 @@ mod tests {
         };
 
         // The first request leases a quarter of 40: one spent, nine held.
-        let first = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        let first = PolicyLimits::from(vec![
+            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
+        ]);
         let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
         assert!(d.retry_after.is_none());
         assert_eq!(remaining(&d), "remaining=99");
@@ -1800,7 +1837,9 @@ mod tests {
 
         // A new revision with the same limit spends the held tokens without
         // asking Redis.
-        let second = [CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()];
+        let second = PolicyLimits::from(vec![
+            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
+        ]);
         drop(first);
         for left in [98, 97] {
             let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
