@@ -387,6 +387,8 @@ pub struct CompiledLimit {
     /// `limit=LIMIT, remaining=`, how this limit's `RateLimit` header starts.
     state_prefix: Arc<str>,
     counters: LimitCounters,
+    /// Cost mode: requests that waited for this node's fetch of a lease.
+    lease_waits: Counter,
 }
 
 impl std::fmt::Debug for CompiledLimit {
@@ -454,7 +456,8 @@ impl CompiledLimit {
         );
         let limiter = registry.get(registry_key.clone(), quota);
         let redis_prefix: Arc<str> = format!("gatehouse:rl:{{{policy}/{}/", l.name).into();
-        let leases = if l.lease > 0 && l.scope == LimitScope::Cluster {
+        let leases_on = l.lease > 0 && l.scope == LimitScope::Cluster;
+        let leases = if leases_on {
             registry.leases(registry_key, l.lease, &redis_prefix, period)
         } else {
             Leases::default()
@@ -470,6 +473,12 @@ impl CompiledLimit {
             unavailable: counter(&metrics.limit_decisions, policy, &l.name, "unavailable"),
             deny_cache_hits: counter(&metrics.limit_deny_cache_hits, policy, &l.name, "limited"),
             fallback: counter(&metrics.limit_fallbacks, policy, &l.name, fallback),
+        };
+        // Exported for cost-mode limits only; other limits never wait.
+        let lease_waits = if leases_on {
+            counter(&metrics.limit_lease_waits, policy, &l.name, "waited")
+        } else {
+            Counter::default()
         };
         let policy_part = format!("{};w={}", l.limit, l.window.as_secs().max(1));
         Ok(CompiledLimit {
@@ -488,6 +497,7 @@ impl CompiledLimit {
             policy_part,
             state_prefix: format!("limit={}, remaining=", l.limit).into(),
             counters,
+            lease_waits,
         })
     }
 
@@ -599,6 +609,7 @@ impl CompiledLimit {
                     // Redis for one token rather than wait a second time.
                     Spend::Wait(mut arrived) => {
                         may_wait = false;
+                        self.lease_waits.inc();
                         let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
                     }
                     Spend::One => break,
@@ -1804,6 +1815,67 @@ mod tests {
             100 - spent,
             "{spent} spent, {tokens} given back: the fetched ones too"
         );
+    }
+
+    /// A request that finds nothing held while this node fetches the next
+    /// lease waits for that fetch, and `gatehouse_ratelimit_lease_waits_total`
+    /// counts it; requests spending held tokens do not count.
+    #[tokio::test]
+    async fn a_request_that_waits_for_a_lease_fetch_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
+        let (_store, env, l) = leased_on(&redis, Duration::from_millis(300));
+        let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
+        let limits = PolicyLimits::from(vec![
+            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap(),
+            // A local limit of the same policy has no such series.
+            CompiledLimit::compile(
+                "p",
+                &limit("local", &["client_ip"], 1000, Duration::from_secs(60), 0),
+                &reg,
+                &metrics,
+            )
+            .unwrap(),
+        ]);
+        let h = HeaderMap::new();
+        let admit = || async {
+            let d = check(&limits, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
+            assert!(d.retry_after.is_none() && !d.unavailable, "{d:?}");
+        };
+        let waits = || {
+            let text = metrics.encode();
+            let series: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("gatehouse_ratelimit_lease_waits_total{"))
+                .collect();
+            assert_eq!(series.len(), 1, "{series:?}");
+            assert!(series[0].contains(r#"limit="leased""#), "{}", series[0]);
+            series[0]
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let held = || {
+            let leases = limits[0].leases.lock().unwrap();
+            leases[&ten()].held.iter().map(|(n, _)| n).sum::<u64>()
+        };
+        // The first lease (10 tokens), fetched by the first request.
+        admit().await;
+        assert_eq!(waits(), 0);
+        // With Redis paused, spend what is held: the refill it starts in
+        // the background hangs, and nobody waits for it yet.
+        redis.stop();
+        while held() > 0 {
+            admit().await;
+        }
+        assert_eq!(waits(), 0, "spending held tokens never waits");
+        // Nothing held, a fetch out: this one waits for it (then asks
+        // Redis itself, which times out, and `open` admits it).
+        admit().await;
+        redis.cont();
+        assert_eq!(waits(), 1);
     }
 
     /// Cost mode against a real Redis: leased tokens survive a revision

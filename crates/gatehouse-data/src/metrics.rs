@@ -71,6 +71,7 @@ pub struct Metrics {
     pub limit_decisions: Family<LimitLabels, Counter>,
     pub limit_deny_cache_hits: Family<LimitLabels, Counter>,
     pub limit_fallbacks: Family<LimitLabels, Counter>,
+    pub limit_lease_waits: Family<LimitLabels, Counter>,
     pub redis_duration: Histogram,
     pub redis_errors: Counter,
     pub data_planes: Gauge,
@@ -198,6 +199,12 @@ impl Default for Metrics {
             "Cluster-limit decisions Redis did not answer in time, by the failure mode applied (outcome: open, closed, local)",
             limit_fallbacks.clone(),
         );
+        let limit_lease_waits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "ratelimit_lease_waits",
+            "Cost-mode decisions that found no leased token while this node was fetching a lease, and waited for it (outcome: waited)",
+            limit_lease_waits.clone(),
+        );
         let redis_duration = redis_duration_histogram();
         registry.register(
             "ratelimit_redis_duration_seconds",
@@ -268,6 +275,7 @@ impl Default for Metrics {
             limit_decisions,
             limit_deny_cache_hits,
             limit_fallbacks,
+            limit_lease_waits,
             redis_duration,
             redis_errors,
             requests_shed,
