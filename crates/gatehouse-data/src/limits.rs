@@ -1356,13 +1356,16 @@ mod tests {
         assert!(d.retry_after.is_none());
         assert_eq!(d.policy.unwrap(), "100;w=60, 1;w=60");
         assert_eq!(d.state.unwrap(), "limit=1, remaining=0, reset=60");
-        let again = PolicyLimits::from(vec![CompiledLimit::compile(
-            "p",
-            &small,
-            &reg,
-            &Metrics::default(),
-        )
-        .unwrap()]);
+        let only_small = || {
+            PolicyLimits::from(vec![CompiledLimit::compile(
+                "p",
+                &small,
+                &reg,
+                &Metrics::default(),
+            )
+            .unwrap()])
+        };
+        let again = only_small();
         assert!(
             run(&again, &ctx(&h, "10.0.0.1"))
                 .unwrap()
@@ -1373,13 +1376,7 @@ mod tests {
         drop(limits);
         drop(again);
         reg.evict_idle();
-        let fresh = PolicyLimits::from(vec![CompiledLimit::compile(
-            "p",
-            &small,
-            &reg,
-            &Metrics::default(),
-        )
-        .unwrap()]);
+        let fresh = only_small();
         assert!(
             run(&fresh, &ctx(&h, "10.0.0.1"))
                 .unwrap()
