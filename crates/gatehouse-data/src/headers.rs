@@ -598,7 +598,7 @@ fn push_ipv4(out: &mut Vec<u8>, ip: std::net::Ipv4Addr) {
 
 /// An IPv4 address as `Display` writes it, made without the formatting
 /// machinery, for the forwarding headers of every proxied request.
-pub(crate) struct Ipv4Text {
+struct Ipv4Text {
     /// Room for three more bytes than the longest address: every octet is
     /// copied as three bytes, of which the length counts its digits.
     buf: [u8; 18],
@@ -624,7 +624,7 @@ const OCTET_DIGITS: [[u8; 4]; 256] = {
 };
 
 impl Ipv4Text {
-    pub(crate) fn new(ip: std::net::Ipv4Addr) -> Ipv4Text {
+    fn new(ip: std::net::Ipv4Addr) -> Ipv4Text {
         let mut buf = [0u8; 18];
         let mut len = 0;
         for (i, octet) in ip.octets().into_iter().enumerate() {
@@ -639,7 +639,7 @@ impl Ipv4Text {
         Ipv4Text { buf, len }
     }
 
-    pub(crate) fn as_bytes(&self) -> &[u8] {
+    fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }

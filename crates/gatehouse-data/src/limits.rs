@@ -1071,7 +1071,7 @@ pub async fn check_quotas(
 
 /// A policy's rate limits, compiled, and the `RateLimit-Policy` header
 /// they make together (joined once here, not per request).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PolicyLimits {
     limits: Vec<CompiledLimit>,
     policy_header: Option<HeaderValue>,
