@@ -72,26 +72,35 @@ impl LimitKey {
     }
 
     fn push_ip(&mut self, ip: IpAddr) {
-        match ip {
-            IpAddr::V4(v4) => {
-                let [a, b, c, d] = v4.octets();
-                self.0.extend_from_slice(&[4, a, b, c, d]);
-            }
-            IpAddr::V6(v6) => {
-                let mut tagged = [6; 17];
-                tagged[1..].copy_from_slice(&v6.octets());
-                self.0.extend_from_slice(&tagged);
-            }
+        let (bytes, len) = tagged_ip(ip);
+        self.0.extend_from_slice(&bytes[..len]);
+    }
+}
+
+/// An address as a key part: its tag byte (4 or 6) and its bytes, in a
+/// buffer of the inline size, and how many of its bytes are used.
+fn tagged_ip(ip: IpAddr) -> ([u8; 32], usize) {
+    let mut bytes = [0; 32];
+    match ip {
+        IpAddr::V4(v4) => {
+            bytes[0] = 4;
+            bytes[1..5].copy_from_slice(&v4.octets());
+            (bytes, 5)
+        }
+        IpAddr::V6(v6) => {
+            bytes[0] = 6;
+            bytes[1..17].copy_from_slice(&v6.octets());
+            (bytes, 17)
         }
     }
 }
 
-/// The key of a limit that counts by client address alone.
+/// The key of a limit that counts by client address alone, the most
+/// common key: made in place, without pushing part by part.
 impl From<IpAddr> for LimitKey {
     fn from(ip: IpAddr) -> LimitKey {
-        let mut key = LimitKey::default();
-        key.push_ip(ip.to_canonical());
-        key
+        let (bytes, len) = tagged_ip(ip.to_canonical());
+        LimitKey(SmallVec::from_buf_and_len(bytes, len))
     }
 }
 
@@ -505,6 +514,9 @@ impl CompiledLimit {
     /// spelling a header value differently (case, surrounding blanks) or an
     /// IPv4 address as IPv4-mapped IPv6 does not give a fresh bucket.
     fn key(&self, ctx: &LimitContext<'_>) -> LimitKey {
+        if let [KeyPart::ClientIp] = self.parts[..] {
+            return LimitKey::from(ctx.client_ip);
+        }
         let mut key = LimitKey::default();
         for (i, part) in self.parts.iter().enumerate() {
             if i > 0 {
@@ -1548,6 +1560,29 @@ mod tests {
             by_ip.key(&ctx(&h, "10.0.0.1"))
         );
         assert_eq!(by_ip.key(&ctx(&h, "10.0.0.1")), ten());
+        // An address is its tag byte and its bytes, alone (made in place)
+        // or as one part of several (pushed): the same bytes either way.
+        assert_eq!(ten().as_bytes(), [4, 10, 0, 0, 1]);
+        let mut v6 = vec![6];
+        v6.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        assert_eq!(by_ip.key(&ctx(&h, "2001:db8::1")).as_bytes(), v6);
+        for (client, address) in [
+            ("10.0.0.1", &ten().as_bytes().to_vec()),
+            ("2001:db8::1", &v6),
+        ] {
+            let c = LimitContext {
+                route: "r",
+                ..ctx(&h, client)
+            };
+            let mut both = address.clone();
+            both.extend_from_slice(&[0x1f, b'r']);
+            assert_eq!(by_ip_and_route.key(&c).as_bytes(), both);
+        }
     }
 
     #[test]
