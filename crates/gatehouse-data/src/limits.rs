@@ -1297,6 +1297,15 @@ mod tests {
         futures::executor::block_on(check(limits, ctx, &ClusterEnv::default()))
     }
 
+    /// `limits`, compiled as the rate limits of policy `p`.
+    fn policy(limits: &[&RateLimit], reg: &LimiterRegistry, metrics: &Metrics) -> PolicyLimits {
+        limits
+            .iter()
+            .map(|l| CompiledLimit::compile("p", l, reg, metrics).unwrap())
+            .collect::<Vec<_>>()
+            .into()
+    }
+
     fn limit(name: &str, key: &[&str], limit: u64, window: Duration, burst: u64) -> RateLimit {
         RateLimit {
             name: name.into(),
@@ -1322,15 +1331,9 @@ mod tests {
     #[test]
     fn a_bucket_admits_its_capacity_then_refuses_with_a_wait() {
         let reg = LimiterRegistry::default();
-        let l = CompiledLimit::compile(
-            "p",
-            &limit("ip", &["client_ip"], 3, Duration::from_secs(60), 0),
-            &reg,
-            &Metrics::default(),
-        )
-        .unwrap();
+        let l = limit("ip", &["client_ip"], 3, Duration::from_secs(60), 0);
         let h = HeaderMap::new();
-        let limits = PolicyLimits::from(vec![l]);
+        let limits = policy(&[&l], &reg, &Metrics::default());
         for expected_remaining in [2, 1, 0] {
             let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
             assert!(d.retry_after.is_none());
@@ -1360,23 +1363,12 @@ mod tests {
         let small = limit("small", &["consumer"], 1, Duration::from_secs(60), 0);
         let big = limit("big", &["consumer"], 100, Duration::from_secs(60), 0);
         let h = HeaderMap::new();
-        let limits = PolicyLimits::from(vec![
-            CompiledLimit::compile("p", &big, &reg, &Metrics::default()).unwrap(),
-            CompiledLimit::compile("p", &small, &reg, &Metrics::default()).unwrap(),
-        ]);
+        let limits = policy(&[&big, &small], &reg, &Metrics::default());
         let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
         assert!(d.retry_after.is_none());
         assert_eq!(d.policy.unwrap(), "100;w=60, 1;w=60");
         assert_eq!(d.state.unwrap(), "limit=1, remaining=0, reset=60");
-        let only_small = || {
-            PolicyLimits::from(vec![CompiledLimit::compile(
-                "p",
-                &small,
-                &reg,
-                &Metrics::default(),
-            )
-            .unwrap()])
-        };
+        let only_small = || policy(&[&small], &reg, &Metrics::default());
         let again = only_small();
         assert!(
             run(&again, &ctx(&h, "10.0.0.1"))
@@ -1448,19 +1440,14 @@ mod tests {
     #[test]
     fn header_keys_separate_buckets() {
         let reg = LimiterRegistry::default();
-        let l = PolicyLimits::from(vec![CompiledLimit::compile(
-            "p",
-            &limit(
-                "tenant",
-                &["header:X-Tenant"],
-                1,
-                Duration::from_secs(60),
-                0,
-            ),
-            &reg,
-            &Metrics::default(),
-        )
-        .unwrap()]);
+        let tenant = limit(
+            "tenant",
+            &["header:X-Tenant"],
+            1,
+            Duration::from_secs(60),
+            0,
+        );
+        let l = policy(&[&tenant], &reg, &Metrics::default());
         let mut a = HeaderMap::new();
         a.insert("x-tenant", "a".parse().unwrap());
         let mut b = HeaderMap::new();
@@ -1473,19 +1460,14 @@ mod tests {
     #[test]
     fn casing_and_padding_of_a_header_value_do_not_give_a_fresh_bucket() {
         let reg = LimiterRegistry::default();
-        let l = PolicyLimits::from(vec![CompiledLimit::compile(
-            "p",
-            &limit(
-                "tenant",
-                &["header:X-Tenant", "client_ip"],
-                1,
-                Duration::from_secs(60),
-                0,
-            ),
-            &reg,
-            &Metrics::default(),
-        )
-        .unwrap()]);
+        let tenant = limit(
+            "tenant",
+            &["header:X-Tenant", "client_ip"],
+            1,
+            Duration::from_secs(60),
+            0,
+        );
+        let l = policy(&[&tenant], &reg, &Metrics::default());
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert("x-tenant", HeaderValue::from_str(v).unwrap());
@@ -1571,16 +1553,12 @@ mod tests {
                 .octets(),
         );
         assert_eq!(by_ip.key(&ctx(&h, "2001:db8::1")).as_bytes(), v6);
-        for (client, address) in [
-            ("10.0.0.1", &ten().as_bytes().to_vec()),
-            ("2001:db8::1", &v6),
-        ] {
+        for (client, address) in [("10.0.0.1", ten().as_bytes()), ("2001:db8::1", &v6)] {
             let c = LimitContext {
                 route: "r",
                 ..ctx(&h, client)
             };
-            let mut both = address.clone();
-            both.extend_from_slice(&[0x1f, b'r']);
+            let both = [address, &[0x1f, b'r']].concat();
             assert_eq!(by_ip_and_route.key(&c).as_bytes(), both);
         }
     }
@@ -1833,9 +1811,7 @@ mod tests {
         let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
         let (store, env, l) = leased_on(&redis, Duration::from_secs(3));
         let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
-        let limits = PolicyLimits::from(vec![
-            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
-        ]);
+        let limits = policy(&[&l], &reg, &metrics);
         let h = HeaderMap::new();
         let admit = || async {
             let d = check(&limits, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
@@ -1887,17 +1863,9 @@ mod tests {
         let redis = gatehouse_e2e::redis::RedisServer::start(dir.path()).unwrap();
         let (_store, env, l) = leased_on(&redis, Duration::from_millis(300));
         let (reg, metrics) = (LimiterRegistry::default(), Metrics::default());
-        let limits = PolicyLimits::from(vec![
-            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap(),
-            // A local limit of the same policy has no such series.
-            CompiledLimit::compile(
-                "p",
-                &limit("local", &["client_ip"], 1000, Duration::from_secs(60), 0),
-                &reg,
-                &metrics,
-            )
-            .unwrap(),
-        ]);
+        // A local limit of the same policy has no such series.
+        let local = limit("local", &["client_ip"], 1000, Duration::from_secs(60), 0);
+        let limits = policy(&[&l, &local], &reg, &metrics);
         let h = HeaderMap::new();
         let admit = || async {
             let d = check(&limits, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
@@ -1959,9 +1927,7 @@ mod tests {
         };
 
         // The first request leases a quarter of 40: one spent, nine held.
-        let first = PolicyLimits::from(vec![
-            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
-        ]);
+        let first = policy(&[&l], &reg, &metrics);
         let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
         assert!(d.retry_after.is_none());
         assert_eq!(remaining(&d), "remaining=99");
@@ -1970,9 +1936,7 @@ mod tests {
 
         // A new revision with the same limit spends the held tokens without
         // asking Redis.
-        let second = PolicyLimits::from(vec![
-            CompiledLimit::compile("p", &l, &reg, &metrics).unwrap()
-        ]);
+        let second = policy(&[&l], &reg, &metrics);
         drop(first);
         for left in [98, 97] {
             let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
