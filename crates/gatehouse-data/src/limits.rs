@@ -651,8 +651,8 @@ impl CompiledLimit {
                     // Told as the spends after it will be: the bucket and
                     // what this node now holds.
                     let held = a.taken - 1;
-                    lease.done(held, a.remaining, sent);
-                    remaining = self.leased_remaining(a.remaining, held);
+                    lease.done(held, a.remaining, sent, Instant::now());
+                    remaining = self.leased_remaining(a.remaining, Duration::ZERO, held);
                 }
                 Verdict::Counted(Count {
                     remaining,
@@ -744,6 +744,7 @@ impl CompiledLimit {
                     since: now,
                     fetch_time: Duration::ZERO,
                     bucket_left: 0,
+                    bucket_at: now,
                 },
             );
             return Spend::Fetch(size);
@@ -769,7 +770,11 @@ impl CompiledLimit {
                     lease.fetching = true;
                     size - left
                 });
-            let remaining = self.leased_remaining(lease.bucket_left, left);
+            let remaining = self.leased_remaining(
+                lease.bucket_left,
+                now.saturating_duration_since(lease.bucket_at),
+                left,
+            );
             return Spend::Spent(
                 Count {
                     remaining,
@@ -793,10 +798,19 @@ impl CompiledLimit {
     }
 
     /// What cost mode tells a request remains: what the bucket held in Redis
-    /// after this node's last fetch and what the node holds, at most the
-    /// capacity. Other data planes' spending since shows at the next fetch.
-    fn leased_remaining(&self, bucket_left: u64, held: u64) -> u64 {
-        bucket_left.saturating_add(held).min(self.capacity)
+    /// after this node's last fetch, what it has earned back since (one
+    /// token per period, as the script counts), and what the node holds, at
+    /// most the capacity. Other data planes' spending since shows at the
+    /// next fetch.
+    fn leased_remaining(&self, bucket_left: u64, since: Duration, held: u64) -> u64 {
+        let told = bucket_left.saturating_add(held);
+        if told >= self.capacity {
+            return self.capacity;
+        }
+        // Whole periods only: never more than the script would say.
+        let period = u64::try_from(self.period.as_nanos()).unwrap_or(u64::MAX);
+        let earned = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX) / period.max(1);
+        told.saturating_add(earned).min(self.capacity)
     }
 
     /// Fetches up to `want` more tokens of `key` without holding up the
@@ -815,7 +829,7 @@ impl CompiledLimit {
             self.capacity,
             want,
             move |answer| match answer {
-                Ok(a) if a.taken > 0 => inflight.done(a.taken, a.remaining, sent),
+                Ok(a) if a.taken > 0 => inflight.done(a.taken, a.remaining, sent, Instant::now()),
                 // The bucket is empty: spend what is held, and ask again
                 // when Redis says a token is back.
                 Ok(a) => inflight.refused_until(sent + a.wait),
@@ -868,8 +882,10 @@ struct Lease {
     /// the last one, or more if an earlier one took longer (see
     /// [`Lease::took`]).
     fetch_time: Duration,
-    /// What the bucket held in Redis after the last fetch took its tokens.
+    /// What the bucket held in Redis after the last fetch took its tokens,
+    /// and when that answer arrived.
     bucket_left: u64,
+    bucket_at: Instant,
 }
 
 impl Lease {
@@ -914,11 +930,12 @@ struct LeaseInFlight {
 }
 
 impl LeaseInFlight {
-    /// Keeps `tokens` taken from Redis at `taken_at` for later requests;
-    /// `bucket_left` is what Redis said the bucket holds after them.
-    fn done(mut self, tokens: u64, bucket_left: u64, taken_at: Instant) {
+    /// Keeps `tokens` asked of Redis at `taken_at` for later requests;
+    /// `bucket_left` is what Redis said the bucket holds after them, an
+    /// answer that arrived at `now` (the bucket's refill is counted from
+    /// then, so never early).
+    fn done(mut self, tokens: u64, bucket_left: u64, taken_at: Instant, now: Instant) {
         let until = taken_at + self.lease_time;
-        let now = Instant::now();
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lease) = leases.get_mut(&self.key) {
             if tokens > 0 {
@@ -926,6 +943,7 @@ impl LeaseInFlight {
             }
             lease.took(now.saturating_duration_since(taken_at));
             lease.bucket_left = bucket_left;
+            lease.bucket_at = now;
             lease.fetched();
         }
         self.done = true;
@@ -1637,7 +1655,7 @@ mod tests {
         };
         assert!(!arrived.has_changed().unwrap());
         assert!(matches!(c.spend_lease(&"k".into(), t0, false), Spend::One));
-        fetch().done(1, 0, t0);
+        fetch().done(1, 0, t0, t0);
         assert!(arrived.has_changed().unwrap(), "waiters are woken");
         // Three requests in 10 ms: at that rate a lease time (1 s) spends
         // far more than 8, so the next lease is the whole 8, fetched in the
@@ -1647,7 +1665,7 @@ mod tests {
             c.spend_lease(&"k".into(), t1, true),
             Spend::Spent(_, Some(8))
         ));
-        fetch().done(8, 50, t1);
+        fetch().done(8, 50, t1, t1);
         // 8 held: spent locally; the next lease is fetched in the
         // background, topping up to 8 in all, at half left (4): no time has
         // passed since the fetch began, so the rate is taken as high. What
@@ -1674,13 +1692,13 @@ mod tests {
             Spend::Fetch(1)
         ));
         // Tokens are not spent after the lease time (1 s here).
-        fetch().done(3, 0, t1);
+        fetch().done(3, 0, t1, t1);
         assert!(matches!(
             c.spend_lease(&"k".into(), later, false),
             Spend::Fetch(_)
         ));
         // Tokens of an older lease are spent first.
-        fetch().done(1, 100, later);
+        fetch().done(1, 100, later, later);
         {
             let mut leases = c.leases.lock().unwrap();
             leases
@@ -1705,6 +1723,43 @@ mod tests {
         );
     }
 
+    /// Cost mode's `remaining` counts what the bucket earned back since the
+    /// fetch, as exact mode's would: a key spent slower than its limit
+    /// does not look like it is running out.
+    #[test]
+    fn cost_modes_remaining_counts_the_buckets_refill_since_the_fetch() {
+        let reg = LimiterRegistry::default();
+        // 100 a second: a token every 10 ms; lease time 1 s.
+        let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
+        l.scope = LimitScope::Cluster;
+        l.lease = 8;
+        let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
+        let t0 = Instant::now();
+        assert!(matches!(
+            c.spend_lease(&"k".into(), t0, true),
+            Spend::Fetch(_)
+        ));
+        // The answer arrives 5 ms after the question: 50 left in Redis.
+        LeaseInFlight {
+            leases: c.leases.clone(),
+            key: "k".into(),
+            lease_time: c.lease_time(),
+            done: false,
+        }
+        .done(8, 50, t0, t0 + Duration::from_millis(5));
+        let told = |at: Duration| match c.spend_lease(&"k".into(), t0 + at, false) {
+            Spend::Spent(count, _) => (count.remaining, count.reset),
+            _ => panic!("a leased token was not spent"),
+        };
+        let reset = |remaining: u64| c.period * (100 - remaining) as u32;
+        // Counted from the answer, whole tokens only: none earned yet.
+        assert_eq!(told(Duration::from_millis(14)), (57, reset(57)));
+        // 25 ms after the answer: two earned, two spent in all.
+        assert_eq!(told(Duration::from_millis(30)), (58, reset(58)));
+        // 0.9 s: the bucket is full again; never more than the capacity.
+        assert_eq!(told(Duration::from_millis(905)), (100, Duration::ZERO));
+    }
+
     #[test]
     fn a_lease_refills_while_what_is_held_lasts_two_fetches_at_the_rate_seen() {
         let t0 = Instant::now();
@@ -1718,6 +1773,7 @@ mod tests {
             since: t0,
             fetch_time: Duration::from_micros(fetch_us),
             bucket_left: 0,
+            bucket_at: t0,
         };
         let at = |l: &Lease| refill_at(l, t0 + Duration::from_secs(1));
         // Ten requests a second: a fetch of 1 ms spends nothing; a quarter.
