@@ -73,8 +73,10 @@ pub struct ProxiesArgs {
     /// machine's drift over the run hits every target alike; each round
     /// starts one target later, so every target takes every place in a
     /// round. The tables show each target's median round; a table lists
-    /// every round.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    /// every round. From 6 rounds on it also gives a 95 % interval for each
+    /// target's median share of plain Gatehouse; on a noisy machine, many
+    /// short rounds (e.g. `--rounds 40 --duration 2 --warmup 1`) narrow it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=99))]
     rounds: u64,
     /// Give each proxy CPUs of its own (with `taskset`): the proxy on CPUs
     /// 0..--proxy-threads, the backend, the load generator and Redis on the
@@ -1328,10 +1330,6 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
 /// per request.
 type Round = (f64, Option<f64>);
 
-/// Every closed-loop round, and each target's throughput as a share of
-/// plain Gatehouse's in the same round (the two measured minutes apart at
-/// most), when plain Gatehouse was measured; then the same for the proxy's
-/// CPU time per request.
 /// The order of `n` targets in round `round` (from 1): round 1 in their
 /// order, each later round starting one target later.
 fn round_order(n: usize, round: u64) -> impl Iterator<Item = usize> {
@@ -1339,6 +1337,10 @@ fn round_order(n: usize, round: u64) -> impl Iterator<Item = usize> {
     (0..n).map(move |i| (start + i) % n)
 }
 
+/// Every closed-loop round, and each target's throughput as a share of
+/// plain Gatehouse's in the same round (the two measured minutes apart at
+/// most), when plain Gatehouse was measured; then the same for the proxy's
+/// CPU time per request.
 fn print_rounds(by_round: &[(Kind, Vec<Round>)]) {
     let rps: Vec<(Kind, Vec<f64>)> = by_round
         .iter()
@@ -1370,15 +1372,23 @@ fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize
         .find(|(k, _)| *k == Kind::Gatehouse)
         .map(|(_, r)| r.clone());
     let n = by_round.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+    // Beyond this many rounds a column per round is unreadable: the rounds
+    // go into a list under the table instead.
+    let wide = n > 9;
     println!();
     println!("{title}");
     println!();
-    let heads: Vec<String> = (1..=n).map(|i| format!("round {i}")).collect();
+    let heads: Vec<String> = if wide {
+        vec!["rounds".into(), "lowest".into(), "highest".into()]
+    } else {
+        (1..=n).map(|i| format!("round {i}")).collect()
+    };
     println!(
-        "| target | {} | median | median share of plain Gatehouse |",
+        "| target | {} | median | median share of plain Gatehouse | 95 % interval of that median |",
         heads.join(" | ")
     );
-    println!("|---|{}---:|---:|", "---:|".repeat(n));
+    println!("|---|{}---:|---:|---:|", "---:|".repeat(heads.len()));
+    let mut lists = Vec::new();
     for (kind, rounds) in by_round {
         let mut cells = Vec::new();
         let mut shares = Vec::new();
@@ -1391,14 +1401,67 @@ fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize
                 _ => cells.push(format!("{rps:.decimals$}")),
             }
         }
-        cells.resize(n, "-".into());
+        let interval = match median_interval(&shares) {
+            Some((low, high)) if *kind != Kind::Gatehouse => format!("{low:.3}-{high:.3}"),
+            _ => "-".into(),
+        };
+        let shown = if wide {
+            lists.push(format!("- {kind}: {}", cells.join(", ")));
+            let mut sorted = rounds.clone();
+            sorted.sort_by(f64::total_cmp);
+            let at = |v: Option<&f64>| v.map_or("-".into(), |v| format!("{v:.decimals$}"));
+            vec![
+                rounds.len().to_string(),
+                at(sorted.first()),
+                at(sorted.last()),
+            ]
+        } else {
+            cells.resize(n, "-".into());
+            cells
+        };
         println!(
-            "| {kind} | {} | {} | {} |",
-            cells.join(" | "),
+            "| {kind} | {} | {} | {} | {interval} |",
+            shown.join(" | "),
             median(rounds).map_or("-".into(), |m| format!("{m:.decimals$}")),
             median(&shares).map_or("-".into(), |m| format!("{m:.3}")),
         );
     }
+    if !lists.is_empty() {
+        println!();
+        println!("Every round, in order (and the share of plain Gatehouse's in the same round):");
+        println!();
+        for line in lists {
+            println!("{line}");
+        }
+    }
+}
+
+/// A 95 % confidence interval for the median of `values`, from their order
+/// statistics (distribution-free: the median lies below the k-th smallest
+/// value with the probability that a fair coin shows heads fewer than k
+/// times in n throws). `None` for fewer than 6 values, which cannot give
+/// one.
+fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+    let n = values.len();
+    // P(Bin(n, 1/2) < k), for k = 1, 2, ...: the largest k with it at most
+    // 2.5 % on each side.
+    let mut below = 0.0;
+    let mut term = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut k = 0;
+    for i in 0..n {
+        if below + term > 0.025 {
+            break;
+        }
+        below += term;
+        term *= (n - i) as f64 / (i + 1) as f64;
+        k = i + 1;
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some((v[k - 1], v[n - k]))
 }
 
 /// The middle value (the upper one of the two middle values for an even count).
@@ -1585,7 +1648,25 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 
 #[cfg(test)]
 mod tests {
-    use super::round_order;
+    use super::{median_interval, round_order};
+
+    /// The ranks match the published tables of the sign test's interval
+    /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
+    /// n = 60: 22nd and 39th), whatever order the values come in.
+    #[test]
+    fn the_median_interval_takes_the_sign_tests_order_statistics() {
+        let ranks = |n: usize| {
+            let values: Vec<f64> = (1..=n).rev().map(|i| i as f64).collect();
+            median_interval(&values).map(|(lo, hi)| (lo as usize, hi as usize))
+        };
+        assert_eq!(ranks(5), None, "five values give no 95 % interval");
+        assert_eq!(ranks(6), Some((1, 6)));
+        assert_eq!(ranks(9), Some((2, 8)));
+        assert_eq!(ranks(20), Some((6, 15)));
+        assert_eq!(ranks(50), Some((18, 33)));
+        assert_eq!(ranks(60), Some((22, 39)));
+        assert_eq!(median_interval(&[]), None);
+    }
 
     #[test]
     fn each_round_starts_one_target_later_and_runs_every_target_once() {
