@@ -1220,16 +1220,24 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             }
         }
     }
-    // Each target's median round stands for it.
+    // Each target's median round stands for it. A target that failed in a
+    // later round keeps the rounds it ran in the round tables (its rounds
+    // are still the first ones, in order, so each pairs with plain
+    // Gatehouse's round of the same number).
     let mut by_round = Vec::new();
-    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
-        by_round.push((
-            slot.kind,
-            slot.rounds
-                .iter()
-                .map(|p| (p.result.rps(), p.cpu_us_per_request()))
-                .collect::<Vec<_>>(),
-        ));
+    for slot in &mut slots {
+        if !slot.rounds.is_empty() {
+            by_round.push((
+                slot.kind,
+                slot.rounds
+                    .iter()
+                    .map(|p| (p.result.rps(), p.cpu_us_per_request()))
+                    .collect::<Vec<_>>(),
+            ));
+        }
+        if slot.failure.is_some() {
+            continue;
+        }
         let mut rounds = std::mem::take(&mut slot.rounds);
         rounds.sort_by(|a, b| a.result.rps().total_cmp(&b.result.rps()));
         let median = rounds.len() / 2;
