@@ -10,7 +10,8 @@
 # or with sudo), makes the signing keys with openssl, builds release
 # binaries, and runs everything on 127.0.0.1 only. Results are printed and
 # kept in target/bench-results/auth-<UTC timestamp>.md. Extra arguments go to
-# gatehouse-bench proxies (e.g. --quiet-wait 20 on a machine shared with builds).
+# gatehouse-bench proxies (e.g. --quiet-wait 20 on a machine shared with builds)
+# and override this script's own (e.g. --duration 2 --warmup 1 --rounds 40).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

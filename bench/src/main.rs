@@ -80,6 +80,10 @@ enum Cmd {
     Http(HttpArgs),
     /// The backend direct and behind nginx, HAProxy and Gatehouse (one worker
     /// each): closed-loop throughput, then latency at one fixed rate.
+    ///
+    /// A flag given twice takes its last value, so arguments after a
+    /// script's own (bench/run-*.sh) override them.
+    #[command(args_override_self = true)]
     Proxies(proxies::ProxiesArgs),
     /// Time from a route write's acknowledgement by the leader of a 3-node
     /// control plane until both of 2 data planes serve it.
@@ -717,4 +721,36 @@ async fn sled_flush(args: SledFlush) -> Result<()> {
         ms(hist.max()),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Cmd};
+
+    /// bench/run-ratelimit.sh passes `--duration 10 --warmup 3` before the
+    /// caller's arguments: the caller's win.
+    #[test]
+    fn a_later_proxies_flag_overrides_a_scripts_earlier_one() {
+        let cli = Cli::try_parse_from([
+            "gatehouse-bench",
+            "proxies",
+            "--duration",
+            "10",
+            "--warmup",
+            "3",
+            "--rounds",
+            "7",
+            "--duration",
+            "2",
+            "--rounds",
+            "40",
+        ])
+        .unwrap();
+        let Cmd::Proxies(args) = cli.command else {
+            panic!("not the proxies command");
+        };
+        assert_eq!((args.duration, args.warmup, args.rounds), (2, 3, 40));
+    }
 }

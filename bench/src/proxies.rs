@@ -25,10 +25,10 @@ pub struct ProxiesArgs {
     connections: u64,
     /// Measured seconds of each phase (closed loop, then fixed rate) per target.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
-    duration: u64,
+    pub(crate) duration: u64,
     /// Unmeasured seconds of the same load before each measured phase.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
-    warmup: u64,
+    pub(crate) warmup: u64,
     /// The fixed rate of the latency phase as a share of the lowest closed-loop
     /// throughput among the targets, measured in the same run (a moderate
     /// load for every target).
@@ -77,7 +77,7 @@ pub struct ProxiesArgs {
     /// target's median share of plain Gatehouse; on a noisy machine, many
     /// short rounds (e.g. `--rounds 40 --duration 2 --warmup 1`) narrow it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=99))]
-    rounds: u64,
+    pub(crate) rounds: u64,
     /// Give each proxy CPUs of its own (with `taskset`): the proxy on CPUs
     /// 0..--proxy-threads, the backend, the load generator and Redis on the
     /// others. Without it, the scheduler shares every CPU among all of
