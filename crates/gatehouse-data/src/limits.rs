@@ -1629,19 +1629,30 @@ mod tests {
         assert!(keys.take(&"other".into(), interval, 5, now).wait.is_none());
     }
 
-    #[test]
-    fn one_lease_per_key_is_fetched_at_a_time_and_refilled_before_it_runs_out() {
-        let reg = LimiterRegistry::default();
+    /// A cluster limit of 100 a second on the route (a token every 10 ms)
+    /// in cost mode with leases of 8 (lease time 1 s), and a fetch of key
+    /// `k` of it, to end by hand.
+    fn leasing_8(reg: &LimiterRegistry) -> CompiledLimit {
         let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
         l.scope = LimitScope::Cluster;
         l.lease = 8;
-        let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
-        let fetch = || LeaseInFlight {
+        CompiledLimit::compile("p", &l, reg, &Metrics::default()).unwrap()
+    }
+
+    fn fetch_of_k(c: &CompiledLimit) -> LeaseInFlight {
+        LeaseInFlight {
             leases: c.leases.clone(),
             key: "k".into(),
             lease_time: c.lease_time(),
             done: false,
-        };
+        }
+    }
+
+    #[test]
+    fn one_lease_per_key_is_fetched_at_a_time_and_refilled_before_it_runs_out() {
+        let reg = LimiterRegistry::default();
+        let c = leasing_8(&reg);
+        let fetch = || fetch_of_k(&c);
         let t0 = Instant::now();
         // The first lease of a key is a quarter of `lease`.
         assert!(matches!(
@@ -1729,24 +1740,15 @@ mod tests {
     #[test]
     fn cost_modes_remaining_counts_the_buckets_refill_since_the_fetch() {
         let reg = LimiterRegistry::default();
-        // 100 a second: a token every 10 ms; lease time 1 s.
-        let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
-        l.scope = LimitScope::Cluster;
-        l.lease = 8;
-        let c = CompiledLimit::compile("p", &l, &reg, &Metrics::default()).unwrap();
+        // A token every 10 ms; lease time 1 s.
+        let c = leasing_8(&reg);
         let t0 = Instant::now();
         assert!(matches!(
             c.spend_lease(&"k".into(), t0, true),
             Spend::Fetch(_)
         ));
         // The answer arrives 5 ms after the question: 50 left in Redis.
-        LeaseInFlight {
-            leases: c.leases.clone(),
-            key: "k".into(),
-            lease_time: c.lease_time(),
-            done: false,
-        }
-        .done(8, 50, t0, t0 + Duration::from_millis(5));
+        fetch_of_k(&c).done(8, 50, t0, t0 + Duration::from_millis(5));
         let told = |at: Duration| match c.spend_lease(&"k".into(), t0 + at, false) {
             Spend::Spent(count, _) => (count.remaining, count.reset),
             _ => panic!("a leased token was not spent"),
