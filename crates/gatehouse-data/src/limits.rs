@@ -559,9 +559,7 @@ impl CompiledLimit {
                 let remaining = u64::from(snapshot.remaining_burst_capacity());
                 Count {
                     remaining,
-                    reset: self
-                        .period
-                        .saturating_mul((self.capacity - remaining.min(self.capacity)) as u32),
+                    reset: self.fill_time(remaining),
                     wait: None,
                 }
             }
@@ -642,21 +640,24 @@ impl CompiledLimit {
         {
             Ok(a) => {
                 let wait = (a.taken == 0).then_some(a.wait);
-                let mut remaining = a.remaining;
-                if let Some(w) = wait {
-                    // From when the question was sent, so never later than
-                    // Redis's own answer.
-                    self.refused.set(key, sent + w, Instant::now());
-                } else if let Some(lease) = leasing.take() {
+                let (mut remaining, mut reset) = (a.remaining, a.reset);
+                let now = Instant::now();
+                if let Some(lease) = leasing.take().filter(|_| wait.is_none()) {
                     // Told as the spends after it will be: the bucket and
                     // what this node now holds.
                     let held = a.taken - 1;
-                    lease.done(held, a.remaining, sent, Instant::now());
+                    lease.done(held, a.remaining, sent, now);
                     remaining = self.leased_remaining(a.remaining, Duration::ZERO, held);
+                    reset = self.fill_time(remaining);
+                }
+                if let Some(w) = wait {
+                    // From when the question was sent, so never later than
+                    // Redis's own answer.
+                    self.refused.set(key, sent + w, now);
                 }
                 Verdict::Counted(Count {
                     remaining,
-                    reset: a.reset,
+                    reset,
                     wait,
                 })
             }
@@ -778,9 +779,7 @@ impl CompiledLimit {
             return Spend::Spent(
                 Count {
                     remaining,
-                    reset: self.period.saturating_mul(
-                        u32::try_from(self.capacity - remaining).unwrap_or(u32::MAX),
-                    ),
+                    reset: self.fill_time(remaining),
                     wait: None,
                 },
                 refill,
@@ -798,8 +797,8 @@ impl CompiledLimit {
     }
 
     /// What cost mode tells a request remains: what the bucket held in Redis
-    /// after this node's last fetch, what it has earned back since (one
-    /// token per period, as the script counts), and what the node holds, at
+    /// after this node's last answer, what it has earned back since (one
+    /// token per interval, as the script counts), and what the node holds, at
     /// most the capacity. Other data planes' spending since shows at the
     /// next fetch.
     fn leased_remaining(&self, bucket_left: u64, since: Duration, held: u64) -> u64 {
@@ -807,10 +806,18 @@ impl CompiledLimit {
         if told >= self.capacity {
             return self.capacity;
         }
-        // Whole periods only: never more than the script would say.
-        let period = u64::try_from(self.period.as_nanos()).unwrap_or(u64::MAX);
-        let earned = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX) / period.max(1);
+        // Whole intervals of the script's (whole microseconds, rounded
+        // down): never more than it would say.
+        let earned =
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX) / store::interval_us(self.period);
         told.saturating_add(earned).min(self.capacity)
+    }
+
+    /// How long a bucket with `remaining` tokens takes to fill up again.
+    fn fill_time(&self, remaining: u64) -> Duration {
+        let missing = self.capacity - remaining.min(self.capacity);
+        self.period
+            .saturating_mul(u32::try_from(missing).unwrap_or(u32::MAX))
     }
 
     /// Fetches up to `want` more tokens of `key` without holding up the
@@ -832,7 +839,7 @@ impl CompiledLimit {
                 Ok(a) if a.taken > 0 => inflight.done(a.taken, a.remaining, sent, Instant::now()),
                 // The bucket is empty: spend what is held, and ask again
                 // when Redis says a token is back.
-                Ok(a) => inflight.refused_until(sent + a.wait),
+                Ok(a) => inflight.refused_until(sent + a.wait, a.remaining, Instant::now()),
                 // Dropping the fetch lets the next request fetch.
                 Err(e) => warn_store_failure(&e),
             },
@@ -905,6 +912,12 @@ impl Lease {
         self.fetching = false;
         self.arrived.send_modify(|n| *n += 1);
     }
+
+    /// What Redis said the bucket holds, in an answer that arrived at `now`.
+    fn note_bucket(&mut self, left: u64, now: Instant) {
+        self.bucket_left = left;
+        self.bucket_at = now;
+    }
 }
 
 enum Spend {
@@ -942,17 +955,19 @@ impl LeaseInFlight {
                 lease.held.push((tokens, until));
             }
             lease.took(now.saturating_duration_since(taken_at));
-            lease.bucket_left = bucket_left;
-            lease.bucket_at = now;
+            lease.note_bucket(bucket_left, now);
             lease.fetched();
         }
         self.done = true;
     }
 
-    fn refused_until(self, until: Instant) {
+    /// Redis refused the fetch until `until`, saying the bucket holds
+    /// `bucket_left` (an answer that arrived at `now`).
+    fn refused_until(self, until: Instant, bucket_left: u64, now: Instant) {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(lease) = leases.get_mut(&self.key) {
             lease.no_refill_until = until;
+            lease.note_bucket(bucket_left, now);
         }
     }
 }
@@ -1629,11 +1644,11 @@ mod tests {
         assert!(keys.take(&"other".into(), interval, 5, now).wait.is_none());
     }
 
-    /// A cluster limit of 100 a second on the route (a token every 10 ms)
-    /// in cost mode with leases of 8 (lease time 1 s), and a fetch of key
-    /// `k` of it, to end by hand.
-    fn leasing_8(reg: &LimiterRegistry) -> CompiledLimit {
-        let mut l = limit("leased", &["route"], 100, Duration::from_secs(1), 0);
+    /// A cluster limit of `per_second` on the route in cost mode with
+    /// leases of 8 (lease time 1 s at 8 a second or more), and a fetch of
+    /// key `k` of it, to end by hand.
+    fn leasing_8(reg: &LimiterRegistry, per_second: u64) -> CompiledLimit {
+        let mut l = limit("leased", &["route"], per_second, Duration::from_secs(1), 0);
         l.scope = LimitScope::Cluster;
         l.lease = 8;
         CompiledLimit::compile("p", &l, reg, &Metrics::default()).unwrap()
@@ -1651,7 +1666,7 @@ mod tests {
     #[test]
     fn one_lease_per_key_is_fetched_at_a_time_and_refilled_before_it_runs_out() {
         let reg = LimiterRegistry::default();
-        let c = leasing_8(&reg);
+        let c = leasing_8(&reg, 100);
         let fetch = || fetch_of_k(&c);
         let t0 = Instant::now();
         // The first lease of a key is a quarter of `lease`.
@@ -1740,8 +1755,8 @@ mod tests {
     #[test]
     fn cost_modes_remaining_counts_the_buckets_refill_since_the_fetch() {
         let reg = LimiterRegistry::default();
-        // A token every 10 ms; lease time 1 s.
-        let c = leasing_8(&reg);
+        // 100 a second: a token every 10 ms; lease time 1 s.
+        let c = leasing_8(&reg, 100);
         let t0 = Instant::now();
         assert!(matches!(
             c.spend_lease(&"k".into(), t0, true),
@@ -1760,6 +1775,29 @@ mod tests {
         assert_eq!(told(Duration::from_millis(30)), (58, reset(58)));
         // 0.9 s: the bucket is full again; never more than the capacity.
         assert_eq!(told(Duration::from_millis(905)), (100, Duration::ZERO));
+        // Redis refuses a background fetch (other data planes emptied the
+        // bucket): what is told counts from that answer, not the fetch's.
+        fetch_of_k(&c).refused_until(
+            t0 + Duration::from_secs(2),
+            0,
+            t0 + Duration::from_millis(950),
+        );
+        assert_eq!(told(Duration::from_millis(975)), (2 + 4, reset(6)));
+
+        // Under a microsecond per token (10^9 a second), the script counts
+        // whole microseconds, so the refill does too.
+        let fast = leasing_8(&reg, 1_000_000_000);
+        assert!(matches!(
+            fast.spend_lease(&"k".into(), t0, true),
+            Spend::Fetch(_)
+        ));
+        fetch_of_k(&fast).done(8, 50, t0, t0);
+        let Spend::Spent(count, _) =
+            fast.spend_lease(&"k".into(), t0 + Duration::from_micros(10), false)
+        else {
+            panic!("a leased token was not spent");
+        };
+        assert_eq!(count.remaining, 50 + 10 + 7);
     }
 
     #[test]
@@ -1978,17 +2016,19 @@ mod tests {
         let calls = || redis.calls("evalsha").unwrap() + redis.calls("eval").unwrap();
 
         // What `RateLimit` says remains: as in exact mode on one data plane,
-        // the bucket (90 after the first lease) and the tokens held.
+        // the bucket (90 after the first lease) and the tokens held; and
+        // the time until that is full again (36 s a token), the same for
+        // the request that fetched the lease as for those after it.
         let remaining = |d: &Decision| {
             let state = d.state.as_ref().unwrap().to_str().unwrap().to_string();
-            state.split(", ").nth(1).unwrap().to_string()
+            state.split_once(", ").unwrap().1.to_string()
         };
 
         // The first request leases a quarter of 40: one spent, nine held.
         let first = policy(&[&l], &reg, &metrics);
         let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
         assert!(d.retry_after.is_none());
-        assert_eq!(remaining(&d), "remaining=99");
+        assert_eq!(remaining(&d), "remaining=99, reset=36");
         let after_first = calls();
         assert!(after_first >= 1);
 
@@ -1999,7 +2039,8 @@ mod tests {
         for left in [98, 97] {
             let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
             assert!(d.retry_after.is_none());
-            assert_eq!(remaining(&d), format!("remaining={left}"));
+            let reset = 36 * (100 - left);
+            assert_eq!(remaining(&d), format!("remaining={left}, reset={reset}"));
         }
         assert_eq!(calls(), after_first, "the held tokens were spent locally");
 

@@ -790,7 +790,7 @@ impl Store {
 }
 
 /// A GCRA interval in the scripts' unit: whole microseconds, at least one.
-fn interval_us(interval: Duration) -> u64 {
+pub(super) fn interval_us(interval: Duration) -> u64 {
     u64::try_from(interval.as_micros())
         .unwrap_or(u64::MAX)
         .max(1)
