@@ -729,8 +729,8 @@ mod tests {
 
     use super::{Cli, Cmd};
 
-    /// bench/run-ratelimit.sh passes `--duration 10 --warmup 3` before the
-    /// caller's arguments: the caller's win.
+    /// bench/run-ratelimit.sh passes `--duration 10 --warmup 3` and its
+    /// targets before the caller's arguments: the caller's win.
     #[test]
     fn a_later_proxies_flag_overrides_a_scripts_earlier_one() {
         let cli = Cli::try_parse_from([
@@ -746,11 +746,23 @@ mod tests {
             "2",
             "--rounds",
             "40",
+            "--targets",
+            "gatehouse,gatehouse-local",
+            "--targets",
+            "gatehouse,gatehouse-lease-1000",
         ])
         .unwrap();
         let Cmd::Proxies(args) = cli.command else {
             panic!("not the proxies command");
         };
         assert_eq!((args.duration, args.warmup, args.rounds), (2, 3, 40));
+        // A list too: the later one replaces the earlier, not adds to it.
+        assert_eq!(
+            args.targets,
+            [
+                crate::proxies::Kind::Gatehouse,
+                crate::proxies::Kind::GatehouseLease1000
+            ]
+        );
     }
 }

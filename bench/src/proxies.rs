@@ -55,9 +55,10 @@ pub struct ProxiesArgs {
     #[arg(
         long,
         value_delimiter = ',',
+        action = clap::ArgAction::Set,
         default_value = "direct,nginx,haproxy,hyper-floor,gatehouse,gatehouse-firewall"
     )]
-    targets: Vec<Kind>,
+    pub(crate) targets: Vec<Kind>,
     /// Per-request time limit, milliseconds.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     timeout_ms: u64,
