@@ -889,8 +889,8 @@ struct Lease {
     /// the last one, or more if an earlier one took longer (see
     /// [`Lease::took`]).
     fetch_time: Duration,
-    /// What the bucket held in Redis after the last fetch took its tokens,
-    /// and when that answer arrived.
+    /// What the bucket held in Redis after the last fetch took its tokens
+    /// (or was refused), and when that answer arrived.
     bucket_left: u64,
     bucket_at: Instant,
 }
