@@ -1416,13 +1416,11 @@ fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize
         };
         let shown = if wide {
             lists.push(format!("- {kind}: {}", cells.join(", ")));
-            let mut sorted = rounds.clone();
-            sorted.sort_by(f64::total_cmp);
-            let at = |v: Option<&f64>| v.map_or("-".into(), |v| format!("{v:.decimals$}"));
+            let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.decimals$}"));
             vec![
                 rounds.len().to_string(),
-                at(sorted.first()),
-                at(sorted.last()),
+                cell(rounds.iter().copied().reduce(f64::min)),
+                cell(rounds.iter().copied().reduce(f64::max)),
             ]
         } else {
             cells.resize(n, "-".into());

@@ -1645,8 +1645,7 @@ mod tests {
     }
 
     /// A cluster limit of `per_second` on the route in cost mode with
-    /// leases of 8 (lease time 1 s at 8 a second or more), and a fetch of
-    /// key `k` of it, to end by hand.
+    /// leases of 8 (lease time 1 s at 8 a second or more).
     fn leasing_8(reg: &LimiterRegistry, per_second: u64) -> CompiledLimit {
         let mut l = limit("leased", &["route"], per_second, Duration::from_secs(1), 0);
         l.scope = LimitScope::Cluster;
@@ -1654,6 +1653,7 @@ mod tests {
         CompiledLimit::compile("p", &l, reg, &Metrics::default()).unwrap()
     }
 
+    /// A fetch of key `k` of `c`, for a test to end by hand.
     fn fetch_of_k(c: &CompiledLimit) -> LeaseInFlight {
         LeaseInFlight {
             leases: c.leases.clone(),
@@ -2019,7 +2019,7 @@ mod tests {
         // the bucket (90 after the first lease) and the tokens held; and
         // the time until that is full again (36 s a token), the same for
         // the request that fetched the lease as for those after it.
-        let remaining = |d: &Decision| {
+        let told = |d: &Decision| {
             let state = d.state.as_ref().unwrap().to_str().unwrap().to_string();
             state.split_once(", ").unwrap().1.to_string()
         };
@@ -2028,7 +2028,7 @@ mod tests {
         let first = policy(&[&l], &reg, &metrics);
         let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
         assert!(d.retry_after.is_none());
-        assert_eq!(remaining(&d), "remaining=99, reset=36");
+        assert_eq!(told(&d), "remaining=99, reset=36");
         let after_first = calls();
         assert!(after_first >= 1);
 
@@ -2040,7 +2040,7 @@ mod tests {
             let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
             assert!(d.retry_after.is_none());
             let reset = 36 * (100 - left);
-            assert_eq!(remaining(&d), format!("remaining={left}, reset={reset}"));
+            assert_eq!(told(&d), format!("remaining={left}, reset={reset}"));
         }
         assert_eq!(calls(), after_first, "the held tokens were spent locally");
 
