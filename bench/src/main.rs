@@ -750,12 +750,17 @@ mod tests {
             "gatehouse,gatehouse-local",
             "--targets",
             "gatehouse,gatehouse-lease-1000",
+            "--connections",
+            "32",
+            "--connections",
+            "32,128",
         ])
         .unwrap();
         let Cmd::Proxies(args) = cli.command else {
             panic!("not the proxies command");
         };
         assert_eq!((args.duration, args.warmup, args.rounds), (2, 3, 40));
+        assert_eq!(args.connections, [32, 128]);
         // A list too: the later one replaces the earlier, not adds to it.
         assert_eq!(
             args.targets,

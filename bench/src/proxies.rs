@@ -20,9 +20,21 @@ use crate::{cpu_ticks, CpuTicks};
 
 #[derive(clap::Args)]
 pub struct ProxiesArgs {
-    /// Keep-alive connections of the load generator, in both phases.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    connections: u64,
+    /// Keep-alive connections of the load generator. A list (e.g.
+    /// `32,128`) measures every closed-loop round of a target at each count
+    /// in turn and keeps the highest throughput: the target's peak over
+    /// these concurrencies, as TechEmpower's benchmarks report. A target
+    /// whose requests wait on something else (Redis) needs more
+    /// connections than one that does not to keep its proxy busy. The
+    /// fixed-rate phase uses the first count.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        action = clap::ArgAction::Set,
+        default_value = "32",
+        value_parser = clap::value_parser!(u64).range(1..=1024)
+    )]
+    pub(crate) connections: Vec<u64>,
     /// Measured seconds of each phase (closed loop, then fixed rate) per target.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub(crate) duration: u64,
@@ -86,6 +98,21 @@ pub struct ProxiesArgs {
     /// interleaved. Needs more cores than --proxy-threads.
     #[arg(long)]
     pin: bool,
+}
+
+impl ProxiesArgs {
+    /// `--connections` as the tables show it.
+    fn connections_shown(&self) -> String {
+        let counts: Vec<String> = self.connections.iter().map(u64::to_string).collect();
+        match &counts[..] {
+            [one] => format!("{one} connections"),
+            _ => format!(
+                "{} connections (closed loop: each round's peak; fixed rate: {})",
+                counts.join(","),
+                counts[0]
+            ),
+        }
+    }
 }
 
 /// The CPUs of `--pin`, as `taskset` lists.
@@ -905,8 +932,18 @@ impl Phase {
     }
 }
 
+/// The load of one phase: the generator's connections, and its fixed rate
+/// (requests/s in all), or none for a closed loop.
+#[derive(Clone, Copy)]
+struct Offered {
+    connections: u64,
+    rate: Option<f64>,
+}
+
 /// One measured phase.
 struct Phase {
+    /// The load generator's connections.
+    connections: u64,
     result: LoadResult,
     cpu: Cpu,
     /// Busy cores just before the phase, with no load from us.
@@ -934,16 +971,16 @@ fn redis_calls(redis: &gatehouse_e2e::redis::RedisServer) -> Result<u64> {
 /// Runs the load against `url` and samples CPU use inside the measured window.
 async fn measure(
     args: &ProxiesArgs,
+    Offered { connections, rate }: Offered,
     url: &str,
     headers: &[(String, String)],
-    rate: Option<f64>,
     proxy_pid: Option<u32>,
     backend_pid: u32,
     counted: Option<(&gatehouse_e2e::redis::RedisServer, &str)>,
 ) -> Result<Phase> {
     let cfg = LoadConfig {
         target: Target::parse(url)?.with_headers(headers)?,
-        connections: args.connections as usize,
+        connections: usize::try_from(connections)?,
         warmup: Duration::from_secs(args.warmup),
         duration: Duration::from_secs(args.duration),
         rate,
@@ -974,6 +1011,7 @@ async fn measure(
         _ => None,
     };
     Ok(Phase {
+        connections,
         result,
         cpu: before.until(&after),
         idle_busy,
@@ -1125,6 +1163,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
+    ensure!(!args.connections.is_empty(), "--connections is empty");
     let dir = tempfile::tempdir()?;
     let pinning = Pinning::of(&args)?;
     let (mut backend, backend_addr) = start_backend(dir.path(), args.backend_threads)?;
@@ -1138,9 +1177,9 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         );
     }
     eprintln!(
-        "proxies: backend {backend_addr} (pid {backend_pid}, {} threads), {} connections, warmup {}s, duration {}s per phase, client threads {}, proxy threads {}, {} cores",
+        "proxies: backend {backend_addr} (pid {backend_pid}, {} threads), {}, warmup {}s, duration {}s per phase, client threads {}, proxy threads {}, {} cores",
         args.backend_threads,
-        args.connections,
+        args.connections_shown(),
         args.warmup,
         args.duration,
         args.client_threads,
@@ -1199,6 +1238,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         slots.push(slot);
     }
 
+    let mut notes = Vec::new();
     // Phase 1: closed-loop throughput, one target at a time, in rounds;
     // each round starts one target later than the one before, so every
     // target takes every place in a round (first after the quiet wait,
@@ -1209,16 +1249,52 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if slot.failure.is_some() {
                 continue;
             }
-            eprintln!(
-                "{}: closed loop at {} (round {round} of {})",
-                slot.kind,
-                slot.url(),
-                args.rounds
-            );
-            if let Some(p) = measure_slot(&args, slot, None, redis.as_ref(), backend_pid).await {
+            // The round's phase with the highest throughput over the
+            // connection counts.
+            let mut peak: Option<Phase> = None;
+            for &connections in &args.connections {
+                eprintln!(
+                    "{}: closed loop at {} with {connections} connections (round {round} of {})",
+                    slot.kind,
+                    slot.url(),
+                    args.rounds
+                );
+                let offered = Offered {
+                    connections,
+                    rate: None,
+                };
+                let Some(p) = measure_slot(&args, slot, offered, redis.as_ref(), backend_pid).await
+                else {
+                    peak = None;
+                    break;
+                };
                 report_phase(slot.kind, "closed loop", &p);
+                if peak
+                    .as_ref()
+                    .is_none_or(|b| p.result.rps() > b.result.rps())
+                {
+                    peak = Some(p);
+                }
+            }
+            if let Some(p) = peak {
                 slot.rounds.push(p);
             }
+        }
+    }
+    if args.connections.len() > 1 {
+        for slot in &slots {
+            notes.push(format!(
+                "{}: closed-loop peak by connections, rounds: {}",
+                slot.kind,
+                count_by(
+                    &args.connections,
+                    &slot
+                        .rounds
+                        .iter()
+                        .map(|p| p.connections)
+                        .collect::<Vec<_>>()
+                )
+            ));
         }
     }
     // Each target's median round stands for it. A target that failed in a
@@ -1265,16 +1341,19 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     };
 
     // Phase 2: latency at the fixed rate, one target at a time.
+    let offered = Offered {
+        connections: args.connections[0],
+        rate: Some(rate),
+    };
     for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
         eprintln!("{}: open loop at {rate:.0} requests/s", slot.kind);
-        if let Some(p) = measure_slot(&args, slot, Some(rate), redis.as_ref(), backend_pid).await {
+        if let Some(p) = measure_slot(&args, slot, offered, redis.as_ref(), backend_pid).await {
             report_phase(slot.kind, "fixed rate", &p);
             slot.open = Some(p);
         }
     }
 
     let mut rows = Vec::new();
-    let mut notes = Vec::new();
     for mut slot in slots {
         if let Some(mut running) = slot.running.take() {
             if let Some(p) = running.proc.as_mut() {
@@ -1338,6 +1417,22 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
 /// One closed-loop round of a target: requests/s, and the proxy's CPU µs
 /// per request.
 type Round = (f64, Option<f64>);
+
+/// How often each of `counts` occurs in `seen`, in the order of `counts`
+/// ("32: 12, 128: 28"): the connection counts of a target's round peaks.
+fn count_by(counts: &[u64], seen: &[u64]) -> String {
+    let mut listed = Vec::new();
+    for c in counts {
+        if !listed.iter().any(|(l, _)| l == c) {
+            listed.push((*c, seen.iter().filter(|s| *s == c).count()));
+        }
+    }
+    listed
+        .iter()
+        .map(|(c, n)| format!("{c}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The order of `n` targets in round `round` (from 1): round 1 in their
 /// order, each later round starting one target later.
@@ -1430,7 +1525,7 @@ fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize
             "| {kind} | {} | {} | {} | {interval} |",
             shown.join(" | "),
             median(rounds).map_or("-".into(), |m| format!("{m:.decimals$}")),
-            median(&shares).map_or("-".into(), |m| format!("{m:.3}")),
+            median_share(&shares, rounds.len()),
         );
     }
     if !lists.is_empty() {
@@ -1440,6 +1535,17 @@ fn print_round_table(title: &str, by_round: &[(Kind, Vec<f64>)], decimals: usize
         for line in lists {
             println!("{line}");
         }
+    }
+}
+
+/// The median share of plain Gatehouse's, and how many of the target's
+/// `rounds` it covers when plain Gatehouse has no round to pair some of
+/// them with (it failed during the run).
+fn median_share(shares: &[f64], rounds: usize) -> String {
+    match median(shares) {
+        None => "-".into(),
+        Some(m) if shares.len() < rounds => format!("{m:.3} ({} of {rounds} rounds)", shares.len()),
+        Some(m) => format!("{m:.3}"),
     }
 }
 
@@ -1484,7 +1590,7 @@ fn median(values: &[f64]) -> Option<f64> {
 async fn measure_slot(
     args: &ProxiesArgs,
     slot: &mut Slot,
-    rate: Option<f64>,
+    offered: Offered,
     redis: Option<&gatehouse_e2e::redis::RedisServer>,
     backend_pid: u32,
 ) -> Option<Phase> {
@@ -1495,9 +1601,9 @@ async fn measure_slot(
     };
     let measured = measure(
         args,
+        offered,
         &slot.url(),
         &slot.headers(),
-        rate,
         slot.pid(),
         backend_pid,
         counted,
@@ -1553,9 +1659,9 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
     let direct_rps = direct.map(|(c, _)| c.result.rps());
     let direct_p99 = direct.and_then(|(_, o)| o.result.quantile_ms(0.99));
     println!(
-        "{} connections, {} s measured per phase after {} s warmup; fixed rate {} requests/s; \
+        "{}, {} s measured per phase after {} s warmup; fixed rate {} requests/s; \
          proxies with {} worker thread(s)/process(es); backend {} thread(s); load generator {} thread(s){}",
-        args.connections,
+        args.connections_shown(),
         args.duration,
         args.warmup,
         rate.map_or("-".into(), |r| format!("{r:.0}")),
@@ -1655,7 +1761,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 
 #[cfg(test)]
 mod tests {
-    use super::{median_interval, round_order};
+    use super::{count_by, median_interval, median_share, round_order};
 
     /// The ranks match the published tables of the sign test's interval
     /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
@@ -1673,6 +1779,22 @@ mod tests {
         assert_eq!(ranks(50), Some((18, 33)));
         assert_eq!(ranks(60), Some((22, 39)));
         assert_eq!(median_interval(&[]), None);
+    }
+
+    /// A target whose later rounds have no plain Gatehouse round to pair
+    /// with (plain failed) says how many rounds its median share covers.
+    #[test]
+    fn a_median_share_of_fewer_rounds_says_how_many() {
+        assert_eq!(median_share(&[0.9, 1.0, 0.95], 3), "0.950");
+        assert_eq!(median_share(&[0.9, 1.0, 0.95], 7), "0.950 (3 of 7 rounds)");
+        assert_eq!(median_share(&[], 4), "-");
+    }
+
+    #[test]
+    fn peaks_are_counted_by_connection_count_in_the_order_given() {
+        assert_eq!(count_by(&[32, 128], &[128, 32, 128]), "32: 1, 128: 2");
+        assert_eq!(count_by(&[128, 32], &[128, 128]), "128: 2, 32: 0");
+        assert_eq!(count_by(&[32, 32], &[32]), "32: 1");
     }
 
     #[test]
