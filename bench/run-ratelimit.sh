@@ -2,8 +2,11 @@
 # What rate limiting costs the proxy: the backend direct, Gatehouse plain,
 # with a local limit, with a cluster limit in Redis (exact) and with one in
 # cost mode (lease 100, and lease 1000), one worker each, with the parameters
-# docs/benchmarks.md reports. Redis commands per request come from Redis's
-# INFO commandstats.
+# docs/benchmarks.md reports. Each closed-loop round measures every target
+# at 32 and at 128 connections and keeps its peak: exact mode's requests
+# wait on Redis, and 32 of them leave its proxy idle at times (see "Peak
+# throughput over two concurrencies" in docs/benchmarks.md). Redis commands
+# per request come from Redis's INFO commandstats.
 #
 # Installs redis-server with apt-get when it is missing (Debian or Ubuntu, as
 # root or with sudo), builds release binaries, and runs everything on
@@ -32,7 +35,7 @@ mkdir -p "$(dirname "$out")"
     echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- $(uname -sr), $(rustc --version), $(redis-server --version)"
     echo
-    target/release/gatehouse-bench proxies --connections 32 --warmup 3 --duration 10 --rate-fraction 0.5 \
+    target/release/gatehouse-bench proxies --connections 32,128 --warmup 3 --duration 10 --rate-fraction 0.5 \
         --proxy-threads 1 --backend-threads 1 --client-threads 1 \
         --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease,gatehouse-lease-1000 "$@"
 } 2> >(tee "${out%.md}.log" >&2) | tee "$out"
