@@ -3,10 +3,11 @@
 # with a local limit, with a cluster limit in Redis (exact) and with one in
 # cost mode (lease 100, and lease 1000), one worker each, with the parameters
 # docs/benchmarks.md reports. Each closed-loop round measures every target
-# at 32 and at 128 connections and keeps its peak: exact mode's requests
-# wait on Redis, and 32 of them leave its proxy idle at times (see "Peak
-# throughput over two concurrencies" in docs/benchmarks.md). Redis commands
-# per request come from Redis's INFO commandstats.
+# at 32 and at 128 connections, and each target stands for its best count:
+# exact mode's requests wait on Redis, and 32 of them leave its proxy idle
+# at times (see "Each target at its best concurrency" in
+# docs/benchmarks.md). Redis commands per request come from Redis's INFO
+# commandstats.
 #
 # Installs redis-server with apt-get when it is missing (Debian or Ubuntu, as
 # root or with sudo), builds release binaries, and runs everything on

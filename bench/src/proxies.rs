@@ -22,11 +22,13 @@ use crate::{cpu_ticks, CpuTicks};
 pub struct ProxiesArgs {
     /// Keep-alive connections of the load generator. A list (e.g.
     /// `32,128`) measures every closed-loop round of a target at each count
-    /// in turn and keeps the highest throughput: the target's peak over
-    /// these concurrencies, as TechEmpower's benchmarks report. A target
-    /// whose requests wait on something else (Redis) needs more
-    /// connections than one that does not to keep its proxy busy. The
-    /// fixed-rate phase uses the first count.
+    /// (each count is a phase of its own, so a round takes that many times
+    /// longer), and each target then stands for its rounds at its best
+    /// count: the one that gave it the most throughput in the most rounds.
+    /// A target whose requests wait on something else (Redis) may need
+    /// more connections than one that does not to keep its proxy busy. The
+    /// fixed-rate phase uses the first count (its rate still comes from the
+    /// targets' best counts).
     #[arg(
         long,
         value_delimiter = ',',
@@ -107,7 +109,7 @@ impl ProxiesArgs {
         match &counts[..] {
             [one] => format!("{one} connections"),
             _ => format!(
-                "{} connections (closed loop: each round's peak; fixed rate: {})",
+                "{} connections (closed loop: each target at its best count; fixed rate: {})",
                 counts.join(","),
                 counts[0]
             ),
@@ -1047,7 +1049,10 @@ fn install_hint(kind: Kind) -> String {
 struct Slot {
     kind: Kind,
     running: Option<Running>,
-    /// Every closed-loop round, in order.
+    /// Every closed-loop round, in order, at each connection count (in the
+    /// order of `--connections`).
+    by_count: Vec<Vec<Phase>>,
+    /// Every closed-loop round, in order, at the target's best count.
     rounds: Vec<Phase>,
     closed: Option<Phase>,
     open: Option<Phase>,
@@ -1163,6 +1168,14 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
+    let mut args = args;
+    let mut counts = Vec::new();
+    for c in &args.connections {
+        if !counts.contains(c) {
+            counts.push(*c);
+        }
+    }
+    args.connections = counts;
     ensure!(!args.connections.is_empty(), "--connections is empty");
     let dir = tempfile::tempdir()?;
     let pinning = Pinning::of(&args)?;
@@ -1212,6 +1225,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
         let mut slot = Slot {
             kind,
             running: None,
+            by_count: Vec::new(),
             rounds: Vec::new(),
             closed: None,
             open: None,
@@ -1249,10 +1263,16 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if slot.failure.is_some() {
                 continue;
             }
-            // The round's phase with the highest throughput over the
-            // connection counts.
-            let mut peak: Option<Phase> = None;
-            for &connections in &args.connections {
+            // The target at every connection count in turn, the order
+            // reversed every other round (so that neither count always runs
+            // first after another target's load).
+            let mut order: Vec<usize> = (0..args.connections.len()).collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            let mut phases: Vec<Option<Phase>> = order.iter().map(|_| None).collect();
+            for c in order {
+                let connections = args.connections[c];
                 eprintln!(
                     "{}: closed loop at {} with {connections} connections (round {round} of {})",
                     slot.kind,
@@ -1265,37 +1285,46 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
                 };
                 let Some(p) = measure_slot(&args, slot, offered, redis.as_ref(), backend_pid).await
                 else {
-                    peak = None;
                     break;
                 };
                 report_phase(slot.kind, "closed loop", &p);
-                if peak
-                    .as_ref()
-                    .is_none_or(|b| p.result.rps() > b.result.rps())
-                {
-                    peak = Some(p);
-                }
+                phases[c] = Some(p);
             }
-            if let Some(p) = peak {
-                slot.rounds.push(p);
+            // A round counts only with every count measured.
+            if let Some(phases) = phases.into_iter().collect::<Option<Vec<Phase>>>() {
+                slot.by_count.push(phases);
             }
         }
     }
-    if args.connections.len() > 1 {
-        for slot in &slots {
+    // Each target's rounds at its best connection count: the one that gave
+    // it the most throughput in the most rounds.
+    for slot in &mut slots {
+        let rps: Vec<Vec<f64>> = slot
+            .by_count
+            .iter()
+            .map(|r| r.iter().map(|p| p.result.rps()).collect())
+            .collect();
+        let (best, wins) = best_count(&rps, args.connections.len());
+        if args.connections.len() > 1 && !rps.is_empty() {
+            let by_count: Vec<String> = args
+                .connections
+                .iter()
+                .zip(&wins)
+                .map(|(c, w)| format!("{c}: {w}"))
+                .collect();
             notes.push(format!(
-                "{}: closed-loop peak by connections, rounds: {}",
+                "{}: closed loop at {} connections, its best count (the most throughput in {} of {} rounds; by count: {})",
                 slot.kind,
-                count_by(
-                    &args.connections,
-                    &slot
-                        .rounds
-                        .iter()
-                        .map(|p| p.connections)
-                        .collect::<Vec<_>>()
-                )
+                args.connections[best],
+                wins[best],
+                rps.len(),
+                by_count.join(", ")
             ));
         }
+        slot.rounds = std::mem::take(&mut slot.by_count)
+            .into_iter()
+            .map(|mut r| r.swap_remove(best))
+            .collect();
     }
     // Each target's median round stands for it. A target that failed in a
     // later round keeps the rounds it ran in the round tables (its rounds
@@ -1418,20 +1447,33 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
 /// per request.
 type Round = (f64, Option<f64>);
 
-/// How often each of `counts` occurs in `seen`, in the order of `counts`
-/// ("32: 12, 128: 28"): the connection counts of a target's round peaks.
-fn count_by(counts: &[u64], seen: &[u64]) -> String {
-    let mut listed = Vec::new();
-    for c in counts {
-        if !listed.iter().any(|(l, _)| l == c) {
-            listed.push((*c, seen.iter().filter(|s| *s == c).count()));
+/// A target's best connection count, from its throughput at each of
+/// `counts` counts in every round: the count that gave the most throughput
+/// in the most rounds (the first on a tie, in a round as among counts),
+/// and how many rounds each count won. Whole rounds, not each round's
+/// higher value: the higher of two noisy measurements is biased up, the
+/// more so the closer the two are, which would favour a target that
+/// does alike at both counts.
+fn best_count(rounds: &[Vec<f64>], counts: usize) -> (usize, Vec<usize>) {
+    let mut wins = vec![0; counts];
+    for round in rounds {
+        let mut top = 0;
+        for (c, rps) in round.iter().enumerate() {
+            if *rps > round[top] {
+                top = c;
+            }
+        }
+        if let Some(w) = wins.get_mut(top) {
+            *w += 1;
         }
     }
-    listed
-        .iter()
-        .map(|(c, n)| format!("{c}: {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut best = 0;
+    for (c, w) in wins.iter().enumerate() {
+        if *w > wins[best] {
+            best = c;
+        }
+    }
+    (best, wins)
 }
 
 /// The order of `n` targets in round `round` (from 1): round 1 in their
@@ -1651,6 +1693,16 @@ fn report_phase(kind: Kind, what: &str, p: &Phase) {
     }
 }
 
+/// A phase's name in the tables, with its connection count when the run
+/// had several.
+fn phase_label(args: &ProxiesArgs, what: &str, p: &Phase) -> String {
+    if args.connections.len() > 1 {
+        format!("{what}, {} connections", p.connections)
+    } else {
+        what.to_string()
+    }
+}
+
 fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[String]) {
     let direct = rows.iter().find_map(|r| match (&r.kind, &r.outcome) {
         (Kind::Direct, Ok(p)) => Some(p),
@@ -1710,6 +1762,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
     for row in rows {
         if let Ok((closed, open)) = &row.outcome {
             for (what, p) in [("closed loop", closed), ("fixed rate", open)] {
+                let what = phase_label(args, what, p);
                 let r = &p.result;
                 println!(
                     "| {} | {what} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} |",
@@ -1735,7 +1788,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         .iter()
         .filter_map(|r| {
             let (c, o) = r.outcome.as_ref().ok()?;
-            Some((r.kind, c.redis?, o.redis?))
+            (c.redis.is_some() && o.redis.is_some()).then_some((r.kind, c, o))
         })
         .collect();
     if !counted.is_empty() {
@@ -1745,7 +1798,11 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         println!("| target | phase | script calls | requests | calls per request |");
         println!("|---|---|---:|---:|---:|");
         for (kind, closed, open) in counted {
-            for (what, (calls, requests)) in [("closed loop", closed), ("fixed rate", open)] {
+            for (what, p) in [("closed loop", closed), ("fixed rate", open)] {
+                let Some((calls, requests)) = p.redis else {
+                    continue;
+                };
+                let what = phase_label(args, what, p);
                 println!(
                     "| {kind} | {what} | {calls} | {requests} | {:.3} |",
                     calls as f64 / requests.max(1) as f64
@@ -1761,7 +1818,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 
 #[cfg(test)]
 mod tests {
-    use super::{count_by, median_interval, median_share, round_order};
+    use super::{best_count, median_interval, median_share, round_order};
 
     /// The ranks match the published tables of the sign test's interval
     /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
@@ -1791,10 +1848,17 @@ mod tests {
     }
 
     #[test]
-    fn peaks_are_counted_by_connection_count_in_the_order_given() {
-        assert_eq!(count_by(&[32, 128], &[128, 32, 128]), "32: 1, 128: 2");
-        assert_eq!(count_by(&[128, 32], &[128, 128]), "128: 2, 32: 0");
-        assert_eq!(count_by(&[32, 32], &[32]), "32: 1");
+    fn the_best_count_wins_the_most_rounds_not_the_highest_one() {
+        // Count 1 has the single highest round, count 0 wins two of three.
+        let rounds = [vec![100.0, 90.0], vec![100.0, 99.0], vec![80.0, 200.0]];
+        assert_eq!(best_count(&rounds, 2), (0, vec![2, 1]));
+        // A tie, in a round or in wins, goes to the count listed first.
+        let tied = [vec![100.0, 100.0], vec![90.0, 95.0], vec![95.0, 90.0]];
+        assert_eq!(best_count(&tied, 2), (0, vec![2, 1]));
+        assert_eq!(best_count(&[vec![1.0, 2.0]], 2), (1, vec![0, 1]));
+        // One count, or no round at all.
+        assert_eq!(best_count(&[vec![5.0], vec![6.0]], 1), (0, vec![2]));
+        assert_eq!(best_count(&[], 2), (0, vec![0, 0]));
     }
 
     #[test]
