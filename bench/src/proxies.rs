@@ -1169,14 +1169,7 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
     let mut args = args;
-    let mut counts = Vec::new();
-    for c in &args.connections {
-        if !counts.contains(c) {
-            counts.push(*c);
-        }
-    }
-    args.connections = counts;
-    ensure!(!args.connections.is_empty(), "--connections is empty");
+    args.connections = distinct(&args.connections);
     let dir = tempfile::tempdir()?;
     let pinning = Pinning::of(&args)?;
     let (mut backend, backend_addr) = start_backend(dir.path(), args.backend_threads)?;
@@ -1263,15 +1256,9 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
             if slot.failure.is_some() {
                 continue;
             }
-            // The target at every connection count in turn, the order
-            // reversed every other round (so that neither count always runs
-            // first after another target's load).
-            let mut order: Vec<usize> = (0..args.connections.len()).collect();
-            if round % 2 == 0 {
-                order.reverse();
-            }
-            let mut phases: Vec<Option<Phase>> = order.iter().map(|_| None).collect();
-            for c in order {
+            // The target at every connection count in turn.
+            let mut phases: Vec<Option<Phase>> = args.connections.iter().map(|_| None).collect();
+            for c in count_order(args.connections.len(), round) {
                 let connections = args.connections[c];
                 eprintln!(
                     "{}: closed loop at {} with {connections} connections (round {round} of {})",
@@ -1446,6 +1433,28 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
 /// One closed-loop round of a target: requests/s, and the proxy's CPU µs
 /// per request.
 type Round = (f64, Option<f64>);
+
+/// `--connections` without repeats, in the order given.
+fn distinct(counts: &[u64]) -> Vec<u64> {
+    let mut once = Vec::with_capacity(counts.len());
+    for c in counts {
+        if !once.contains(c) {
+            once.push(*c);
+        }
+    }
+    once
+}
+
+/// The order in which round `round` (from 1) measures a target at `n`
+/// connection counts: as given in odd rounds, reversed in even ones, so
+/// that no count always runs first after another target's load.
+fn count_order(n: usize, round: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if round.is_multiple_of(2) {
+        order.reverse();
+    }
+    order
+}
 
 /// A target's best connection count, from its throughput at each of
 /// `counts` counts in every round: the count that gave the most throughput
@@ -1818,7 +1827,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 
 #[cfg(test)]
 mod tests {
-    use super::{best_count, median_interval, median_share, round_order};
+    use super::{best_count, count_order, distinct, median_interval, median_share, round_order};
 
     /// The ranks match the published tables of the sign test's interval
     /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
@@ -1859,6 +1868,15 @@ mod tests {
         // One count, or no round at all.
         assert_eq!(best_count(&[vec![5.0], vec![6.0]], 1), (0, vec![2]));
         assert_eq!(best_count(&[], 2), (0, vec![0, 0]));
+    }
+
+    #[test]
+    fn connection_counts_are_measured_once_each_in_alternating_order() {
+        assert_eq!(distinct(&[32, 128, 32, 64, 128]), [32, 128, 64]);
+        assert_eq!(count_order(2, 1), [0, 1]);
+        assert_eq!(count_order(2, 2), [1, 0]);
+        assert_eq!(count_order(3, 3), [0, 1, 2]);
+        assert_eq!(count_order(1, 2), [0]);
     }
 
     #[test]
