@@ -40,6 +40,9 @@ pub struct CompiledFirewall {
     inspect_body_bytes: usize,
     /// CORS, answered at the gateway.
     pub cors: Option<CompiledCors>,
+    /// No rule reads the request line or headers (see
+    /// [`CompiledFirewall::check_request`]); worked out once, when compiled.
+    checks_nothing: bool,
 }
 
 /// Where an injection rule matched, for the log (never the text itself).
@@ -71,7 +74,7 @@ fn cidrs(policy: &str, field: &str, list: &[String]) -> Result<Vec<Cidr>, String
 
 impl CompiledFirewall {
     pub fn compile(policy: &str, f: &Firewall) -> Result<CompiledFirewall, String> {
-        Ok(CompiledFirewall {
+        let mut fw = CompiledFirewall {
             trust: Trust::new(cidrs(policy, "trusted_proxies", &f.trusted_proxies)?),
             allow: cidrs(policy, "allow_ips", &f.allow_ips)?,
             deny: cidrs(policy, "deny_ips", &f.deny_ips)?,
@@ -120,7 +123,66 @@ impl CompiledFirewall {
                 .as_ref()
                 .map(|c| CompiledCors::compile(policy, c))
                 .transpose()?,
-        })
+            checks_nothing: false,
+        };
+        fw.checks_nothing = fw.reads_nothing();
+        Ok(fw)
+    }
+
+    /// Whether no rule of [`CompiledFirewall::check_request`] is set. Every
+    /// field is named, so a new one cannot be left out by mistake.
+    fn reads_nothing(&self) -> bool {
+        let CompiledFirewall {
+            trust: _,
+            allow,
+            deny,
+            methods,
+            max_header_bytes,
+            max_header_count,
+            max_uri_bytes,
+            max_body_bytes,
+            user_agents,
+            inspector,
+            // Read only when the inspector is on.
+            inspect_headers: _,
+            // The body is inspected later, by the proxy.
+            inspect_body_bytes: _,
+            // Preflights are answered by the proxy, after these rules.
+            cors: _,
+            checks_nothing: _,
+        } = self;
+        allow.is_empty()
+            && deny.is_empty()
+            && methods.is_empty()
+            && max_header_bytes.is_none()
+            && max_header_count.is_none()
+            && max_uri_bytes.is_none()
+            && max_body_bytes.is_none()
+            && user_agents.is_none()
+            && !inspector.is_on()
+    }
+
+    /// Every rule that reads the request line and headers, in order: the
+    /// address lists, the method, the header and body sizes, the URI's
+    /// length, the user agents and the injection rules. A policy with none
+    /// of them (one that only limits, say) costs a branch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_request(
+        &self,
+        policy: &str,
+        client: IpAddr,
+        method: &Method,
+        uri: &http::Uri,
+        routed: &str,
+        headers: &HeaderMap,
+        metrics: &Metrics,
+    ) -> Result<(), Reject> {
+        if self.checks_nothing {
+            return Ok(());
+        }
+        self.check(client, method, headers)?;
+        self.check_uri(uri)?;
+        self.check_content(policy, routed, uri.query(), headers, metrics)
     }
 
     /// The user-agent rules and the injection rules on the path (as routed),
@@ -389,5 +451,88 @@ mod tests {
         let long: http::Uri = "/twenty-bytes?q=12345".parse().unwrap();
         assert_eq!(f.check_uri(&long), Err(Reject::UriTooLong));
         assert_eq!(Reject::UriTooLong.status().as_u16(), 414);
+    }
+
+    /// A policy without request rules skips them all at once; each rule on
+    /// its own still refuses through the same call the proxy makes.
+    #[test]
+    fn each_request_rule_alone_refuses_and_none_admits_all() {
+        let metrics = Metrics::default();
+        let mut headers = HeaderMap::new();
+        headers.insert(USER_AGENT, "sqlmap/1.7".parse().unwrap());
+        headers.insert(CONTENT_LENGTH, "100".parse().unwrap());
+        headers.insert("x-pad", "a".repeat(64).parse().unwrap());
+        let uri: http::Uri = "/items?q=1%27%20OR%201=1--".parse().unwrap();
+        let ask = |f: &CompiledFirewall| {
+            f.check_request(
+                "p",
+                ip("10.0.0.1"),
+                &Method::POST,
+                &uri,
+                uri.path(),
+                &headers,
+                &metrics,
+            )
+        };
+        let empty = fw(Firewall::default());
+        assert!(empty.checks_nothing);
+        assert_eq!(ask(&empty), Ok(()));
+        let each = [
+            Firewall {
+                allow_ips: vec!["192.168.0.0/16".into()],
+                ..Default::default()
+            },
+            Firewall {
+                deny_ips: vec!["10.0.0.0/8".into()],
+                ..Default::default()
+            },
+            Firewall {
+                allowed_methods: vec!["GET".into()],
+                ..Default::default()
+            },
+            Firewall {
+                max_header_bytes: Some(64),
+                ..Default::default()
+            },
+            Firewall {
+                max_header_count: Some(2),
+                ..Default::default()
+            },
+            Firewall {
+                max_uri_bytes: Some(8),
+                ..Default::default()
+            },
+            Firewall {
+                max_body_bytes: Some(99),
+                ..Default::default()
+            },
+            Firewall {
+                deny_user_agents: vec!["^sqlmap".into()],
+                ..Default::default()
+            },
+            Firewall {
+                sql_injection: RuleMode::Block,
+                ..Default::default()
+            },
+        ];
+        for rule in each {
+            let f = fw(rule.clone());
+            assert!(!f.checks_nothing, "{rule:?}");
+            assert!(ask(&f).is_err(), "{rule:?} let the request through");
+        }
+        // Rules that only come into play later, or with another rule, leave
+        // the request rules skipped.
+        for rule in [
+            Firewall {
+                trusted_proxies: vec!["127.0.0.1".into()],
+                ..Default::default()
+            },
+            Firewall {
+                inspect_headers: vec!["x-pad".into()],
+                ..Default::default()
+            },
+        ] {
+            assert!(fw(rule.clone()).checks_nothing, "{rule:?}");
+        }
     }
 }

@@ -56,8 +56,17 @@ type Limiter = RateLimiter<
 /// address is a tag byte (4 or 6) and its bytes. Up to 32 bytes (an
 /// address, a consumer name, a short header value) are kept inline, so
 /// making a key allocates nothing in the common case.
-#[derive(Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct LimitKey(SmallVec<[u8; 32]>);
+
+/// The bytes alone, without the length that hashing a slice adds: a key is
+/// never hashed as part of a larger value, and one write saves the keyed
+/// hash a round.
+impl std::hash::Hash for LimitKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
+}
 
 /// A copy of the bytes (`SmallVec`'s own `clone` goes byte by byte).
 impl Clone for LimitKey {

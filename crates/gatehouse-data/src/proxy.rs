@@ -325,19 +325,15 @@ impl Proxy {
         if let Some(policy) = &route.policy {
             let fw = &policy.firewall;
             let method = preflight.as_ref().unwrap_or(req.method());
-            if let Err(r) = fw
-                .check(client_ip, method, req.headers())
-                .and_then(|()| fw.check_uri(req.uri()))
-                .and_then(|()| {
-                    fw.check_content(
-                        &policy.name,
-                        &routed,
-                        req.uri().query(),
-                        req.headers(),
-                        &self.shared.metrics,
-                    )
-                })
-            {
+            if let Err(r) = fw.check_request(
+                &policy.name,
+                client_ip,
+                method,
+                req.uri(),
+                &routed,
+                req.headers(),
+                &self.shared.metrics,
+            ) {
                 return (name, reject(&r));
             }
             // A preflight carries no credentials: it is answered before
