@@ -7,12 +7,14 @@
 # machine runs, so this works on a busy machine where throughput does not.
 # Needs valgrind, redis-server, redis-cli and curl; builds release binaries
 # unless NO_BUILD=1. GH=path runs another gatehouse binary (e.g. an older
-# build) with this tree's gatehousectl and load generator. VARIANTS picks
+# build) with this tree's gatehousectl and load generator; T=dir takes all
+# three from another directory (e.g. T=target/prof/release NO_BUILD=1 for a
+# build with line tables). VARIANTS picks
 # a subset of "plain local exact lease lease1000" (default: plain exact
 # lease).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=target/release
+T=${T:-target/release}
 [ "${NO_BUILD:-}" = 1 ] || cargo build --release -p gatehouse -p gatehousectl -p gatehouse-bench
 TOKEN=ght_e2eTestBootstrapToken0123456789abcdefghi
 work=$(mktemp -d /tmp/gatehouse-rl-cpu.XXXX)
