@@ -1159,7 +1159,7 @@ async fn start(
     Ok(running)
 }
 
-pub async fn proxies(args: ProxiesArgs) -> Result<()> {
+pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
     ensure!(
         args.rate_fraction > 0.0 && args.rate_fraction <= 1.0,
         "--rate-fraction: use a value in (0, 1]"
@@ -1168,7 +1168,6 @@ pub async fn proxies(args: ProxiesArgs) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
-    let mut args = args;
     args.connections = distinct(&args.connections);
     let dir = tempfile::tempdir()?;
     let pinning = Pinning::of(&args)?;
@@ -1797,7 +1796,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         .iter()
         .filter_map(|r| {
             let (c, o) = r.outcome.as_ref().ok()?;
-            (c.redis.is_some() && o.redis.is_some()).then_some((r.kind, c, o))
+            Some((r.kind, (c, c.redis?), (o, o.redis?)))
         })
         .collect();
     if !counted.is_empty() {
@@ -1807,10 +1806,7 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         println!("| target | phase | script calls | requests | calls per request |");
         println!("|---|---|---:|---:|---:|");
         for (kind, closed, open) in counted {
-            for (what, p) in [("closed loop", closed), ("fixed rate", open)] {
-                let Some((calls, requests)) = p.redis else {
-                    continue;
-                };
+            for (what, (p, (calls, requests))) in [("closed loop", closed), ("fixed rate", open)] {
                 let what = phase_label(args, what, p);
                 println!(
                     "| {kind} | {what} | {calls} | {requests} | {:.3} |",

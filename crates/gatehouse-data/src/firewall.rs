@@ -317,12 +317,7 @@ impl CompiledFirewall {
     }
 
     /// Checks a request from `client` (the address the trust rules give).
-    pub fn check(
-        &self,
-        client: IpAddr,
-        method: &Method,
-        headers: &HeaderMap,
-    ) -> Result<(), Reject> {
+    fn check(&self, client: IpAddr, method: &Method, headers: &HeaderMap) -> Result<(), Reject> {
         if self.deny.iter().any(|c| c.contains(client)) {
             return Err(Reject::Forbidden);
         }
@@ -359,7 +354,7 @@ impl CompiledFirewall {
     }
 
     /// The request target against `max_uri_bytes` (path and query as sent).
-    pub fn check_uri(&self, uri: &http::Uri) -> Result<(), Reject> {
+    fn check_uri(&self, uri: &http::Uri) -> Result<(), Reject> {
         let len = uri.path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
         match self.max_uri_bytes {
             Some(cap) if len > cap => Err(Reject::UriTooLong),
