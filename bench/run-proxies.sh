@@ -6,7 +6,7 @@
 # nodes, 2 data planes), with the parameters docs/benchmarks.md reports.
 #
 # Installs nginx and haproxy with apt-get when they are missing (Debian or
-# Ubuntu, as root or with sudo), builds release binaries, and runs everything
+# Ubuntu, as root or with sudo), builds the binaries, and runs everything
 # on 127.0.0.1 only. The proxies are started by the benchmark on free loopback
 # ports with configs in a temporary directory, and stopped at the end.
 #
@@ -15,6 +15,12 @@
 # warnings (stderr) next to it in .log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The build that ships (deploy/docker/Dockerfile): the `dist` profile,
+# release with fat LTO and one codegen unit (about 10 minutes from scratch
+# on 2 cores; docs/benchmarks.md, "The dist build"). PROFILE=release
+# measures the quicker build instead.
+PROFILE=${PROFILE:-dist}
 
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
@@ -28,15 +34,16 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
-cargo build --release -p gatehouse -p gatehousectl -p gatehouse-bench
+cargo build --profile "$PROFILE" -p gatehouse -p gatehousectl -p gatehouse-bench
 
 out="target/bench-results/proxies-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p "$(dirname "$out")"
-bench=target/release/gatehouse-bench
+bench="target/$PROFILE/gatehouse-bench"
 
 {
     echo "# $(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo
+    echo "- build: cargo --profile $PROFILE"
     echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown); uncommitted changes outside bench/ and docs/:"
     git status --short -- . ':!bench' ':!docs' ':!target' 2>/dev/null | sed 's/^/    /' || true
     echo "- $(uname -sr), $(rustc --version)"

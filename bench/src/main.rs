@@ -770,4 +770,40 @@ mod tests {
             ]
         );
     }
+
+    /// `--gatehouse-b` and the `gatehouse-b` target need each other, and
+    /// the binary must exist; each mistake is named before anything starts.
+    #[test]
+    fn gatehouse_b_needs_its_binary_and_its_target() {
+        let check = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(["gatehouse-bench", "proxies"].iter().chain(args)).unwrap();
+            let Cmd::Proxies(args) = cli.command else {
+                panic!("not the proxies command");
+            };
+            crate::proxies::check_gatehouse_b(&args, &args.targets).map_err(|e| e.to_string())
+        };
+        let me = std::env::current_exe().unwrap();
+        let me = me.to_str().unwrap();
+        assert_eq!(
+            check(&["--targets", "gatehouse,gatehouse-b"]).unwrap_err(),
+            "--targets has gatehouse-b: give its binary with --gatehouse-b PATH"
+        );
+        assert_eq!(
+            check(&["--targets", "gatehouse", "--gatehouse-b", me]).unwrap_err(),
+            "--gatehouse-b is given but --targets has no gatehouse-b"
+        );
+        assert_eq!(
+            check(&[
+                "--targets",
+                "gatehouse-b",
+                "--gatehouse-b",
+                "/nonexistent/gh"
+            ])
+            .unwrap_err(),
+            "--gatehouse-b /nonexistent/gh: no such file"
+        );
+        check(&["--targets", "gatehouse,gatehouse-b", "--gatehouse-b", me]).unwrap();
+        check(&["--targets", "gatehouse"]).unwrap();
+    }
 }

@@ -51,6 +51,15 @@ pub struct ProxiesArgs {
     /// A fixed rate for the latency phase instead (requests/s in total).
     #[arg(long)]
     rate: Option<f64>,
+    /// Fixed-rate phases per target, in rounds as the closed loop's are
+    /// (each round starts one target later). The tables show each target's
+    /// round with the median p99, and a table lists every round's p99. On
+    /// a machine that stalls now and then (a virtual machine), one stall of
+    /// a few hundred milliseconds sets a whole phase's p99, since every
+    /// request scheduled during it is late, and which target gets one is
+    /// chance: several rounds tell a stall from a target's own latency.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=99))]
+    pub(crate) rate_rounds: u64,
     /// Worker threads (nginx: worker processes) of each proxy.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     proxy_threads: u64,
@@ -60,12 +69,15 @@ pub struct ProxiesArgs {
     /// Worker threads of the load generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     client_threads: u64,
-    /// The targets, measured in this order: direct, nginx, haproxy, gatehouse,
-    /// gatehouse-local, gatehouse-cluster, gatehouse-lease, gatehouse-firewall
-    /// (the same route under a policy with the default firewall rule set:
-    /// SQL-injection and XSS patterns, blocking), hyper-floor (hyper's
-    /// server and client with nothing between them: the floor under any
-    /// proxy built on them).
+    /// The targets, measured in this order: direct, nginx, haproxy,
+    /// haproxy-jwt-rs256, haproxy-jwt-es256, hyper-floor (hyper's server
+    /// and client with nothing between them: the floor under any proxy
+    /// built on them), gatehouse, gatehouse-local, gatehouse-cluster,
+    /// gatehouse-lease, gatehouse-lease-1000, gatehouse-firewall (the same
+    /// route under a policy with the default firewall rule set:
+    /// SQL-injection and XSS patterns, blocking), gatehouse-b (see
+    /// --gatehouse-b), gatehouse-api-key, gatehouse-jwt-rs256,
+    /// gatehouse-jwt-es256.
     #[arg(
         long,
         value_delimiter = ',',
@@ -100,6 +112,14 @@ pub struct ProxiesArgs {
     /// interleaved. Needs more cores than --proxy-threads.
     #[arg(long)]
     pin: bool,
+    /// Another `gatehouse` binary, measured as the `gatehouse-b` target
+    /// (the same plain route as `gatehouse`): two builds side by side in
+    /// one run, paired round by round like every target, e.g.
+    /// `--gatehouse-b target/dist/gatehouse` for the `dist` profile
+    /// against the build the harness came with. Only the proxy differs;
+    /// `gatehousectl` and the load generator are the harness's.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) gatehouse_b: Option<PathBuf>,
 }
 
 impl ProxiesArgs {
@@ -115,6 +135,30 @@ impl ProxiesArgs {
             ),
         }
     }
+}
+
+/// `--gatehouse-b` and the `gatehouse-b` target come together, and the
+/// binary is there, before anything starts.
+pub(crate) fn check_gatehouse_b(args: &ProxiesArgs, kinds: &[Kind]) -> Result<()> {
+    let wanted = kinds.contains(&Kind::GatehouseB);
+    match &args.gatehouse_b {
+        None => ensure!(
+            !wanted,
+            "--targets has gatehouse-b: give its binary with --gatehouse-b PATH"
+        ),
+        Some(path) => {
+            ensure!(
+                wanted,
+                "--gatehouse-b is given but --targets has no gatehouse-b"
+            );
+            ensure!(
+                path.is_file(),
+                "--gatehouse-b {}: no such file",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The CPUs of `--pin`, as `taskset` lists.
@@ -182,6 +226,9 @@ pub enum Kind {
     GatehouseLease1000,
     /// Gatehouse with the default firewall rule set on the route.
     GatehouseFirewall,
+    /// Plain Gatehouse from the `--gatehouse-b` binary.
+    #[value(name = "gatehouse-b")]
+    GatehouseB,
     /// Gatehouse with a policy that takes an API key (`x-api-key`).
     GatehouseApiKey,
     /// Gatehouse with a policy that takes an RS256 JWT (static key).
@@ -240,6 +287,7 @@ impl fmt::Display for Kind {
             Kind::GatehouseLease => "Gatehouse, cluster limit (lease 100)",
             Kind::GatehouseLease1000 => "Gatehouse, cluster limit (lease 1000)",
             Kind::GatehouseFirewall => "Gatehouse + firewall rules",
+            Kind::GatehouseB => "Gatehouse, --gatehouse-b build",
             Kind::GatehouseApiKey => "Gatehouse, API key",
             Kind::GatehouseJwtRs256 => "Gatehouse, JWT RS256",
             Kind::GatehouseJwtEs256 => "Gatehouse, JWT ES256",
@@ -589,6 +637,7 @@ const FIREWALL_POLICY: &str =
 const GATEHOUSE_TARGET: &str = "items?q=blue+running+shoes&page=2";
 
 async fn start_gatehouse(
+    binary: &Path,
     dir: &Path,
     backend: SocketAddr,
     threads: u64,
@@ -600,7 +649,7 @@ async fn start_gatehouse(
     let root = dir.join(format!("{kind:?}").to_lowercase());
     std::fs::create_dir_all(&root)?;
     let log = root.join("stderr.log");
-    let mut cmd = Command::new(bin("gatehouse"));
+    let mut cmd = Command::new(binary);
     cmd.arg("standalone")
         .arg("--data-dir")
         .arg(root.join("data"))
@@ -687,7 +736,8 @@ async fn start_gatehouse(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut notes = vec![format!(
-        "gatehouse standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn, requests to /{GATEHOUSE_TARGET}"
+        "{} standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn, requests to /{GATEHOUSE_TARGET}",
+        binary.display()
     )];
     if firewall {
         notes.push(
@@ -1055,6 +1105,8 @@ struct Slot {
     /// Every closed-loop round, in order, at the target's best count.
     rounds: Vec<Phase>,
     closed: Option<Phase>,
+    /// Every fixed-rate round, in order.
+    open_rounds: Vec<Phase>,
     open: Option<Phase>,
     failure: Option<String>,
 }
@@ -1128,6 +1180,7 @@ async fn start(
         | Kind::GatehouseLease
         | Kind::GatehouseLease1000
         | Kind::GatehouseFirewall
+        | Kind::GatehouseB
         | Kind::GatehouseApiKey
         | Kind::GatehouseJwtRs256
         | Kind::GatehouseJwtEs256 => {
@@ -1135,7 +1188,13 @@ async fn start(
                 Some(_) => Some(auth.get(dir)?),
                 None => None,
             };
-            Some(start_gatehouse(dir, backend, args.proxy_threads, kind, redis, material).await?)
+            let binary = match (kind, &args.gatehouse_b) {
+                (Kind::GatehouseB, Some(b)) => b.clone(),
+                (Kind::GatehouseB, None) => bail!("the gatehouse-b target needs --gatehouse-b"),
+                _ => bin("gatehouse"),
+            };
+            let threads = args.proxy_threads;
+            Some(start_gatehouse(&binary, dir, backend, threads, kind, redis, material).await?)
         }
     };
     if let Some(r) = running.as_mut() {
@@ -1168,6 +1227,7 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
     kinds.sort();
     kinds.dedup();
     ensure!(!kinds.is_empty(), "--targets is empty");
+    check_gatehouse_b(&args, &kinds)?;
     args.connections = distinct(&args.connections);
     let dir = tempfile::tempdir()?;
     let pinning = Pinning::of(&args)?;
@@ -1220,6 +1280,7 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
             by_count: Vec::new(),
             rounds: Vec::new(),
             closed: None,
+            open_rounds: Vec::new(),
             open: None,
             failure: None,
         };
@@ -1330,10 +1391,7 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
         if slot.failure.is_some() {
             continue;
         }
-        let mut rounds = std::mem::take(&mut slot.rounds);
-        rounds.sort_by(|a, b| a.result.rps().total_cmp(&b.result.rps()));
-        let median = rounds.len() / 2;
-        slot.closed = rounds.into_iter().nth(median);
+        slot.closed = median_by(std::mem::take(&mut slot.rounds), |p| p.result.rps());
     }
 
     // The fixed rate: a share of the slowest target's throughput, so that it
@@ -1355,17 +1413,39 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
         (None, None) => bail!("no target was measured"),
     };
 
-    // Phase 2: latency at the fixed rate, one target at a time.
+    // Phase 2: latency at the fixed rate, one target at a time, in rounds
+    // taken in turn as the closed loop's are.
     let offered = Offered {
         connections: args.connections[0],
         rate: Some(rate),
     };
-    for slot in slots.iter_mut().filter(|s| s.failure.is_none()) {
-        eprintln!("{}: open loop at {rate:.0} requests/s", slot.kind);
-        if let Some(p) = measure_slot(&args, slot, offered, redis.as_ref(), backend_pid).await {
-            report_phase(slot.kind, "fixed rate", &p);
-            slot.open = Some(p);
+    for round in 1..=args.rate_rounds {
+        for i in round_order(slots.len(), round) {
+            let slot = &mut slots[i];
+            if slot.failure.is_some() {
+                continue;
+            }
+            eprintln!(
+                "{}: open loop at {rate:.0} requests/s (round {round} of {})",
+                slot.kind, args.rate_rounds
+            );
+            if let Some(p) = measure_slot(&args, slot, offered, redis.as_ref(), backend_pid).await {
+                report_phase(slot.kind, "fixed rate", &p);
+                slot.open_rounds.push(p);
+            }
         }
+    }
+    // Each target's round with the median p99 stands for it.
+    let mut p99_by_round = Vec::new();
+    for slot in &mut slots {
+        let p99 = |p: &Phase| p.result.quantile_ms(0.99).unwrap_or(f64::INFINITY);
+        if !slot.open_rounds.is_empty() {
+            p99_by_round.push((slot.kind, slot.open_rounds.iter().map(p99).collect()));
+        }
+        if slot.failure.is_some() {
+            continue;
+        }
+        slot.open = median_by(std::mem::take(&mut slot.open_rounds), p99);
     }
 
     let mut rows = Vec::new();
@@ -1392,6 +1472,7 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
                 let gatehouse = matches!(
                     slot.kind,
                     Kind::Gatehouse
+                        | Kind::GatehouseB
                         | Kind::GatehouseFirewall
                         | Kind::GatehouseApiKey
                         | Kind::GatehouseJwtRs256
@@ -1426,12 +1507,29 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
     if args.rounds > 1 {
         print_rounds(&by_round);
     }
+    if args.rate_rounds > 1 {
+        print_round_table(
+            &format!(
+                "Fixed rate by round, p99 ms at {rate:.0} requests/s (and its ratio to plain \
+                 Gatehouse's in the same round):"
+            ),
+            &p99_by_round,
+            2,
+        );
+    }
     Ok(())
 }
 
 /// One closed-loop round of a target: requests/s, and the proxy's CPU µs
 /// per request.
 type Round = (f64, Option<f64>);
+
+/// The median of `items` by `key` (of an even count, the upper one).
+fn median_by<T>(mut items: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let median = items.len() / 2;
+    items.into_iter().nth(median)
+}
 
 /// `--connections` without repeats, in the order given.
 fn distinct(counts: &[u64]) -> Vec<u64> {
@@ -1719,12 +1817,20 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
     let direct_rps = direct.map(|(c, _)| c.result.rps());
     let direct_p99 = direct.and_then(|(_, o)| o.result.quantile_ms(0.99));
     println!(
-        "{}, {} s measured per phase after {} s warmup; fixed rate {} requests/s; \
+        "{}, {} s measured per phase after {} s warmup; fixed rate {} requests/s{}; \
          proxies with {} worker thread(s)/process(es); backend {} thread(s); load generator {} thread(s){}",
         args.connections_shown(),
         args.duration,
         args.warmup,
         rate.map_or("-".into(), |r| format!("{r:.0}")),
+        if args.rate_rounds > 1 {
+            format!(
+                " in {} rounds (each target's round with the median p99 is shown)",
+                args.rate_rounds
+            )
+        } else {
+            String::new()
+        },
         args.proxy_threads,
         args.backend_threads,
         args.client_threads,
@@ -1823,7 +1929,22 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 
 #[cfg(test)]
 mod tests {
-    use super::{best_count, count_order, distinct, median_interval, median_share, round_order};
+    use super::{
+        best_count, count_order, distinct, median_by, median_interval, median_share, round_order,
+    };
+
+    /// A target's median round, by throughput or by p99: the middle one
+    /// whatever the order, the upper middle of an even count.
+    #[test]
+    fn the_median_round_is_the_middle_one_by_its_key() {
+        let p99s = |v: &[f64]| median_by(v.to_vec(), |x| *x);
+        assert_eq!(p99s(&[310.0, 4.7, 5.1]), Some(5.1));
+        assert_eq!(p99s(&[4.0, 1.0, 3.0, 2.0]), Some(3.0));
+        assert_eq!(p99s(&[]), None);
+        // By a key: the element comes back whole.
+        let rounds = vec![("b", 2.0), ("c", 3.0), ("a", 1.0)];
+        assert_eq!(median_by(rounds, |r| r.1), Some(("b", 2.0)));
+    }
 
     /// The ranks match the published tables of the sign test's interval
     /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
