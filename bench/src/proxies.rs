@@ -1000,24 +1000,51 @@ struct Phase {
     cpu: Cpu,
     /// Busy cores just before the phase, with no load from us.
     idle_busy: f64,
-    /// Rate-limit script calls in Redis and requests Gatehouse answered,
-    /// over the whole phase (warmup included).
-    redis: Option<(u64, u64)>,
+    /// Rate-limit script calls in Redis and what Gatehouse counted, over
+    /// the whole phase (warmup included).
+    redis: Option<Counted>,
 }
 
-/// Requests Gatehouse answered so far, from its metrics.
-async fn gatehouse_requests(ops: &str) -> Result<u64> {
-    let reply = gatehouse_e2e::data::get(&format!("http://{ops}/metrics"), &[]).await?;
-    Ok(String::from_utf8_lossy(&reply.body)
-        .lines()
-        .filter(|l| l.starts_with("gatehouse_requests_total{"))
+/// What a phase of a target that uses Redis made Redis and Gatehouse count.
+#[derive(Clone, Copy, Default)]
+struct Counted {
+    /// Rate-limit script calls (`EVALSHA` and `EVAL`).
+    calls: u64,
+    /// Requests Gatehouse answered.
+    requests: u64,
+    /// Cost mode's requests that waited for their data plane's lease fetch.
+    lease_waits: u64,
+}
+
+impl Counted {
+    async fn now(redis: &gatehouse_e2e::redis::RedisServer, ops: &str) -> Result<Counted> {
+        let reply = gatehouse_e2e::data::get(&format!("http://{ops}/metrics"), &[]).await?;
+        let metrics = String::from_utf8_lossy(&reply.body);
+        Ok(Counted {
+            calls: redis.calls("evalsha")? + redis.calls("eval")?,
+            requests: metric_sum(&metrics, "gatehouse_requests_total"),
+            lease_waits: metric_sum(&metrics, "gatehouse_ratelimit_lease_waits_total"),
+        })
+    }
+
+    fn since(self, before: Counted) -> Counted {
+        Counted {
+            calls: self.calls.saturating_sub(before.calls),
+            requests: self.requests.saturating_sub(before.requests),
+            lease_waits: self.lease_waits.saturating_sub(before.lease_waits),
+        }
+    }
+}
+
+/// The sum of a counter's series in Prometheus text (every label set).
+fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
-}
-
-/// Script calls (`EVALSHA` and `EVAL`) Redis served so far.
-fn redis_calls(redis: &gatehouse_e2e::redis::RedisServer) -> Result<u64> {
-    Ok(redis.calls("evalsha")? + redis.calls("eval")?)
+        .sum()
 }
 
 /// Runs the load against `url` and samples CPU use inside the measured window.
@@ -1044,7 +1071,7 @@ async fn measure(
     let duration = cfg.duration;
     let idle_busy = wait_quiet(Duration::from_secs(args.quiet_wait), args.quiet_cores).await;
     let before_counts = match counted {
-        Some((redis, ops)) => Some((redis_calls(redis)?, gatehouse_requests(ops).await?)),
+        Some((redis, ops)) => Some(Counted::now(redis, ops).await?),
         None => None,
     };
     let load = tokio::task::spawn_blocking(move || load::run(cfg));
@@ -1056,10 +1083,7 @@ async fn measure(
     let after = sample(proxy_pid, backend_pid);
     let result = load.await??;
     let redis = match (counted, before_counts) {
-        (Some((redis, ops)), Some((calls, requests))) => Some((
-            redis_calls(redis)?.saturating_sub(calls),
-            gatehouse_requests(ops).await?.saturating_sub(requests),
-        )),
+        (Some((redis, ops)), Some(before)) => Some(Counted::now(redis, ops).await?.since(before)),
         _ => None,
     };
     Ok(Phase {
@@ -1794,6 +1818,12 @@ fn report_phase(kind: Kind, what: &str, p: &Phase) {
         cores(p.cpu.machine),
         p.idle_busy,
     );
+    if let Some(c) = p.redis {
+        eprintln!(
+            "    counted: {} script calls, {} requests, {} lease waits",
+            c.calls, c.requests, c.lease_waits
+        );
+    }
     for m in &r.messages {
         eprintln!("    error: {m}");
     }
@@ -1907,16 +1937,19 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
         .collect();
     if !counted.is_empty() {
         println!();
-        println!("Redis commands per request: rate-limit script calls (`EVALSHA` + `EVAL` from `INFO commandstats`) over requests Gatehouse answered (`gatehouse_requests_total`), each whole phase including its warmup.");
+        println!("Redis commands per request: rate-limit script calls (`EVALSHA` + `EVAL` from `INFO commandstats`) over requests Gatehouse answered (`gatehouse_requests_total`), each whole phase including its warmup; and requests that waited for a lease fetch (`gatehouse_ratelimit_lease_waits_total`, cost mode).");
         println!();
-        println!("| target | phase | script calls | requests | calls per request |");
-        println!("|---|---|---:|---:|---:|");
+        println!("| target | phase | script calls | requests | calls per request | lease waits |");
+        println!("|---|---|---:|---:|---:|---:|");
         for (kind, closed, open) in counted {
-            for (what, (p, (calls, requests))) in [("closed loop", closed), ("fixed rate", open)] {
+            for (what, (p, c)) in [("closed loop", closed), ("fixed rate", open)] {
                 let what = phase_label(args, what, p);
                 println!(
-                    "| {kind} | {what} | {calls} | {requests} | {:.3} |",
-                    calls as f64 / requests.max(1) as f64
+                    "| {kind} | {what} | {} | {} | {:.3} | {} |",
+                    c.calls,
+                    c.requests,
+                    c.calls as f64 / c.requests.max(1) as f64,
+                    c.lease_waits
                 );
             }
         }
@@ -1930,8 +1963,27 @@ fn print_tables(args: &ProxiesArgs, rate: Option<f64>, rows: &[Row], notes: &[St
 #[cfg(test)]
 mod tests {
     use super::{
-        best_count, count_order, distinct, median_by, median_interval, median_share, round_order,
+        best_count, count_order, distinct, median_by, median_interval, median_share, metric_sum,
+        round_order,
     };
+
+    /// A counter's series are summed over their labels; a metric whose name
+    /// only starts with the counter's is not.
+    #[test]
+    fn a_counter_sums_its_series_and_nothing_else() {
+        let text = "# HELP gatehouse_ratelimit_lease_waits Requests that waited.\n\
+            # TYPE gatehouse_ratelimit_lease_waits counter\n\
+            gatehouse_ratelimit_lease_waits_total{policy=\"p\",limit=\"a\"} 28\n\
+            gatehouse_ratelimit_lease_waits_total{policy=\"p\",limit=\"b\"} 9\n\
+            gatehouse_ratelimit_lease_waits_total_extra 1000\n\
+            gatehouse_requests_total 5\n";
+        assert_eq!(
+            metric_sum(text, "gatehouse_ratelimit_lease_waits_total"),
+            37
+        );
+        assert_eq!(metric_sum(text, "gatehouse_requests_total"), 5);
+        assert_eq!(metric_sum(text, "gatehouse_absent_total"), 0);
+    }
 
     /// A target's median round, by throughput or by p99: the middle one
     /// whatever the order, the upper middle of an even count.
