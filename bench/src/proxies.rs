@@ -1751,9 +1751,7 @@ fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
 
 /// The middle value (the upper one of the two middle values for an even count).
 fn median(values: &[f64]) -> Option<f64> {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    median_by(values.to_vec(), |v| *v)
 }
 
 /// One phase of `slot` (closed loop, or open loop at `rate`), counting its
