@@ -10,8 +10,9 @@
 # build) with this tree's gatehousectl and load generator; T=dir takes all
 # three from another directory (e.g. T=target/prof/release NO_BUILD=1 for a
 # build with line tables). VARIANTS picks
-# a subset of "plain local exact lease lease1000" (default: plain exact
-# lease).
+# a subset of "plain local exact lease lease1000 local-no-headers
+# lease1000-no-headers" (default: plain exact lease; the last two under
+# `rate_limit_headers: false`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${T:-target/release}
@@ -46,6 +47,8 @@ for v in ${VARIANTS:-plain exact lease}; do
     local) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: local, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
     lease) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, lease: 100, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
     lease1000) pol="policies:\n  - name: limited\n    rate_limits:\n      - { name: l, scope: cluster, lease: 1000, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
+    local-no-headers) pol="policies:\n  - name: limited\n    rate_limit_headers: false\n    rate_limits:\n      - { name: l, scope: local, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
+    lease1000-no-headers) pol="policies:\n  - name: limited\n    rate_limit_headers: false\n    rate_limits:\n      - { name: l, scope: cluster, lease: 1000, key: [client_ip], limit: 1000000000, window: 1s }\n"; polref="    policy: limited\n";;
   esac
   printf "version: 1\n${pol}upstreams:\n  - name: backend\n    targets:\n      - address: \"$BACKEND\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n${polref}" > $d/gw.yaml
   for i in $(seq 100); do GATEHOUSE_TOKEN=$TOKEN $T/gatehousectl --server $ADMIN apply -f $d/gw.yaml >/dev/null 2>&1 && break; sleep 0.5; done

@@ -72,8 +72,11 @@ pub struct ProxiesArgs {
     /// The targets, measured in this order: direct, nginx, haproxy,
     /// haproxy-jwt-rs256, haproxy-jwt-es256, hyper-floor (hyper's server
     /// and client with nothing between them: the floor under any proxy
-    /// built on them), gatehouse, gatehouse-local, gatehouse-cluster,
-    /// gatehouse-lease, gatehouse-lease-1000, gatehouse-firewall (the same
+    /// built on them), gatehouse, gatehouse-local,
+    /// gatehouse-local-no-headers (the same limit under
+    /// `rate_limit_headers: false`), gatehouse-cluster, gatehouse-lease,
+    /// gatehouse-lease-1000, gatehouse-lease-1000-no-headers,
+    /// gatehouse-firewall (the same
     /// route under a policy with the default firewall rule set:
     /// SQL-injection and XSS patterns, blocking), gatehouse-b (see
     /// --gatehouse-b), gatehouse-api-key, gatehouse-jwt-rs256,
@@ -216,6 +219,9 @@ pub enum Kind {
     Gatehouse,
     /// Gatehouse with a local (governor) rate limit on the route.
     GatehouseLocal,
+    /// The same under `rate_limit_headers: false`: the decision without
+    /// the `RateLimit-Policy` and `RateLimit` headers.
+    GatehouseLocalNoHeaders,
     /// Gatehouse with a cluster rate limit in Redis, exact mode.
     GatehouseCluster,
     /// Gatehouse with a cluster rate limit in Redis, cost mode (lease 100).
@@ -224,6 +230,9 @@ pub enum Kind {
     /// calls, for ten times the error bound.
     #[value(name = "gatehouse-lease-1000")]
     GatehouseLease1000,
+    /// Lease 1000 under `rate_limit_headers: false`.
+    #[value(name = "gatehouse-lease-1000-no-headers")]
+    GatehouseLease1000NoHeaders,
     /// Gatehouse with the default firewall rule set on the route.
     GatehouseFirewall,
     /// Plain Gatehouse from the `--gatehouse-b` binary.
@@ -243,16 +252,26 @@ impl Kind {
     fn limit(self) -> Option<String> {
         let base = "key: [client_ip], limit: 1000000000, window: 1s";
         match self {
-            Kind::GatehouseLocal => Some(format!("{{ name: l, {base} }}")),
+            Kind::GatehouseLocal | Kind::GatehouseLocalNoHeaders => {
+                Some(format!("{{ name: l, {base} }}"))
+            }
             Kind::GatehouseCluster => Some(format!("{{ name: l, scope: cluster, {base} }}")),
             Kind::GatehouseLease => {
                 Some(format!("{{ name: l, scope: cluster, lease: 100, {base} }}"))
             }
-            Kind::GatehouseLease1000 => Some(format!(
+            Kind::GatehouseLease1000 | Kind::GatehouseLease1000NoHeaders => Some(format!(
                 "{{ name: l, scope: cluster, lease: 1000, {base} }}"
             )),
             _ => None,
         }
+    }
+
+    /// Whether the route's limit sends `RateLimit-Policy` and `RateLimit`.
+    fn rate_limit_headers(self) -> bool {
+        !matches!(
+            self,
+            Kind::GatehouseLocalNoHeaders | Kind::GatehouseLease1000NoHeaders
+        )
     }
 
     /// The signing algorithm of the JWT targets.
@@ -267,7 +286,10 @@ impl Kind {
     fn uses_redis(self) -> bool {
         matches!(
             self,
-            Kind::GatehouseCluster | Kind::GatehouseLease | Kind::GatehouseLease1000
+            Kind::GatehouseCluster
+                | Kind::GatehouseLease
+                | Kind::GatehouseLease1000
+                | Kind::GatehouseLease1000NoHeaders
         )
     }
 }
@@ -283,9 +305,13 @@ impl fmt::Display for Kind {
             Kind::HyperFloor => "hyper floor (no proxy logic)",
             Kind::Gatehouse => "Gatehouse",
             Kind::GatehouseLocal => "Gatehouse, local limit",
+            Kind::GatehouseLocalNoHeaders => "Gatehouse, local limit, no headers",
             Kind::GatehouseCluster => "Gatehouse, cluster limit (exact)",
             Kind::GatehouseLease => "Gatehouse, cluster limit (lease 100)",
             Kind::GatehouseLease1000 => "Gatehouse, cluster limit (lease 1000)",
+            Kind::GatehouseLease1000NoHeaders => {
+                "Gatehouse, cluster limit (lease 1000), no headers"
+            }
             Kind::GatehouseFirewall => "Gatehouse + firewall rules",
             Kind::GatehouseB => "Gatehouse, --gatehouse-b build",
             Kind::GatehouseApiKey => "Gatehouse, API key",
@@ -705,7 +731,14 @@ async fn start_gatehouse(
     } else {
         match kind.limit() {
             Some(limit) => (
-                format!("policies:\n  - name: limited\n    rate_limits:\n      - {limit}\n"),
+                format!(
+                    "policies:\n  - name: limited\n{quiet}    rate_limits:\n      - {limit}\n",
+                    quiet = if kind.rate_limit_headers() {
+                        ""
+                    } else {
+                        "    rate_limit_headers: false\n"
+                    }
+                ),
                 "    policy: limited\n",
             ),
             None => (String::new(), ""),
@@ -1200,9 +1233,11 @@ async fn start(
         }
         Kind::Gatehouse
         | Kind::GatehouseLocal
+        | Kind::GatehouseLocalNoHeaders
         | Kind::GatehouseCluster
         | Kind::GatehouseLease
         | Kind::GatehouseLease1000
+        | Kind::GatehouseLease1000NoHeaders
         | Kind::GatehouseFirewall
         | Kind::GatehouseB
         | Kind::GatehouseApiKey

@@ -191,7 +191,8 @@ routes:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_rate_limit_answers_429_with_its_headers() -> anyhow::Result<()> {
+async fn a_local_rate_limit_answers_429_with_its_headers_unless_told_not_to() -> anyhow::Result<()>
+{
     let cluster = Cluster::start(1, Options::default()).await?;
     let server = cluster.node(1).admin.clone();
     let upstream = Upstream::start("app").await?;
@@ -206,6 +207,10 @@ policies:
   - name: three-a-minute
     rate_limits:
       - {{ name: per-ip, key: [client_ip], limit: 3, window: 60s }}
+  - name: quiet
+    rate_limit_headers: false
+    rate_limits:
+      - {{ name: per-ip, key: [client_ip], limit: 1, window: 60s }}
 upstreams:
   - name: app
     targets: [{{ address: \"{}\" }}]
@@ -214,6 +219,10 @@ routes:
     paths: [{{ prefix: /limited }}]
     upstream: app
     policy: three-a-minute
+  - name: quiet
+    paths: [{{ prefix: /quiet }}]
+    upstream: app
+    policy: quiet
 ",
             upstream.addr
         ),
@@ -255,6 +264,21 @@ routes:
         hits,
         "a refused request never reaches the upstream"
     );
+
+    // `rate_limit_headers: false`: the same limit, told to no one until it
+    // refuses, and then only with Retry-After.
+    let quiet = format!("http://{}/quiet/x", dp.proxy);
+    let admitted = get(&quiet, &[]).await?;
+    assert_eq!(admitted.status, 200);
+    let refused = get(&quiet, &[]).await?;
+    assert_eq!(refused.status, 429);
+    let wait: u64 = refused.headers["retry-after"].to_str()?.parse()?;
+    assert!((1..=60).contains(&wait), "retry after {wait}");
+    for r in [&admitted, &refused] {
+        for name in ["ratelimit-policy", "ratelimit"] {
+            assert!(!r.headers.contains_key(name), "{name}: {:?}", r.headers);
+        }
+    }
     Ok(())
 }
 

@@ -60,11 +60,10 @@ fn main() {
             lease,
         };
         let registry = LimiterRegistry::default();
-        let compiled: &'static PolicyLimits =
-            Box::leak(Box::new(PolicyLimits::from(vec![CompiledLimit::compile(
-                "p", &limit, &registry, metrics,
-            )
-            .unwrap()])));
+        let compiled: &'static PolicyLimits = Box::leak(Box::new(PolicyLimits::new(
+            vec![CompiledLimit::compile("p", &limit, &registry, metrics).unwrap()],
+            true,
+        )));
         let headers: &'static http::HeaderMap = Box::leak(Box::default());
         // One warm-up decision: the connection and the script load.
         let ctx = LimitContext {

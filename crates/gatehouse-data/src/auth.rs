@@ -286,12 +286,13 @@ impl CompiledPolicy {
                 .iter()
                 .map(|q| crate::limits::CompiledQuota::compile(&p.name, q, metrics))
                 .collect(),
-            limits: p
-                .rate_limits
-                .iter()
-                .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters, metrics))
-                .collect::<Result<Vec<_>, _>>()?
-                .into(),
+            limits: crate::limits::PolicyLimits::new(
+                p.rate_limits
+                    .iter()
+                    .map(|l| crate::limits::CompiledLimit::compile(&p.name, l, limiters, metrics))
+                    .collect::<Result<_, _>>()?,
+                p.rate_limit_headers,
+            ),
         })
     }
 
@@ -594,6 +595,7 @@ mod tests {
                     ..Default::default()
                 },
                 rate_limits: vec![],
+                rate_limit_headers: true,
                 quotas: vec![],
                 firewall: Default::default(),
             },
@@ -724,6 +726,7 @@ mod tests {
                 introspection: None,
                 authorization: Default::default(),
                 rate_limits: vec![],
+                rate_limit_headers: true,
                 quotas: vec![],
                 firewall: Default::default(),
             },
@@ -787,6 +790,7 @@ mod tests {
                     ..Default::default()
                 },
                 rate_limits: vec![],
+                rate_limit_headers: true,
                 quotas: vec![],
                 firewall: Default::default(),
             },

@@ -1129,18 +1129,22 @@ pub async fn check_quotas(
 pub struct PolicyLimits {
     limits: Vec<CompiledLimit>,
     policy_header: Option<HeaderValue>,
+    /// Whether responses carry `RateLimit-Policy` and `RateLimit` (the
+    /// policy's `rate_limit_headers`).
+    headers: bool,
 }
 
-impl From<Vec<CompiledLimit>> for PolicyLimits {
-    fn from(limits: Vec<CompiledLimit>) -> PolicyLimits {
+impl PolicyLimits {
+    pub fn new(limits: Vec<CompiledLimit>, headers: bool) -> PolicyLimits {
         let joined = limits
             .iter()
             .map(|l| l.policy_part.as_str())
             .collect::<Vec<_>>()
             .join(", ");
         PolicyLimits {
-            policy_header: HeaderValue::from_str(&joined).ok(),
+            policy_header: HeaderValue::from_str(&joined).ok().filter(|_| headers),
             limits,
+            headers,
         }
     }
 }
@@ -1241,6 +1245,7 @@ pub async fn check<'a>(
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
     let state = tightest
         .as_ref()
+        .filter(|_| limits.headers)
         .and_then(|(limit, c)| rate_limit_state(&limit.state_prefix, c.remaining, secs(c.reset)));
     Some(Decision {
         policy,
@@ -1341,11 +1346,20 @@ mod tests {
 
     /// `limits`, compiled as the rate limits of policy `p`.
     fn policy(limits: &[&RateLimit], reg: &LimiterRegistry, metrics: &Metrics) -> PolicyLimits {
-        limits
+        policy_with_headers(limits, reg, metrics, true)
+    }
+
+    fn policy_with_headers(
+        limits: &[&RateLimit],
+        reg: &LimiterRegistry,
+        metrics: &Metrics,
+        headers: bool,
+    ) -> PolicyLimits {
+        let compiled = limits
             .iter()
             .map(|l| CompiledLimit::compile("p", l, reg, metrics).unwrap())
-            .collect::<Vec<_>>()
-            .into()
+            .collect();
+        PolicyLimits::new(compiled, headers)
     }
 
     fn limit(name: &str, key: &[&str], limit: u64, window: Duration, burst: u64) -> RateLimit {
@@ -1397,6 +1411,39 @@ mod tests {
             .unwrap()
             .retry_after
             .is_none());
+    }
+
+    /// `rate_limit_headers: false`: no `RateLimit-Policy` or `RateLimit`,
+    /// but the same counting, and a refusal still says how long to wait.
+    #[test]
+    fn without_headers_a_limit_counts_the_same_and_still_gives_a_wait() {
+        let reg = LimiterRegistry::default();
+        let l = limit("ip", &["client_ip"], 2, Duration::from_secs(60), 0);
+        let h = HeaderMap::new();
+        let quiet = policy_with_headers(&[&l], &reg, &Metrics::default(), false);
+        for _ in 0..2 {
+            let d = run(&quiet, &ctx(&h, "10.0.0.1")).unwrap();
+            assert!(d.retry_after.is_none());
+            assert!(d.policy.is_none() && d.state.is_none(), "{d:?}");
+            let mut response = HeaderMap::new();
+            d.set_headers(&mut response);
+            assert!(response.is_empty(), "{response:?}");
+        }
+        let refused = run(&quiet, &ctx(&h, "10.0.0.1")).unwrap();
+        assert!(refused.retry_after.is_some());
+        assert!(refused.policy.is_none() && refused.state.is_none());
+        // The same bucket with headers on: the limit's state, as exhausted
+        // as the quiet policy left it.
+        let loud = policy(&[&l], &reg, &Metrics::default());
+        let d = run(&loud, &ctx(&h, "10.0.0.1")).unwrap();
+        assert!(d.retry_after.is_some());
+        assert_eq!(d.policy.unwrap(), "2;w=60");
+        assert!(d
+            .state
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("limit=2, remaining=0, reset="));
     }
 
     #[test]

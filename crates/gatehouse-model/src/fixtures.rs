@@ -174,6 +174,7 @@ pub fn policy(name: &str) -> Policy {
         introspection: None,
         authorization: Authorization::default(),
         rate_limits: Vec::new(),
+        rate_limit_headers: true,
         quotas: Vec::new(),
         firewall: Firewall::default(),
     }
@@ -235,6 +236,7 @@ pub fn full_policy(name: &str, issuer: &str) -> Policy {
                 lease: 0,
             },
         ],
+        rate_limit_headers: false,
         quotas: vec![Quota {
             name: "daily".to_string(),
             period: QuotaPeriod::Day,

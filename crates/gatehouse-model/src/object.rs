@@ -112,6 +112,10 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
 fn is_false(v: &bool) -> bool {
     !*v
 }
@@ -357,6 +361,11 @@ pub struct Policy {
     pub authorization: Authorization,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimit>,
+    /// Whether the policy's responses carry `RateLimit-Policy` and
+    /// `RateLimit` (the limits and what is left of them). `false` keeps
+    /// both from clients; a refusal still carries `Retry-After`.
+    #[serde(default = "defaults::yes", skip_serializing_if = "is_true")]
+    pub rate_limit_headers: bool,
     /// Per-consumer quotas over calendar days or months, counted in Redis.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quotas: Vec<Quota>,
@@ -842,6 +851,9 @@ pub mod defaults {
     }
     pub fn consumer_claim() -> String {
         "sub".to_string()
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn max_token_bytes() -> u32 {
         8192
