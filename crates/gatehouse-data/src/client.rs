@@ -119,11 +119,7 @@ pub async fn watch(
         if matches!(end, StreamEnd::Shutdown) || *shutdown.borrow() {
             return;
         }
-        failures = if progressed {
-            0
-        } else {
-            failures.saturating_add(1)
-        };
+        failures = failures_after(&end, progressed, failures);
         let backoff = backoff(failures, cfg.max_backoff);
         match &end {
             StreamEnd::WrongCluster { node, own } => {
@@ -144,6 +140,19 @@ pub async fn watch(
             () = tokio::time::sleep(backoff) => {}
             () = stopped(&mut shutdown) => return,
         }
+    }
+}
+
+/// Failed attempts in a row after a stream ended with `end`. A stream that
+/// got past the cluster check resets the count, unless it ended on
+/// something it could not use (an object this version cannot decode, as
+/// one from a newer control plane): reconnecting at once would fetch the
+/// same snapshot again, so that backs off as a failure does.
+fn failures_after(end: &StreamEnd, progressed: bool, failures: u32) -> u32 {
+    if progressed && !matches!(end, StreamEnd::Protocol(_)) {
+        0
+    } else {
+        failures.saturating_add(1)
     }
 }
 
@@ -441,6 +450,10 @@ mod tests {
         revision: u64,
         refuse: Option<tonic::Status>,
         hellos: Arc<Mutex<Vec<String>>>,
+        /// The JSON spec of the one consumer it sends.
+        spec_json: String,
+        /// When each hello arrived.
+        hello_times: Arc<Mutex<Vec<tokio::time::Instant>>>,
     }
 
     type Responses =
@@ -460,6 +473,10 @@ mod tests {
             }) = inbound.message().await?
             {
                 self.hellos.lock().unwrap().push(hello.cluster_id);
+                self.hello_times
+                    .lock()
+                    .unwrap()
+                    .push(tokio::time::Instant::now());
             }
             if let Some(status) = &self.refuse {
                 return Err(status.clone());
@@ -469,7 +486,7 @@ mod tests {
                 name: format!("from-{}", self.cluster),
                 labels: Default::default(),
                 revision: self.revision,
-                spec_json: r#"{"groups":["x"]}"#.into(),
+                spec_json: self.spec_json.clone(),
             };
             let msgs = vec![
                 Msg::Cluster(pb::ClusterInfo {
@@ -510,6 +527,8 @@ mod tests {
             revision,
             refuse: None,
             hellos: hellos.clone(),
+            spec_json: r#"{"groups":["x"]}"#.into(),
+            hello_times: Arc::default(),
         };
         (node, hellos)
     }
@@ -736,6 +755,64 @@ mod tests {
         );
         assert!(wrong.starts_with(&expected), "{wrong}");
         assert!(own_hellos.lock().unwrap().iter().all(|h| h == "aaaa"));
+    }
+
+    /// A node that sends an object this version cannot decode (a field a
+    /// newer version added): nothing is applied, the held config stays, and
+    /// the data plane asks again after a growing pause, not at once. Only
+    /// lower bounds on the pauses are checked: a slow machine makes them
+    /// longer, never shorter.
+    #[tokio::test]
+    async fn an_undecodable_snapshot_is_refused_and_asked_for_again_with_backoff() {
+        let (mut node, _) = fake("aaaa", 9);
+        node.spec_json = r#"{"groups":["x"],"a_field_from_a_newer_version":true}"#.into();
+        let times = node.hello_times.clone();
+        let mut cfg = config(vec![serve(node).await], Some("aaaa"));
+        cfg.max_backoff = Duration::from_secs(5);
+        let recorder = Arc::new(Recorder::default());
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(watch(cfg, Some(held_at(4)), recorder.clone(), shutdown));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while times.lock().unwrap().len() < 4 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than 4 streams in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert_eq!(recorder.events(), Vec::<String>::new(), "nothing applied");
+        // The pause after the n-th failure is 100 ms × 2^n, jittered in its
+        // upper half: at least 100, 200 and 400 ms. Reconnecting at once
+        // (every 50-100 ms) would not reach the last two.
+        let t = times.lock().unwrap().clone();
+        let gaps: Vec<Duration> = t.windows(2).map(|w| w[1] - w[0]).collect();
+        for (gap, least) in gaps.iter().zip([100, 200, 400]) {
+            assert!(
+                *gap >= Duration::from_millis(least),
+                "pauses between streams: {gaps:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_that_ends_on_what_it_cannot_use_backs_off_like_a_failure() {
+        let max = Duration::from_secs(5);
+        let mut failures = 0;
+        for _ in 0..6 {
+            let undecodable = StreamEnd::Protocol("invalid object in stream: unknown field".into());
+            failures = failures_after(&undecodable, true, failures);
+        }
+        assert_eq!(failures, 6);
+        assert!(backoff(failures, max) >= Duration::from_millis(3200));
+        // A stream that was followed and then closed starts over.
+        assert_eq!(failures_after(&StreamEnd::Closed, true, failures), 0);
+        let status = StreamEnd::Status(tonic::Status::unavailable("leader changed"));
+        assert_eq!(failures_after(&status, true, failures), 0);
+        // One that never got past connecting counts as a failure.
+        let refused = StreamEnd::Connect("connection refused".into());
+        assert_eq!(failures_after(&refused, false, failures), 7);
     }
 
     #[test]
