@@ -233,16 +233,16 @@ routes:
         get(&url, &[]).await.ok().filter(|r| r.status == 200)
     })
     .await?;
-    assert_eq!(first.headers["ratelimit-policy"], "3;w=60");
+    assert_eq!(first.headers["ratelimit-policy"], "\"per-ip\";q=3;w=60");
     assert!(first.headers["ratelimit"]
         .to_str()?
-        .starts_with("limit=3, remaining=2, "));
+        .starts_with("\"per-ip\";r=2;t="));
     for remaining in [1, 0] {
         let r = get(&url, &[]).await?;
         assert_eq!(r.status, 200);
         assert!(r.headers["ratelimit"]
             .to_str()?
-            .starts_with(&format!("limit=3, remaining={remaining}, ")));
+            .starts_with(&format!("\"per-ip\";r={remaining};t=")));
     }
     let hits = upstream.hits.load(std::sync::atomic::Ordering::Relaxed);
     let refused = get(&url, &[]).await?;
@@ -256,9 +256,11 @@ routes:
         (1..=20).contains(&wait),
         "one request per 20 s: retry after {wait}"
     );
-    assert!(refused.headers["ratelimit"]
-        .to_str()?
-        .starts_with("limit=3, remaining=0, "));
+    // More quota comes when a retry is admitted: `t` is `Retry-After`.
+    assert_eq!(
+        refused.headers["ratelimit"].to_str()?,
+        format!("\"per-ip\";r=0;t={wait}")
+    );
     assert_eq!(
         upstream.hits.load(std::sync::atomic::Ordering::Relaxed),
         hits,

@@ -400,9 +400,9 @@ pub struct CompiledLimit {
     /// Cost mode: tokens this node took and has not spent, by bucket key,
     /// and until when they may be spent.
     leases: Leases,
-    /// `LIMIT;w=SECONDS`, this limit's part of `RateLimit-Policy`.
+    /// `"NAME";q=LIMIT;w=SECONDS`, this limit's item of `RateLimit-Policy`.
     policy_part: String,
-    /// `limit=LIMIT, remaining=`, how this limit's `RateLimit` header starts.
+    /// `"NAME";r=`, how this limit's `RateLimit` item starts.
     state_prefix: Arc<str>,
     counters: LimitCounters,
     /// Cost mode: requests that waited for this node's fetch of a lease.
@@ -498,7 +498,14 @@ impl CompiledLimit {
         } else {
             Counter::default()
         };
-        let policy_part = format!("{};w={}", l.limit, l.window.as_secs().max(1));
+        // Items of the IETF draft's structured-field lists: the limit's name
+        // as a string (object names need no escaping), then parameters.
+        let policy_part = format!(
+            "\"{}\";q={};w={}",
+            l.name,
+            l.limit,
+            l.window.as_secs().max(1)
+        );
         Ok(CompiledLimit {
             name: l.name.clone(),
             parts,
@@ -513,7 +520,7 @@ impl CompiledLimit {
             lease: l.lease,
             leases,
             policy_part,
-            state_prefix: format!("limit={}, remaining=", l.limit).into(),
+            state_prefix: format!("\"{}\";r=", l.name).into(),
             counters,
             lease_waits,
         })
@@ -1243,21 +1250,29 @@ pub async fn check<'a>(
         }
     }
     let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let retry_after = tightest
+        .as_ref()
+        .and_then(|(_, c)| c.wait)
+        .map(|w| secs(w).max(1));
+    // `t`: when more quota comes. Refused, that is when a retry is admitted
+    // (the draft asks that `Retry-After` not be earlier than `t`); admitted,
+    // when the bucket is full again.
     let state = tightest
         .as_ref()
         .filter(|_| limits.headers)
-        .and_then(|(limit, c)| rate_limit_state(&limit.state_prefix, c.remaining, secs(c.reset)));
+        .and_then(|(limit, c)| {
+            let t = retry_after.unwrap_or_else(|| secs(c.reset));
+            rate_limit_state(&limit.state_prefix, c.remaining, t)
+        });
     Some(Decision {
         policy,
         state,
-        retry_after: tightest
-            .and_then(|(_, c)| c.wait)
-            .map(|w| Duration::from_secs(secs(w).max(1))),
+        retry_after: retry_after.map(Duration::from_secs),
         unavailable,
     })
 }
 
-/// `RateLimit: limit=L, remaining=R, reset=S`, the prefix made when the
+/// `RateLimit: "NAME";r=REMAINING;t=SECONDS`, the prefix made when the
 /// limit was compiled. A limit's values often repeat (a bucket that is
 /// seldom empty answers the same `remaining` and `reset` for many
 /// requests, and a per-second limit has few of either), so values seen
@@ -1318,12 +1333,7 @@ thread_local! {
 /// A new `RateLimit` value, in one allocation of the exact size.
 fn make_state(prefix: &str, remaining: u64, reset_secs: u64) -> Option<HeaderValue> {
     let (mut r, mut s) = (itoa::Buffer::new(), itoa::Buffer::new());
-    let parts = [
-        prefix,
-        r.format(remaining),
-        ", reset=",
-        s.format(reset_secs),
-    ];
+    let parts = [prefix, r.format(remaining), ";t=", s.format(reset_secs)];
     let mut value = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for part in parts {
         value.extend_from_slice(part.as_bytes());
@@ -1395,7 +1405,7 @@ mod tests {
             assert!(d.retry_after.is_none());
             let state = d.state.unwrap().to_str().unwrap().to_string();
             assert!(
-                state.starts_with(&format!("limit=3, remaining={expected_remaining}, ")),
+                state.starts_with(&format!("\"ip\";r={expected_remaining};t=")),
                 "{state}"
             );
         }
@@ -1405,7 +1415,12 @@ mod tests {
             wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
             "one request per 20 s: {wait:?}"
         );
-        assert_eq!(d.policy.unwrap(), "3;w=60");
+        // Refused, `t` is when a retry is admitted, as `Retry-After` says.
+        assert_eq!(
+            d.state.unwrap(),
+            format!("\"ip\";r=0;t={}", wait.as_secs()).as_str()
+        );
+        assert_eq!(d.policy.unwrap(), "\"ip\";q=3;w=60");
         // Another client has its own bucket.
         assert!(run(&limits, &ctx(&h, "10.0.0.2"))
             .unwrap()
@@ -1437,13 +1452,13 @@ mod tests {
         let loud = policy(&[&l], &reg, &Metrics::default());
         let d = run(&loud, &ctx(&h, "10.0.0.1")).unwrap();
         assert!(d.retry_after.is_some());
-        assert_eq!(d.policy.unwrap(), "2;w=60");
+        assert_eq!(d.policy.unwrap(), "\"ip\";q=2;w=60");
         assert!(d
             .state
             .unwrap()
             .to_str()
             .unwrap()
-            .starts_with("limit=2, remaining=0, reset="));
+            .starts_with("\"ip\";r=0;t="));
     }
 
     #[test]
@@ -1455,8 +1470,8 @@ mod tests {
         let limits = policy(&[&big, &small], &reg, &Metrics::default());
         let d = run(&limits, &ctx(&h, "10.0.0.1")).unwrap();
         assert!(d.retry_after.is_none());
-        assert_eq!(d.policy.unwrap(), "100;w=60, 1;w=60");
-        assert_eq!(d.state.unwrap(), "limit=1, remaining=0, reset=60");
+        assert_eq!(d.policy.unwrap(), "\"big\";q=100;w=60, \"small\";q=1;w=60");
+        assert_eq!(d.state.unwrap(), "\"small\";r=0;t=60");
         let only_small = || policy(&[&small], &reg, &Metrics::default());
         let again = only_small();
         assert!(
@@ -1484,16 +1499,16 @@ mod tests {
     /// keeps, each get their own text.
     #[test]
     fn rate_limit_values_kept_per_thread_are_those_of_their_limit_and_state() {
-        let five: Arc<str> = "limit=5, remaining=".into();
-        let seven: Arc<str> = "limit=7, remaining=".into();
+        let five: Arc<str> = "\"five\";r=".into();
+        let seven: Arc<str> = "\"seven\";r=".into();
         for _ in 0..2 {
             for remaining in 0..200 {
-                for (prefix, limit) in [(&five, 5), (&seven, 7)] {
+                for (prefix, limit) in [(&five, "five"), (&seven, "seven")] {
                     let reset = remaining % 3;
                     let value = rate_limit_state(prefix, remaining, reset).unwrap();
                     assert_eq!(
                         value,
-                        format!("limit={limit}, remaining={remaining}, reset={reset}").as_str()
+                        format!("\"{limit}\";r={remaining};t={reset}").as_str()
                     );
                 }
             }
@@ -1502,25 +1517,23 @@ mod tests {
         // second, copied after; the same text every time, also with another
         // limit's value kept in between.
         for _ in 0..3 {
-            for (prefix, limit) in [(&five, 5), (&seven, 7), (&five, 5)] {
+            for (prefix, limit) in [(&five, "five"), (&seven, "seven"), (&five, "five")] {
                 for _ in 0..3 {
                     assert_eq!(
                         rate_limit_state(prefix, 42, 2).unwrap(),
-                        format!("limit={limit}, remaining=42, reset=2").as_str()
+                        format!("\"{limit}\";r=42;t=2").as_str()
                     );
                 }
             }
         }
         // More limits than the thread keeps values, all in the same state:
         // some share a slot, and none gets another's text.
-        let limits: Vec<Arc<str>> = (0..200)
-            .map(|l| format!("limit={l}, remaining=").into())
-            .collect();
+        let limits: Vec<Arc<str>> = (0..200).map(|l| format!("\"l{l}\";r=").into()).collect();
         for _ in 0..2 {
             for (l, prefix) in limits.iter().enumerate() {
                 assert_eq!(
                     rate_limit_state(prefix, 1, 1).unwrap(),
-                    format!("limit={l}, remaining=1, reset=1").as_str()
+                    format!("\"l{l}\";r=1;t=1").as_str()
                 );
             }
         }
@@ -2077,14 +2090,14 @@ mod tests {
         // the request that fetched the lease as for those after it.
         let told = |d: &Decision| {
             let state = d.state.as_ref().unwrap().to_str().unwrap().to_string();
-            state.split_once(", ").unwrap().1.to_string()
+            state.split_once(';').unwrap().1.to_string()
         };
 
         // The first request leases a quarter of 40: one spent, nine held.
         let first = policy(&[&l], &reg, &metrics);
         let d = check(&first, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
         assert!(d.retry_after.is_none());
-        assert_eq!(told(&d), "remaining=99, reset=36");
+        assert_eq!(told(&d), "r=99;t=36");
         let after_first = calls();
         assert!(after_first >= 1);
 
@@ -2096,7 +2109,7 @@ mod tests {
             let d = check(&second, &ctx(&h, "10.0.0.1"), &env).await.unwrap();
             assert!(d.retry_after.is_none());
             let reset = 36 * (100 - left);
-            assert_eq!(told(&d), format!("remaining={left}, reset={reset}"));
+            assert_eq!(told(&d), format!("r={left};t={reset}"));
         }
         assert_eq!(calls(), after_first, "the held tokens were spent locally");
 
