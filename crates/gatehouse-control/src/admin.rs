@@ -52,6 +52,9 @@ pub struct AdminService {
     pub metrics: Arc<crate::ops::Metrics>,
 }
 
+/// How long a linearizable read waits for the leader to apply its log.
+const READ_CATCH_UP: Duration = Duration::from_secs(10);
+
 /// Why a call could not be served here.
 enum Failure {
     /// Only the leader can serve it; here is what is known of the leader.
@@ -354,12 +357,34 @@ impl AdminService {
     }
 
     /// Waits until this node's state is current (a linearizable read), unless `stale`.
+    ///
+    /// `ensure_linearizable` confirms leadership and waits for the log up to
+    /// the first entry of the leader's term, or the commit index if later.
+    /// A leader restarted with its term keeps that first entry from before
+    /// the restart and starts from the commit index it last wrote down,
+    /// which can be behind writes it acknowledged (it is saved off the write
+    /// path): a read then could miss them. So the read also waits until
+    /// everything in the leader's log is applied. The leader's log holds
+    /// every committed entry, and its entries commit within a round trip
+    /// once leadership is confirmed (a quorum answered).
     async fn read_barrier(&self, stale: bool) -> Result<(), Failure> {
         if stale {
             return Ok(());
         }
         match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                let last = self.raft.metrics().borrow().last_log_index;
+                self.raft
+                    .wait(Some(READ_CATCH_UP))
+                    .applied_index_at_least(last, "a linearizable read")
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "the leader has not applied its log within {READ_CATCH_UP:?} ({e}); retry"
+                        ))
+                    })?;
+                Ok(())
+            }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(Failure::NotLeader(f.leader_id, f.leader_node))
             }
