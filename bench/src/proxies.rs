@@ -778,7 +778,12 @@ async fn start_gatehouse(
         );
     }
     if let Some(limit) = kind.limit() {
-        notes.push(format!("rate limit {limit}"));
+        let quiet = if kind.rate_limit_headers() {
+            ""
+        } else {
+            ", rate_limit_headers: false"
+        };
+        notes.push(format!("rate limit {limit}{quiet}"));
     }
     let mut headers = Vec::new();
     if kind == Kind::GatehouseApiKey {

@@ -373,17 +373,35 @@ impl AdminService {
         }
         match self.raft.ensure_linearizable().await {
             Ok(_) => {
+                let me = self.identity.node_id;
                 let last = self.raft.metrics().borrow().last_log_index;
-                self.raft
+                // Applied, or no longer the leader (its unapplied tail may
+                // then never be: the read goes to the new leader).
+                let caught_up = self
+                    .raft
                     .wait(Some(READ_CATCH_UP))
-                    .applied_index_at_least(last, "a linearizable read")
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!(
-                            "the leader has not applied its log within {READ_CATCH_UP:?} ({e}); retry"
+                    .metrics(
+                        |m| m.last_applied.map(|l| l.index) >= last || m.current_leader != Some(me),
+                        "a linearizable read",
+                    )
+                    .await;
+                match caught_up {
+                    Ok(m) if m.current_leader != Some(me) => {
+                        Err(Failure::NotLeader(m.current_leader, None))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(openraft::metrics::WaitError::ShuttingDown) => {
+                        Err(fatal("raft is shutting down").into())
+                    }
+                    Err(e) => {
+                        // The error holds the node's metrics: logged, not sent.
+                        tracing::warn!(error = %e, "a linearizable read waited too long for the leader to apply its log");
+                        Err(Status::unavailable(format!(
+                            "the leader has not applied its log within {READ_CATCH_UP:?}; retry"
                         ))
-                    })?;
-                Ok(())
+                        .into())
+                    }
+                }
             }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(Failure::NotLeader(f.leader_id, f.leader_node))

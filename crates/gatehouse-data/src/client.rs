@@ -87,6 +87,10 @@ enum StreamEnd {
     Closed,
     #[error("{0}")]
     Protocol(String),
+    /// An object or change this version cannot decode (as one with a field
+    /// a newer control plane added): asking again at once gets the same.
+    #[error("{0}")]
+    Undecodable(String),
     #[error("the control-plane node belongs to cluster {node}; this data plane belongs to cluster {own}")]
     WrongCluster { node: String, own: String },
     #[error("shutting down")]
@@ -144,12 +148,13 @@ pub async fn watch(
 }
 
 /// Failed attempts in a row after a stream ended with `end`. A stream that
-/// got past the cluster check resets the count, unless it ended on
-/// something it could not use (an object this version cannot decode, as
-/// one from a newer control plane): reconnecting at once would fetch the
-/// same snapshot again, so that backs off as a failure does.
+/// got past the cluster check resets the count, unless it ended on an
+/// object or change this version cannot decode (as one from a newer
+/// control plane): reconnecting at once would fetch the same again, so that
+/// backs off as a failure does. Other protocol ends (a delta that does not
+/// follow what is held) reset it: a fresh snapshot mends them.
 fn failures_after(end: &StreamEnd, progressed: bool, failures: u32) -> u32 {
-    if progressed && !matches!(end, StreamEnd::Protocol(_)) {
+    if progressed && !matches!(end, StreamEnd::Undecodable(_)) {
         0
     } else {
         failures.saturating_add(1)
@@ -335,7 +340,7 @@ async fn read_stream(
                 }
                 match objects(chunk.objects) {
                     Ok(decoded) => objs.extend(decoded),
-                    Err(e) => return StreamEnd::Protocol(e),
+                    Err(e) => return StreamEnd::Undecodable(e),
                 }
                 if !chunk.last {
                     continue;
@@ -415,7 +420,7 @@ async fn read_stream(
                 *held = Some(state);
                 (revision, error)
             }
-            Err(e) => return StreamEnd::Protocol(e),
+            Err(e) => return StreamEnd::Undecodable(e),
         };
         if !error.is_empty() {
             tracing::warn!(revision, error = %error, "could not apply configuration; serving the previous revision");
@@ -801,14 +806,18 @@ mod tests {
         let max = Duration::from_secs(5);
         let mut failures = 0;
         for _ in 0..6 {
-            let undecodable = StreamEnd::Protocol("invalid object in stream: unknown field".into());
+            let undecodable =
+                StreamEnd::Undecodable("invalid object in stream: unknown field".into());
             failures = failures_after(&undecodable, true, failures);
         }
         assert_eq!(failures, 6);
         // 100 ms × 2^6 is past the 5 s cap: at least half of the cap.
         assert!(backoff(failures, max) >= max / 2);
-        // A stream that was followed and then closed starts over.
+        // A stream that was followed and then closed starts over, as does
+        // one that ended on a delta a fresh snapshot mends.
         assert_eq!(failures_after(&StreamEnd::Closed, true, failures), 0);
+        let gap = StreamEnd::Protocol("a delta from revision 7 while holding 9".into());
+        assert_eq!(failures_after(&gap, true, failures), 0);
         let status = StreamEnd::Status(tonic::Status::unavailable("leader changed"));
         assert_eq!(failures_after(&status, true, failures), 0);
         // One that never got past connecting counts as a failure.
