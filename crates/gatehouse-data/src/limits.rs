@@ -1135,23 +1135,27 @@ pub async fn check_quotas(
 #[derive(Debug)]
 pub struct PolicyLimits {
     limits: Vec<CompiledLimit>,
+    /// `None` when the policy sends no headers (`rate_limit_headers:
+    /// false`): then neither is `RateLimit` made.
     policy_header: Option<HeaderValue>,
-    /// Whether responses carry `RateLimit-Policy` and `RateLimit` (the
-    /// policy's `rate_limit_headers`).
-    headers: bool,
 }
 
 impl PolicyLimits {
     pub fn new(limits: Vec<CompiledLimit>, headers: bool) -> PolicyLimits {
-        let joined = limits
-            .iter()
-            .map(|l| l.policy_part.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Names and numbers only (names are validated): always a valid value.
+        let policy_header = headers
+            .then(|| {
+                let joined = limits
+                    .iter()
+                    .map(|l| l.policy_part.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                HeaderValue::from_str(&joined).ok()
+            })
+            .flatten();
         PolicyLimits {
-            policy_header: HeaderValue::from_str(&joined).ok().filter(|_| headers),
             limits,
-            headers,
+            policy_header,
         }
     }
 }
@@ -1259,7 +1263,7 @@ pub async fn check<'a>(
     // when the bucket is full again.
     let state = tightest
         .as_ref()
-        .filter(|_| limits.headers)
+        .filter(|_| limits.policy_header.is_some())
         .and_then(|(limit, c)| {
             let t = retry_after.unwrap_or_else(|| secs(c.reset));
             rate_limit_state(&limit.state_prefix, c.remaining, t)
