@@ -395,7 +395,15 @@ async fn closed_loop(
         if start >= end {
             break;
         }
-        one_request(&cfg, &mut conn, &mut r, start, start >= measure_from).await;
+        one_request(
+            &cfg.target,
+            cfg.timeout,
+            &mut conn,
+            &mut r,
+            start,
+            start >= measure_from,
+        )
+        .await;
     }
     r
 }
@@ -420,38 +428,48 @@ async fn open_loop(
             );
             continue;
         }
-        one_request(&cfg, &mut conn, &mut r, intended, measured).await;
+        one_request(
+            &cfg.target,
+            cfg.timeout,
+            &mut conn,
+            &mut r,
+            intended,
+            measured,
+        )
+        .await;
     }
     r
 }
 
-/// One request on `conn` (reconnecting first when the server closed it),
-/// recorded from `from` when `measured`.
+/// One request of `target` on `conn` (reconnecting first when the server
+/// closed it), recorded from `from` when `measured`. Returns the status and
+/// when the response ended, or `None` on a transport error.
 async fn one_request(
-    cfg: &LoadConfig,
+    target: &Target,
+    timeout: Duration,
     conn: &mut Option<Conn>,
     r: &mut ConnResult,
     from: Instant,
     measured: bool,
-) {
+) -> Option<(StatusCode, Instant)> {
     if conn.as_ref().is_none_or(Conn::is_closed) {
-        match tokio::time::timeout(cfg.timeout, Conn::open(cfg.target.addr)).await {
+        match tokio::time::timeout(timeout, Conn::open(target.addr)).await {
             Ok(Ok(c)) => *conn = Some(c),
             Ok(Err(e)) => {
                 r.error(measured, format!("{e:#}"));
                 *conn = None;
                 tokio::time::sleep(RECONNECT_PAUSE).await;
-                return;
+                return None;
             }
             Err(_) => {
                 r.error(measured, "connect timed out".into());
                 *conn = None;
-                return;
+                return None;
             }
         }
     }
     let c = conn.as_mut().expect("connected above");
-    let result = tokio::time::timeout(cfg.timeout, c.get(cfg.target.request())).await;
+    let result = tokio::time::timeout(timeout, c.get(target.request())).await;
     let done = Instant::now();
     match result {
         Ok(Ok(status)) => {
@@ -467,14 +485,17 @@ async fn one_request(
                     }
                 }
             }
+            Some((status, done))
         }
         Ok(Err(e)) => {
             r.error(measured, format!("{e:#}"));
             *conn = None;
+            None
         }
         Err(_) => {
-            r.error(measured, format!("no response within {:?}", cfg.timeout));
+            r.error(measured, format!("no response within {timeout:?}"));
             *conn = None;
+            None
         }
     }
 }
@@ -520,4 +541,230 @@ pub fn loopback_listen(addr: SocketAddr) -> Result<SocketAddr> {
         bail!("{addr} is not a loopback address: the benchmark servers stay on loopback");
     }
     Ok(addr)
+}
+
+/// Closed-loop load that takes its targets in turn by time: the run is cut
+/// into slices of `slice`, from `begin`, and slice `i` sends to target
+/// [`target_of_slice`]`(i, N)`. Every connection stays open throughout (the targets are paths
+/// of one server), so the targets see the same connections, the same
+/// process and, slice after slice, nearly the same machine.
+#[derive(Clone, Debug)]
+pub struct Alternating {
+    pub targets: Vec<Target>,
+    pub connections: usize,
+    /// When the first slice starts (the connections open before).
+    pub begin: Instant,
+    pub slice: Duration,
+    /// The start of each slice that is not counted: the previous target's
+    /// requests still in flight end in it.
+    pub guard: Duration,
+    pub slices: usize,
+    pub timeout: Duration,
+    pub threads: usize,
+}
+
+/// What an [`Alternating`] run counted.
+pub struct AlternatingResult {
+    /// By slice: 2xx responses that ended in the slice's counted part (after
+    /// its guard) to requests sent in the same slice.
+    pub ok: Vec<u64>,
+    /// Non-2xx responses and transport errors, over the whole run.
+    pub errors: u64,
+    pub messages: Vec<String>,
+}
+
+/// Runs an [`Alternating`] load on a runtime of its own, in a thread of its
+/// own (as [`run`]).
+pub fn run_alternating(cfg: Alternating) -> Result<AlternatingResult> {
+    ensure!(!cfg.targets.is_empty(), "no targets");
+    ensure!(
+        cfg.targets.iter().all(|t| t.addr == cfg.targets[0].addr),
+        "alternating targets must be paths of one server"
+    );
+    ensure!(
+        (1..=1024).contains(&cfg.connections),
+        "connections: use 1 to 1024"
+    );
+    ensure!((1..=64).contains(&cfg.threads), "threads: use 1 to 64");
+    ensure!(
+        cfg.guard < cfg.slice,
+        "the guard must be shorter than the slice"
+    );
+    std::thread::Builder::new()
+        .name("load".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.threads)
+                .thread_name("load-worker")
+                .enable_all()
+                .build()?;
+            rt.block_on(alternating_async(cfg))
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the load thread panicked"))?
+}
+
+async fn alternating_async(cfg: Alternating) -> Result<AlternatingResult> {
+    let mut tasks = Vec::with_capacity(cfg.connections);
+    let cfg = std::sync::Arc::new(cfg);
+    for _ in 0..cfg.connections {
+        let conn = Conn::open(cfg.targets[0].addr).await?;
+        tasks.push(tokio::spawn(alternating_loop(cfg.clone(), conn)));
+    }
+    let mut total = AlternatingResult {
+        ok: vec![0; cfg.slices],
+        errors: 0,
+        messages: Vec::new(),
+    };
+    for task in tasks {
+        let (ok, r) = task.await.context("load task")?;
+        for (t, n) in total.ok.iter_mut().zip(ok) {
+            *t += n;
+        }
+        total.errors += r.non_2xx + r.transport_errors;
+        for m in r.messages {
+            if total.messages.len() < KEEP_ERRORS {
+                total.messages.push(m);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// The target of slice `i` of an [`Alternating`] load over `n` targets.
+/// Slices come in rounds of `n`, each round takes every target once, and
+/// each round starts one target later than the one before: over `n` rounds
+/// every target takes every place, and so every distance from every other.
+pub fn target_of_slice(i: usize, n: usize) -> usize {
+    (i + i / n) % n
+}
+
+/// The slice an instant falls in, if the run has started by then.
+fn slice_of(cfg: &Alternating, at: Instant) -> Option<usize> {
+    let since = at.checked_duration_since(cfg.begin)?;
+    usize::try_from(since.as_nanos() / cfg.slice.as_nanos()).ok()
+}
+
+async fn alternating_loop(cfg: std::sync::Arc<Alternating>, conn: Conn) -> (Vec<u64>, ConnResult) {
+    let mut ok = vec![0; cfg.slices];
+    let mut r = ConnResult::new();
+    let mut conn = Some(conn);
+    tokio::time::sleep_until(cfg.begin.into()).await;
+    loop {
+        let start = Instant::now();
+        let Some(i) = slice_of(&cfg, start).filter(|i| *i < cfg.slices) else {
+            break;
+        };
+        let target = &cfg.targets[target_of_slice(i, cfg.targets.len())];
+        let answer = one_request(target, cfg.timeout, &mut conn, &mut r, start, true).await;
+        if let Some((status, done)) = answer {
+            let counted_from =
+                cfg.begin + cfg.slice * u32::try_from(i).unwrap_or(u32::MAX) + cfg.guard;
+            if status.is_success() && slice_of(&cfg, done) == Some(i) && done >= counted_from {
+                ok[i] += 1;
+            }
+        }
+    }
+    (ok, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that answers 200 on `/a` and 404 on anything else.
+    async fn only_a(listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let status = if req.uri().path() == "/a" {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::NOT_FOUND
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from_static(b"x")))
+                            .expect("a valid response"),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    #[test]
+    fn alternating_load_sends_each_slice_to_its_own_target() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(only_a(listener));
+        let cfg = Alternating {
+            targets: vec![
+                Target::parse(&format!("http://{addr}/a")).unwrap(),
+                Target::parse(&format!("http://{addr}/b")).unwrap(),
+            ],
+            connections: 4,
+            begin: Instant::now() + Duration::from_millis(200),
+            slice: Duration::from_millis(100),
+            guard: Duration::from_millis(10),
+            slices: 6,
+            timeout: Duration::from_secs(5),
+            threads: 1,
+        };
+        let r = run_alternating(cfg).unwrap();
+        // Slices 0, 3, 4 went to /a (200), slices 1, 2, 5 to /b (404).
+        for (i, ok) in r.ok.iter().enumerate() {
+            if [0, 3, 4].contains(&i) {
+                assert!(*ok > 0, "slice {i} of /a counted nothing: {:?}", r.ok);
+            } else {
+                assert_eq!(*ok, 0, "slice {i} of /b counted 2xx: {:?}", r.ok);
+            }
+        }
+        assert!(r.errors > 0, "the 404s of /b are errors");
+        assert!(
+            r.messages.iter().any(|m| m.contains("404")),
+            "{:?}",
+            r.messages
+        );
+    }
+
+    #[test]
+    fn every_round_of_slices_takes_each_target_once_one_place_later() {
+        let order: Vec<usize> = (0..9).map(|i| target_of_slice(i, 3)).collect();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        for n in 1..6 {
+            for round in 0..2 * n {
+                let mut seen: Vec<usize> =
+                    (0..n).map(|p| target_of_slice(round * n + p, n)).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "round {round} of {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn alternating_targets_must_share_a_server() {
+        let cfg = Alternating {
+            targets: vec![
+                Target::parse("http://127.0.0.1:1/a").unwrap(),
+                Target::parse("http://127.0.0.1:2/b").unwrap(),
+            ],
+            connections: 1,
+            begin: Instant::now(),
+            slice: Duration::from_millis(100),
+            guard: Duration::from_millis(10),
+            slices: 2,
+            timeout: Duration::from_secs(1),
+            threads: 1,
+        };
+        let e = run_alternating(cfg).err().unwrap().to_string();
+        assert!(e.contains("paths of one server"), "{e}");
+    }
 }

@@ -24,6 +24,7 @@ mod auth;
 mod firewall_cost;
 mod floor;
 mod load;
+mod policy_cost;
 mod propagation;
 mod proxies;
 mod scale;
@@ -96,6 +97,14 @@ enum Cmd {
     /// CPU time per request of the firewall's content rules (off, and the
     /// default injection rule set), in process.
     FirewallCost(firewall_cost::FirewallCostArgs),
+    /// What a policy on a route costs the proxy, in one Gatehouse process:
+    /// a plain route and a route per policy, measured in turn for short
+    /// slices, round after round; each policy's throughput and CPU time per
+    /// request as a share of the plain route's in the same round.
+    ///
+    /// A flag given twice takes its last value (as for `proxies`).
+    #[command(args_override_self = true)]
+    PolicyCost(policy_cost::PolicyCostArgs),
 }
 
 #[derive(clap::Args)]
@@ -231,6 +240,7 @@ fn main() -> Result<()> {
         Cmd::Propagation(args) => rt.block_on(propagation::propagation(args)),
         Cmd::Scale(args) => rt.block_on(scale::scale(args)),
         Cmd::FirewallCost(args) => firewall_cost::firewall_cost(args),
+        Cmd::PolicyCost(args) => rt.block_on(policy_cost::policy_cost(args)),
     }
 }
 

@@ -191,7 +191,7 @@ impl Pinning {
 
 /// Sets the CPUs of a process, of all its threads and of its child
 /// processes (nginx's workers); threads started later inherit them.
-fn pin(pid: u32, cpus: &str) -> Result<()> {
+pub(crate) fn pin(pid: u32, cpus: &str) -> Result<()> {
     let status = Command::new("taskset")
         .args(["-a", "-cp", cpus, &pid.to_string()])
         .stdout(Stdio::null())
@@ -266,6 +266,43 @@ impl Kind {
         }
     }
 
+    /// The policy named `name` that the target puts on its route, as an
+    /// item of the gateway file's `policies` list: the rate limit, or the
+    /// firewall rules of `gatehouse-firewall` (the built-in injection
+    /// pattern sets, blocking, on the path, the query and a body prefix).
+    /// None for the targets without one or with an authentication policy.
+    pub(crate) fn policy(self, name: &str) -> Option<String> {
+        if self == Kind::GatehouseFirewall {
+            return Some(format!(
+                "  - name: {name}\n    firewall:\n      sql_injection: block\n      xss: block\n"
+            ));
+        }
+        let quiet = if self.rate_limit_headers() {
+            ""
+        } else {
+            "    rate_limit_headers: false\n"
+        };
+        let limit = self.limit()?;
+        Some(format!(
+            "  - name: {name}\n{quiet}    rate_limits:\n      - {limit}\n"
+        ))
+    }
+
+    /// What [`Kind::policy`] puts on the route, in the results' notes.
+    pub(crate) fn policy_note(self) -> Option<String> {
+        if self == Kind::GatehouseFirewall {
+            return Some(
+                "firewall: sql_injection: block, xss: block (the built-in pattern sets)".into(),
+            );
+        }
+        let quiet = if self.rate_limit_headers() {
+            ""
+        } else {
+            ", rate_limit_headers: false"
+        };
+        Some(format!("rate limit {}{quiet}", self.limit()?))
+    }
+
     /// Whether the route's limit sends `RateLimit-Policy` and `RateLimit`.
     fn rate_limit_headers(self) -> bool {
         !matches!(
@@ -283,7 +320,7 @@ impl Kind {
         }
     }
 
-    fn uses_redis(self) -> bool {
+    pub(crate) fn uses_redis(self) -> bool {
         matches!(
             self,
             Kind::GatehouseCluster
@@ -334,7 +371,7 @@ impl Proc {
     }
 
     /// Fails with the log's tail if the process has exited.
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited ({status}):\n{}", self.name, tail(&self.log));
         }
@@ -443,7 +480,7 @@ fn start_hyper_floor(dir: &Path, backend: SocketAddr, threads: u64) -> Result<Ru
 }
 
 /// Waits until `url` answers 200, for up to 15 s.
-async fn wait_serving(
+pub(crate) async fn wait_serving(
     url: &str,
     headers: &[(String, String)],
     proc: &mut Option<&mut Proc>,
@@ -653,14 +690,9 @@ backend backend
     }))
 }
 
-/// The firewall rules of the `gatehouse-firewall` target: the built-in
-/// injection pattern sets, blocking, on the path, the query and a body prefix.
-const FIREWALL_POLICY: &str =
-    "policies:\n  - name: firewall\n    firewall:\n      sql_injection: block\n      xss: block\n";
-
 /// The request target of both Gatehouse targets: a query gives the
 /// injection rules something to read.
-const GATEHOUSE_TARGET: &str = "items?q=blue+running+shoes&page=2";
+pub(crate) const GATEHOUSE_TARGET: &str = "items?q=blue+running+shoes&page=2";
 
 async fn start_gatehouse(
     binary: &Path,
@@ -673,45 +705,14 @@ async fn start_gatehouse(
 ) -> Result<Running> {
     let firewall = kind == Kind::GatehouseFirewall;
     let root = dir.join(format!("{kind:?}").to_lowercase());
-    std::fs::create_dir_all(&root)?;
-    let log = root.join("stderr.log");
-    let mut cmd = Command::new(binary);
-    cmd.arg("standalone")
-        .arg("--data-dir")
-        .arg(root.join("data"))
-        .args(["--admin-listen", "127.0.0.1:0"])
-        .args(["--raft-listen", "127.0.0.1:0"])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--ops-listen", "127.0.0.1:0"])
-        .args(["--log-level", "warn"])
-        .args(match (kind.uses_redis(), redis) {
-            (true, Some(r)) => vec!["--redis-url".to_string(), r.url()],
-            _ => vec![],
-        })
-        .env_remove("RUST_LOG")
-        .env("GATEHOUSE_BOOTSTRAP_TOKEN", gatehouse_e2e::TOKEN)
-        .env("TOKIO_WORKER_THREADS", threads.to_string());
-    let (child, ready) = spawn_ready(cmd, &log)?;
-    let proc = Proc {
-        name: "gatehouse".into(),
-        child,
-        log,
-    };
-    let admin = ready.field("admin")?;
-    let proxy = ready.field("proxy")?;
-    let ops = ready.field("ops")?;
-    let file = root.join("gateway.yaml");
-    let (policies, policy) = if firewall {
-        (FIREWALL_POLICY.to_string(), "    policy: firewall\n")
-    } else if kind == Kind::GatehouseApiKey {
-        (
-            format!(
-                "consumers:\n  - name: {}\npolicies:\n  - name: authn\n    authentication: [api_key]\n",
-                crate::auth::CONSUMER
-            ),
-            "    policy: authn\n",
-        )
-    } else if let (Some(alg), Some(material)) = (kind.jwt(), &jwt) {
+    let redis_url = redis.filter(|_| kind.uses_redis()).map(|r| r.url());
+    let Standalone {
+        proc,
+        admin,
+        proxy,
+        ops,
+    } = spawn_standalone(binary, &root, threads, redis_url)?;
+    let (policies, policy) = if let (Some(alg), Some(material)) = (kind.jwt(), &jwt) {
         let pem: String = material
             .of(alg)
             .public_pem
@@ -726,65 +727,36 @@ async fn start_gatehouse(
                 aud = crate::auth::AUDIENCE,
                 alg = alg.name(),
             ),
-            "    policy: authn\n",
+            "    policy: authn\n".to_string(),
+        )
+    } else if kind == Kind::GatehouseApiKey {
+        (
+            format!(
+                "consumers:\n  - name: {}\npolicies:\n  - name: authn\n    authentication: [api_key]\n",
+                crate::auth::CONSUMER
+            ),
+            "    policy: authn\n".to_string(),
         )
     } else {
-        match kind.limit() {
-            Some(limit) => (
-                format!(
-                    "policies:\n  - name: limited\n{quiet}    rate_limits:\n      - {limit}\n",
-                    quiet = if kind.rate_limit_headers() {
-                        ""
-                    } else {
-                        "    rate_limit_headers: false\n"
-                    }
-                ),
-                "    policy: limited\n",
-            ),
-            None => (String::new(), ""),
+        let name = if firewall { "firewall" } else { "limited" };
+        match kind.policy(name) {
+            Some(p) => (format!("policies:\n{p}"), format!("    policy: {name}\n")),
+            None => (String::new(), String::new()),
         }
     };
+    let file = root.join("gateway.yaml");
     std::fs::write(
         &file,
         format!(
             "version: 1\n{policies}upstreams:\n  - name: backend\n    targets:\n      - address: \"{backend}\"\nroutes:\n  - name: all\n    paths:\n      - prefix: /\n    upstream: backend\n{policy}"
         ),
     )?;
-    // The control plane may still be electing itself: retry for a while.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let file = file.to_str().context("a UTF-8 temp path")?.to_string();
-        let admin2 = admin.clone();
-        let out =
-            tokio::task::spawn_blocking(move || ctl(&admin2, &["apply", "-f", &file])).await?;
-        if out.status.success() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "gatehousectl apply failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    apply_retrying(&admin, &file).await?;
     let mut notes = vec![format!(
         "{} standalone, TOKIO_WORKER_THREADS={threads}, --log-level warn, requests to /{GATEHOUSE_TARGET}",
         binary.display()
     )];
-    if firewall {
-        notes.push(
-            "policy firewall: sql_injection: block, xss: block (the built-in pattern sets)".into(),
-        );
-    }
-    if let Some(limit) = kind.limit() {
-        let quiet = if kind.rate_limit_headers() {
-            ""
-        } else {
-            ", rate_limit_headers: false"
-        };
-        notes.push(format!("rate limit {limit}{quiet}"));
-    }
+    notes.extend(kind.policy_note());
     let mut headers = Vec::new();
     if kind == Kind::GatehouseApiKey {
         let admin2 = admin.clone();
@@ -821,6 +793,78 @@ async fn start_gatehouse(
         proc: Some(proc),
         notes,
     })
+}
+
+/// A `gatehouse standalone` process on loopback, ready to be configured.
+pub(crate) struct Standalone {
+    pub proc: Proc,
+    pub admin: String,
+    pub proxy: String,
+    pub ops: String,
+}
+
+/// Starts `gatehouse standalone` with its data under `root`, every listener
+/// on a free loopback port, `threads` worker threads and, given a URL, a
+/// rate-limit store.
+pub(crate) fn spawn_standalone(
+    binary: &Path,
+    root: &Path,
+    threads: u64,
+    redis_url: Option<String>,
+) -> Result<Standalone> {
+    std::fs::create_dir_all(root)?;
+    let log = root.join("stderr.log");
+    let mut cmd = Command::new(binary);
+    cmd.arg("standalone")
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .args(["--raft-listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--ops-listen", "127.0.0.1:0"])
+        .args(["--log-level", "warn"])
+        .args(
+            redis_url
+                .map(|url| ["--redis-url".to_string(), url])
+                .into_iter()
+                .flatten(),
+        )
+        .env_remove("RUST_LOG")
+        .env("GATEHOUSE_BOOTSTRAP_TOKEN", gatehouse_e2e::TOKEN)
+        .env("TOKIO_WORKER_THREADS", threads.to_string());
+    let (child, ready) = spawn_ready(cmd, &log)?;
+    Ok(Standalone {
+        proc: Proc {
+            name: "gatehouse".into(),
+            child,
+            log,
+        },
+        admin: ready.field("admin")?,
+        proxy: ready.field("proxy")?,
+        ops: ready.field("ops")?,
+    })
+}
+
+/// `gatehousectl apply -f FILE`, retried for a while: the control plane may
+/// still be electing itself.
+pub(crate) async fn apply_retrying(admin: &str, file: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let file = file.to_str().context("a UTF-8 temp path")?.to_string();
+    loop {
+        let (admin2, file2) = (admin.to_string(), file.clone());
+        let out =
+            tokio::task::spawn_blocking(move || ctl(&admin2, &["apply", "-f", &file2])).await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "gatehousectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn spawn_logged(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
@@ -924,7 +968,7 @@ struct CpuSample {
 /// The machine's CPUs (`cpuN` lines of /proc/stat): unlike
 /// `available_parallelism`, not narrowed by this process's own CPU set
 /// (`--pin`).
-fn machine_cores() -> usize {
+pub(crate) fn machine_cores() -> usize {
     std::fs::read_to_string("/proc/stat")
         .ok()
         .map(|stat| {
@@ -955,7 +999,7 @@ fn all_processes_seconds() -> f64 {
 /// Waits (up to `max_wait`) until the machine is quiet: less than
 /// `max_cores` busy over one second while this benchmark sends nothing.
 /// Returns the busy cores of the last second checked.
-async fn wait_quiet(max_wait: Duration, max_cores: f64) -> f64 {
+pub(crate) async fn wait_quiet(max_wait: Duration, max_cores: f64) -> f64 {
     let cores = machine_cores() as f64;
     let deadline = Instant::now() + max_wait;
     let mut said = false;
@@ -1766,19 +1810,21 @@ fn median_share(shares: &[f64], rounds: usize) -> String {
 /// value with the probability that a fair coin shows heads fewer than k
 /// times in n throws). `None` for fewer than 6 values, which cannot give
 /// one.
-fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+pub(crate) fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
     let n = values.len();
     // P(Bin(n, 1/2) < k), for k = 1, 2, ...: the largest k with it at most
-    // 2.5 % on each side.
+    // 2.5 % on each side. The terms are summed from their logarithms: 2^-n
+    // itself is below the smallest f64 from n = 1075 on.
     let mut below = 0.0;
-    let mut term = 0.5f64.powi(i32::try_from(n).ok()?);
+    let mut log_term = -(n as f64) * std::f64::consts::LN_2;
     let mut k = 0;
     for i in 0..n {
+        let term = log_term.exp();
         if below + term > 0.025 {
             break;
         }
         below += term;
-        term *= (n - i) as f64 / (i + 1) as f64;
+        log_term += ((n - i) as f64 / (i + 1) as f64).ln();
         k = i + 1;
     }
     if k == 0 {
@@ -1790,7 +1836,7 @@ fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
 }
 
 /// The middle value (the upper one of the two middle values for an even count).
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     median_by(values.to_vec(), |v| *v)
 }
 
@@ -2038,7 +2084,8 @@ mod tests {
 
     /// The ranks match the published tables of the sign test's interval
     /// for a median (n = 6: 1st and 6th, 96.9 %; n = 50: 18th and 33rd;
-    /// n = 60: 22nd and 39th), whatever order the values come in.
+    /// n = 60: 22nd and 39th), whatever order the values come in, and the
+    /// binomial's for thousands of values (`policy-cost`'s rounds).
     #[test]
     fn the_median_interval_takes_the_sign_tests_order_statistics() {
         let ranks = |n: usize| {
@@ -2051,6 +2098,10 @@ mod tests {
         assert_eq!(ranks(20), Some((6, 15)));
         assert_eq!(ranks(50), Some((18, 33)));
         assert_eq!(ranks(60), Some((22, 39)));
+        // Past 1074 values 2^-n underflows; the ranks still match the
+        // binomial's (computed exactly with Python's integers).
+        assert_eq!(ranks(1100), Some((518, 583)));
+        assert_eq!(ranks(2000), Some((956, 1045)));
         assert_eq!(median_interval(&[]), None);
     }
 
