@@ -561,6 +561,8 @@ pub struct Alternating {
     pub slices: usize,
     pub timeout: Duration,
     pub threads: usize,
+    /// Set to end the run early (its counts are then partial).
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What an [`Alternating`] run counted.
@@ -632,11 +634,28 @@ async fn alternating_async(cfg: Alternating) -> Result<AlternatingResult> {
 }
 
 /// The target of slice `i` of an [`Alternating`] load over `n` targets.
-/// Slices come in rounds of `n`, each round takes every target once, and
-/// each round starts one target later than the one before: over `n` rounds
-/// every target takes every place, and so every distance from every other.
+/// Slices come in rounds of `n`; each round takes every target once, in an
+/// order of its own (a shuffle seeded by the round's number, the same in
+/// every run), so that no target always follows the same one: whatever a
+/// target's slice leaves behind (work still to do, a cold cache) falls on
+/// every other target alike.
 pub fn target_of_slice(i: usize, n: usize) -> usize {
-    (i + i / n) % n
+    let (round, place) = (i / n, i % n);
+    // splitmix64 of the round number, then Fisher-Yates over 0..n.
+    let mut state = (round as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for j in (1..n).rev() {
+        let pick = (next() % (j as u64 + 1)) as usize;
+        order.swap(j, pick);
+    }
+    order[place]
 }
 
 /// The slice an instant falls in, if the run has started by then.
@@ -650,7 +669,7 @@ async fn alternating_loop(cfg: std::sync::Arc<Alternating>, conn: Conn) -> (Vec<
     let mut r = ConnResult::new();
     let mut conn = Some(conn);
     tokio::time::sleep_until(cfg.begin.into()).await;
-    loop {
+    while !cfg.stop.load(std::sync::atomic::Ordering::Relaxed) {
         let start = Instant::now();
         let Some(i) = slice_of(&cfg, start).filter(|i| *i < cfg.slices) else {
             break;
@@ -658,9 +677,13 @@ async fn alternating_loop(cfg: std::sync::Arc<Alternating>, conn: Conn) -> (Vec<
         let target = &cfg.targets[target_of_slice(i, cfg.targets.len())];
         let answer = one_request(target, cfg.timeout, &mut conn, &mut r, start, true).await;
         if let Some((status, done)) = answer {
-            let counted_from =
-                cfg.begin + cfg.slice * u32::try_from(i).unwrap_or(u32::MAX) + cfg.guard;
-            if status.is_success() && slice_of(&cfg, done) == Some(i) && done >= counted_from {
+            // Ended in the same slice, past its guard.
+            let since = done.saturating_duration_since(cfg.begin).as_nanos();
+            let in_slice = since % cfg.slice.as_nanos();
+            if status.is_success()
+                && slice_of(&cfg, done) == Some(i)
+                && in_slice >= cfg.guard.as_nanos()
+            {
                 ok[i] += 1;
             }
         }
@@ -717,11 +740,12 @@ mod tests {
             slices: 6,
             timeout: Duration::from_secs(5),
             threads: 1,
+            stop: Default::default(),
         };
         let r = run_alternating(cfg).unwrap();
-        // Slices 0, 3, 4 went to /a (200), slices 1, 2, 5 to /b (404).
+        // /a answers 200, /b 404: only /a's slices count.
         for (i, ok) in r.ok.iter().enumerate() {
-            if [0, 3, 4].contains(&i) {
+            if target_of_slice(i, 2) == 0 {
                 assert!(*ok > 0, "slice {i} of /a counted nothing: {:?}", r.ok);
             } else {
                 assert_eq!(*ok, 0, "slice {i} of /b counted 2xx: {:?}", r.ok);
@@ -736,15 +760,30 @@ mod tests {
     }
 
     #[test]
-    fn every_round_of_slices_takes_each_target_once_one_place_later() {
-        let order: Vec<usize> = (0..9).map(|i| target_of_slice(i, 3)).collect();
-        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
-        for n in 1..6 {
-            for round in 0..2 * n {
+    fn every_round_takes_each_target_once_and_no_target_has_a_fixed_neighbour() {
+        for n in 1..8 {
+            for round in 0..50 {
                 let mut seen: Vec<usize> =
                     (0..n).map(|p| target_of_slice(round * n + p, n)).collect();
                 seen.sort_unstable();
                 assert_eq!(seen, (0..n).collect::<Vec<_>>(), "round {round} of {n}");
+            }
+        }
+        // Over 1 000 rounds of 5, each target follows each other one about
+        // a fifth of the time (what a slice leaves behind falls on all).
+        let n = 5;
+        let mut after = [[0u32; 5]; 5];
+        for i in 1..5000 {
+            after[target_of_slice(i - 1, n)][target_of_slice(i, n)] += 1;
+        }
+        for (a, row) in after.iter().enumerate() {
+            for (b, count) in row.iter().enumerate() {
+                if a != b {
+                    assert!(
+                        (150..=350).contains(count),
+                        "{b} after {a}: {count} times: {after:?}"
+                    );
+                }
             }
         }
     }
@@ -763,6 +802,7 @@ mod tests {
             slices: 2,
             timeout: Duration::from_secs(1),
             threads: 1,
+            stop: Default::default(),
         };
         let e = run_alternating(cfg).err().unwrap().to_string();
         assert!(e.contains("paths of one server"), "{e}");

@@ -98,9 +98,9 @@ enum Cmd {
     /// default injection rule set), in process.
     FirewallCost(firewall_cost::FirewallCostArgs),
     /// What a policy on a route costs the proxy, in one Gatehouse process:
-    /// a plain route and a route per policy, measured in turn for short
-    /// slices, round after round; each policy's throughput and CPU time per
-    /// request as a share of the plain route's in the same round.
+    /// a plain route and a route per policy, one closed-loop load taking
+    /// them in turn for short slices (100 ms), for minutes; each policy's
+    /// throughput as a share of the plain route's around each of its slices.
     ///
     /// A flag given twice takes its last value (as for `proxies`).
     #[command(args_override_self = true)]

@@ -13,16 +13,17 @@
 //! connections, memory layout and route table) and are measured a tenth of
 //! a second apart, thousands of times.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::ValueEnum;
 use gatehouse_e2e::bin;
 
 use crate::load::{self, target_of_slice, Alternating, Target};
 use crate::proxies::{
-    apply_retrying, machine_cores, median, median_interval, pin, spawn_standalone, start_backend,
-    wait_quiet, wait_serving, Kind, Standalone, GATEHOUSE_TARGET,
+    apply_retrying, machine_cores, median, median_interval, pin, pin_redis, spawn_standalone,
+    start_backend, wait_quiet, wait_serving, Kind, Standalone, GATEHOUSE_TARGET,
 };
 
 #[derive(clap::Args)]
@@ -46,7 +47,7 @@ pub struct PolicyCostArgs {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=300))]
     warmup: u64,
     /// Milliseconds of one route's slice. A round is one slice of every
-    /// route, the plain route first.
+    /// route, in an order of its own.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(20..=10_000))]
     slice_ms: u64,
     /// Milliseconds at the start of each slice that are not counted: the
@@ -157,12 +158,7 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     let redis = if kinds.iter().any(|k| k.uses_redis()) {
         let r = gatehouse_e2e::redis::RedisServer::start(dir.path())?;
         if let Some((_, rest)) = &pinning {
-            let info = r.cli(&["info", "server"])?;
-            let pid = info
-                .lines()
-                .find_map(|l| l.strip_prefix("process_id:")?.trim().parse::<u32>().ok())
-                .context("redis-server's INFO gave no process_id")?;
-            pin(pid, rest)?;
+            pin_redis(&r, rest)?;
         }
         Some(r)
     } else {
@@ -229,13 +225,12 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     }
     let slice = Duration::from_millis(args.slice_ms);
     let k = routes.len();
-    // Whole rounds, the warmup's a multiple of k so that the measured
-    // slices start where the order starts (target_of_slice), and one more
-    // slice (plain) to close the last round.
-    let warmup_rounds =
-        ((args.warmup * 1000).div_ceil(args.slice_ms * k as u64) as usize).next_multiple_of(k);
+    // Whole rounds of warmup and of measurement, and one more round, so
+    // that the last measured slices have a plain slice after them.
+    let warmup_rounds = (args.warmup * 1000).div_ceil(args.slice_ms * k as u64) as usize;
     let rounds = (args.duration * 1000).div_ceil(args.slice_ms * k as u64) as usize;
-    let slices = (warmup_rounds + rounds) * k + 1;
+    let slices = (warmup_rounds + rounds + 1) * k;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cfg = Alternating {
         targets: urls
             .iter()
@@ -248,6 +243,7 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
         slices,
         timeout: Duration::from_millis(args.timeout_ms),
         threads: args.client_threads as usize,
+        stop: stop.clone(),
     };
     let begin = cfg.begin;
     let total = slice * u32::try_from(slices)?;
@@ -256,7 +252,12 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     while !load.is_finished() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if Instant::now() >= next_report {
-            proc.check_running()?;
+            if let Err(e) = proc.check_running() {
+                // The load would go on against nothing until its end.
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = load.await;
+                return Err(e);
+            }
             eprintln!(
                 "policy-cost: {} s of {} s",
                 begin.elapsed().as_secs(),
@@ -276,15 +277,22 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
         );
     }
     let counted = (slice - Duration::from_millis(args.guard_ms)).as_secs_f64();
-    let measured = &result.ok[warmup_rounds * k..];
-    report(&routes, measured, slice, counted, result.errors);
+    let measured = warmup_rounds * k..(warmup_rounds + rounds) * k;
+    report(&routes, &result.ok, measured, slice, counted, result.errors);
     Ok(())
 }
 
 /// Each policy's slices against the plain route's ([`shares`]), and every
-/// route's throughput by block of rounds. `ok` holds the measured slices,
-/// the first of them the first of a round of [`target_of_slice`]'s order.
-fn report(routes: &[Option<Kind>], ok: &[u64], slice: Duration, counted_secs: f64, errors: u64) {
+/// route's throughput by block of rounds: `ok` has every slice of the run
+/// (in [`target_of_slice`]'s order), `measured` the whole rounds measured.
+fn report(
+    routes: &[Option<Kind>],
+    ok: &[u64],
+    measured: Range<usize>,
+    slice: Duration,
+    counted_secs: f64,
+    errors: u64,
+) {
     let k = routes.len();
     let of = |r: usize, slices: std::ops::Range<usize>| -> Vec<f64> {
         slices
@@ -299,13 +307,13 @@ fn report(routes: &[Option<Kind>], ok: &[u64], slice: Duration, counted_secs: f6
     );
     println!("|---|---:|---:|---:|---:|");
     for (r, kind) in routes.iter().enumerate() {
-        let own = of(r, 0..ok.len());
+        let own = of(r, measured.clone());
         let rps = median(&own).map_or("-".into(), |c| format!("{:.0}", c / counted_secs));
         if r == 0 {
             println!("| {} | {rps} | - | - | {} |", label(kind), own.len());
             continue;
         }
-        let (shares, total) = shares(ok, k, r);
+        let (shares, total) = shares(ok, measured.clone(), k, r);
         println!(
             "| {} | {rps} | {} | {total:.3} | {} |",
             label(kind),
@@ -319,17 +327,15 @@ fn report(routes: &[Option<Kind>], ok: &[u64], slice: Duration, counted_secs: f6
     // By minute (or less, for a short run): drift, and whether a share held.
     let per_block = (60_000 / slice.as_millis().max(1) as usize / k).max(1) * k;
     println!(
-        "By block of {} rounds: each route's requests/s, and its total as a share of plain's.",
+        "By block of {} rounds: each route's requests/s, and its total over plain's total in the block (no interpolation).",
         per_block / k
     );
     println!();
     let header: Vec<String> = routes.iter().map(label).collect();
     println!("| rounds | {} |", header.join(" | "));
     println!("|---|{}", "---:|".repeat(k));
-    // Whole rounds only (the last slice closes the last round).
-    let whole = ok.len() / k * k;
-    for start in (0..whole).step_by(per_block) {
-        let end = (start + per_block).min(whole);
+    for start in measured.clone().step_by(per_block) {
+        let end = (start + per_block).min(measured.end);
         let plain = of(0, start..end);
         let cells: Vec<String> = (0..k)
             .map(|r| {
@@ -347,20 +353,21 @@ fn report(routes: &[Option<Kind>], ok: &[u64], slice: Duration, counted_secs: f6
             .collect();
         println!(
             "| {}-{} | {} |",
-            start / k + 1,
-            end.div_ceil(k),
+            (start - measured.start) / k + 1,
+            (end - measured.start) / k,
             cells.join(" | ")
         );
     }
 }
 
 /// Route `r`'s share of the plain route's throughput, slice by slice: each
-/// of its slices in `ok` (the slices of a load over `k` routes, plain the
-/// first, in [`target_of_slice`]'s order) over the plain count expected at
-/// its place, on the line between the plain slices just before and after
-/// it (slices without both are left out). Also the share over the whole
-/// run (its total over the expected total).
-fn shares(ok: &[u64], k: usize, r: usize) -> (Vec<f64>, f64) {
+/// of its slices in `measured` (`ok` has every slice of a load over `k`
+/// routes, plain the first, in [`target_of_slice`]'s order) over the plain
+/// count expected at its place, on the line between the plain slices just
+/// before and after it (which may lie outside `measured`; a slice without
+/// both is left out). Also the share over the whole run (its total over
+/// the expected total).
+fn shares(ok: &[u64], measured: Range<usize>, k: usize, r: usize) -> (Vec<f64>, f64) {
     let plain: Vec<usize> = (0..ok.len())
         .filter(|&i| target_of_slice(i, k) == 0)
         .collect();
@@ -370,7 +377,7 @@ fn shares(ok: &[u64], k: usize, r: usize) -> (Vec<f64>, f64) {
     for pair in plain.windows(2) {
         let (a, b) = (pair[0], pair[1]);
         let (before, after) = (ok[a] as f64, ok[b] as f64);
-        for i in (a + 1..b).filter(|&i| target_of_slice(i, k) == r) {
+        for i in (a + 1..b).filter(|&i| measured.contains(&i) && target_of_slice(i, k) == r) {
             let expected = before + (after - before) * (i - a) as f64 / (b - a) as f64;
             own_total += ok[i] as f64;
             expected_total += expected;
@@ -451,7 +458,7 @@ mod tests {
         // Three routes; plain would serve 1000 + 100 i in slice i; route 1
         // serves 90 % of that, route 2 all of it.
         let k = 3;
-        let ok: Vec<u64> = (0..31u64)
+        let ok: Vec<u64> = (0..33u64)
             .map(|i| {
                 let plain = 1000 + 100 * i;
                 match target_of_slice(i as usize, k) {
@@ -460,11 +467,12 @@ mod tests {
                 }
             })
             .collect();
-        let (s1, total1) = shares(&ok, k, 1);
-        let (s2, total2) = shares(&ok, k, 2);
-        // Rounds 0..10, less the slices before the first plain one or
-        // after the last.
-        assert!(s1.len() >= 9 && s2.len() >= 9, "{s1:?} {s2:?}");
+        // Rounds 1..9 measured: round 0 and round 10 give the plain slices
+        // around them; a slice of round 9 after its plain one compares
+        // with round 10's.
+        let (s1, total1) = shares(&ok, 3..30, k, 1);
+        let (s2, total2) = shares(&ok, 3..30, k, 2);
+        assert_eq!((s1.len(), s2.len()), (9, 9), "{s1:?} {s2:?}");
         assert!(s1.iter().all(|s| (s - 0.9).abs() < 1e-3), "{s1:?}");
         assert!(s2.iter().all(|s| (s - 1.0).abs() < 1e-9), "{s2:?}");
         assert!((total1 - 0.9).abs() < 1e-3 && (total2 - 1.0).abs() < 1e-9);

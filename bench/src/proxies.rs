@@ -204,6 +204,16 @@ pub(crate) fn pin(pid: u32, cpus: &str) -> Result<()> {
     Ok(())
 }
 
+/// Pins a `redis-server` (its pid from `INFO server`) to `cpus`.
+pub(crate) fn pin_redis(r: &gatehouse_e2e::redis::RedisServer, cpus: &str) -> Result<()> {
+    let info = r.cli(&["info", "server"])?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:")?.trim().parse::<u32>().ok())
+        .context("redis-server's INFO gave no process_id")?;
+    pin(pid, cpus)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Kind {
     Direct,
@@ -1365,12 +1375,7 @@ pub async fn proxies(mut args: ProxiesArgs) -> Result<()> {
         let r = gatehouse_e2e::redis::RedisServer::start(dir.path())?;
         eprintln!("redis-server on port {}", r.port);
         if let Some(pinning) = &pinning {
-            let info = r.cli(&["info", "server"])?;
-            let pid = info
-                .lines()
-                .find_map(|l| l.strip_prefix("process_id:")?.trim().parse::<u32>().ok())
-                .context("redis-server's INFO gave no process_id")?;
-            pin(pid, &pinning.rest)?;
+            pin_redis(&r, &pinning.rest)?;
         }
         Some(r)
     } else {

@@ -593,7 +593,23 @@ impl CompiledLimit {
             (LimitScope::Local, _) | (LimitScope::Cluster, None) => {
                 Verdict::Counted(self.local(key))
             }
-            (LimitScope::Cluster, Some(store)) => self.cluster(key, store, env).await,
+            (LimitScope::Cluster, Some(store)) => {
+                let sent = Instant::now();
+                // Cost mode's usual case, a token this node holds, stays
+                // here, small; a fetch, a wait or a question to Redis (and
+                // exact mode) goes on in `cluster`, which cost mode runs
+                // boxed, out of this function's code.
+                match (self.lease > 0).then(|| self.spend_lease(&key, sent, true)) {
+                    Some(Spend::Spent(count, refill)) => {
+                        if let Some(want) = refill {
+                            self.refill_in_background(key, want, store);
+                        }
+                        Verdict::Counted(count)
+                    }
+                    None => self.cluster(key, store, env, sent, None).await,
+                    first => Box::pin(self.cluster(key, store, env, sent, first)).await,
+                }
+            }
         };
         match &verdict {
             Verdict::Counted(c) if c.wait.is_some() => self.counters.limited.inc(),
@@ -603,43 +619,48 @@ impl CompiledLimit {
         verdict
     }
 
-    async fn cluster(&self, key: LimitKey, store: &store::Store, env: &ClusterEnv) -> Verdict {
-        let sent = Instant::now();
+    /// A cluster limit's decision past a held token: cost mode's fetch or
+    /// wait (`spend`, what `spend_lease` said first), or exact mode's
+    /// question to Redis (`spend` none), from `sent`.
+    async fn cluster(
+        &self,
+        key: LimitKey,
+        store: &store::Store,
+        env: &ClusterEnv,
+        sent: Instant,
+        mut spend: Option<Spend>,
+    ) -> Verdict {
         // Tokens this node already holds first: Redis may have refused a
         // concurrent request of the same key after this node leased them.
         let mut leasing = None;
         let mut want = 1;
-        let mut may_wait = true;
-        if self.lease > 0 {
-            loop {
-                match self.spend_lease(&key, sent, may_wait) {
-                    Spend::Spent(count, refill) => {
-                        if let Some(want) = refill {
-                            self.refill_in_background(key, want, store);
-                        }
-                        return Verdict::Counted(count);
+        while let Some(step) = spend.take() {
+            match step {
+                Spend::Spent(count, refill) => {
+                    if let Some(want) = refill {
+                        self.refill_in_background(key, want, store);
                     }
-                    // This request fetches the next lease.
-                    Spend::Fetch(size) => {
-                        want = size;
-                        leasing = Some(LeaseInFlight {
-                            leases: self.leases.clone(),
-                            key: key.clone(),
-                            lease_time: self.lease_time(),
-                            done: false,
-                        });
-                        break;
-                    }
-                    // None held, and a lease is on its way: it is as close as
-                    // Redis. Once it came (or failed), try again, then ask
-                    // Redis for one token rather than wait a second time.
-                    Spend::Wait(mut arrived) => {
-                        may_wait = false;
-                        self.lease_waits.inc();
-                        let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
-                    }
-                    Spend::One => break,
+                    return Verdict::Counted(count);
                 }
+                // This request fetches the next lease.
+                Spend::Fetch(size) => {
+                    want = size;
+                    leasing = Some(LeaseInFlight {
+                        leases: self.leases.clone(),
+                        key: key.clone(),
+                        lease_time: self.lease_time(),
+                        done: false,
+                    });
+                }
+                // None held, and a lease is on its way: it is as close as
+                // Redis. Once it came (or failed), try again, then ask
+                // Redis for one token rather than wait a second time.
+                Spend::Wait(mut arrived) => {
+                    self.lease_waits.inc();
+                    let _ = tokio::time::timeout(store.timeout(), arrived.changed()).await;
+                    spend = Some(self.spend_lease(&key, sent, false));
+                }
+                Spend::One => {}
             }
         }
         if let Some(until) = self.refused.get(&key, sent) {
