@@ -17,30 +17,12 @@
 # --policies gatehouse-lease-1000,gatehouse-lease-1000-no-headers --pin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-# The build that ships (see bench/run-ratelimit.sh); PROFILE=release for
-# the quicker one.
-PROFILE=${PROFILE:-dist}
-
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    sudo=()
-    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-    echo "installing redis-server and redis-tools with apt-get" >&2
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq redis-server redis-tools
-fi
-
-cargo build --profile "$PROFILE" -p gatehouse -p gatehousectl -p gatehouse-bench
+. bench/redis-env.sh
 
 out="target/bench-results/policy-cost-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p "$(dirname "$out")"
 {
-    echo "# $(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-    echo
-    echo "- build: cargo --profile $PROFILE"
-    echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "- $(uname -sr), $(rustc --version), $(redis-server --version)"
-    echo
+    results_header
     "target/$PROFILE/gatehouse-bench" policy-cost --duration 300 --warmup 5 --slice-ms 100 "$@"
 } 2> >(tee "${out%.md}.log" >&2) | tee "$out"
 echo "results: $out (progress: ${out%.md}.log)" >&2

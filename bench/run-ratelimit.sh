@@ -17,32 +17,12 @@
 # and override this script's own (e.g. --duration 2 --warmup 1 --rounds 40).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-# The build that ships (deploy/docker/Dockerfile): the `dist` profile,
-# release with fat LTO and one codegen unit (about 10 minutes from scratch
-# on 2 cores; docs/benchmarks.md, "The dist build"). PROFILE=release
-# measures the quicker build instead.
-PROFILE=${PROFILE:-dist}
-
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    sudo=()
-    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-    echo "installing redis-server and redis-tools with apt-get" >&2
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq redis-server redis-tools
-fi
-
-cargo build --profile "$PROFILE" -p gatehouse -p gatehousectl -p gatehouse-bench
+. bench/redis-env.sh
 
 out="target/bench-results/ratelimit-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p "$(dirname "$out")"
 {
-    echo "# $(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-    echo
-    echo "- build: cargo --profile $PROFILE"
-    echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "- $(uname -sr), $(rustc --version), $(redis-server --version)"
-    echo
+    results_header
     "target/$PROFILE/gatehouse-bench" proxies --connections 32,128 --warmup 3 --duration 10 --rate-fraction 0.5 \
         --proxy-threads 1 --backend-threads 1 --client-threads 1 \
         --targets direct,gatehouse,gatehouse-local,gatehouse-cluster,gatehouse-lease,gatehouse-lease-1000 "$@"

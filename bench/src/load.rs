@@ -231,15 +231,25 @@ pub fn run(cfg: LoadConfig) -> Result<LoadResult> {
             "rate: use 1 to 1,000,000 requests/s"
         );
     }
+    on_own_runtime(cfg.threads, move || run_async(cfg))
+}
+
+/// Runs the future `make` makes on a multi-thread runtime of `threads`
+/// workers, in a thread of its own, and waits for it.
+fn on_own_runtime<T, F>(threads: usize, make: impl FnOnce() -> F + Send + 'static) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T>>,
+    T: Send + 'static,
+{
     std::thread::Builder::new()
         .name("load".into())
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.threads)
+                .worker_threads(threads)
                 .thread_name("load-worker")
                 .enable_all()
                 .build()?;
-            rt.block_on(run_async(cfg))
+            rt.block_on(make())
         })?
         .join()
         .map_err(|_| anyhow::anyhow!("the load thread panicked"))?
@@ -592,18 +602,7 @@ pub fn run_alternating(cfg: Alternating) -> Result<AlternatingResult> {
         cfg.guard < cfg.slice,
         "the guard must be shorter than the slice"
     );
-    std::thread::Builder::new()
-        .name("load".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.threads)
-                .thread_name("load-worker")
-                .enable_all()
-                .build()?;
-            rt.block_on(alternating_async(cfg))
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("the load thread panicked"))?
+    on_own_runtime(cfg.threads, move || alternating_async(cfg))
 }
 
 async fn alternating_async(cfg: Alternating) -> Result<AlternatingResult> {
