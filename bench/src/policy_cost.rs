@@ -22,8 +22,8 @@ use gatehouse_e2e::bin;
 
 use crate::load::{self, target_of_slice, Alternating, Target};
 use crate::proxies::{
-    apply_retrying, machine_cores, median, median_interval, pin, pin_redis, spawn_standalone,
-    start_backend, wait_quiet, wait_serving, Kind, Standalone, GATEHOUSE_TARGET,
+    apply_retrying, machine_cores, median, median_interval, metric_sum, pin, pin_redis,
+    spawn_standalone, start_backend, wait_quiet, wait_serving, Kind, Standalone, GATEHOUSE_TARGET,
 };
 
 #[derive(clap::Args)]
@@ -169,7 +169,7 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
         mut proc,
         admin,
         proxy,
-        ..
+        ops,
     } = spawn_standalone(
         &binary,
         &dir.path().join("gatehouse"),
@@ -269,12 +269,29 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     let result = load.await??;
     proc.check_running()?;
     drop(backend);
+    // Over the whole run, warmup included: what cost mode asked of Redis.
+    let metrics = gatehouse_e2e::data::get(&format!("http://{ops}/metrics"), &[]).await?;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    let requests = metric_sum(&metrics, "gatehouse_requests_total");
+    let waits = metric_sum(&metrics, "gatehouse_ratelimit_lease_waits_total");
+    let calls = match &redis {
+        Some(r) => Some(r.calls("evalsha")? + r.calls("eval")?),
+        None => None,
+    };
     if result.errors > 0 {
         eprintln!(
             "policy-cost: {} error(s), e.g. {}",
             result.errors,
             result.messages.first().map_or("", String::as_str)
         );
+    }
+    if let Some(calls) = calls {
+        println!(
+            "Over the whole run (warmup included, every route): {requests} requests, \
+             {calls} rate-limit script calls in Redis, {waits} cost-mode requests that \
+             waited for a lease fetch."
+        );
+        println!();
     }
     let counted = (slice - Duration::from_millis(args.guard_ms)).as_secs_f64();
     let measured = warmup_rounds * k..(warmup_rounds + rounds) * k;

@@ -1129,7 +1129,7 @@ impl Counted {
 }
 
 /// The sum of a counter's series in Prometheus text (every label set).
-fn metric_sum(text: &str, name: &str) -> u64 {
+pub(crate) fn metric_sum(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)
