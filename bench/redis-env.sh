@@ -21,7 +21,7 @@ results_header() {
     echo "# $(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo
     echo "- build: cargo --profile $PROFILE"
-    echo "- code: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- code: $(git describe --always --dirty 2>/dev/null || echo unknown)"
     echo "- $(uname -sr), $(rustc --version), $(redis-server --version)"
     echo
 }

@@ -17,6 +17,8 @@
 # --policies gatehouse-lease-1000,gatehouse-lease-1000-no-headers --pin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PROFILE (default dist; PROFILE=release for the quicker build), the
+# redis-server install, the build and the results header.
 . bench/redis-env.sh
 
 out="target/bench-results/policy-cost-$(date -u +%Y%m%dT%H%M%SZ).md"

@@ -17,6 +17,8 @@
 # and override this script's own (e.g. --duration 2 --warmup 1 --rounds 40).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PROFILE (default dist, the build the image ships; PROFILE=release for the
+# quicker one), the redis-server install, the build and the results header.
 . bench/redis-env.sh
 
 out="target/bench-results/ratelimit-$(date -u +%Y%m%dT%H%M%SZ).md"

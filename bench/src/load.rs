@@ -668,12 +668,17 @@ async fn alternating_loop(cfg: std::sync::Arc<Alternating>, conn: Conn) -> (Vec<
     let mut r = ConnResult::new();
     let mut conn = Some(conn);
     tokio::time::sleep_until(cfg.begin.into()).await;
+    // (slice, its target), worked out once a slice.
+    let mut current = (usize::MAX, 0);
     while !cfg.stop.load(std::sync::atomic::Ordering::Relaxed) {
         let start = Instant::now();
         let Some(i) = slice_of(&cfg, start).filter(|i| *i < cfg.slices) else {
             break;
         };
-        let target = &cfg.targets[target_of_slice(i, cfg.targets.len())];
+        if current.0 != i {
+            current = (i, target_of_slice(i, cfg.targets.len()));
+        }
+        let target = &cfg.targets[current.1];
         let answer = one_request(target, cfg.timeout, &mut conn, &mut r, start, true).await;
         if let Some((status, done)) = answer {
             // Ended in the same slice, past its guard.

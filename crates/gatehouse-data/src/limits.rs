@@ -595,7 +595,9 @@ impl CompiledLimit {
             }
             (LimitScope::Cluster, Some(store)) => {
                 let sent = Instant::now();
-                // Cost mode's usual case, a token this node holds, stays
+                // Tokens this node holds come first: Redis may have refused
+                // a concurrent request of the same key after this node
+                // leased them. Cost mode's usual case, a held token, stays
                 // here, small; a fetch, a wait or a question to Redis (and
                 // exact mode) goes on in `cluster`, which cost mode runs
                 // boxed, out of this function's code.
@@ -630,10 +632,10 @@ impl CompiledLimit {
         sent: Instant,
         mut spend: Option<Spend>,
     ) -> Verdict {
-        // Tokens this node already holds first: Redis may have refused a
-        // concurrent request of the same key after this node leased them.
         let mut leasing = None;
         let mut want = 1;
+        // First a fetch or a wait (`verdict` handled a spent token); after
+        // a wait, any of a spent token, a fetch or one token from Redis.
         while let Some(step) = spend.take() {
             match step {
                 Spend::Spent(count, refill) => {
