@@ -22,8 +22,8 @@ use gatehouse_e2e::bin;
 
 use crate::load::{self, target_of_slice, Alternating, Target};
 use crate::proxies::{
-    apply_retrying, machine_cores, median, median_interval, metric_sum, pin, pin_redis,
-    spawn_standalone, start_backend, wait_quiet, wait_serving, Kind, Standalone, GATEHOUSE_TARGET,
+    apply_retrying, median, median_interval, metric_sum, pin, pin_redis, spawn_standalone,
+    start_backend, wait_quiet, wait_serving, Kind, Pinning, Standalone, GATEHOUSE_TARGET,
 };
 
 #[derive(clap::Args)]
@@ -137,28 +137,17 @@ fn gateway_file(kinds: &[Kind], backend: std::net::SocketAddr) -> String {
 
 pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     let kinds = check(&args)?;
-    let cores = machine_cores() as u64;
-    ensure!(
-        !args.pin || cores > args.proxy_threads,
-        "--pin: {cores} core(s) leave none for the backend and the load generator beside {} proxy CPU(s)",
-        args.proxy_threads
-    );
-    let pinning = args.pin.then(|| {
-        (
-            format!("0-{}", args.proxy_threads - 1),
-            format!("{}-{}", args.proxy_threads, cores - 1),
-        )
-    });
+    let pinning = Pinning::new(args.pin, args.proxy_threads)?;
     let dir = tempfile::tempdir()?;
     let (backend, backend_addr) = start_backend(dir.path(), args.backend_threads)?;
-    if let Some((_, rest)) = &pinning {
-        pin(backend.pid(), rest)?;
-        pin(std::process::id(), rest)?;
+    if let Some(p) = &pinning {
+        pin(backend.pid(), &p.rest)?;
+        pin(std::process::id(), &p.rest)?;
     }
     let redis = if kinds.iter().any(|k| k.uses_redis()) {
         let r = gatehouse_e2e::redis::RedisServer::start(dir.path())?;
-        if let Some((_, rest)) = &pinning {
-            pin_redis(&r, rest)?;
+        if let Some(p) = &pinning {
+            pin_redis(&r, &p.rest)?;
         }
         Some(r)
     } else {
@@ -188,8 +177,8 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
     for url in &urls {
         wait_serving(url, &[], &mut Some(&mut proc)).await?;
     }
-    if let Some((cpus, _)) = &pinning {
-        pin(proc.pid(), cpus)?;
+    if let Some(p) = &pinning {
+        pin(proc.pid(), &p.proxy)?;
     }
 
     println!(
@@ -200,8 +189,9 @@ pub async fn policy_cost(args: PolicyCostArgs) -> Result<()> {
          the same load.",
         binary.display(),
         args.proxy_threads,
-        pinning.as_ref().map_or(String::new(), |(p, rest)| format!(
-            ", pinned to CPU(s) {p} (the rest on {rest})"
+        pinning.as_ref().map_or(String::new(), |p| format!(
+            ", pinned to CPU(s) {} (the rest on {})",
+            p.proxy, p.rest
         )),
         args.backend_threads,
         args.client_threads,

@@ -165,26 +165,33 @@ pub(crate) fn check_gatehouse_b(args: &ProxiesArgs, kinds: &[Kind]) -> Result<()
 }
 
 /// The CPUs of `--pin`, as `taskset` lists.
-struct Pinning {
-    proxy: String,
-    rest: String,
+pub(crate) struct Pinning {
+    /// The proxy's: 0..proxy_threads.
+    pub proxy: String,
+    /// The backend's, the load generator's and Redis's: the others.
+    pub rest: String,
 }
 
 impl Pinning {
     fn of(args: &ProxiesArgs) -> Result<Option<Pinning>> {
-        if !args.pin {
+        Pinning::new(args.pin, args.proxy_threads)
+    }
+
+    /// `None` unless `pin`; an error when the machine has no core left
+    /// beside `proxy_threads`.
+    pub(crate) fn new(pin: bool, proxy_threads: u64) -> Result<Option<Pinning>> {
+        if !pin {
             return Ok(None);
         }
         let cores = machine_cores() as u64;
         ensure!(
-            cores > args.proxy_threads,
+            cores > proxy_threads,
             "--pin: {cores} core(s) leave none for the backend and the load generator \
-             beside {} proxy CPU(s)",
-            args.proxy_threads
+             beside {proxy_threads} proxy CPU(s)"
         );
         Ok(Some(Pinning {
-            proxy: format!("0-{}", args.proxy_threads - 1),
-            rest: format!("{}-{}", args.proxy_threads, cores - 1),
+            proxy: format!("0-{}", proxy_threads - 1),
+            rest: format!("{proxy_threads}-{}", cores - 1),
         }))
     }
 }
